@@ -1,0 +1,30 @@
+"""Learned optimizers in JAX (Andrychowicz et al., 2016), usable as optax transformations.
+
+Example:
+  >>> import learned_opt, optax
+  >>> tx = learned_opt.as_optax(*learned_opt.load("runs/quadratic/best"))
+  >>> opt_state = tx.init(params)
+  >>> updates, opt_state = tx.update(grads, opt_state, params)
+  >>> params = optax.apply_updates(params, updates)
+"""
+
+from learned_opt.base import LearnedOptimizer, check_float_params
+from learned_opt.lstm import lstm_optimizer
+from learned_opt.optax_face import LearnedOptaxState, as_optax
+from learned_opt.registry import build, kinds, register
+from learned_opt.serialization import SavedOptimizer, load, load_metadata, save
+
+__all__ = [
+  "LearnedOptaxState",
+  "LearnedOptimizer",
+  "SavedOptimizer",
+  "as_optax",
+  "build",
+  "check_float_params",
+  "kinds",
+  "load",
+  "load_metadata",
+  "lstm_optimizer",
+  "register",
+  "save",
+]

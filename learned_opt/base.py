@@ -1,0 +1,43 @@
+"""The learned-optimizer interface (eq. 1): theta_{t+1} = theta_t + g_t(grad f(theta_t), phi)."""
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+MetaParams = chex.ArrayTree  # phi: the optimizer's own weights.
+Params = chex.ArrayTree  # theta: the optimizee's parameters.
+State = chex.ArrayTree  # per-coordinate (and, for some variants, shared) optimizer state.
+
+
+class LearnedOptimizer(NamedTuple):
+  """A learned update rule as a triple of pure functions plus the settings that rebuild it.
+
+  Attributes:
+    init_meta_params: ``key -> phi``.
+    init_state: ``(phi, params) -> state``; per-coordinate state shaped ``leaf.shape + (...,)``.
+    update: ``(phi, grads, state) -> (updates, state)``; updates are additive, like optax's.
+    config: JSON-serializable settings; ``learned_opt.build(config)`` rebuilds the optimizer.
+  """
+
+  init_meta_params: Callable[[jax.Array], MetaParams]
+  init_state: Callable[[MetaParams, Params], State]
+  update: Callable[[MetaParams, Params, State], tuple[Params, State]]
+  config: Mapping[str, Any]
+
+
+def check_float_params(params: Params) -> None:
+  """Raises a ``TypeError`` naming every leaf that is not a floating-point array."""
+  bad = [
+    f"{jax.tree_util.keystr(path)} ({jnp.result_type(leaf)})"
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+  ]
+  if bad:
+    raise TypeError(
+      "Learned optimizers update floating-point parameters only; these leaves are not: "
+      + ", ".join(bad)
+      + ". Cast them to float, or leave them out with optax.masked / optax.partition."
+    )

@@ -1,0 +1,173 @@
+"""Coordinatewise LSTM optimizer (section 2.1) and LSTM+GAC (section 2.2).
+
+One small multi-layer LSTM, weights phi shared, is applied with ``jax.vmap`` to every coordinate of
+every parameter leaf; each coordinate keeps its own hidden and cell state. With
+``global_cells > 0`` the last ``global_cells`` units of every layer are global averaging cells:
+their outgoing activations are replaced, at every step, by their mean over all coordinates of all
+leaves, which lets the coordinates share information (e.g. to implement gradient clipping).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from learned_opt import preprocess as preprocess_lib
+from learned_opt.base import LearnedOptimizer, check_float_params
+
+
+class CoordinateState(NamedTuple):
+  """LSTM state of every coordinate of one parameter leaf."""
+
+  hidden: jax.Array  # leaf.shape + (layers, hidden_size), float32
+  cell: jax.Array  # leaf.shape + (layers, hidden_size), float32
+
+
+def init_lstm_params(key: jax.Array, input_size: int, hidden_sizes: tuple[int, ...]) -> dict:
+  """Weights of a stacked LSTM plus a linear read-out to one output.
+
+  Returns:
+    ``{"layers": [{"w": (in + hidden, 4 hidden), "b": (4 hidden,)}, ...],
+    "out": {"w": (hidden, outputs), "b": (outputs,)}}`` with one output.
+  """
+  keys = jax.random.split(key, len(hidden_sizes) + 1)
+  layers = []
+  fan_in = input_size
+  for layer_key, hidden in zip(keys[:-1], hidden_sizes, strict=True):
+    scale = 1.0 / jnp.sqrt(fan_in + hidden)
+    w = scale * jax.random.normal(layer_key, (fan_in + hidden, 4 * hidden), jnp.float32)
+    # Forget-gate bias of 1 keeps early memories, the usual LSTM initialization.
+    b = jnp.zeros((4, hidden), jnp.float32).at[1].set(1.0).reshape(-1)
+    layers.append({"w": w, "b": b})
+    fan_in = hidden
+  out_w = 0.1 / jnp.sqrt(fan_in) * jax.random.normal(keys[-1], (fan_in, 1), jnp.float32)
+  return {"layers": layers, "out": {"w": out_w, "b": jnp.zeros((1,), jnp.float32)}}
+
+
+def lstm_cell(
+  layer: dict, x: jax.Array, h: jax.Array, c: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """One LSTM cell for ONE coordinate: x (in,), h and c (hidden,) -> new (h, c)."""
+  z = jnp.concatenate([x, h]) @ layer["w"] + layer["b"]
+  i, f, g, o = jnp.split(z, 4)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  h = jax.nn.sigmoid(o) * jnp.tanh(c)
+  return h, c
+
+
+def _over_coordinates(fn, *arrays):
+  """Applies a single-coordinate ``fn`` with vmap over all leading axes of ``arrays``."""
+  lead = arrays[0].shape[:-1]
+  flat = [a.reshape((-1, a.shape[-1])) for a in arrays]
+  outs = jax.vmap(fn)(*flat)
+  return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), outs)
+
+
+def global_average(values: list[jax.Array], num_cells: int) -> list[jax.Array]:
+  """Replaces the last ``num_cells`` features by their mean over every coordinate of every leaf.
+
+  Args:
+    values: one array per leaf, shaped ``leaf.shape + (features,)``.
+    num_cells: how many trailing features are global averaging cells.
+  """
+  if num_cells == 0 or not values:
+    return values
+  count = sum(v[..., 0].size for v in values)
+  if count == 0:
+    return values
+  total = sum(jnp.sum(v[..., -num_cells:].reshape(-1, num_cells), axis=0) for v in values)
+  mean = total / count
+  return [v.at[..., -num_cells:].set(jnp.broadcast_to(mean, v[..., -num_cells:].shape)) for v in values]
+
+
+def lstm_optimizer(
+  hidden_size: int = 20,
+  num_layers: int = 2,
+  preprocess: str = "none",
+  preprocess_p: float = 10.0,
+  input_scale: float = 1.0,
+  output_scale: float = 1.0,
+  global_cells: int = 0,
+) -> LearnedOptimizer:
+  """The paper's coordinatewise LSTM optimizer (2 layers of 20 units by default).
+
+  Args:
+    hidden_size: units per LSTM layer.
+    num_layers: stacked LSTM layers.
+    preprocess: ``"none"``, ``"scale"`` (multiply by ``input_scale``) or ``"log_sign"``
+      (Appendix A, with ``preprocess_p``).
+    preprocess_p: ``p`` of the Appendix A formula; the paper uses 10.
+    input_scale: constant input factor for ``preprocess="scale"``.
+    output_scale: constant factor on the proposed update (0.1 in the paper's MNIST runs).
+    global_cells: global averaging cells per layer (LSTM+GAC; the paper uses 5 of 20).
+
+  Returns:
+    A ``LearnedOptimizer``; its update maps gradients to additive updates of the same tree.
+
+  Example:
+    >>> opt = lstm_optimizer()
+    >>> phi = opt.init_meta_params(jax.random.key(0))
+    >>> state = opt.init_state(phi, params)
+    >>> updates, state = opt.update(phi, grads, state)
+  """
+  if hidden_size <= 0 or num_layers <= 0:
+    raise ValueError(
+      f"hidden_size and num_layers must be positive, got {hidden_size} and {num_layers}."
+    )
+  if not 0 <= global_cells <= hidden_size:
+    raise ValueError(
+      f"global_cells must lie in [0, hidden_size={hidden_size}], got {global_cells}; "
+      "the paper's LSTM+GAC uses 5 of 20."
+    )
+  preprocess_fn, num_features = preprocess_lib.make(
+    preprocess, p=preprocess_p, factor=input_scale
+  )
+  config = {
+    "kind": "lstm",
+    "hidden_size": hidden_size,
+    "num_layers": num_layers,
+    "preprocess": preprocess,
+    "preprocess_p": preprocess_p,
+    "input_scale": input_scale,
+    "output_scale": output_scale,
+    "global_cells": global_cells,
+  }
+
+  def init_meta_params(key):
+    return init_lstm_params(key, num_features, (hidden_size,) * num_layers)
+
+  def init_state(meta_params, params):
+    del meta_params
+    check_float_params(params)
+    zeros = lambda p: jnp.zeros(jnp.shape(p) + (num_layers, hidden_size), jnp.float32)
+    return jax.tree.map(lambda p: CoordinateState(zeros(p), zeros(p)), params)
+
+  def update(meta_params, grads, state):
+    leaves, treedef = jax.tree.flatten(grads)
+    states = treedef.flatten_up_to(state)
+    xs = [preprocess_fn(jnp.asarray(g, jnp.float32)) for g in leaves]
+    new_h, new_c = [[] for _ in leaves], [[] for _ in leaves]
+    for layer_index, layer in enumerate(meta_params["layers"]):
+      cell = lambda x, h, c, layer=layer: lstm_cell(layer, x, h, c)
+      outs = [
+        _over_coordinates(cell, x, s.hidden[..., layer_index, :], s.cell[..., layer_index, :])
+        for x, s in zip(xs, states, strict=True)
+      ]
+      hs = global_average([h for h, _ in outs], global_cells)
+      for i, ((_, c), h) in enumerate(zip(outs, hs, strict=True)):
+        new_h[i].append(h)
+        new_c[i].append(c)
+      xs = hs
+    out = meta_params["out"]
+    readout = lambda h: h @ out["w"] + out["b"]
+    updates = [
+      (output_scale * _over_coordinates(readout, h)[..., 0]).astype(jnp.result_type(g))
+      for h, g in zip(xs, leaves, strict=True)
+    ]
+    new_states = [
+      CoordinateState(jnp.stack(h, axis=-2), jnp.stack(c, axis=-2))
+      for h, c in zip(new_h, new_c, strict=True)
+    ]
+    return treedef.unflatten(updates), treedef.unflatten(new_states)
+
+  return LearnedOptimizer(init_meta_params, init_state, update, config)

@@ -1,0 +1,100 @@
+"""Truncated unrolls of a learned optimizer on a task: the meta-objective of eq. (3).
+
+``meta_loss`` runs ``T`` optimizee steps with ``lax.scan`` and returns ``sum_t w_t f(theta_t)``
+with ``w_t = 1``, differentiable in phi. The optimizee gradient is wrapped in ``stop_gradient``
+(the paper's assumption d grad / d phi = 0, the dashed edges of Figure 2) unless
+``second_order=True``.
+"""
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from learned_opt.base import LearnedOptimizer, MetaParams
+from tasks.base import TaskFamily
+
+
+class InnerState(NamedTuple):
+  """One optimizee problem in flight; batched, every field gains a leading problems axis."""
+
+  task_params: chex.ArrayTree  # the problem instance
+  params: chex.ArrayTree  # theta_t
+  opt_state: chex.ArrayTree  # the learned optimizer's state
+  step: jax.Array  # int32 (), optimizee steps taken since the problem was sampled
+  data_key: jax.Array  # PRNG key; minibatch t is drawn with fold_in(data_key, t)
+
+
+def init_inner(
+  task: TaskFamily, optimizer: LearnedOptimizer, meta_params: MetaParams, key: jax.Array
+) -> InnerState:
+  """Samples a problem and its theta_0 from ``key`` and starts the optimizer on it."""
+  sample_key, init_key, data_key = jax.random.split(key, 3)
+  task_params = task.sample(sample_key)
+  params = task.init(task_params, init_key)
+  opt_state = optimizer.init_state(meta_params, params)
+  return InnerState(task_params, params, opt_state, jnp.zeros((), jnp.int32), data_key)
+
+
+def init_inner_batch(task, optimizer, meta_params, key: jax.Array, num_problems: int):
+  """``init_inner`` for ``num_problems`` problems; fields gain a leading (problems,) axis."""
+  keys = jax.random.split(key, num_problems)
+  return jax.vmap(lambda k: init_inner(task, optimizer, meta_params, k))(keys)
+
+
+def unroll(
+  task: TaskFamily,
+  optimizer: LearnedOptimizer,
+  meta_params: MetaParams,
+  inner: InnerState,
+  num_steps: int,
+  second_order: bool = False,
+) -> tuple[jax.Array, InnerState]:
+  """Runs ``num_steps`` optimizee steps on one problem.
+
+  Returns:
+    ``(losses, inner)``: ``losses`` shaped (num_steps,) holds f(theta_1) ... f(theta_T), each
+    a differentiable function of phi; ``inner`` is the state after the last step.
+  """
+
+  def step(state: InnerState, _):
+    batch_key = jax.random.fold_in(state.data_key, state.step)
+    loss, grads = jax.value_and_grad(task.loss, argnums=1)(state.task_params, state.params, batch_key)
+    if not second_order:
+      grads = jax.lax.stop_gradient(grads)  # d grad / d phi = 0 (section 2).
+    updates, opt_state = optimizer.update(meta_params, grads, state.opt_state)
+    params = optax.apply_updates(state.params, updates)
+    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), loss
+
+  inner, losses = jax.lax.scan(step, inner, length=num_steps)
+  final_key = jax.random.fold_in(inner.data_key, inner.step)
+  final = task.loss(inner.task_params, inner.params, final_key)
+  # losses[0] is f(theta_0), fixed before this truncation; the objective is f(theta_1..T).
+  return jnp.concatenate([losses[1:], final[None]]), inner
+
+
+def meta_loss(
+  meta_params: MetaParams,
+  inner: InnerState,
+  *,
+  task: TaskFamily,
+  optimizer: LearnedOptimizer,
+  num_steps: int,
+  second_order: bool = False,
+) -> tuple[jax.Array, tuple[jax.Array, InnerState]]:
+  """Eq. (3) with w_t = 1, averaged over a batch of problems.
+
+  Args:
+    meta_params: phi.
+    inner: a batch of problems in flight, leading axis (problems,).
+
+  Returns:
+    ``(loss, (losses, inner))``: the scalar mean over problems of ``sum_t f(theta_t)``; the
+    per-step losses shaped (problems, num_steps); the batch after the truncation, with its
+    gradient path to phi cut so the next truncation starts afresh (truncated BPTT).
+  """
+  run = lambda state: unroll(task, optimizer, meta_params, state, num_steps, second_order)
+  losses, inner = jax.vmap(run)(inner)
+  return jnp.mean(jnp.sum(losses, axis=1)), (losses, jax.lax.stop_gradient(inner))
