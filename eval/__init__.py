@@ -1,0 +1,1 @@
+"""Evaluation: tuned baselines, learned-vs-baseline comparisons, plots."""

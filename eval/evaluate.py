@@ -1,0 +1,96 @@
+r"""Evaluates trained optimizers against the paper's tuned baselines on fresh problems.
+
+Example:
+  python -m eval.evaluate --checkpoint=runs/quadratic --task=quadratic --output_dir=runs/eval
+
+Writes ``results.json`` (per optimizer: name, chosen learning rate or null, mean loss curve,
+final loss mean and standard error), ``curves.png`` and prints a table.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+import jax
+
+import learned_opt
+from eval import baselines as baselines_lib
+from eval import compare, plots
+from learned_opt.serialization import atomic_write
+from tasks import registry as task_registry
+
+flags.DEFINE_multi_string(
+  "checkpoint", [], "Saved optimizer directory, optionally NAME=DIR; repeat for several."
+)
+flags.DEFINE_string("task", None, "Task family; default: the one the first checkpoint trained on.")
+flags.DEFINE_string("task_kwargs", None, "JSON task settings; default: the checkpoint's.")
+flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
+flags.DEFINE_integer("num_problems", 256, "Fresh test problems.")
+flags.DEFINE_integer("num_steps", 100, "Optimization steps per problem.")
+flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
+flags.DEFINE_integer("lr_batch_size", 0, "Learning rates vmapped at once (0: all 30).")
+flags.DEFINE_string("output_dir", None, "Where results.json and curves.png go.")
+
+FLAGS = flags.FLAGS
+
+
+def _parse_checkpoints(specs):
+  """``["NAME=DIR", "DIR"]`` -> ``{NAME: DIR, basename(DIR): DIR}``."""
+  named = {}
+  for spec in specs:
+    name, _, path = spec.rpartition("=")
+    named[name or os.path.basename(os.path.normpath(path))] = path
+  return named
+
+
+def _task_settings(paths):
+  """Task name and kwargs from flags, else from the first checkpoint's run config."""
+  name, kwargs = FLAGS.task, json.loads(FLAGS.task_kwargs) if FLAGS.task_kwargs else None
+  for path in paths:
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        run = json.load(f)
+      name = name or run.get("task")
+      kwargs = run.get("task_kwargs", {}) if kwargs is None else kwargs
+      break
+  if not name:
+    raise app.UsageError("--task is required when no checkpoint records its task (e.g. --task=quadratic).")
+  return name, kwargs or {}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.output_dir:
+    raise app.UsageError("--output_dir is required (e.g. --output_dir=runs/eval).")
+  for flag in ("num_problems", "num_steps"):
+    if FLAGS[flag].value <= 0:
+      raise app.UsageError(f"--{flag} must be positive, got {FLAGS[flag].value}.")
+  checkpoints = _parse_checkpoints(FLAGS.checkpoint)
+  task_name, task_kwargs = _task_settings(checkpoints.values())
+  try:
+    task = task_registry.get(task_name, **task_kwargs)
+    learned = {name: learned_opt.load(path) for name, path in checkpoints.items()}
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+  results = compare.compare(
+    task,
+    learned,
+    FLAGS.baselines,
+    num_problems=FLAGS.num_problems,
+    num_steps=FLAGS.num_steps,
+    seed=FLAGS.seed,
+    lr_batch_size=FLAGS.lr_batch_size or None,
+  )
+  atomic_write(os.path.join(FLAGS.output_dir, "results.json"), json.dumps(results).encode())
+  plots.plot_curves(results, os.path.join(FLAGS.output_dir, "curves.png"))
+  print(compare.format_table(results))
+  print(f"Wrote {FLAGS.output_dir}/results.json and {FLAGS.output_dir}/curves.png")
+
+
+if __name__ == "__main__":
+  jax.config.parse_flags_with_absl()
+  app.run(main)

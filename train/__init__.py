@@ -1,0 +1,1 @@
+"""Meta-training jobs: truncated-BPTT unrolls, the training loop, checkpoints."""
