@@ -112,7 +112,9 @@ def compare(
     results.append(
       run_baseline(task, name, task_params, keys, num_steps, learning_rates, lr_batch_size)
     )
-    log(f"{name}: lr {results[-1]['learning_rate']:.3g}, final loss {results[-1]['final_mean']:.4g}")
+    log(
+      f"{name}: lr {results[-1]['learning_rate']:.3g}, final loss {results[-1]['final_mean']:.4g}"
+    )
   return {
     "task": dict(task.config),
     "num_problems": num_problems,

@@ -10,9 +10,8 @@ final loss mean and standard error), ``curves.png`` and prints a table.
 import json
 import os
 
-from absl import app, flags
-
 import jax
+from absl import app, flags
 
 import learned_opt
 from eval import baselines as baselines_lib
@@ -56,7 +55,9 @@ def _task_settings(paths):
       kwargs = run.get("task_kwargs", {}) if kwargs is None else kwargs
       break
   if not name:
-    raise app.UsageError("--task is required when no checkpoint records its task (e.g. --task=quadratic).")
+    raise app.UsageError(
+      "--task is required when no checkpoint records its task (e.g. --task=quadratic)."
+    )
   return name, kwargs or {}
 
 

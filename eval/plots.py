@@ -15,7 +15,9 @@ def plot_curves(results: dict, path: str, title: str = "", log_scale: bool = Tru
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
   for r in sorted(results["optimizers"], key=lambda r: r["final_mean"]):
     curve = np.asarray(r["mean_curve"], dtype=float)
-    label = r["name"] if r["learning_rate"] is None else f"{r['name']} (lr {r['learning_rate']:.2g})"
+    label = (
+      r["name"] if r["learning_rate"] is None else f"{r['name']} (lr {r['learning_rate']:.2g})"
+    )
     style = "-" if r["kind"] == "learned" else "--"
     ax.plot(np.arange(len(curve)), curve, style, label=label, linewidth=2 if style == "-" else 1.3)
   if log_scale:

@@ -44,9 +44,7 @@ def init_lstm_params(key: jax.Array, input_size: int, hidden_sizes: tuple[int, .
   return {"layers": layers, "out": {"w": out_w, "b": jnp.zeros((1,), jnp.float32)}}
 
 
-def lstm_cell(
-  layer: dict, x: jax.Array, h: jax.Array, c: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def lstm_cell(layer: dict, x: jax.Array, h: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One LSTM cell for ONE coordinate: x (in,), h and c (hidden,) -> new (h, c)."""
   z = jnp.concatenate([x, h]) @ layer["w"] + layer["b"]
   i, f, g, o = jnp.split(z, 4)
@@ -77,7 +75,9 @@ def global_average(values: list[jax.Array], num_cells: int) -> list[jax.Array]:
     return values
   total = sum(jnp.sum(v[..., -num_cells:].reshape(-1, num_cells), axis=0) for v in values)
   mean = total / count
-  return [v.at[..., -num_cells:].set(jnp.broadcast_to(mean, v[..., -num_cells:].shape)) for v in values]
+  return [
+    v.at[..., -num_cells:].set(jnp.broadcast_to(mean, v[..., -num_cells:].shape)) for v in values
+  ]
 
 
 def lstm_optimizer(
@@ -119,9 +119,7 @@ def lstm_optimizer(
       f"global_cells must lie in [0, hidden_size={hidden_size}], got {global_cells}; "
       "the paper's LSTM+GAC uses 5 of 20."
     )
-  preprocess_fn, num_features = preprocess_lib.make(
-    preprocess, p=preprocess_p, factor=input_scale
-  )
+  preprocess_fn, num_features = preprocess_lib.make(preprocess, p=preprocess_p, factor=input_scale)
   config = {
     "kind": "lstm",
     "hidden_size": hidden_size,

@@ -8,9 +8,8 @@ Running it again with the same --output_dir resumes from the newest checkpoint t
 
 import json
 
-from absl import app, flags, logging
-
 import jax
+from absl import app, flags, logging
 
 from train import config as config_lib
 from train import trainer
@@ -19,7 +18,7 @@ _DEFAULTS = config_lib.MetaTrainConfig.__dataclass_fields__
 
 flags.DEFINE_string("output_dir", None, "Where checkpoints, metrics and the trained optimizer go.")
 flags.DEFINE_string("task", "quadratic", "Task family to meta-train on.")
-flags.DEFINE_string("task_kwargs", "{}", 'JSON settings of the task family, e.g. \'{"dim": 10}\'.')
+flags.DEFINE_string("task_kwargs", "{}", "JSON settings of the task family, e.g. '{\"dim\": 10}'.")
 flags.DEFINE_string("optimizer", "lstm", f"Learned optimizer: {config_lib.OPTIMIZERS}.")
 flags.DEFINE_integer("hidden_size", 20, "LSTM units per layer.")
 flags.DEFINE_integer("num_layers", 2, "LSTM layers.")
@@ -52,7 +51,9 @@ def config_from_flags() -> config_lib.MetaTrainConfig:
   try:
     task_kwargs = json.loads(FLAGS.task_kwargs)
   except json.JSONDecodeError as e:
-    raise ValueError(f"--task_kwargs is not valid JSON ({e}); e.g. --task_kwargs='{{\"dim\": 10}}'.") from e
+    raise ValueError(
+      f"--task_kwargs is not valid JSON ({e}); e.g. --task_kwargs='{{\"dim\": 10}}'."
+    ) from e
   if not isinstance(task_kwargs, dict):
     raise ValueError("--task_kwargs must be a JSON object, e.g. --task_kwargs='{\"dim\": 10}'.")
   values = {name: FLAGS[name].value for name in _DEFAULTS if name != "task_kwargs"}
@@ -66,11 +67,14 @@ def main(argv):
   try:
     config = config_from_flags()
     config_lib.check_output_dir(config.output_dir)
+    trainer.build(config)  # Task and optimizer settings (e.g. a data directory) fail here, early.
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   logging.info("Config:\n%s", config.to_json())
   _, host = trainer.train(config, log=lambda s: print(s, flush=True))
-  print(f"Best validation final loss {host['best_valid']:.4g}; optimizer saved in {config.output_dir}")
+  print(
+    f"Best validation final loss {host['best_valid']:.4g}; optimizer saved in {config.output_dir}"
+  )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def make_train_step(config, task, optimizer) -> Callable:
       meta_opt_state=keep(meta_opt_state, state.meta_opt_state),
       inner=inner,
     )
-    metrics = StepMetrics(loss, jnp.mean(losses[:, -1]), optax.global_norm(grads), grad_max, finite)
+    grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in grad_leaves))
+    metrics = StepMetrics(loss, jnp.mean(losses[:, -1]), grad_norm, grad_max, finite)
     return state, metrics
 
   return train_step
@@ -174,11 +175,20 @@ def train(
   learned_opt.serialization.atomic_write(config_path, config.to_json().encode())
 
   state = init_state(config, task, optimizer)
-  host = {"best_valid": math.inf, "valid_history": [], "skipped": 0, "consecutive": 0}
+  host = {
+    "best_valid": math.inf,
+    "valid_history": [],
+    "skipped": 0,
+    "consecutive": 0,
+    "early_stopped": False,
+  }
   restored = checkpoint.restore_latest(ckpt_dir, state)
   if restored is not None:
     state, host = restored
     log(f"Resumed from meta-step {int(state.step)} in {ckpt_dir}.")
+  if host["early_stopped"]:
+    log("This run already stopped early; nothing to do.")
+    return state, host
 
   train_step = jax.jit(make_train_step(config, task, optimizer), donate_argnums=0)
   validate = jax.jit(make_validate(config, task, optimizer))
@@ -263,6 +273,8 @@ def train(
       history = host["valid_history"]
       if config.patience and len(history) - 1 - int(np.argmin(history)) >= config.patience:
         log(f"Early stopping: no better validation loss in {config.patience} epochs.")
+        host["early_stopped"] = True
+        save_checkpoint(state)
         break
     elif done % config.checkpoint_every == 0:
       save_checkpoint(state)

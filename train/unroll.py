@@ -61,7 +61,9 @@ def unroll(
 
   def step(state: InnerState, _):
     batch_key = jax.random.fold_in(state.data_key, state.step)
-    loss, grads = jax.value_and_grad(task.loss, argnums=1)(state.task_params, state.params, batch_key)
+    loss, grads = jax.value_and_grad(task.loss, argnums=1)(
+      state.task_params, state.params, batch_key
+    )
     if not second_order:
       grads = jax.lax.stop_gradient(grads)  # d grad / d phi = 0 (section 2).
     updates, opt_state = optimizer.update(meta_params, grads, state.opt_state)

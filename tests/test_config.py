@@ -1,0 +1,84 @@
+"""Bad settings fail before anything compiles, naming the flag and a valid example."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train.config import MetaTrainConfig, check_output_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"task": "cifar100"}, r"--task='cifar100' is unknown.*--task=quadratic"),
+    ({"optimizer": "gru"}, r"--optimizer='gru' is unknown.*--optimizer=lstm"),
+    ({"unroll": 50, "horizon": 20}, r"--unroll=50 is longer than --horizon=20"),
+    ({"unroll": 30, "horizon": 100}, r"not a multiple of --unroll=30"),
+    ({"meta_lr": 0.0}, r"--meta_lr must be positive, got 0.0 \(e.g. --meta_lr="),
+    ({"meta_lr": -1e-3}, r"--meta_lr must be positive"),
+    ({"num_problems": 0}, r"--num_problems must be positive"),
+    ({"hidden_size": -2}, r"--hidden_size must be positive"),
+    ({"preprocess": "log"}, r"--preprocess='log' is unknown.*log_sign"),
+    ({"optimizer": "lstm_gac", "global_cells": 30}, r"--global_cells=30 must lie in"),
+    ({"meta_grad_clip": -1.0}, r"--meta_grad_clip must be >= 0"),
+    ({"output_dir": ""}, r"--output_dir is required"),
+  ],
+)
+def test_bad_settings_are_named(overrides, message, tmp_path):
+  settings = {"output_dir": str(tmp_path), **overrides}
+  with pytest.raises(ValueError, match=message):
+    MetaTrainConfig(**settings)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("x")
+  with pytest.raises(ValueError, match="exists and is not a directory"):
+    check_output_dir(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
+def test_output_dir_not_writable(tmp_path):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o500)
+  with pytest.raises(ValueError, match="not writable"):
+    check_output_dir(str(locked / "run"))
+
+
+def test_command_line_rejects_bad_flag_before_compiling(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "train.meta_train", f"--output_dir={tmp_path}/run", "--unroll=200"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0
+  assert "--unroll=200 is longer than --horizon=100" in result.stderr + result.stdout
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "train.meta_train",
+      f"--output_dir={tmp_path}/run",
+      "--task_kwargs={dim",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0 and "--task_kwargs is not valid JSON" in result.stderr
+
+
+def test_output_dir_that_cannot_be_created(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("x")
+  with pytest.raises(ValueError, match="cannot be created.*name a writable path"):
+    check_output_dir(str(path / "run"))

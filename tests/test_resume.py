@@ -1,0 +1,125 @@
+"""Preemption: a job killed with SIGKILL and resumed ends with exactly the same phi."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from train import checkpoint, trainer
+from train.config import MetaTrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = [
+  '--task_kwargs={"dim": 4}',
+  "--hidden_size=6",
+  "--unroll=5",
+  "--horizon=10",
+  "--num_problems=4",
+  "--num_epochs=4",
+  "--steps_per_epoch=30",
+  "--valid_problems=8",
+  "--checkpoint_every=5",
+  "--log_every=10",
+  "--meta_lr=0.01",
+]
+TOTAL = 120
+
+
+def job(output_dir):
+  return [sys.executable, "-m", "train.meta_train", f"--output_dir={output_dir}", *FLAGS]
+
+
+def final_state_bytes(output_dir):
+  path = os.path.join(output_dir, "checkpoints", f"step_{TOTAL:08d}", "state.msgpack")
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  subprocess.run(job(reference), cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+  proc = subprocess.Popen(
+    job(resumed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  deadline = time.time() + 240
+  while time.time() < deadline and not checkpoint.all_steps(os.path.join(resumed, "checkpoints")):
+    time.sleep(0.02)
+  time.sleep(0.3)  # land somewhere after the first checkpoint, at an arbitrary moment
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpoint.all_steps(os.path.join(resumed, "checkpoints"))
+  assert killed_at and killed_at[-1] < TOTAL, f"job was not interrupted ({killed_at})"
+
+  result = subprocess.run(
+    job(resumed), cwd=ROOT, check=True, capture_output=True, text=True, timeout=300
+  )
+  assert "Resumed from meta-step" in result.stdout + result.stderr
+  assert final_state_bytes(resumed) == final_state_bytes(reference)
+  with (
+    open(os.path.join(resumed, "meta_params.msgpack"), "rb") as a,
+    open(os.path.join(reference, "meta_params.msgpack"), "rb") as b,
+  ):
+    assert a.read() == b.read()
+
+
+def small_run(output_dir, **overrides):
+  config = MetaTrainConfig(
+    output_dir=str(output_dir),
+    task_kwargs={"dim": 4},
+    hidden_size=6,
+    unroll=5,
+    horizon=10,
+    num_problems=4,
+    num_epochs=1,
+    steps_per_epoch=6,
+    valid_problems=8,
+    checkpoint_every=2,
+    keep_checkpoints=5,
+    **overrides,
+  )
+  return config, trainer.train(config, log=lambda s: None)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bit_flip"])
+def test_broken_checkpoint_falls_back_to_previous_good_one(tmp_path, damage):
+  config, _ = small_run(tmp_path)
+  ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+  steps = checkpoint.all_steps(ckpt_dir)
+  assert steps == [2, 4, 6]
+  newest = os.path.join(ckpt_dir, f"step_{steps[-1]:08d}", "state.msgpack")
+  data = bytearray(open(newest, "rb").read())
+  if damage == "truncate":
+    data = data[: len(data) // 3]
+  else:
+    data[len(data) // 2] ^= 0x10
+  open(newest, "wb").write(bytes(data))
+  task, opt = trainer.build(config)
+  template = trainer.init_state(config, task, opt)
+  with pytest.raises(ValueError, match=r"step_00000006/state.msgpack is corrupt or truncated"):
+    checkpoint.restore(os.path.dirname(newest), template)
+  state, host = checkpoint.restore_latest(ckpt_dir, template)
+  assert int(state.step) == 4
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.meta_params))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+  config, _ = small_run(tmp_path)
+  other = MetaTrainConfig(
+    output_dir=str(tmp_path / "o"),
+    task_kwargs={"dim": 4},
+    hidden_size=7,
+    unroll=5,
+    horizon=10,
+    num_problems=4,
+  )
+  task, opt = trainer.build(other)
+  template = trainer.init_state(other, task, opt)
+  path = os.path.join(config.output_dir, "checkpoints", "step_00000006")
+  with pytest.raises(ValueError, match="does not fit this run's config"):
+    checkpoint.restore(path, template)

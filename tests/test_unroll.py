@@ -1,0 +1,97 @@
+"""The meta-objective: stop_gradient on optimizee gradients, second-order terms, batching."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import learned_opt
+from learned_opt.base import LearnedOptimizer
+from tasks import quadratic
+from tasks.base import TaskFamily
+from train import unroll
+
+
+def learned_sgd() -> LearnedOptimizer:
+  """A one-parameter 'learned' optimizer, g = -lr * grad, whose meta-gradient we can write down."""
+  return LearnedOptimizer(
+    init_meta_params=lambda key: {"lr": jnp.float32(0.1)},
+    init_state=lambda phi, params: (),
+    update=lambda phi, grads, state: (jax.tree.map(lambda g: -phi["lr"] * g, grads), ()),
+    config={"kind": "test_sgd"},
+  )
+
+
+def square_task(theta0: float) -> TaskFamily:
+  """f(theta) = theta^2 from a fixed theta_0."""
+  return TaskFamily(
+    name="square",
+    sample=lambda key: {},
+    init=lambda task_params, key: jnp.float32(theta0),
+    loss=lambda task_params, theta, key: theta**2,
+    config={"name": "square"},
+  )
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_meta_gradient_matches_hand_derivation(second_order):
+  theta0, lr = 1.5, 0.1
+  task, opt = square_task(theta0), learned_sgd()
+  phi = opt.init_meta_params(None)
+  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
+  grad = jax.grad(
+    lambda p: unroll.meta_loss(
+      p, inner, task=task, optimizer=opt, num_steps=2, second_order=second_order
+    )[0]
+  )(phi)["lr"]
+  # theta_1 = theta_0 (1 - 2 lr); theta_2 = theta_1 - lr * grad_1 with grad_1 = 2 theta_1.
+  theta1 = theta0 * (1 - 2 * lr)
+  theta2 = theta1 * (1 - 2 * lr)
+  dtheta1 = -2 * theta0
+  # d grad_1 / d lr = 2 dtheta1 is dropped under the paper's assumption (section 2).
+  dgrad1 = 2 * dtheta1 if second_order else 0.0
+  dtheta2 = dtheta1 - 2 * theta1 - lr * dgrad1
+  expected = 2 * theta1 * dtheta1 + 2 * theta2 * dtheta2
+  np.testing.assert_allclose(grad, expected, rtol=1e-5)
+
+
+def test_second_order_changes_lstm_meta_gradient():
+  task, opt = quadratic(dim=3), learned_opt.lstm_optimizer(hidden_size=4, num_layers=1)
+  phi = opt.init_meta_params(jax.random.key(0))
+  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(1), 2)
+
+  def meta_grad(second_order):
+    loss = lambda p: unroll.meta_loss(
+      p, inner, task=task, optimizer=opt, num_steps=2, second_order=second_order
+    )[0]
+    return jax.jit(jax.grad(loss))(phi)
+
+  grads = [meta_grad(False), meta_grad(True)]
+  diff = max(
+    float(jnp.max(jnp.abs(a - b))) for a, b in zip(*map(jax.tree.leaves, grads), strict=True)
+  )
+  assert diff > 1e-6
+
+
+def test_batch_equals_one_by_one():
+  task, opt = quadratic(dim=5), learned_opt.lstm_optimizer(hidden_size=6)
+  phi = opt.init_meta_params(jax.random.key(0))
+  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(2), 4)
+  loss, (losses, after) = unroll.meta_loss(phi, inner, task=task, optimizer=opt, num_steps=3)
+  assert losses.shape == (4, 3)
+  run_one = jax.jit(lambda one: unroll.unroll(task, opt, phi, one, 3))
+  for i in range(4):
+    single, state = run_one(jax.tree.map(lambda x, i=i: x[i], inner))
+    np.testing.assert_allclose(losses[i], single, rtol=1e-5)
+    np.testing.assert_allclose(after.params["theta"][i], state.params["theta"], rtol=1e-5)
+  np.testing.assert_allclose(loss, jnp.mean(jnp.sum(losses, axis=1)), rtol=1e-6)
+  assert int(after.step[0]) == 3
+
+
+def test_losses_are_f_of_theta_1_to_T():
+  task, opt = square_task(2.0), learned_sgd()
+  phi = opt.init_meta_params(None)
+  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
+  _, (losses, _) = unroll.meta_loss(phi, inner, task=task, optimizer=opt, num_steps=3)
+  thetas = 2.0 * 0.8 ** np.arange(1, 4)  # theta_t = theta_0 (1 - 2 lr)^t
+  np.testing.assert_allclose(losses[0], thetas**2, rtol=1e-5)
