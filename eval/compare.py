@@ -13,6 +13,7 @@ import numpy as np
 import learned_opt
 from eval import baselines as baselines_lib
 from eval import rollout as rollout_lib
+from eval import sharding
 from tasks.base import TaskFamily
 
 
@@ -104,6 +105,7 @@ def compare(
     baselines_lib.paper_learning_rates() if learning_rates is None else np.asarray(learning_rates)
   )
   task_params, keys = rollout_lib.sample_problems(task, problem_key(seed), num_problems)
+  task_params, keys = sharding.shard_problems((task_params, keys))
   results = []
   for name, saved in learned.items():
     results.append(run_learned(task, name, saved, task_params, keys, num_steps))

@@ -1,0 +1,92 @@
+"""Baselines, the learning-rate grid, comparisons and sharded sweeps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import learned_opt
+from eval import baselines, compare, plots, rollout, sharding
+from tasks import quadratic
+
+
+def test_paper_grid():
+  grid = baselines.paper_learning_rates()
+  assert len(grid) == 30
+  np.testing.assert_allclose(grid[[0, 1, 2, 29]], [1e-6, 2e-6, 4e-6, 2**29 * 1e-6])
+
+
+def test_best_learning_rate_treats_nan_as_worst():
+  finals = jnp.array([[jnp.nan, 0.0], [1.0, 1.0], [0.5, 2.0]])
+  assert baselines.best_learning_rate(finals) == 1
+
+
+def test_grid_equals_separate_runs():
+  """The vmapped grid gives each learning rate exactly what a run of its own gives."""
+  task = quadratic(dim=4)
+  params, keys = rollout.sample_problems(task, jax.random.key(0), 3)
+  lrs = jnp.array([1e-3, 1e-2, 5e-2])
+  for name, make in baselines.BASELINES.items():
+    grid = rollout.rollout_lr_grid(task, make, lrs, params, keys, 5)
+    chunked = rollout.rollout_lr_grid(task, make, lrs, params, keys, 5, lr_batch_size=2)
+    single = rollout.rollout_batch(task, make(float(lrs[1])), params, keys, 5)
+    np.testing.assert_allclose(grid[1], single, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(chunked, grid, rtol=1e-6, err_msg=name)
+
+
+def test_rollout_curve_starts_at_theta0_and_follows_sgd():
+  task = quadratic(dim=3)
+  params, keys = rollout.sample_problems(task, jax.random.key(1), 1)
+  problem = jax.tree.map(lambda x: x[0], params)
+  curve = rollout.rollout(task, optax.sgd(0.01), problem, keys[0], 2)
+  theta = task.init(problem, jax.random.split(keys[0])[0])["theta"]
+  w, y = problem["w"], problem["y"]
+  expected = []
+  for _ in range(3):
+    expected.append(float(jnp.sum((w @ theta - y) ** 2)))
+    theta = theta - 0.01 * 2 * w.T @ (w @ theta - y)
+  np.testing.assert_allclose(curve, expected, rtol=1e-5)
+
+
+def test_compare_table_and_plot(tmp_path):
+  task = quadratic(dim=4)
+  opt = learned_opt.lstm_optimizer(hidden_size=4)
+  saved = learned_opt.SavedOptimizer(opt, opt.init_meta_params(jax.random.key(0)))
+  results = compare.compare(
+    task,
+    {"lstm": saved},
+    ["sgd", "adam"],
+    num_problems=8,
+    num_steps=10,
+    learning_rates=[1e-3, 1e-2, 1e-1],
+    log=lambda s: None,
+  )
+  names = [r["name"] for r in results["optimizers"]]
+  assert names == ["lstm", "sgd", "adam"]
+  for r in results["optimizers"]:
+    assert len(r["mean_curve"]) == 11
+    assert r["final_mean"] == pytest.approx(r["mean_curve"][-1], rel=1e-5)
+  adam = results["optimizers"][2]
+  assert adam["learning_rate"] == pytest.approx(
+    [1e-3, 1e-2, 1e-1][int(np.argmin(adam["grid_final_means"]))]
+  )
+  table = compare.format_table(results)
+  assert "adam" in table and "lstm" in table
+  plots.plot_curves(results, str(tmp_path / "curves.png"))
+  assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="Unknown baselines"):
+    compare.compare(task, {}, ["lbfgs"], num_problems=2, num_steps=2)
+
+
+def test_sharded_sweep_matches_single_device():
+  assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
+  task = quadratic(dim=4)
+  params, keys = rollout.sample_problems(task, jax.random.key(2), 16)
+  sharded = sharding.shard_problems((params, keys))
+  assert len(sharded[0]["w"].sharding.device_set) == 8
+  run = jax.jit(lambda p, k: rollout.rollout_batch(task, optax.adam(0.1), p, k, 5))
+  np.testing.assert_allclose(run(*sharded), run(params, keys), rtol=1e-6)
+  # Problem counts that do not divide over the devices run unsharded.
+  odd = sharding.shard_problems(keys[:3])
+  assert len(odd.sharding.device_set) == 1
