@@ -144,3 +144,15 @@ def test_vmap_over_problems_equals_one_by_one(variant):
   for i in range(5):
     single, _ = opt.update(phi, grads[i], opt.init_state(phi, grads[i]))
     np.testing.assert_allclose(batched[i], single, rtol=1e-5, atol=1e-7)
+
+
+def test_float64_leaves_under_x64(variant):
+  opt, phi = variant
+  enable_x64 = getattr(jax, "enable_x64", None)
+  if enable_x64 is None:  # older JAX
+    from jax.experimental import enable_x64
+  with enable_x64(True):
+    params = {"f64": jnp.ones((3,), jnp.float64), "bf16": jnp.ones((2,), jnp.bfloat16)}
+    tx = learned_opt.as_optax(opt, phi)
+    updates, _ = jax.jit(tx.update)(params, tx.init(params))
+    assert updates["f64"].dtype == jnp.float64 and updates["bf16"].dtype == jnp.bfloat16

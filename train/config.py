@@ -32,9 +32,9 @@ class MetaTrainConfig:
   unroll: int = 20
   horizon: int = 100
   num_problems: int = 128
-  meta_lr: float = 1e-3
+  meta_lr: float = 3e-3
   meta_grad_clip: float = 0.0  # global-norm clip on the meta-gradient; 0 turns it off
-  num_epochs: int = 20
+  num_epochs: int = 30
   steps_per_epoch: int = 100
   patience: int = 0  # stop after this many epochs without a better validation loss; 0: never
   valid_problems: int = 128

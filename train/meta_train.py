@@ -16,32 +16,68 @@ from train import trainer
 
 _DEFAULTS = config_lib.MetaTrainConfig.__dataclass_fields__
 
+
+def _default(name):
+  """Flag defaults are the config's, so the two cannot drift apart."""
+  return _DEFAULTS[name].default
+
+
 flags.DEFINE_string("output_dir", None, "Where checkpoints, metrics and the trained optimizer go.")
-flags.DEFINE_string("task", "quadratic", "Task family to meta-train on.")
+flags.DEFINE_string("task", _default("task"), "Task family to meta-train on.")
 flags.DEFINE_string("task_kwargs", "{}", "JSON settings of the task family, e.g. '{\"dim\": 10}'.")
-flags.DEFINE_string("optimizer", "lstm", f"Learned optimizer: {config_lib.OPTIMIZERS}.")
-flags.DEFINE_integer("hidden_size", 20, "LSTM units per layer.")
-flags.DEFINE_integer("num_layers", 2, "LSTM layers.")
-flags.DEFINE_string("preprocess", "none", "Gradient preprocessing: none, scale or log_sign.")
-flags.DEFINE_float("preprocess_p", 10.0, "p of the log_sign preprocessing (Appendix A).")
-flags.DEFINE_float("input_scale", 1.0, "Input factor for --preprocess=scale.")
-flags.DEFINE_float("output_scale", 1.0, "Factor on the proposed updates (0.1 for MNIST).")
-flags.DEFINE_integer("global_cells", 5, "Global averaging cells per layer (lstm_gac).")
-flags.DEFINE_integer("unroll", 20, "Optimizee steps per truncation (BPTT length).")
-flags.DEFINE_integer("horizon", 100, "Optimizee steps per problem before it is resampled.")
-flags.DEFINE_integer("num_problems", 128, "Problems per meta-step (vmapped).")
-flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate for the optimizer's weights.")
-flags.DEFINE_float("meta_grad_clip", 0.0, "Global-norm clip of the meta-gradient; 0: off.")
-flags.DEFINE_integer("num_epochs", 20, "Epochs; phi is validated after each.")
-flags.DEFINE_integer("steps_per_epoch", 100, "Meta-steps per epoch.")
-flags.DEFINE_integer("patience", 0, "Early stopping after this many epochs without gain; 0: off.")
-flags.DEFINE_integer("valid_problems", 128, "Fixed held-out problems for validation.")
-flags.DEFINE_bool("second_order", False, "Backpropagate through optimizee gradients too.")
-flags.DEFINE_integer("seed", 0, "Seed of phi's init, training problems and validation problems.")
-flags.DEFINE_integer("log_every", 50, "Meta-steps between progress lines.")
-flags.DEFINE_integer("checkpoint_every", 100, "Meta-steps between checkpoints.")
-flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
-flags.DEFINE_integer("max_consecutive_skips", 10, "Stop after this many non-finite steps in a row.")
+flags.DEFINE_string(
+  "optimizer", _default("optimizer"), f"Learned optimizer: {config_lib.OPTIMIZERS}."
+)
+flags.DEFINE_integer("hidden_size", _default("hidden_size"), "LSTM units per layer.")
+flags.DEFINE_integer("num_layers", _default("num_layers"), "LSTM layers.")
+flags.DEFINE_string(
+  "preprocess", _default("preprocess"), "Gradient preprocessing: none, scale or log_sign."
+)
+flags.DEFINE_float(
+  "preprocess_p", _default("preprocess_p"), "p of the log_sign preprocessing (Appendix A)."
+)
+flags.DEFINE_float("input_scale", _default("input_scale"), "Input factor for --preprocess=scale.")
+flags.DEFINE_float(
+  "output_scale", _default("output_scale"), "Factor on the proposed updates (0.1 for MNIST)."
+)
+flags.DEFINE_integer(
+  "global_cells", _default("global_cells"), "Global averaging cells per layer (lstm_gac)."
+)
+flags.DEFINE_integer("unroll", _default("unroll"), "Optimizee steps per truncation (BPTT length).")
+flags.DEFINE_integer(
+  "horizon", _default("horizon"), "Optimizee steps per problem before it is resampled."
+)
+flags.DEFINE_integer("num_problems", _default("num_problems"), "Problems per meta-step (vmapped).")
+flags.DEFINE_float(
+  "meta_lr", _default("meta_lr"), "Adam learning rate for the optimizer's weights."
+)
+flags.DEFINE_float(
+  "meta_grad_clip", _default("meta_grad_clip"), "Global-norm clip of the meta-gradient; 0: off."
+)
+flags.DEFINE_integer("num_epochs", _default("num_epochs"), "Epochs; phi is validated after each.")
+flags.DEFINE_integer("steps_per_epoch", _default("steps_per_epoch"), "Meta-steps per epoch.")
+flags.DEFINE_integer(
+  "patience", _default("patience"), "Early stopping after this many epochs without gain; 0: off."
+)
+flags.DEFINE_integer(
+  "valid_problems", _default("valid_problems"), "Fixed held-out problems for validation."
+)
+flags.DEFINE_bool(
+  "second_order", _default("second_order"), "Backpropagate through optimizee gradients too."
+)
+flags.DEFINE_integer(
+  "seed", _default("seed"), "Seed of phi's init, training problems and validation problems."
+)
+flags.DEFINE_integer("log_every", _default("log_every"), "Meta-steps between progress lines.")
+flags.DEFINE_integer(
+  "checkpoint_every", _default("checkpoint_every"), "Meta-steps between checkpoints."
+)
+flags.DEFINE_integer("keep_checkpoints", _default("keep_checkpoints"), "Checkpoints kept.")
+flags.DEFINE_integer(
+  "max_consecutive_skips",
+  _default("max_consecutive_skips"),
+  "Stop after this many non-finite steps in a row.",
+)
 
 FLAGS = flags.FLAGS
 
