@@ -32,11 +32,18 @@ class SavedOptimizer(NamedTuple):
   meta_params: MetaParams
 
 
+def current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and an atomic rename."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode.
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import serialization
 
+from learned_opt.serialization import current_umask
+
 FORMAT_VERSION = 1
 _PREFIX = "step_"
 
@@ -56,6 +58,7 @@ def save(directory: str, step: int, state: Any, host: dict, keep: int) -> str:
   final = os.path.join(directory, f"{_PREFIX}{step:08d}")
   tmp = tempfile.mkdtemp(dir=directory, prefix=".tmp-")
   try:
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; use the usual mode.
     for name, payload in (("state.msgpack", data), ("meta.json", json.dumps(meta).encode())):
       with open(os.path.join(tmp, name), "wb") as f:
         f.write(payload)
