@@ -15,7 +15,7 @@ from absl import app, flags
 
 import learned_opt
 from eval import baselines as baselines_lib
-from eval import compare, plots
+from eval import compare, plots, run_config
 from learned_opt.serialization import atomic_write
 from tasks import registry as task_registry
 
@@ -43,24 +43,6 @@ def _parse_checkpoints(specs):
   return named
 
 
-def _task_settings(paths):
-  """Task name and kwargs from flags, else from the first checkpoint's run config."""
-  name, kwargs = FLAGS.task, json.loads(FLAGS.task_kwargs) if FLAGS.task_kwargs else None
-  for path in paths:
-    config_path = os.path.join(path, "config.json")
-    if os.path.isfile(config_path):
-      with open(config_path) as f:
-        run = json.load(f)
-      name = name or run.get("task")
-      kwargs = run.get("task_kwargs", {}) if kwargs is None else kwargs
-      break
-  if not name:
-    raise app.UsageError(
-      "--task is required when no checkpoint records its task (e.g. --task=quadratic)."
-    )
-  return name, kwargs or {}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -70,11 +52,13 @@ def main(argv):
     if FLAGS[flag].value <= 0:
       raise app.UsageError(f"--{flag} must be positive, got {FLAGS[flag].value}.")
   checkpoints = _parse_checkpoints(FLAGS.checkpoint)
-  task_name, task_kwargs = _task_settings(checkpoints.values())
   try:
+    task_name, task_kwargs = run_config.task_settings(
+      checkpoints.values(), FLAGS.task, FLAGS.task_kwargs
+    )
     task = task_registry.get(task_name, **task_kwargs)
     learned = {name: learned_opt.load(path) for name, path in checkpoints.items()}
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # json errors are ValueErrors too
     raise app.UsageError(str(e)) from e
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   results = compare.compare(

@@ -33,6 +33,7 @@ class SavedOptimizer(NamedTuple):
 
 
 def current_umask() -> int:
+  """The process umask, read by setting and restoring it."""
   mask = os.umask(0)
   os.umask(mask)
   return mask
