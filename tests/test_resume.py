@@ -1,6 +1,7 @@
 """Preemption: a job killed with SIGKILL and resumed ends with exactly the same phi."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,14 +21,14 @@ FLAGS = [
   "--unroll=5",
   "--horizon=10",
   "--num_problems=4",
-  "--num_epochs=4",
+  "--num_epochs=2",
   "--steps_per_epoch=30",
   "--valid_problems=8",
   "--checkpoint_every=5",
   "--log_every=10",
   "--meta_lr=0.01",
 ]
-TOTAL = 120
+TOTAL = 60
 
 
 def job(output_dir):
@@ -68,8 +69,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert a.read() == b.read()
 
 
-def small_run(output_dir, **overrides):
-  config = MetaTrainConfig(
+def small_config(output_dir, **overrides):
+  return MetaTrainConfig(
     output_dir=str(output_dir),
     task_kwargs={"dim": 4},
     hidden_size=6,
@@ -83,12 +84,26 @@ def small_run(output_dir, **overrides):
     keep_checkpoints=5,
     **overrides,
   )
-  return config, trainer.train(config, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """One small finished run; tests copy it before damaging anything."""
+  config = small_config(tmp_path_factory.mktemp("run") / "run")
+  trainer.train(config, log=lambda s: None)
+  return config
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+  config = small_config(tmp_path / "run")
+  shutil.copytree(finished_run.output_dir, config.output_dir)
+  return config
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bit_flip"])
-def test_broken_checkpoint_falls_back_to_previous_good_one(tmp_path, damage):
-  config, _ = small_run(tmp_path)
+def test_broken_checkpoint_falls_back_to_previous_good_one(run_copy, damage):
+  config = run_copy
   ckpt_dir = os.path.join(config.output_dir, "checkpoints")
   steps = checkpoint.all_steps(ckpt_dir)
   assert steps == [2, 4, 6]
@@ -108,8 +123,8 @@ def test_broken_checkpoint_falls_back_to_previous_good_one(tmp_path, damage):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.meta_params))
 
 
-def test_checkpoint_from_another_config_is_refused(tmp_path):
-  config, _ = small_run(tmp_path)
+def test_checkpoint_from_another_config_is_refused(finished_run, tmp_path):
+  config = finished_run
   other = MetaTrainConfig(
     output_dir=str(tmp_path / "o"),
     task_kwargs={"dim": 4},
