@@ -261,7 +261,13 @@ def train(
           config.output_dir,
           optimizer,
           state.meta_params,
-          metadata={"epoch": epoch, "step": done, "valid_final_loss": valid, "task": config.task},
+          metadata={
+            "epoch": epoch,
+            "step": done,
+            "valid_final_loss": valid,
+            "task": config.task,
+            "run_config": json.loads(config.to_json()),
+          },
         )
       host["valid_history"].append(valid)
       log(
