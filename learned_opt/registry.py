@@ -5,8 +5,12 @@ from typing import Any
 
 from learned_opt.base import LearnedOptimizer
 from learned_opt.lstm import lstm_optimizer
+from learned_opt.parameter_groups import partition_from_config
 
-_FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {"lstm": lstm_optimizer}
+_FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
+  "lstm": lstm_optimizer,
+  "partition": partition_from_config,
+}
 
 
 def register(kind: str, factory: Callable[..., LearnedOptimizer]) -> None:
