@@ -10,6 +10,7 @@ Example:
 
 from learned_opt.base import LearnedOptimizer, check_float_params
 from learned_opt.lstm import lstm_optimizer
+from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.optax_face import LearnedOptaxState, as_optax
 from learned_opt.registry import build, kinds, register
 from learned_opt.serialization import SavedOptimizer, load, load_metadata, save
@@ -25,6 +26,8 @@ __all__ = [
   "load",
   "load_metadata",
   "lstm_optimizer",
+  "ntm_bfgs_optimizer",
+  "ntm_lbfgs_optimizer",
   "register",
   "save",
 ]
