@@ -5,12 +5,14 @@
 # wall_seconds.txt) is not retrained.
 #
 #   bash experiments/quadratic_variants.sh runs/quadratic_variants [extra meta_train flags]
+# EPOCHS, STEPS_PER_EPOCH and MARKDOWN (the summary path) may be set in the environment.
 set -euo pipefail
 OUT=${1:-runs/quadratic_variants}
 shift || true
 EPOCHS=${EPOCHS:-30}
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-100}
 VARIANTS=(lstm lstm_gac ntm_bfgs ntm_lbfgs)
+MARKDOWN=${MARKDOWN:-docs/results_quadratic_variants.md}
 mkdir -p "$OUT"
 for variant in "${VARIANTS[@]}"; do
   dir="$OUT/$variant"
@@ -24,5 +26,6 @@ for variant in "${VARIANTS[@]}"; do
   echo $(( $(date +%s) - start )) > "$dir/wall_seconds.txt"
 done
 python -m eval.quadratic_variants --output_dir="$OUT/eval" \
-  --markdown=docs/results_quadratic_variants.md \
+  --markdown="$MARKDOWN" \
   $(for variant in "${VARIANTS[@]}"; do echo "--checkpoint=$variant=$OUT/$variant"; done)
+cp "$OUT/eval/curves.png" "${MARKDOWN%.md}.png"
