@@ -67,6 +67,7 @@ def training_budget(directory: str) -> dict:
     "valid_history": valid,  # validation final loss after every epoch
     "wall_seconds": wall,
     "meta_lr": config.get("meta_lr"),
+    "meta_grad_clip": config.get("meta_grad_clip"),
     "num_problems": config.get("num_problems"),
     "unroll": config.get("unroll"),
   }
@@ -136,7 +137,8 @@ def markdown(results: dict, budgets: dict, comparisons: dict) -> str:
   first = budgets.get(learned[0]["name"], {})
   lines += [
     "",
-    f"Meta-training: Adam (lr {first.get('meta_lr')}) on {first.get('num_problems')} problems "
+    f"Meta-training: Adam (lr {first.get('meta_lr')}, meta-gradient global-norm clip "
+    f"{first.get('meta_grad_clip') or 'off'}) on {first.get('num_problems')} problems "
     f"per meta-step, unrolls of {first.get('unroll')} steps of a 100-step horizon, phi saved at "
     "the epoch (100 meta-steps) with the best loss on 128 validation problems; wall time on a "
     "shared 2-core CPU, validation included. The validation column summarizes the mean final "
