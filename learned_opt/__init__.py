@@ -2,7 +2,7 @@
 
 Example:
   >>> import learned_opt, optax
-  >>> tx = learned_opt.as_optax(*learned_opt.load("runs/quadratic/best"))
+  >>> tx = learned_opt.as_optax(*learned_opt.load("runs/quadratic"))
   >>> opt_state = tx.init(params)
   >>> updates, opt_state = tx.update(grads, opt_state, params)
   >>> params = optax.apply_updates(params, updates)
@@ -10,6 +10,7 @@ Example:
 
 from learned_opt.base import LearnedOptimizer, check_float_params
 from learned_opt.lstm import lstm_optimizer
+from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.optax_face import LearnedOptaxState, as_optax
 from learned_opt.parameter_groups import partition
 from learned_opt.registry import build, kinds, register
@@ -26,6 +27,8 @@ __all__ = [
   "load",
   "load_metadata",
   "lstm_optimizer",
+  "ntm_bfgs_optimizer",
+  "ntm_lbfgs_optimizer",
   "partition",
   "register",
   "save",

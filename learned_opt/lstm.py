@@ -23,12 +23,14 @@ class CoordinateState(NamedTuple):
   cell: jax.Array  # leaf.shape + (layers, hidden_size), float32
 
 
-def init_lstm_params(key: jax.Array, input_size: int, hidden_sizes: tuple[int, ...]) -> dict:
-  """Weights of a stacked LSTM plus a linear read-out to one output.
+def init_lstm_params(
+  key: jax.Array, input_size: int, hidden_sizes: tuple[int, ...], num_outputs: int = 1
+) -> dict:
+  """Weights of a stacked LSTM plus a linear read-out to ``num_outputs`` outputs.
 
   Returns:
     ``{"layers": [{"w": (in + hidden, 4 hidden), "b": (4 hidden,)}, ...],
-    "out": {"w": (hidden, outputs), "b": (outputs,)}}`` with one output.
+    "out": {"w": (hidden, num_outputs), "b": (num_outputs,)}}``.
   """
   keys = jax.random.split(key, len(hidden_sizes) + 1)
   layers = []
@@ -40,8 +42,8 @@ def init_lstm_params(key: jax.Array, input_size: int, hidden_sizes: tuple[int, .
     b = jnp.zeros((4, hidden), jnp.float32).at[1].set(1.0).reshape(-1)
     layers.append({"w": w, "b": b})
     fan_in = hidden
-  out_w = 0.1 / jnp.sqrt(fan_in) * jax.random.normal(keys[-1], (fan_in, 1), jnp.float32)
-  return {"layers": layers, "out": {"w": out_w, "b": jnp.zeros((1,), jnp.float32)}}
+  out_w = 0.1 / jnp.sqrt(fan_in) * jax.random.normal(keys[-1], (fan_in, num_outputs), jnp.float32)
+  return {"layers": layers, "out": {"w": out_w, "b": jnp.zeros((num_outputs,), jnp.float32)}}
 
 
 def lstm_cell(layer: dict, x: jax.Array, h: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -78,6 +80,51 @@ def global_average(values: list[jax.Array], num_cells: int) -> list[jax.Array]:
   return [
     v.at[..., -num_cells:].set(jnp.broadcast_to(mean, v[..., -num_cells:].shape)) for v in values
   ]
+
+
+def init_coordinate_state(params, num_layers: int, hidden_size: int):
+  """Zero LSTM state for every coordinate: a tree of ``CoordinateState`` shaped like ``params``."""
+  zeros = lambda p: jnp.zeros(jnp.shape(p) + (num_layers, hidden_size), jnp.float32)
+  return jax.tree.map(lambda p: CoordinateState(zeros(p), zeros(p)), params)
+
+
+def stacked_lstm(
+  layers: list[dict], xs: list[jax.Array], states: list[CoordinateState], global_cells: int
+) -> tuple[list[jax.Array], list[CoordinateState]]:
+  """One step of the stacked LSTM (+GAC) on every coordinate of every leaf.
+
+  Args:
+    layers: ``phi["layers"]`` from ``init_lstm_params``.
+    xs: one input per leaf, shaped ``leaf.shape + (features,)``.
+    states: one ``CoordinateState`` per leaf.
+    global_cells: trailing units of every layer averaged over all coordinates of all leaves.
+
+  Returns:
+    ``(tops, states)``: the last layer's outputs shaped ``leaf.shape + (hidden,)`` per leaf and
+    the new states.
+  """
+  new_h, new_c = [[] for _ in xs], [[] for _ in xs]
+  for layer_index, layer in enumerate(layers):
+    cell = lambda x, h, c, layer=layer: lstm_cell(layer, x, h, c)
+    outs = [
+      _over_coordinates(cell, x, s.hidden[..., layer_index, :], s.cell[..., layer_index, :])
+      for x, s in zip(xs, states, strict=True)
+    ]
+    hs = global_average([h for h, _ in outs], global_cells)
+    for i, ((_, c), h) in enumerate(zip(outs, hs, strict=True)):
+      new_h[i].append(h)
+      new_c[i].append(c)
+    xs = hs
+  new_states = [
+    CoordinateState(jnp.stack(h, axis=-2), jnp.stack(c, axis=-2))
+    for h, c in zip(new_h, new_c, strict=True)
+  ]
+  return xs, new_states
+
+
+def linear_readout(out: dict, tops: list[jax.Array]) -> list[jax.Array]:
+  """``phi["out"]`` applied to every coordinate: ``leaf.shape + (num_outputs,)`` per leaf."""
+  return [_over_coordinates(lambda h: h @ out["w"] + out["b"], h) for h in tops]
 
 
 def lstm_optimizer(
@@ -137,34 +184,17 @@ def lstm_optimizer(
   def init_state(meta_params, params):
     del meta_params
     check_float_params(params)
-    zeros = lambda p: jnp.zeros(jnp.shape(p) + (num_layers, hidden_size), jnp.float32)
-    return jax.tree.map(lambda p: CoordinateState(zeros(p), zeros(p)), params)
+    return init_coordinate_state(params, num_layers, hidden_size)
 
   def update(meta_params, grads, state):
     leaves, treedef = jax.tree.flatten(grads)
     states = treedef.flatten_up_to(state)
     xs = [preprocess_fn(jnp.asarray(g, jnp.float32)) for g in leaves]
-    new_h, new_c = [[] for _ in leaves], [[] for _ in leaves]
-    for layer_index, layer in enumerate(meta_params["layers"]):
-      cell = lambda x, h, c, layer=layer: lstm_cell(layer, x, h, c)
-      outs = [
-        _over_coordinates(cell, x, s.hidden[..., layer_index, :], s.cell[..., layer_index, :])
-        for x, s in zip(xs, states, strict=True)
-      ]
-      hs = global_average([h for h, _ in outs], global_cells)
-      for i, ((_, c), h) in enumerate(zip(outs, hs, strict=True)):
-        new_h[i].append(h)
-        new_c[i].append(c)
-      xs = hs
-    out = meta_params["out"]
-    readout = lambda h: h @ out["w"] + out["b"]
+    tops, new_states = stacked_lstm(meta_params["layers"], xs, states, global_cells)
+    outputs = linear_readout(meta_params["out"], tops)
     updates = [
-      (output_scale * _over_coordinates(readout, h)[..., 0]).astype(jnp.result_type(g))
-      for h, g in zip(xs, leaves, strict=True)
-    ]
-    new_states = [
-      CoordinateState(jnp.stack(h, axis=-2), jnp.stack(c, axis=-2))
-      for h, c in zip(new_h, new_c, strict=True)
+      (output_scale * o[..., 0]).astype(jnp.result_type(g))
+      for o, g in zip(outputs, leaves, strict=True)
     ]
     return treedef.unflatten(updates), treedef.unflatten(new_states)
 

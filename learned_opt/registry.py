@@ -5,10 +5,13 @@ from typing import Any
 
 from learned_opt.base import LearnedOptimizer
 from learned_opt.lstm import lstm_optimizer
+from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.parameter_groups import partition_from_config
 
 _FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
   "lstm": lstm_optimizer,
+  "ntm_bfgs": ntm_bfgs_optimizer,
+  "ntm_lbfgs": ntm_lbfgs_optimizer,
   "partition": partition_from_config,
 }
 

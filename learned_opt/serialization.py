@@ -125,7 +125,7 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
     ``SavedOptimizer(optimizer, meta_params)``.
 
   Example:
-    >>> tx = learned_opt.as_optax(*learned_opt.load("runs/quadratic/best"))
+    >>> tx = learned_opt.as_optax(*learned_opt.load("runs/quadratic"))
   """
   record = _read_record(directory)
   config = record["config"]

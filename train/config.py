@@ -7,7 +7,8 @@ from typing import Any
 
 from learned_opt import preprocess as preprocess_lib
 
-OPTIMIZERS = ("lstm", "lstm_gac")
+OPTIMIZERS = ("lstm", "lstm_gac", "ntm_bfgs", "ntm_lbfgs")
+NTM_OPTIMIZERS = ("ntm_bfgs", "ntm_lbfgs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,10 @@ class MetaTrainConfig:
   preprocess_p: float = 10.0
   input_scale: float = 1.0
   output_scale: float = 1.0
-  global_cells: int = 5  # used by lstm_gac only
+  global_cells: int = 5  # used by lstm_gac, ntm_bfgs and ntm_lbfgs
+  read_heads: int = 1  # ntm_* only (section 3.1: one read head)
+  write_heads: int = 3  # ntm_* only (section 3.1: three write heads)
+  memory_window: int = 10  # ntm_lbfgs only: steps of writes kept
   unroll: int = 20
   horizon: int = 100
   num_problems: int = 128
@@ -54,7 +58,7 @@ class MetaTrainConfig:
 
   def optimizer_config(self) -> dict[str, Any]:
     """The ``learned_opt.build`` config of the optimizer this run trains."""
-    return {
+    config = {
       "kind": "lstm",
       "hidden_size": self.hidden_size,
       "num_layers": self.num_layers,
@@ -62,8 +66,13 @@ class MetaTrainConfig:
       "preprocess_p": self.preprocess_p,
       "input_scale": self.input_scale,
       "output_scale": self.output_scale,
-      "global_cells": self.global_cells if self.optimizer == "lstm_gac" else 0,
+      "global_cells": self.global_cells if self.optimizer != "lstm" else 0,
     }
+    if self.optimizer in NTM_OPTIMIZERS:
+      config.update(kind=self.optimizer, read_heads=self.read_heads, write_heads=self.write_heads)
+    if self.optimizer == "ntm_lbfgs":
+      config["memory_window"] = self.memory_window
+    return config
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -128,6 +137,15 @@ def validate(config: MetaTrainConfig) -> None:
       f"--global_cells={config.global_cells} must lie in (0, --hidden_size="
       f"{config.hidden_size}] for lstm_gac (e.g. --global_cells=5)."
     )
+  if config.optimizer in NTM_OPTIMIZERS and not 0 <= config.global_cells <= config.hidden_size:
+    raise ValueError(
+      f"--global_cells={config.global_cells} must lie in [0, --hidden_size="
+      f"{config.hidden_size}] for {config.optimizer} (e.g. --global_cells=5)."
+    )
+  if config.optimizer in NTM_OPTIMIZERS:
+    _positive(config, "read_heads", "write_heads")
+  if config.optimizer == "ntm_lbfgs":
+    _positive(config, "memory_window")
   for name in ("meta_grad_clip", "patience"):
     if getattr(config, name) < 0:
       raise ValueError(f"--{name} must be >= 0, got {getattr(config, name)} (0 turns it off).")

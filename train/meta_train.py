@@ -78,6 +78,17 @@ flags.DEFINE_integer(
   _default("max_consecutive_skips"),
   "Stop after this many non-finite steps in a row.",
 )
+flags.DEFINE_integer(
+  "read_heads", _default("read_heads"), "NTM read heads; the first one's result is the update."
+)
+flags.DEFINE_integer(
+  "write_heads", _default("write_heads"), "NTM write heads (rank-one memory writes per step)."
+)
+flags.DEFINE_integer(
+  "memory_window",
+  _default("memory_window"),
+  "Steps of writes ntm_lbfgs keeps (its L-BFGS history).",
+)
 
 FLAGS = flags.FLAGS
 
