@@ -1,0 +1,201 @@
+r"""The MNIST experiments of section 3.2 (Figures 4 and 5) in one command.
+
+Example:
+  MNIST_DIR=../shared/data/mnist python -m eval.mnist_experiments \
+    --checkpoint=runs/mnist_base --output_dir=runs/mnist_experiments
+
+Each experiment runs a trained optimizer and the six baselines on the same fresh problems; every
+baseline's learning rate is re-tuned for that very setting over the paper's grid
+(1e-6 * 2^k, k < 30). With ``--tune_problems=N > 0`` the grid is swept on N separate tuning
+problems and the chosen rate is then run on the test problems (the whole grid on 64 test problems
+is out of reach of a 2-core CPU); ``--tune_problems=0`` sweeps the grid on the test problems, as
+``eval.evaluate`` does. Writes ``<output_dir>/<experiment>/results.json`` and ``curves.png`` and a
+markdown table (``--summary``, default ``docs/results_mnist.md``).
+"""
+
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+from absl import app, flags
+
+import learned_opt
+from eval import baselines as baselines_lib
+from eval import compare, plots
+from eval import rollout as rollout_lib
+from learned_opt.serialization import atomic_write
+from tasks import registry as task_registry
+
+
+class Experiment(NamedTuple):
+  name: str
+  title: str  # the paper's figure it repeats
+  task_kwargs: dict[str, Any]  # changes to the base network (one hidden layer of 20 sigmoids)
+  num_steps: int
+
+
+EXPERIMENTS = (
+  Experiment("base", "Fig. 4 centre: base network, 100 steps", {}, 100),
+  Experiment("steps200", "Fig. 4 right: 200 steps, optimizer trained for 100", {}, 200),
+  Experiment("hidden40", "Fig. 5 left: 40 hidden units", {"hidden_sizes": [40]}, 100),
+  Experiment("two_layers", "Fig. 5 centre: two hidden layers", {"hidden_sizes": [20, 20]}, 100),
+  Experiment("relu", "Fig. 5 right: ReLU activations", {"activation": "relu"}, 100),
+)
+_BY_NAME = {e.name: e for e in EXPERIMENTS}
+
+flags.DEFINE_string("checkpoint", None, "Saved optimizer directory; default: the shipped one.")
+flags.DEFINE_string("pretrained", "mnist_mlp", "Shipped optimizer used when no --checkpoint.")
+flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS], "Experiments to run.")
+flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
+flags.DEFINE_integer("num_problems", 64, "Fresh test problems (runs) per experiment.")
+flags.DEFINE_integer("tune_problems", 8, "Problems for the LR sweep; 0: sweep on the test ones.")
+flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
+flags.DEFINE_integer("lr_batch_size", 10, "Learning rates vmapped at once (bounds memory).")
+flags.DEFINE_string("mnist_dir", None, "Directory of the MNIST IDX files; default $MNIST_DIR.")
+flags.DEFINE_string("output_dir", None, "Where each experiment's results.json and PNG go.")
+flags.DEFINE_string("summary", "docs/results_mnist.md", "Markdown table of every experiment.")
+
+FLAGS = flags.FLAGS
+
+
+def run_experiment(
+  experiment: Experiment,
+  saved: learned_opt.SavedOptimizer,
+  *,
+  baselines,
+  num_problems: int,
+  tune_problems: int,
+  seed: int,
+  lr_batch_size: int | None,
+  mnist_dir: str | None = None,
+  log=print,
+) -> dict:
+  """Learned optimizer and tuned baselines on one setting; returns ``compare``-style results."""
+  task = task_registry.get("mnist_mlp", mnist_dir=mnist_dir, **experiment.task_kwargs)
+  settings = dict(num_steps=experiment.num_steps, lr_batch_size=lr_batch_size, log=log)
+  if not tune_problems:
+    results = compare.compare(
+      task, {"lstm": saved}, baselines, num_problems=num_problems, seed=seed, **settings
+    )
+    results["tuning"] = {"problems": "test", "num_problems": num_problems}
+    return results
+  tuning = compare.compare(
+    task, {}, baselines, num_problems=tune_problems, seed=seed + 1, **settings
+  )
+  results = compare.compare(
+    task, {"lstm": saved}, [], num_problems=num_problems, seed=seed, **settings
+  )
+  task_params, keys = rollout_lib.sample_problems(task, compare.problem_key(seed), num_problems)
+  for tuned in tuning["optimizers"]:
+    summary = compare.run_baseline(
+      task, tuned["name"], task_params, keys, experiment.num_steps, [tuned["learning_rate"]]
+    )
+    summary["tuning_final_means"] = tuned["grid_final_means"]
+    results["optimizers"].append(summary)
+    log(f"{tuned['name']}: lr {tuned['learning_rate']:.3g}, final loss {summary['final_mean']:.4g}")
+  results["tuning"] = {"problems": "separate", "num_problems": tune_problems, "seed": seed + 1}
+  return results
+
+
+def verdict(results: dict) -> str:
+  """Whether the learned optimizer's mean final loss beats every tuned baseline's."""
+  learned = [r for r in results["optimizers"] if r["kind"] == "learned"][0]
+  best = min((r for r in results["optimizers"] if r["kind"] == "baseline"), key=_final)
+  margin = best["final_mean"] - learned["final_mean"]
+  outcome = "beats" if margin > 0 else "does NOT beat"
+  return (
+    f"LSTM {outcome} the best tuned baseline ({best['name']}, lr {best['learning_rate']:.3g}): "
+    f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (difference {margin:+.4f}, "
+    f"stderrs {learned['final_stderr']:.4f} and {best['final_stderr']:.4f})."
+  )
+
+
+def _final(result: dict) -> float:
+  return result["final_mean"] if result["num_diverged"] == 0 else float("inf")
+
+
+def markdown(all_results: dict[str, dict], header: str) -> str:
+  """One table per experiment: optimizer, learning rate, mean final loss +- stderr, median."""
+  lines = [header, ""]
+  for name, results in all_results.items():
+    experiment = _BY_NAME[name]
+    lines += [
+      f"## {name}: {experiment.title}",
+      "",
+      f"{results['num_problems']} test runs, {results['num_steps']} steps, task "
+      f"`{json.dumps(results['task'])}`; learning rates tuned on "
+      f"{results['tuning']['num_problems']} {results['tuning']['problems']} problems.",
+      "",
+      "| optimizer | lr | final loss (mean ± stderr) | median | diverged |",
+      "|---|---|---|---|---|",
+    ]
+    for r in sorted(results["optimizers"], key=_final):
+      lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.3g}"
+      lines.append(
+        f"| {r['name']} | {lr} | {r['final_mean']:.4f} ± {r['final_stderr']:.4f} | "
+        f"{r['final_median']:.4f} | {r['num_diverged']} |"
+      )
+    lines += ["", verdict(results), ""]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.output_dir:
+    raise app.UsageError("--output_dir is required (e.g. --output_dir=runs/mnist_experiments).")
+  unknown = [name for name in FLAGS.experiments if name not in _BY_NAME]
+  if unknown:
+    raise app.UsageError(f"Unknown --experiments {unknown}; choose from {list(_BY_NAME)}.")
+  if FLAGS.num_problems < 2 or FLAGS.tune_problems < 0:
+    raise app.UsageError("--num_problems must be >= 2 and --tune_problems >= 0.")
+  try:
+    saved = (
+      learned_opt.load(FLAGS.checkpoint)
+      if FLAGS.checkpoint
+      else learned_opt.pretrained(FLAGS.pretrained)
+    )
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  all_results = {}
+  for name in FLAGS.experiments:
+    experiment = _BY_NAME[name]
+    print(f"== {name}: {experiment.title}", flush=True)
+    tic = time.time()
+    results = run_experiment(
+      experiment,
+      saved,
+      baselines=FLAGS.baselines,
+      num_problems=FLAGS.num_problems,
+      tune_problems=FLAGS.tune_problems,
+      seed=FLAGS.seed,
+      lr_batch_size=FLAGS.lr_batch_size or None,
+      mnist_dir=FLAGS.mnist_dir,
+      log=lambda s: print(s, flush=True),
+    )
+    results["seconds"] = time.time() - tic
+    directory = os.path.join(FLAGS.output_dir, name)
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(os.path.join(directory, "results.json"), json.dumps(results).encode())
+    plots.plot_curves(results, os.path.join(directory, "curves.png"), title=experiment.title)
+    print(compare.format_table(results))
+    print(verdict(results), f"({results['seconds']:.0f} s)", flush=True)
+    all_results[name] = results
+  source = FLAGS.checkpoint or f"learned_opt.pretrained({FLAGS.pretrained!r})"
+  header = (
+    "# MNIST results (section 3.2, Figures 4 and 5)\n\n"
+    f"Written by `python -m eval.mnist_experiments` with optimizer `{source}`, "
+    f"seed {FLAGS.seed}. Losses are mean cross-entropy (nats) on a minibatch of 128 at the "
+    "last step; lower is better."
+  )
+  if FLAGS.summary:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.summary)), exist_ok=True)
+    atomic_write(FLAGS.summary, markdown(all_results, header).encode())
+    print(f"Wrote {FLAGS.summary}")
+
+
+if __name__ == "__main__":
+  jax.config.parse_flags_with_absl()
+  app.run(main)
