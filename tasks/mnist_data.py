@@ -120,10 +120,7 @@ def tfds_prepared(data_dir: str | None = None) -> bool:
   """Whether a prepared TFDS ``mnist`` exists in ``data_dir`` (never downloads)."""
   import tensorflow_datasets as tfds  # Deferred: only this path needs it.
 
-  try:
-    return tfds.builder("mnist", data_dir=data_dir).is_prepared()
-  except Exception:  # A missing or foreign directory is "not prepared", not an error.
-    return False
+  return tfds.builder("mnist", data_dir=data_dir).is_prepared()
 
 
 def read_tfds_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
