@@ -104,3 +104,18 @@ def test_registered_and_rebuilt_from_its_config(mnist_dir):
 def test_bad_settings_raise(mnist_dir, kwargs, message):
   with pytest.raises(ValueError, match=message):
     mnist_task.mnist_mlp(mnist_dir=mnist_dir[0], **kwargs)
+
+
+def test_data_as_jit_argument_matches_closure_and_is_not_compiled_in(mnist_dir):
+  data, family_of = mnist_task.mnist_mlp_on_data((3,), batch_size=5, mnist_dir=mnist_dir[0])
+  closed = family_of(data)
+  params = closed.init({}, jax.random.key(0))
+  key = jax.random.key(1)
+  as_argument = jax.jit(lambda d, p, k: family_of(d).loss({}, p, k))
+  np.testing.assert_allclose(
+    float(as_argument(data, params, key)), float(closed.loss({}, params, key)), rtol=1e-6
+  )
+  # The closure compiles the 12 x 784 pixels into the program; the argument form does not.
+  closed_hlo = jax.jit(closed.loss).lower({}, params, key).as_text()
+  argument_hlo = as_argument.lower(data, params, key).as_text()
+  assert len(closed_hlo) - len(argument_hlo) > data.images.size
