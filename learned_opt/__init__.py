@@ -11,6 +11,8 @@ Example:
 from learned_opt.base import LearnedOptimizer, check_float_params
 from learned_opt.lstm import lstm_optimizer
 from learned_opt.optax_face import LearnedOptaxState, as_optax
+from learned_opt.pretrained import names as pretrained_names
+from learned_opt.pretrained import pretrained
 from learned_opt.registry import build, kinds, register
 from learned_opt.serialization import SavedOptimizer, load, load_metadata, save
 
@@ -25,6 +27,8 @@ __all__ = [
   "load",
   "load_metadata",
   "lstm_optimizer",
+  "pretrained",
+  "pretrained_names",
   "register",
   "save",
 ]
