@@ -167,7 +167,8 @@ def markdown(all_results: dict[str, dict], header: str) -> str:
     lines += [
       f"## {name}: {experiment.title}",
       "",
-      f"{results['num_problems']} test runs, {results['num_steps']} steps, task "
+      f"{results['num_problems']} test runs (seed {results['seed']}), {results['num_steps']} "
+      f"steps, {results.get('seconds', 0) / 60:.0f} min, task "
       f"`{json.dumps(results['task'])}`; learning rates tuned on "
       f"{results['tuning']['num_problems']} {results['tuning']['problems']} problems.",
       "",
@@ -202,7 +203,12 @@ def main(argv):
     )
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
-  all_results = {}
+  source = FLAGS.checkpoint or f"learned_opt.pretrained({FLAGS.pretrained!r})"
+  header = (
+    "# MNIST results (section 3.2, Figures 4 and 5)\n\n"
+    f"Written by `python -m eval.mnist_experiments` with optimizer `{source}`. Losses are mean "
+    "cross-entropy (nats) on a minibatch of 128 at the last step; lower is better."
+  )
   for name in FLAGS.experiments:
     experiment = _BY_NAME[name]
     print(f"== {name}: {experiment.title}", flush=True)
@@ -219,24 +225,28 @@ def main(argv):
       log=lambda s: print(s, flush=True),
     )
     results["seconds"] = time.time() - tic
+    results["optimizer_source"] = source
     directory = os.path.join(FLAGS.output_dir, name)
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, "results.json"), json.dumps(results).encode())
     plots.plot_curves(results, os.path.join(directory, "curves.png"), title=experiment.title)
     print(compare.format_table(results))
     print(verdict(results), f"({results['seconds']:.0f} s)", flush=True)
-    all_results[name] = results
-  source = FLAGS.checkpoint or f"learned_opt.pretrained({FLAGS.pretrained!r})"
-  header = (
-    "# MNIST results (section 3.2, Figures 4 and 5)\n\n"
-    f"Written by `python -m eval.mnist_experiments` with optimizer `{source}`, "
-    f"seed {FLAGS.seed}. Losses are mean cross-entropy (nats) on a minibatch of 128 at the "
-    "last step; lower is better."
-  )
-  if FLAGS.summary:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.summary)), exist_ok=True)
-    atomic_write(FLAGS.summary, markdown(all_results, header).encode())
-    print(f"Wrote {FLAGS.summary}")
+    if FLAGS.summary:  # Rewritten after every experiment, over all results in output_dir.
+      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.summary)), exist_ok=True)
+      atomic_write(FLAGS.summary, markdown(_saved_results(FLAGS.output_dir), header).encode())
+      print(f"Wrote {FLAGS.summary}", flush=True)
+
+
+def _saved_results(output_dir: str) -> dict[str, dict]:
+  """Every experiment's results.json under ``output_dir``, in the paper's order."""
+  found = {}
+  for experiment in EXPERIMENTS:
+    path = os.path.join(output_dir, experiment.name, "results.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        found[experiment.name] = json.load(f)
+  return found
 
 
 if __name__ == "__main__":

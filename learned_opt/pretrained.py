@@ -3,6 +3,9 @@
 Each subdirectory of ``learned_opt/pretrained/`` is one optimizer as written by
 ``learned_opt.save`` (``optimizer.json`` and ``meta_params.msgpack``); its name is the
 subdirectory's name. How each was trained is recorded in its metadata and in ``docs/``.
+
+``learned_opt.pretrained`` is the function ``pretrained`` below (it shadows this module's name
+on the package); reach the module as ``importlib.import_module("learned_opt.pretrained")``.
 """
 
 import importlib.resources
