@@ -58,6 +58,9 @@ flags.DEFINE_integer("lr_batch_size", 10, "Learning rates vmapped at once (bound
 flags.DEFINE_string("mnist_dir", None, "Directory of the MNIST IDX files; default $MNIST_DIR.")
 flags.DEFINE_string("output_dir", None, "Where each experiment's results.json and PNG go.")
 flags.DEFINE_string("summary", "docs/results_mnist.md", "Markdown table of every experiment.")
+flags.DEFINE_bool(
+  "reuse_baselines", False, "Keep the tuned baselines of an existing results.json (same setting)."
+)
 
 FLAGS = flags.FLAGS
 
@@ -213,10 +216,12 @@ def main(argv):
     experiment = _BY_NAME[name]
     print(f"== {name}: {experiment.title}", flush=True)
     tic = time.time()
+    directory = os.path.join(FLAGS.output_dir, name)
+    previous = _reusable(directory, experiment) if FLAGS.reuse_baselines else None
     results = run_experiment(
       experiment,
       saved,
-      baselines=FLAGS.baselines,
+      baselines=[] if previous else FLAGS.baselines,
       num_problems=FLAGS.num_problems,
       tune_problems=FLAGS.tune_problems,
       seed=FLAGS.seed,
@@ -224,9 +229,12 @@ def main(argv):
       mnist_dir=FLAGS.mnist_dir,
       log=lambda s: print(s, flush=True),
     )
+    if previous:
+      results["optimizers"] += [r for r in previous["optimizers"] if r["kind"] == "baseline"]
+      results["tuning"] = previous["tuning"]
+      print(f"Reused the tuned baselines of {directory}/results.json", flush=True)
     results["seconds"] = time.time() - tic
     results["optimizer_source"] = source
-    directory = os.path.join(FLAGS.output_dir, name)
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, "results.json"), json.dumps(results).encode())
     plots.plot_curves(results, os.path.join(directory, "curves.png"), title=experiment.title)
@@ -236,6 +244,22 @@ def main(argv):
       os.makedirs(os.path.dirname(os.path.abspath(FLAGS.summary)), exist_ok=True)
       atomic_write(FLAGS.summary, markdown(_saved_results(FLAGS.output_dir), header).encode())
       print(f"Wrote {FLAGS.summary}", flush=True)
+
+
+def _reusable(directory: str, experiment: Experiment) -> dict | None:
+  """A results.json in ``directory`` for the same setting and test problems, else None."""
+  path = os.path.join(directory, "results.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    previous = json.load(f)
+  same = (
+    previous["num_steps"] == experiment.num_steps
+    and previous["num_problems"] == FLAGS.num_problems
+    and previous["seed"] == FLAGS.seed
+    and all(previous["task"].get(k) == v for k, v in experiment.task_kwargs.items())
+  )
+  return previous if same else None
 
 
 def _saved_results(output_dir: str) -> dict[str, dict]:
