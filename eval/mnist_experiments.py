@@ -150,7 +150,11 @@ def verdict(results: dict) -> str:
   learned = [r for r in results["optimizers"] if r["kind"] == "learned"][0]
   best = min((r for r in results["optimizers"] if r["kind"] == "baseline"), key=_final)
   margin = best["final_mean"] - learned["final_mean"]
-  outcome = "beats" if margin > 0 else "does NOT beat"
+  stderr = float(np.hypot(learned["final_stderr"], best["final_stderr"]))
+  if abs(margin) < stderr:
+    outcome = "ties (within one combined stderr) with"
+  else:
+    outcome = "beats" if margin > 0 else "does NOT beat"
   return (
     f"LSTM {outcome} the best tuned baseline ({best['name']}, lr {best['learning_rate']:.3g}): "
     f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (difference {margin:+.4f}, "
@@ -175,16 +179,21 @@ def markdown(all_results: dict[str, dict], header: str) -> str:
       f"`{json.dumps(results['task'])}`; learning rates tuned on "
       f"{results['tuning']['num_problems']} {results['tuning']['problems']} problems.",
       "",
-      "| optimizer | lr | final loss (mean ± stderr) | median | diverged |",
-      "|---|---|---|---|---|",
+      "| optimizer | lr | final loss (mean ± stderr) | median | diverged | mean over steps 1..T |",
+      "|---|---|---|---|---|---|",
     ]
     for r in sorted(results["optimizers"], key=_final):
       lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.3g}"
       lines.append(
         f"| {r['name']} | {lr} | {r['final_mean']:.4f} ± {r['final_stderr']:.4f} | "
-        f"{r['final_median']:.4f} | {r['num_diverged']} |"
+        f"{r['final_median']:.4f} | {r['num_diverged']} | {np.mean(r['mean_curve'][1:]):.4f} |"
       )
-    lines += ["", verdict(results), ""]
+    lines += [
+      "",
+      verdict(results),
+      "The last column is the paper's meta-objective (eq. 3, w_t = 1) divided by T.",
+      "",
+    ]
   return "\n".join(lines)
 
 
