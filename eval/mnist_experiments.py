@@ -175,7 +175,7 @@ def markdown(all_results: dict[str, dict], header: str) -> str:
       f"## {name}: {experiment.title}",
       "",
       f"{results['num_problems']} test runs (seed {results['seed']}), {results['num_steps']} "
-      f"steps, {results.get('seconds', 0) / 60:.0f} min, task "
+      "steps, task "
       f"`{json.dumps(results['task'])}`; learning rates tuned on "
       f"{results['tuning']['num_problems']} {results['tuning']['problems']} problems.",
       "",
