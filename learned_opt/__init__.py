@@ -13,6 +13,8 @@ from learned_opt.lstm import lstm_optimizer
 from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.optax_face import LearnedOptaxState, as_optax
 from learned_opt.parameter_groups import partition
+from learned_opt.pretrained import names as pretrained_names
+from learned_opt.pretrained import pretrained
 from learned_opt.registry import build, kinds, register
 from learned_opt.serialization import SavedOptimizer, load, load_metadata, save
 
@@ -30,6 +32,8 @@ __all__ = [
   "ntm_bfgs_optimizer",
   "ntm_lbfgs_optimizer",
   "partition",
+  "pretrained",
+  "pretrained_names",
   "register",
   "save",
 ]

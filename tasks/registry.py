@@ -3,9 +3,10 @@
 from collections.abc import Callable
 
 from tasks.base import TaskFamily
+from tasks.mnist import mnist_mlp
 from tasks.quadratic import quadratic
 
-_FAMILIES: dict[str, Callable[..., TaskFamily]] = {"quadratic": quadratic}
+_FAMILIES: dict[str, Callable[..., TaskFamily]] = {"mnist_mlp": mnist_mlp, "quadratic": quadratic}
 
 
 def register(name: str, factory: Callable[..., TaskFamily]) -> None:

@@ -1,0 +1,287 @@
+r"""The MNIST experiments of section 3.2 (Figures 4 and 5) in one command.
+
+Example:
+  MNIST_DIR=../shared/data/mnist python -m eval.mnist_experiments \
+    --checkpoint=runs/mnist_base --output_dir=runs/mnist_experiments
+
+Each experiment runs a trained optimizer and the six baselines on the same fresh problems; every
+baseline's learning rate is re-tuned for that very setting over the paper's grid
+(1e-6 * 2^k, k < 30). With ``--tune_problems=N > 0`` the grid is swept on N separate tuning
+problems and the chosen rate is then run on the test problems (the whole grid on 64 test problems
+is out of reach of a 2-core CPU); ``--tune_problems=0`` sweeps the grid on the test problems, as
+``eval.evaluate`` does. Writes ``<output_dir>/<experiment>/results.json`` and ``curves.png`` and a
+markdown table (``--summary``, default ``docs/results_mnist.md``).
+"""
+
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import learned_opt
+from eval import baselines as baselines_lib
+from eval import compare, plots
+from eval import rollout as rollout_lib
+from learned_opt.serialization import atomic_write
+from tasks import mnist as mnist_task
+
+
+class Experiment(NamedTuple):
+  name: str
+  title: str  # the paper's figure it repeats
+  task_kwargs: dict[str, Any]  # changes to the base network (one hidden layer of 20 sigmoids)
+  num_steps: int
+
+
+EXPERIMENTS = (
+  Experiment("base", "Fig. 4 centre: base network, 100 steps", {}, 100),
+  Experiment("steps200", "Fig. 4 right: 200 steps, optimizer trained for 100", {}, 200),
+  Experiment("hidden40", "Fig. 5 left: 40 hidden units", {"hidden_sizes": [40]}, 100),
+  Experiment("two_layers", "Fig. 5 centre: two hidden layers", {"hidden_sizes": [20, 20]}, 100),
+  Experiment("relu", "Fig. 5 right: ReLU activations", {"activation": "relu"}, 100),
+)
+_BY_NAME = {e.name: e for e in EXPERIMENTS}
+
+flags.DEFINE_string("checkpoint", None, "Saved optimizer directory; default: the shipped one.")
+flags.DEFINE_string("pretrained", "mnist_mlp", "Shipped optimizer used when no --checkpoint.")
+flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS], "Experiments to run.")
+flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
+flags.DEFINE_integer("num_problems", 64, "Fresh test problems (runs) per experiment.")
+flags.DEFINE_integer("tune_problems", 8, "Problems for the LR sweep; 0: sweep on the test ones.")
+flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
+flags.DEFINE_integer("lr_batch_size", 10, "Learning rates vmapped at once (bounds memory).")
+flags.DEFINE_string("mnist_dir", None, "Directory of the MNIST IDX files; default $MNIST_DIR.")
+flags.DEFINE_string("output_dir", None, "Where each experiment's results.json and PNG go.")
+flags.DEFINE_string("summary", "docs/results_mnist.md", "Markdown table of every experiment.")
+flags.DEFINE_bool(
+  "reuse_baselines", False, "Keep the tuned baselines of an existing results.json (same setting)."
+)
+
+FLAGS = flags.FLAGS
+
+
+def _sweep(family_of, data, make_tx, learning_rates, task_params, keys, num_steps, lr_batch_size):
+  """Loss curves shaped (lrs, problems, num_steps + 1) of one baseline over ``learning_rates``.
+
+  The data set is an argument of the jitted sweep, not a compiled-in constant (tasks/mnist.py).
+  """
+  run = jax.jit(
+    lambda d, lrs, p, k: rollout_lib.rollout_lr_grid(
+      family_of(d), make_tx, lrs, p, k, num_steps, lr_batch_size
+    )
+  )
+  return np.asarray(run(data, jnp.asarray(learning_rates, jnp.float32), task_params, keys))
+
+
+def _learned_curves(family_of, data, saved, task_params, keys, num_steps):
+  """Loss curves shaped (problems, num_steps + 1) of a trained optimizer through its optax face."""
+  run = jax.jit(
+    lambda d, phi, p, k: rollout_lib.rollout_batch(
+      family_of(d), learned_opt.as_optax(saved.optimizer, phi), p, k, num_steps
+    )
+  )
+  return np.asarray(run(data, saved.meta_params, task_params, keys))
+
+
+def run_experiment(
+  experiment: Experiment,
+  saved: learned_opt.SavedOptimizer,
+  *,
+  baselines,
+  num_problems: int,
+  tune_problems: int,
+  seed: int,
+  lr_batch_size: int | None,
+  mnist_dir: str | None = None,
+  log=print,
+) -> dict:
+  """Learned optimizer and tuned baselines on one setting; results shaped like ``compare``'s.
+
+  Test problems are ``compare.problem_key(seed)``'s, as in ``eval.evaluate``; tuning problems
+  are ``compare.problem_key(seed + 1)``'s, or the test problems when ``tune_problems == 0``.
+  """
+  data, family_of = mnist_task.mnist_mlp_on_data(mnist_dir=mnist_dir, **experiment.task_kwargs)
+  task, num_steps = family_of(data), experiment.num_steps
+  test = rollout_lib.sample_problems(task, compare.problem_key(seed), num_problems)
+  tune = (
+    rollout_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
+    if tune_problems
+    else test
+  )
+  curves = _learned_curves(family_of, data, saved, *test, num_steps)
+  optimizers = [compare.summarize("lstm", "learned", curves, None)]
+  log(f"lstm: final loss {optimizers[0]['final_mean']:.4g}")
+  grid = baselines_lib.paper_learning_rates()
+  for name in baselines:
+    make_tx = baselines_lib.BASELINES[name]
+    grid_curves = _sweep(family_of, data, make_tx, grid, *tune, num_steps, lr_batch_size)
+    best = baselines_lib.best_learning_rate(grid_curves[:, :, -1])
+    if tune_problems:
+      curves = _sweep(family_of, data, make_tx, grid[best : best + 1], *test, num_steps, None)[0]
+    else:
+      curves = grid_curves[best]
+    summary = compare.summarize(name, "baseline", curves, float(grid[best]))
+    finals = np.where(np.isfinite(grid_curves[:, :, -1]), grid_curves[:, :, -1], np.inf)
+    summary["grid_final_means"] = np.mean(finals, axis=1).tolist()
+    optimizers.append(summary)
+    log(f"{name}: lr {grid[best]:.3g}, final loss {summary['final_mean']:.4g}")
+  return {
+    "task": dict(task.config),
+    "num_problems": num_problems,
+    "num_steps": num_steps,
+    "seed": seed,
+    "tuning": {
+      "problems": "separate" if tune_problems else "test",
+      "num_problems": tune_problems or num_problems,
+      "seed": seed + 1 if tune_problems else seed,
+      "learning_rates": grid.tolist(),
+    },
+    "optimizers": optimizers,
+  }
+
+
+def verdict(results: dict) -> str:
+  """Whether the learned optimizer's mean final loss beats every tuned baseline's."""
+  learned = [r for r in results["optimizers"] if r["kind"] == "learned"][0]
+  best = min((r for r in results["optimizers"] if r["kind"] == "baseline"), key=_final)
+  margin = best["final_mean"] - learned["final_mean"]
+  stderr = float(np.hypot(learned["final_stderr"], best["final_stderr"]))
+  if abs(margin) < stderr:
+    outcome = "ties (within one combined stderr) with"
+  else:
+    outcome = "beats" if margin > 0 else "does NOT beat"
+  return (
+    f"LSTM {outcome} the best tuned baseline ({best['name']}, lr {best['learning_rate']:.3g}): "
+    f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (difference {margin:+.4f}, "
+    f"stderrs {learned['final_stderr']:.4f} and {best['final_stderr']:.4f})."
+  )
+
+
+def _final(result: dict) -> float:
+  return result["final_mean"] if result["num_diverged"] == 0 else float("inf")
+
+
+def markdown(all_results: dict[str, dict], header: str) -> str:
+  """One table per experiment: optimizer, learning rate, mean final loss +- stderr, median."""
+  lines = [header, ""]
+  for name, results in all_results.items():
+    experiment = _BY_NAME[name]
+    lines += [
+      f"## {name}: {experiment.title}",
+      "",
+      f"{results['num_problems']} test runs (seed {results['seed']}), {results['num_steps']} "
+      "steps, task "
+      f"`{json.dumps(results['task'])}`; learning rates tuned on "
+      f"{results['tuning']['num_problems']} {results['tuning']['problems']} problems.",
+      "",
+      "| optimizer | lr | final loss (mean ± stderr) | median | diverged | mean over steps 1..T |",
+      "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results["optimizers"], key=_final):
+      lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.3g}"
+      lines.append(
+        f"| {r['name']} | {lr} | {r['final_mean']:.4f} ± {r['final_stderr']:.4f} | "
+        f"{r['final_median']:.4f} | {r['num_diverged']} | {np.mean(r['mean_curve'][1:]):.4f} |"
+      )
+    lines += [
+      "",
+      verdict(results),
+      "The last column is the paper's meta-objective (eq. 3, w_t = 1) divided by T.",
+      "",
+    ]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.output_dir:
+    raise app.UsageError("--output_dir is required (e.g. --output_dir=runs/mnist_experiments).")
+  unknown = [name for name in FLAGS.experiments if name not in _BY_NAME]
+  if unknown:
+    raise app.UsageError(f"Unknown --experiments {unknown}; choose from {list(_BY_NAME)}.")
+  if FLAGS.num_problems < 2 or FLAGS.tune_problems < 0:
+    raise app.UsageError("--num_problems must be >= 2 and --tune_problems >= 0.")
+  try:
+    saved = (
+      learned_opt.load(FLAGS.checkpoint)
+      if FLAGS.checkpoint
+      else learned_opt.pretrained(FLAGS.pretrained)
+    )
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  source = FLAGS.checkpoint or f"learned_opt.pretrained({FLAGS.pretrained!r})"
+  header = (
+    "# MNIST results (section 3.2, Figures 4 and 5)\n\n"
+    f"Written by `python -m eval.mnist_experiments` with optimizer `{source}`. Losses are mean "
+    "cross-entropy (nats) on a minibatch of 128 at the last step; lower is better."
+  )
+  for name in FLAGS.experiments:
+    experiment = _BY_NAME[name]
+    print(f"== {name}: {experiment.title}", flush=True)
+    tic = time.time()
+    directory = os.path.join(FLAGS.output_dir, name)
+    previous = _reusable(directory, experiment) if FLAGS.reuse_baselines else None
+    results = run_experiment(
+      experiment,
+      saved,
+      baselines=[] if previous else FLAGS.baselines,
+      num_problems=FLAGS.num_problems,
+      tune_problems=FLAGS.tune_problems,
+      seed=FLAGS.seed,
+      lr_batch_size=FLAGS.lr_batch_size or None,
+      mnist_dir=FLAGS.mnist_dir,
+      log=lambda s: print(s, flush=True),
+    )
+    if previous:
+      results["optimizers"] += [r for r in previous["optimizers"] if r["kind"] == "baseline"]
+      results["tuning"] = previous["tuning"]
+      print(f"Reused the tuned baselines of {directory}/results.json", flush=True)
+    results["seconds"] = time.time() - tic
+    results["optimizer_source"] = source
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(os.path.join(directory, "results.json"), json.dumps(results).encode())
+    plots.plot_curves(results, os.path.join(directory, "curves.png"), title=experiment.title)
+    print(compare.format_table(results))
+    print(verdict(results), f"({results['seconds']:.0f} s)", flush=True)
+    if FLAGS.summary:  # Rewritten after every experiment, over all results in output_dir.
+      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.summary)), exist_ok=True)
+      atomic_write(FLAGS.summary, markdown(_saved_results(FLAGS.output_dir), header).encode())
+      print(f"Wrote {FLAGS.summary}", flush=True)
+
+
+def _reusable(directory: str, experiment: Experiment) -> dict | None:
+  """A results.json in ``directory`` for the same setting and test problems, else None."""
+  path = os.path.join(directory, "results.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    previous = json.load(f)
+  same = (
+    previous["num_steps"] == experiment.num_steps
+    and previous["num_problems"] == FLAGS.num_problems
+    and previous["seed"] == FLAGS.seed
+    and all(previous["task"].get(k) == v for k, v in experiment.task_kwargs.items())
+  )
+  return previous if same else None
+
+
+def _saved_results(output_dir: str) -> dict[str, dict]:
+  """Every experiment's results.json under ``output_dir``, in the paper's order."""
+  found = {}
+  for experiment in EXPERIMENTS:
+    path = os.path.join(output_dir, experiment.name, "results.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        found[experiment.name] = json.load(f)
+  return found
+
+
+if __name__ == "__main__":
+  jax.config.parse_flags_with_absl()
+  app.run(main)

@@ -1,0 +1,66 @@
+"""Trained optimizers that ship inside the package, loadable by name.
+
+Each subdirectory of ``learned_opt/pretrained/`` is one optimizer as written by
+``learned_opt.save`` (``optimizer.json`` and ``meta_params.msgpack``); its name is the
+subdirectory's name. How each was trained is recorded in its metadata and in ``docs/``.
+
+``learned_opt.pretrained`` is the function ``pretrained`` below (it shadows this module's name
+on the package); reach the module as ``importlib.import_module("learned_opt.pretrained")``.
+"""
+
+import importlib.resources
+import os
+
+from learned_opt import serialization
+
+_PACKAGE = "learned_opt"
+_FOLDER = "pretrained"
+
+
+def _root() -> str:
+  root = importlib.resources.files(_PACKAGE).joinpath(_FOLDER)
+  if not isinstance(root, os.PathLike):
+    raise RuntimeError(
+      f"{_PACKAGE}/{_FOLDER} is not on the file system ({root!r}); install learned-opt as a "
+      "regular (unzipped) package to use its pretrained optimizers."
+    )
+  return os.fspath(root)
+
+
+def names() -> tuple[str, ...]:
+  """Names of the shipped optimizers, e.g. ``("mnist_mlp",)``."""
+  root = _root()
+  if not os.path.isdir(root):
+    return ()
+  return tuple(
+    sorted(
+      entry
+      for entry in os.listdir(root)
+      if os.path.isfile(os.path.join(root, entry, serialization.RECORD_FILE))
+    )
+  )
+
+
+def directory(name: str) -> str:
+  """The directory holding the shipped optimizer ``name``."""
+  available = names()
+  if name not in available:
+    raise ValueError(
+      f"No pretrained optimizer named {name!r}; available: {', '.join(available) or 'none'}. "
+      "Train one with `python -m train.meta_train` and load it with learned_opt.load(dir)."
+    )
+  return os.path.join(_root(), name)
+
+
+def pretrained(name: str) -> serialization.SavedOptimizer:
+  """Loads a shipped optimizer by name.
+
+  Example:
+    >>> tx = learned_opt.as_optax(*learned_opt.pretrained("mnist_mlp"))
+  """
+  return serialization.load(directory(name))
+
+
+def metadata(name: str) -> dict:
+  """How the shipped optimizer ``name`` was trained and what it achieved."""
+  return serialization.load_metadata(directory(name))

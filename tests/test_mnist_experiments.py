@@ -1,0 +1,38 @@
+"""The MNIST experiment runner on tiny IDX files: tuning, results layout, summary table."""
+
+import jax
+import numpy as np
+from mnist_files import write_mnist
+
+import learned_opt
+from eval import mnist_experiments
+
+
+def test_run_experiment_tunes_on_grid_and_reports(tmp_path):
+  write_mnist(str(tmp_path), sizes=(("train", 16), ("test", 4)))
+  optimizer = learned_opt.lstm_optimizer(hidden_size=4, num_layers=1, preprocess="log_sign")
+  saved = learned_opt.SavedOptimizer(optimizer, optimizer.init_meta_params(jax.random.key(0)))
+  experiment = mnist_experiments.Experiment("relu", "tiny", {"hidden_sizes": [3]}, 3)
+  results = mnist_experiments.run_experiment(
+    experiment,
+    saved,
+    baselines=["sgd", "adam"],
+    num_problems=3,
+    tune_problems=2,
+    seed=0,
+    lr_batch_size=15,
+    mnist_dir=str(tmp_path),
+    log=lambda s: None,
+  )
+  names = [r["name"] for r in results["optimizers"]]
+  assert names == ["lstm", "sgd", "adam"]
+  assert results["task"]["hidden_sizes"] == [3] and results["num_steps"] == 3
+  for r in results["optimizers"][1:]:
+    means = r["grid_final_means"]
+    assert (
+      len(means) == 30
+      and r["learning_rate"] == results["tuning"]["learning_rates"][int(np.argmin(means))]
+    )
+    assert len(r["mean_curve"]) == 4
+  table = mnist_experiments.markdown({"relu": results}, "# t")
+  assert "| lstm | - |" in table and "best tuned baseline" in table
