@@ -107,16 +107,20 @@ def plot_traces(traces: UpdateTraces, path: str, steps=(0, 1, 10, 20)) -> None:
   plt.close(fig)
 
 
-flags.DEFINE_string("checkpoint", None, "Saved learned optimizer directory.")
-flags.DEFINE_string("output_dir", None, "Where traces.json and updates.png go.")
-flags.DEFINE_string("task", None, "Task family; default: the checkpoint's.")
-flags.DEFINE_integer("num_steps", 32, "Steps of the trajectory (the paper shows 32).")
-flags.DEFINE_integer("coordinate", 0, "Flattened index of the traced parameter.")
-flags.DEFINE_float("sgd_lr", 0.01, "SGD learning rate for the comparison.")
-flags.DEFINE_float("adam_lr", 0.1, "Adam learning rate for the comparison.")
-flags.DEFINE_float("grad_range", 10.0, "Probe gradients in [-grad_range, grad_range].")
-flags.DEFINE_integer("seed", 0, "Seed of the problem.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Flags of the command; defined only when run as one, so importing this module is free."""
+  flags.DEFINE_string("checkpoint", None, "Saved learned optimizer directory.")
+  flags.DEFINE_string("output_dir", None, "Where traces.json and updates.png go.")
+  flags.DEFINE_string("task", None, "Task family; default: the checkpoint's.")
+  flags.DEFINE_integer("num_steps", 32, "Steps of the trajectory (the paper shows 32).")
+  flags.DEFINE_integer("coordinate", 0, "Flattened index of the traced parameter.")
+  flags.DEFINE_float("sgd_lr", 0.01, "SGD learning rate for the comparison.")
+  flags.DEFINE_float("adam_lr", 0.1, "Adam learning rate for the comparison.")
+  flags.DEFINE_float("grad_range", 10.0, "Probe gradients in [-grad_range, grad_range].")
+  flags.DEFINE_integer("seed", 0, "Seed of the problem.")
 
 
 def main(argv):
@@ -153,5 +157,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
