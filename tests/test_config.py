@@ -82,3 +82,13 @@ def test_output_dir_that_cannot_be_created(tmp_path):
   path.write_text("x")
   with pytest.raises(ValueError, match="cannot be created.*name a writable path"):
     check_output_dir(str(path / "run"))
+
+
+def test_missing_data_directory_fails_when_the_task_is_built(tmp_path):
+  from train import trainer
+
+  config = MetaTrainConfig(
+    output_dir=str(tmp_path), task="mnist_mlp", task_kwargs={"mnist_dir": str(tmp_path / "none")}
+  )
+  with pytest.raises(ValueError, match=r"MNIST directory .*none' does not exist.*MNIST_DIR"):
+    trainer.build(config)
