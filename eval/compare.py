@@ -36,6 +36,7 @@ def summarize(name: str, kind: str, curves: np.ndarray, learning_rate: float | N
     "final_stderr": float(np.std(finals, ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
     "final_median": float(np.median(finals)),
     "num_diverged": int(np.sum(~np.isfinite(finals))),
+    "finals": finals.tolist(),  # per problem, in problem order: for paired comparisons
   }
 
 

@@ -34,15 +34,6 @@ flags.DEFINE_string("output_dir", None, "Where results.json and curves.png go.")
 FLAGS = flags.FLAGS
 
 
-def _parse_checkpoints(specs):
-  """``["NAME=DIR", "DIR"]`` -> ``{NAME: DIR, basename(DIR): DIR}``."""
-  named = {}
-  for spec in specs:
-    name, _, path = spec.rpartition("=")
-    named[name or os.path.basename(os.path.normpath(path))] = path
-  return named
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -51,7 +42,7 @@ def main(argv):
   for flag in ("num_problems", "num_steps"):
     if FLAGS[flag].value <= 0:
       raise app.UsageError(f"--{flag} must be positive, got {FLAGS[flag].value}.")
-  checkpoints = _parse_checkpoints(FLAGS.checkpoint)
+  checkpoints = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
   try:
     task_name, task_kwargs = run_config.task_settings(
       checkpoints.values(), FLAGS.task, FLAGS.task_kwargs

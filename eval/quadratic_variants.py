@@ -21,8 +21,7 @@ from absl import app, flags
 
 import learned_opt
 from eval import baselines as baselines_lib
-from eval import compare, plots
-from eval import rollout as rollout_lib
+from eval import compare, plots, run_config
 from learned_opt.serialization import atomic_write
 from tasks import registry as task_registry
 
@@ -71,12 +70,6 @@ def training_budget(directory: str) -> dict:
     "num_problems": config.get("num_problems"),
     "unroll": config.get("unroll"),
   }
-
-
-def final_losses(task, tx, task_params, keys, num_steps) -> np.ndarray:
-  """f(theta_T) per problem, shaped (problems,)."""
-  run = jax.jit(lambda p, k: rollout_lib.rollout_batch(task, tx, p, k, num_steps)[:, -1])
-  return np.asarray(run(task_params, keys))
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -154,10 +147,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.output_dir or not FLAGS.checkpoint:
     raise app.UsageError("--output_dir and at least one --checkpoint=NAME=DIR are required.")
-  checkpoints = {}
-  for spec in FLAGS.checkpoint:
-    name, _, path = spec.rpartition("=")
-    checkpoints[name or os.path.basename(os.path.normpath(path))] = path
+  checkpoints = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
   try:
     learned = {name: learned_opt.load(path) for name, path in checkpoints.items()}
   except (ValueError, FileNotFoundError) as e:
@@ -172,18 +162,13 @@ def main(argv):
     num_steps=FLAGS.num_steps,
     seed=FLAGS.seed,
   )
-  # Per-problem final losses on the same problems, for paired differences.
-  task_params, keys = rollout_lib.sample_problems(
-    task, compare.problem_key(FLAGS.seed), FLAGS.num_problems
-  )
+  # compare() ran every optimizer on the same problems, so per-problem finals pair up.
   best = min(
     (r for r in results["optimizers"] if r["kind"] == "baseline"), key=lambda r: r["final_mean"]
   )
-  best_tx = baselines_lib.BASELINES[best["name"]](best["learning_rate"])
-  best_finals = final_losses(task, best_tx, task_params, keys, FLAGS.num_steps)
+  best_finals = np.asarray(best["finals"])
   finals = {
-    name: final_losses(task, learned_opt.as_optax(*saved), task_params, keys, FLAGS.num_steps)
-    for name, saved in learned.items()
+    r["name"]: np.asarray(r["finals"]) for r in results["optimizers"] if r["kind"] == "learned"
   }
   first = next(iter(finals.values()))
   comparisons = {

@@ -20,3 +20,12 @@ def task_settings(paths, task=None, task_kwargs=None):
       "--task is required when no checkpoint records its task (e.g. --task=quadratic)."
     )
   return name, kwargs or {}
+
+
+def parse_checkpoint_specs(specs) -> dict:
+  """``["NAME=DIR", "DIR"]`` -> ``{NAME: DIR, basename(DIR): DIR}``, in the order given."""
+  named = {}
+  for spec in specs:
+    name, _, path = spec.rpartition("=")
+    named[name or os.path.basename(os.path.normpath(path))] = path
+  return named
