@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"preprocess": "log"}, r"--preprocess='log' is unknown.*log_sign"),
     ({"optimizer": "lstm_gac", "global_cells": 30}, r"--global_cells=30 must lie in"),
     ({"meta_grad_clip": -1.0}, r"--meta_grad_clip must be >= 0"),
+    ({"meta_objective": "max"}, r"--meta_objective='max' is unknown.*sum, log_sum"),
+    ({"meta_lr_schedule": "step"}, r"--meta_lr_schedule='step' is unknown.*cosine"),
+    ({"meta_lr_final_ratio": 1.5}, r"--meta_lr_final_ratio=1.5 must lie in \[0, 1\]"),
     ({"output_dir": ""}, r"--output_dir is required"),
   ],
 )

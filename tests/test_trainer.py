@@ -71,6 +71,37 @@ def test_resume_refuses_a_different_config(tmp_path):
     trainer.train(tiny_config(tmp_path, meta_lr=0.5), log=lambda s: None)
 
 
+def test_resume_accepts_a_config_saved_before_a_field_existed(tmp_path):
+  """A run started before a field was added used that field's default: it resumes."""
+  config = tiny_config(tmp_path)
+  trainer.train(config, log=lambda s: None)
+  path = tmp_path / "config.json"
+  saved = json.load(open(path))
+  del saved["meta_lr_schedule"], saved["meta_lr_final_ratio"]
+  path.write_text(json.dumps(saved))
+  logs = []
+  state, _ = trainer.train(config, log=logs.append)
+  assert int(state.step) == 8 and "Resumed from meta-step 8" in logs[0]
+  with pytest.raises(ValueError, match="different config"):
+    trainer.train(tiny_config(tmp_path, meta_lr_schedule="cosine"), log=lambda s: None)
+
+
+def test_cosine_meta_learning_rate_decays_to_its_final_ratio(tmp_path):
+  config = tiny_config(tmp_path, meta_lr_schedule="cosine", meta_lr_final_ratio=0.1)
+  schedule = trainer.meta_learning_rate(config)
+  assert schedule(0) == pytest.approx(1e-2)
+  assert schedule(config.total_steps // 2) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
+  assert schedule(config.total_steps) == pytest.approx(1e-3)
+  assert trainer.meta_learning_rate(tiny_config(tmp_path)) == 1e-2
+  # Adam on a constant gradient steps by exactly lr_k per entry: the schedule is what is applied.
+  meta_opt = trainer.meta_optimizer(config)
+  grads = {"w": jnp.array([2.0, -0.5])}
+  opt_state = meta_opt.init(grads)
+  for k in range(config.total_steps):
+    updates, opt_state = meta_opt.update(grads, opt_state)
+    np.testing.assert_allclose(updates["w"], [-schedule(k), schedule(k)], rtol=1e-4)
+
+
 def test_learned_optimizer_learns(tmp_path):
   """A short real meta-training run must beat its own untrained starting point by far."""
   config = tiny_config(

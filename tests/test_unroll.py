@@ -55,6 +55,34 @@ def test_meta_gradient_matches_hand_derivation(second_order):
   np.testing.assert_allclose(grad, expected, rtol=1e-5)
 
 
+def test_log_sum_objective_weighs_each_step_by_its_inverse_loss():
+  theta0, lr = 1.5, 0.1
+  task, opt = square_task(theta0), learned_sgd()
+  phi = opt.init_meta_params(None)
+  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
+  value, grad = jax.value_and_grad(
+    lambda p: unroll.meta_loss(
+      p, inner, task=task, optimizer=opt, num_steps=2, objective="log_sum"
+    )[0]
+  )(phi)
+  theta1 = theta0 * (1 - 2 * lr)
+  theta2 = theta1 * (1 - 2 * lr)
+  dtheta1 = -2 * theta0
+  dtheta2 = dtheta1 - 2 * theta1
+  # d/d lr [log theta1^2 + log theta2^2] = 2 dtheta1 / theta1 + 2 dtheta2 / theta2.
+  np.testing.assert_allclose(value, np.log(theta1**2) + np.log(theta2**2), rtol=1e-5)
+  np.testing.assert_allclose(grad["lr"], 2 * dtheta1 / theta1 + 2 * dtheta2 / theta2, rtol=1e-5)
+  # A loss of exactly zero is clamped at the floor instead of giving -inf.
+  zero_task = square_task(0.0)
+  inner = unroll.init_inner_batch(zero_task, opt, phi, jax.random.key(0), 1)
+  value = unroll.meta_loss(
+    phi, inner, task=zero_task, optimizer=opt, num_steps=2, objective="log_sum"
+  )[0]
+  np.testing.assert_allclose(value, 2 * np.log(unroll.LOG_FLOOR), rtol=1e-6)
+  with pytest.raises(ValueError, match="Unknown meta-objective 'max'"):
+    unroll.meta_loss(phi, inner, task=zero_task, optimizer=opt, num_steps=2, objective="max")
+
+
 def test_second_order_changes_lstm_meta_gradient():
   task, opt = quadratic(dim=3), learned_opt.lstm_optimizer(hidden_size=4, num_layers=1)
   phi = opt.init_meta_params(jax.random.key(0))

@@ -6,8 +6,10 @@ import os
 from typing import Any
 
 from learned_opt import preprocess as preprocess_lib
+from train import unroll
 
 OPTIMIZERS = ("lstm", "lstm_gac", "ntm_bfgs", "ntm_lbfgs")
+META_LR_SCHEDULES = ("constant", "cosine")
 NTM_OPTIMIZERS = ("ntm_bfgs", "ntm_lbfgs")
 
 
@@ -37,12 +39,15 @@ class MetaTrainConfig:
   horizon: int = 100
   num_problems: int = 128
   meta_lr: float = 3e-3
+  meta_lr_schedule: str = "constant"  # or "cosine": decay to meta_lr * meta_lr_final_ratio
+  meta_lr_final_ratio: float = 0.1  # cosine only: the last meta-step's rate over meta_lr
   meta_grad_clip: float = 0.0  # global-norm clip on the meta-gradient; 0 turns it off
   num_epochs: int = 30
   steps_per_epoch: int = 100
   patience: int = 0  # stop after this many epochs without a better validation loss; 0: never
   valid_problems: int = 128
   second_order: bool = False
+  meta_objective: str = "sum"  # eq. (3) with w_t = 1; "log_sum": sum_t log f(theta_t)
   seed: int = 0
   log_every: int = 50
   checkpoint_every: int = 100  # meta-steps between checkpoints (and at every epoch end)
@@ -146,6 +151,21 @@ def validate(config: MetaTrainConfig) -> None:
     _positive(config, "read_heads", "write_heads")
   if config.optimizer == "ntm_lbfgs":
     _positive(config, "memory_window")
+  if config.meta_objective not in unroll.OBJECTIVES:
+    raise ValueError(
+      f"--meta_objective={config.meta_objective!r} is unknown; choose one of "
+      f"{', '.join(unroll.OBJECTIVES)} (e.g. --meta_objective=sum, the paper's)."
+    )
+  if config.meta_lr_schedule not in META_LR_SCHEDULES:
+    raise ValueError(
+      f"--meta_lr_schedule={config.meta_lr_schedule!r} is unknown; choose one of "
+      f"{', '.join(META_LR_SCHEDULES)} (e.g. --meta_lr_schedule=cosine)."
+    )
+  if not 0 <= config.meta_lr_final_ratio <= 1:
+    raise ValueError(
+      f"--meta_lr_final_ratio={config.meta_lr_final_ratio} must lie in [0, 1]: the last "
+      "meta-step's learning rate as a fraction of --meta_lr (e.g. 0.1)."
+    )
   for name in ("meta_grad_clip", "patience"):
     if getattr(config, name) < 0:
       raise ValueError(f"--{name} must be >= 0, got {getattr(config, name)} (0 turns it off).")

@@ -51,6 +51,16 @@ flags.DEFINE_integer("num_problems", _default("num_problems"), "Problems per met
 flags.DEFINE_float(
   "meta_lr", _default("meta_lr"), "Adam learning rate for the optimizer's weights."
 )
+flags.DEFINE_string(
+  "meta_lr_schedule",
+  _default("meta_lr_schedule"),
+  "Meta learning rate over the run: constant, or cosine decay to meta_lr * meta_lr_final_ratio.",
+)
+flags.DEFINE_float(
+  "meta_lr_final_ratio",
+  _default("meta_lr_final_ratio"),
+  "With --meta_lr_schedule=cosine: the last meta-step's learning rate over --meta_lr.",
+)
 flags.DEFINE_float(
   "meta_grad_clip", _default("meta_grad_clip"), "Global-norm clip of the meta-gradient; 0: off."
 )
@@ -64,6 +74,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool(
   "second_order", _default("second_order"), "Backpropagate through optimizee gradients too."
+)
+flags.DEFINE_string(
+  "meta_objective",
+  _default("meta_objective"),
+  "What a truncation minimizes: sum (sum_t f, the paper's eq. 3) or log_sum (sum_t log f).",
 )
 flags.DEFINE_integer(
   "seed", _default("seed"), "Seed of phi's init, training problems and validation problems."

@@ -6,6 +6,7 @@ problems are resampled after ``horizon`` steps; after each epoch phi is validate
 held-out problems and the best phi is saved (early stopping, section 3).
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ class TrainState(NamedTuple):
 
 
 class StepMetrics(NamedTuple):
-  meta_loss: jax.Array  # () mean over problems of sum_t f(theta_t)
+  meta_loss: jax.Array  # () mean over problems of sum_t f(theta_t) (or of log f, log_sum)
   final_loss: jax.Array  # () mean over problems of f(theta_T) at the truncation's end
   grad_norm: jax.Array  # () global norm of the meta-gradient
   grad_max: jax.Array  # () largest |entry| of the meta-gradient
@@ -70,10 +71,19 @@ def build(config: MetaTrainConfig) -> tuple[TaskFamily, LearnedOptimizer]:
   )
 
 
+def meta_learning_rate(config: MetaTrainConfig) -> float | optax.Schedule:
+  """``meta_lr``, or a cosine decay from it to ``meta_lr * meta_lr_final_ratio`` over the run."""
+  if config.meta_lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(
+      config.meta_lr, config.total_steps, alpha=config.meta_lr_final_ratio
+    )
+  return config.meta_lr
+
+
 def meta_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
   """Adam on phi (section 3), after an optional global-norm clip."""
   parts = [optax.clip_by_global_norm(config.meta_grad_clip)] if config.meta_grad_clip else []
-  return optax.chain(*parts, optax.adam(config.meta_lr))
+  return optax.chain(*parts, optax.adam(meta_learning_rate(config)))
 
 
 def make_train_step(config, task, optimizer) -> Callable:
@@ -86,6 +96,7 @@ def make_train_step(config, task, optimizer) -> Callable:
     optimizer=optimizer,
     num_steps=config.unroll,
     second_order=config.second_order,
+    objective=config.meta_objective,
   )
 
   def train_step(state: TrainState) -> tuple[TrainState, StepMetrics]:
@@ -167,7 +178,13 @@ def train(
   if os.path.exists(config_path) and checkpoint.all_steps(ckpt_dir):
     with open(config_path) as f:
       saved = json.load(f)
-    if saved != json.loads(config.to_json()):
+    # Fields added after the run started take their defaults, which the run used implicitly.
+    defaults = {
+      name: field.default
+      for name, field in MetaTrainConfig.__dataclass_fields__.items()
+      if field.default is not dataclasses.MISSING
+    }
+    if {**defaults, **saved} != json.loads(config.to_json()):
       raise ValueError(
         f"{config.output_dir} holds a run with a different config ({config_path}); resume it "
         "with the same flags or choose a new --output_dir."

@@ -1,9 +1,11 @@
 """Truncated unrolls of a learned optimizer on a task: the meta-objective of eq. (3).
 
 ``meta_loss`` runs ``T`` optimizee steps with ``lax.scan`` and returns ``sum_t w_t f(theta_t)``
-with ``w_t = 1``, differentiable in phi. The optimizee gradient is wrapped in ``stop_gradient``
-(the paper's assumption d grad / d phi = 0, the dashed edges of Figure 2) unless
-``second_order=True``.
+with ``w_t = 1`` (``objective="sum"``, the paper's), differentiable in phi; ``objective="log_sum"``
+returns ``sum_t log f(theta_t)`` instead, whose gradient weighs step t by ``1 / f(theta_t)`` so that
+a relative gain late in a run counts as much as the same relative gain early on. The optimizee
+gradient is wrapped in ``stop_gradient`` (the paper's assumption d grad / d phi = 0, the dashed
+edges of Figure 2) unless ``second_order=True``.
 """
 
 from typing import NamedTuple
@@ -15,6 +17,9 @@ import optax
 
 from learned_opt.base import LearnedOptimizer, MetaParams
 from tasks.base import TaskFamily
+
+OBJECTIVES = ("sum", "log_sum")
+LOG_FLOOR = 1e-8  # log_sum clamps f at this floor, so a loss of exactly 0 stays finite.
 
 
 class InnerState(NamedTuple):
@@ -85,18 +90,27 @@ def meta_loss(
   optimizer: LearnedOptimizer,
   num_steps: int,
   second_order: bool = False,
+  objective: str = "sum",
 ) -> tuple[jax.Array, tuple[jax.Array, InnerState]]:
   """Eq. (3) with w_t = 1, averaged over a batch of problems.
 
   Args:
     meta_params: phi.
     inner: a batch of problems in flight, leading axis (problems,).
+    objective: ``"sum"`` of f(theta_t) (the paper's) or ``"log_sum"`` of log f(theta_t), for
+      tasks whose loss is positive (cross-entropy); f is clamped at ``LOG_FLOOR``.
 
   Returns:
-    ``(loss, (losses, inner))``: the scalar mean over problems of ``sum_t f(theta_t)``; the
+    ``(loss, (losses, inner))``: the scalar mean over problems of the objective; the
     per-step losses shaped (problems, num_steps); the batch after the truncation, with its
     gradient path to phi cut so the next truncation starts afresh (truncated BPTT).
   """
   run = lambda state: unroll(task, optimizer, meta_params, state, num_steps, second_order)
   losses, inner = jax.vmap(run)(inner)
-  return jnp.mean(jnp.sum(losses, axis=1)), (losses, jax.lax.stop_gradient(inner))
+  if objective == "log_sum":
+    per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR))
+  elif objective == "sum":
+    per_step = losses
+  else:
+    raise ValueError(f"Unknown meta-objective {objective!r}; choose one of {OBJECTIVES}.")
+  return jnp.mean(jnp.sum(per_step, axis=1)), (losses, jax.lax.stop_gradient(inner))
