@@ -146,19 +146,25 @@ def run_experiment(
 
 
 def verdict(results: dict) -> str:
-  """Whether the learned optimizer's mean final loss beats every tuned baseline's."""
+  """Whether the learned optimizer's mean final loss beats every tuned baseline's.
+
+  Every optimizer runs on the same test problems (theta_0 and minibatch keys), so the verdict
+  rests on the paired per-problem differences: beats or loses when their mean is more than two
+  standard errors from zero, ties otherwise.
+  """
   learned = [r for r in results["optimizers"] if r["kind"] == "learned"][0]
   best = min((r for r in results["optimizers"] if r["kind"] == "baseline"), key=_final)
-  margin = best["final_mean"] - learned["final_mean"]
-  stderr = float(np.hypot(learned["final_stderr"], best["final_stderr"]))
-  if abs(margin) < stderr:
-    outcome = "ties (within one combined stderr) with"
+  differences = np.asarray(learned["finals"]) - np.asarray(best["finals"])
+  margin = float(np.mean(differences))
+  stderr = float(np.std(differences, ddof=1) / np.sqrt(differences.size))
+  if abs(margin) <= 2 * stderr:
+    outcome = "ties (paired difference within two stderrs) with"
   else:
-    outcome = "beats" if margin > 0 else "does NOT beat"
+    outcome = "beats" if margin < 0 else "does NOT beat"
   return (
     f"LSTM {outcome} the best tuned baseline ({best['name']}, lr {best['learning_rate']:.3g}): "
-    f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (difference {margin:+.4f}, "
-    f"stderrs {learned['final_stderr']:.4f} and {best['final_stderr']:.4f})."
+    f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (paired difference LSTM - "
+    f"{best['name']} {margin:+.4f} ± {stderr:.4f} over {differences.size} shared test problems)."
   )
 
 

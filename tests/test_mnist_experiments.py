@@ -36,3 +36,30 @@ def test_run_experiment_tunes_on_grid_and_reports(tmp_path):
     assert len(r["mean_curve"]) == 4
   table = mnist_experiments.markdown({"relu": results}, "# t")
   assert "| lstm | - |" in table and "best tuned baseline" in table
+
+
+def _summary(name, kind, finals, lr=None):
+  finals = np.asarray(finals, np.float64)
+  return {
+    "name": name,
+    "kind": kind,
+    "learning_rate": lr,
+    "final_mean": float(finals.mean()),
+    "final_stderr": float(finals.std(ddof=1) / np.sqrt(finals.size)),
+    "num_diverged": 0,
+    "finals": finals.tolist(),
+  }
+
+
+def test_verdict_pairs_the_shared_test_problems():
+  # Problems differ a lot in difficulty, so unpaired stderrs hide a consistent 0.01 gap.
+  hard = np.linspace(0.2, 0.6, 32)
+  wobble = 0.002 * np.cos(np.arange(32))
+  adam = _summary("adam", "baseline", hard, lr=0.03)
+  sgd = _summary("sgd", "baseline", hard + 0.2, lr=1.0)
+  worse = {"optimizers": [_summary("lstm", "learned", hard + 0.01 + wobble), adam, sgd]}
+  assert "does NOT beat the best tuned baseline (adam, lr 0.03)" in mnist_experiments.verdict(worse)
+  better = {"optimizers": [_summary("lstm", "learned", hard - 0.01 + wobble), adam, sgd]}
+  assert "LSTM beats the best tuned baseline (adam" in mnist_experiments.verdict(better)
+  level = {"optimizers": [_summary("lstm", "learned", hard + 10 * wobble), adam, sgd]}
+  assert "LSTM ties" in mnist_experiments.verdict(level)
