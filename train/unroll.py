@@ -105,12 +105,9 @@ def meta_loss(
     per-step losses shaped (problems, num_steps); the batch after the truncation, with its
     gradient path to phi cut so the next truncation starts afresh (truncated BPTT).
   """
+  if objective not in OBJECTIVES:
+    raise ValueError(f"Unknown meta-objective {objective!r}; choose one of {OBJECTIVES}.")
   run = lambda state: unroll(task, optimizer, meta_params, state, num_steps, second_order)
   losses, inner = jax.vmap(run)(inner)
-  if objective == "log_sum":
-    per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR))
-  elif objective == "sum":
-    per_step = losses
-  else:
-    raise ValueError(f"Unknown meta-objective {objective!r}; choose one of {OBJECTIVES}.")
+  per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR)) if objective == "log_sum" else losses
   return jnp.mean(jnp.sum(per_step, axis=1)), (losses, jax.lax.stop_gradient(inner))
