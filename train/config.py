@@ -83,6 +83,16 @@ class MetaTrainConfig:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved ``config.json`` with fields added since it was written set to their defaults."""
+  defaults = {
+    name: field.default
+    for name, field in MetaTrainConfig.__dataclass_fields__.items()
+    if field.default is not dataclasses.MISSING
+  }
+  return {**defaults, **saved}
+
+
 def _positive(config, *names):
   for name in names:
     value = getattr(config, name)

@@ -6,7 +6,6 @@ problems are resampled after ``horizon`` steps; after each epoch phi is validate
 held-out problems and the best phi is saved (early stopping, section 3).
 """
 
-import dataclasses
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from learned_opt.base import LearnedOptimizer
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
 from train import checkpoint
+from train import config as config_lib
 from train import unroll as unroll_lib
 from train.config import MetaTrainConfig, check_output_dir
 
@@ -179,12 +179,7 @@ def train(
     with open(config_path) as f:
       saved = json.load(f)
     # Fields added after the run started take their defaults, which the run used implicitly.
-    defaults = {
-      name: field.default
-      for name, field in MetaTrainConfig.__dataclass_fields__.items()
-      if field.default is not dataclasses.MISSING
-    }
-    if {**defaults, **saved} != json.loads(config.to_json()):
+    if config_lib.with_defaults(saved) != json.loads(config.to_json()):
       raise ValueError(
         f"{config.output_dir} holds a run with a different config ({config_path}); resume it "
         "with the same flags or choose a new --output_dir."
