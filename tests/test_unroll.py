@@ -83,6 +83,29 @@ def test_log_sum_objective_weighs_each_step_by_its_inverse_loss():
     unroll.meta_loss(phi, inner, task=zero_task, optimizer=opt, num_steps=2, objective="max")
 
 
+def test_ramp_objective_weighs_step_t_by_t_over_horizon_across_truncations():
+  theta0, lr, horizon = 1.5, 0.1, 4
+  task, opt = square_task(theta0), learned_sgd()
+  phi = opt.init_meta_params(None)
+  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
+  ramp = lambda p, state: unroll.meta_loss(
+    p, state, task=task, optimizer=opt, num_steps=2, objective="ramp", horizon=horizon
+  )
+  # theta_t = theta_0 (1 - 2 lr)^t; truncation 1 holds steps 1, 2 and truncation 2 steps 3, 4.
+  theta = lambda t: theta0 * (1 - 2 * lr) ** t
+  value, (_, inner) = ramp(phi, inner)
+  np.testing.assert_allclose(value, (1 * theta(1) ** 2 + 2 * theta(2) ** 2) / horizon, rtol=1e-5)
+  value, grad = jax.value_and_grad(lambda p: ramp(p, inner)[0])(phi)
+  np.testing.assert_allclose(value, (3 * theta(3) ** 2 + 4 * theta(4) ** 2) / horizon, rtol=1e-5)
+  # The second truncation starts from a fixed theta_2, and d grad / d lr = 0 (stop_gradient).
+  dtheta3 = -2 * theta(2)
+  dtheta4 = dtheta3 - 2 * theta(3)
+  expected = (3 * 2 * theta(3) * dtheta3 + 4 * 2 * theta(4) * dtheta4) / horizon
+  np.testing.assert_allclose(grad["lr"], expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="ramp objective needs a positive horizon"):
+    unroll.meta_loss(phi, inner, task=task, optimizer=opt, num_steps=2, objective="ramp")
+
+
 def test_second_order_changes_lstm_meta_gradient():
   task, opt = quadratic(dim=3), learned_opt.lstm_optimizer(hidden_size=4, num_layers=1)
   phi = opt.init_meta_params(jax.random.key(0))

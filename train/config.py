@@ -47,7 +47,7 @@ class MetaTrainConfig:
   patience: int = 0  # stop after this many epochs without a better validation loss; 0: never
   valid_problems: int = 128
   second_order: bool = False
-  meta_objective: str = "sum"  # eq. (3) with w_t = 1; "log_sum": sum_t log f(theta_t)
+  meta_objective: str = "sum"  # eq. (3) with w_t = 1; "log_sum": sum_t log f; "ramp": w_t = t/T
   seed: int = 0
   log_every: int = 50
   checkpoint_every: int = 100  # meta-steps between checkpoints (and at every epoch end)

@@ -78,7 +78,8 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
   "meta_objective",
   _default("meta_objective"),
-  "What a truncation minimizes: sum (sum_t f, the paper's eq. 3) or log_sum (sum_t log f).",
+  "What a truncation minimizes: sum (sum_t f, the paper's eq. 3), log_sum (sum_t log f) or "
+  "ramp (sum_t (t / horizon) f, weighted toward the end of a run).",
 )
 flags.DEFINE_integer(
   "seed", _default("seed"), "Seed of phi's init, training problems and validation problems."

@@ -43,7 +43,7 @@ class TrainState(NamedTuple):
 
 
 class StepMetrics(NamedTuple):
-  meta_loss: jax.Array  # () mean over problems of sum_t f(theta_t) (or of log f, log_sum)
+  meta_loss: jax.Array  # () mean over problems of sum_t w_t f(theta_t) (or of log f, log_sum)
   final_loss: jax.Array  # () mean over problems of f(theta_T) at the truncation's end
   grad_norm: jax.Array  # () global norm of the meta-gradient
   grad_max: jax.Array  # () largest |entry| of the meta-gradient
@@ -97,6 +97,7 @@ def make_train_step(config, task, optimizer) -> Callable:
     num_steps=config.unroll,
     second_order=config.second_order,
     objective=config.meta_objective,
+    horizon=config.horizon,
   )
 
   def train_step(state: TrainState) -> tuple[TrainState, StepMetrics]:

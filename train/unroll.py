@@ -3,7 +3,9 @@
 ``meta_loss`` runs ``T`` optimizee steps with ``lax.scan`` and returns ``sum_t w_t f(theta_t)``
 with ``w_t = 1`` (``objective="sum"``, the paper's), differentiable in phi; ``objective="log_sum"``
 returns ``sum_t log f(theta_t)`` instead, whose gradient weighs step t by ``1 / f(theta_t)`` so that
-a relative gain late in a run counts as much as the same relative gain early on. The optimizee
+a relative gain late in a run counts as much as the same relative gain early on;
+``objective="ramp"`` sets ``w_t = t / horizon`` (t counted from the problem's start), which moves
+the weight toward the end of a run, where the evaluation reads the loss. The optimizee
 gradient is wrapped in ``stop_gradient`` (the paper's assumption d grad / d phi = 0, the dashed
 edges of Figure 2) unless ``second_order=True``.
 """
@@ -18,7 +20,7 @@ import optax
 from learned_opt.base import LearnedOptimizer, MetaParams
 from tasks.base import TaskFamily
 
-OBJECTIVES = ("sum", "log_sum")
+OBJECTIVES = ("sum", "log_sum", "ramp")
 LOG_FLOOR = 1e-8  # log_sum clamps f at this floor, so a loss of exactly 0 stays finite.
 
 
@@ -91,14 +93,17 @@ def meta_loss(
   num_steps: int,
   second_order: bool = False,
   objective: str = "sum",
+  horizon: int | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, InnerState]]:
-  """Eq. (3) with w_t = 1, averaged over a batch of problems.
+  """Eq. (3), averaged over a batch of problems.
 
   Args:
     meta_params: phi.
     inner: a batch of problems in flight, leading axis (problems,).
-    objective: ``"sum"`` of f(theta_t) (the paper's) or ``"log_sum"`` of log f(theta_t), for
-      tasks whose loss is positive (cross-entropy); f is clamped at ``LOG_FLOOR``.
+    objective: ``"sum"`` of f(theta_t) (w_t = 1, the paper's); ``"log_sum"`` of log f(theta_t),
+      for tasks whose loss is positive (cross-entropy), f clamped at ``LOG_FLOOR``; or
+      ``"ramp"``, the sum of (t / horizon) f(theta_t) with t the step since the problem's start.
+    horizon: steps per problem; required by ``"ramp"``.
 
   Returns:
     ``(loss, (losses, inner))``: the scalar mean over problems of the objective; the
@@ -107,7 +112,19 @@ def meta_loss(
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"Unknown meta-objective {objective!r}; choose one of {OBJECTIVES}.")
+  if objective == "ramp" and not (horizon and horizon > 0):
+    raise ValueError(
+      f"The ramp objective needs a positive horizon, got {horizon!r}; pass the steps per problem "
+      "(--horizon), by which it divides t."
+    )
+  start = inner.step  # (problems,) steps taken before this truncation
   run = lambda state: unroll(task, optimizer, meta_params, state, num_steps, second_order)
   losses, inner = jax.vmap(run)(inner)
-  per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR)) if objective == "log_sum" else losses
+  if objective == "log_sum":
+    per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR))
+  elif objective == "ramp":  # losses[:, i] is f(theta_{start + i + 1}).
+    t = start[:, None] + jnp.arange(1, num_steps + 1)[None, :]
+    per_step = (t / horizon) * losses
+  else:
+    per_step = losses
   return jnp.mean(jnp.sum(per_step, axis=1)), (losses, jax.lax.stop_gradient(inner))
