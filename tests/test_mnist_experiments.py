@@ -5,7 +5,7 @@ import numpy as np
 from mnist_files import write_mnist
 
 import learned_opt
-from eval import mnist_experiments
+from eval import compare, mnist_experiments
 
 
 def test_run_experiment_tunes_on_grid_and_reports(tmp_path):
@@ -39,16 +39,8 @@ def test_run_experiment_tunes_on_grid_and_reports(tmp_path):
 
 
 def _summary(name, kind, finals, lr=None):
-  finals = np.asarray(finals, np.float64)
-  return {
-    "name": name,
-    "kind": kind,
-    "learning_rate": lr,
-    "final_mean": float(finals.mean()),
-    "final_stderr": float(finals.std(ddof=1) / np.sqrt(finals.size)),
-    "num_diverged": 0,
-    "finals": finals.tolist(),
-  }
+  """The summary ``eval.compare`` writes, for runs whose curves are just their final losses."""
+  return compare.summarize(name, kind, np.asarray(finals)[:, None], lr)
 
 
 def test_verdict_pairs_the_shared_test_problems():
