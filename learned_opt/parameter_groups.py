@@ -3,7 +3,7 @@
 Like ``optax.partition``, a labelling rule assigns every parameter leaf to a group and each group
 gets its own optimizer and its own weights phi; coordinates share phi only within their group
 (and global averaging cells average only within it). Rules are named so a saved optimizer can be
-rebuilt from its JSON config.
+rebuilt from its JSON config (``learned_opt.build`` rebuilds each group's optimizer).
 """
 
 from collections.abc import Callable, Mapping
@@ -57,7 +57,7 @@ def partition(
 
   Example:
     >>> opt = partition({"conv": lstm_optimizer(), "fc": lstm_optimizer()})
-    >>> tx = learned_opt.as_optax(opt, opt.init_meta_params(key))
+    >>> tx = learned_opt.as_optax(opt, opt.init_meta_params(jax.random.key(0)))
   """
   if rule not in RULES:
     raise ValueError(f"Unknown labelling rule {rule!r}; known rules: {sorted(RULES)}.")
@@ -100,10 +100,3 @@ def partition(
     return treedef.unflatten(updates), new_state
 
   return LearnedOptimizer(init_meta_params, init_state, update, config)
-
-
-def partition_from_config(rule: str, optimizers: Mapping[str, Mapping]) -> LearnedOptimizer:
-  """``registry.build`` entry: rebuilds each group's optimizer from its own config."""
-  from learned_opt import registry  # Deferred: the registry imports this module.
-
-  return partition({label: registry.build(c) for label, c in optimizers.items()}, rule)

@@ -6,13 +6,19 @@ from typing import Any
 from learned_opt.base import LearnedOptimizer
 from learned_opt.lstm import lstm_optimizer
 from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
-from learned_opt.parameter_groups import partition_from_config
+from learned_opt.parameter_groups import partition
+
+
+def _partition(optimizers: Mapping[str, Mapping[str, Any]], rule: str = "conv_fc"):
+  """``partition`` from nested configs: ``{label: {"kind": ..., ...}}``, one per group."""
+  return partition({label: build(config) for label, config in optimizers.items()}, rule)
+
 
 _FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
   "lstm": lstm_optimizer,
   "ntm_bfgs": ntm_bfgs_optimizer,
   "ntm_lbfgs": ntm_lbfgs_optimizer,
-  "partition": partition_from_config,
+  "partition": _partition,
 }
 
 
