@@ -1,7 +1,5 @@
 """Shipped optimizers: found by name inside the package, loaded, and usable through optax."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +7,7 @@ import optax
 import pytest
 
 import learned_opt
-
-# `learned_opt.pretrained` is the loading function; its module is reached by its full name.
-pretrained_lib = importlib.import_module("learned_opt.pretrained")
+from learned_opt import shipped
 
 
 def test_mnist_optimizer_ships_and_loads_by_name():
@@ -20,7 +16,7 @@ def test_mnist_optimizer_ships_and_loads_by_name():
   config = dict(saved.optimizer.config)
   assert config["preprocess"] == "log_sign" and config["output_scale"] == 0.1
   assert config["hidden_size"] == 20 and config["num_layers"] == 2
-  metadata = pretrained_lib.metadata("mnist_mlp")
+  metadata = shipped.metadata("mnist_mlp")
   assert metadata["task"] == "mnist_mlp" and "command" in metadata
   template = saved.optimizer.init_meta_params(jax.random.key(0))
   assert jax.tree.structure(saved.meta_params) == jax.tree.structure(template)
@@ -69,9 +65,9 @@ def test_lookup_is_generic_over_subdirectories(tmp_path, monkeypatch):
   for name in ("quadratic", "another"):
     learned_opt.save(str(tmp_path / name), optimizer, phi, metadata={"task": name})
   (tmp_path / "not_an_optimizer").mkdir()
-  monkeypatch.setattr(pretrained_lib, "_root", lambda: str(tmp_path))
+  monkeypatch.setattr(shipped, "_root", lambda: str(tmp_path))
   assert learned_opt.pretrained_names() == ("another", "quadratic")
   loaded = learned_opt.pretrained("quadratic")
   assert loaded.optimizer.config == optimizer.config
   np.testing.assert_array_equal(loaded.meta_params["out"]["w"], phi["out"]["w"])
-  assert pretrained_lib.metadata("another") == {"task": "another"}
+  assert shipped.metadata("another") == {"task": "another"}

@@ -4,8 +4,9 @@ Each subdirectory of ``learned_opt/pretrained/`` is one optimizer as written by
 ``learned_opt.save`` (``optimizer.json`` and ``meta_params.msgpack``); its name is the
 subdirectory's name. How each was trained is recorded in its metadata and in ``docs/``.
 
-``learned_opt.pretrained`` is the function ``pretrained`` below (it shadows this module's name
-on the package); reach the module as ``importlib.import_module("learned_opt.pretrained")``.
+The package exports ``pretrained`` and ``names`` (as ``learned_opt.pretrained`` and
+``learned_opt.pretrained_names``); this module is ``learned_opt.shipped`` so that no function
+shadows it. ``learned_opt/pretrained/`` is the data folder, not a module: do not import it.
 """
 
 import importlib.resources
