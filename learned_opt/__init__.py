@@ -13,7 +13,7 @@ from learned_opt.lstm import lstm_optimizer
 from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.optax_face import LearnedOptaxState, as_optax
 from learned_opt.parameter_groups import partition
-from learned_opt.registry import build, kinds, register
+from learned_opt.registry import build, kinds, register, settings
 from learned_opt.serialization import SavedOptimizer, load, load_metadata, save
 from learned_opt.shipped import names as pretrained_names
 from learned_opt.shipped import pretrained
@@ -36,4 +36,5 @@ __all__ = [
   "pretrained_names",
   "register",
   "save",
+  "settings",
 ]

@@ -59,7 +59,8 @@ def test_one_leaf_gradient_moves_the_other_leaf_update_only_with_gac(global_cell
 def test_lstm_gac_config_round_trips_through_the_training_config():
   from train.config import MetaTrainConfig
 
-  config = MetaTrainConfig(output_dir="unused", optimizer="lstm_gac").optimizer_config()
+  given = MetaTrainConfig(output_dir="unused", optimizer="lstm_gac").optimizer_config()
+  config = dict(learned_opt.build(given).config)
   assert config["kind"] == "lstm" and config["global_cells"] == 5
   assert "read_heads" not in config  # NTM settings do not leak into the LSTM's config.
   assert learned_opt.build(config).config == config

@@ -151,19 +151,15 @@ def test_save_load_round_trip_is_bit_exact(kind, tmp_path):
       np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
 
-def test_training_config_builds_ntm_optimizers_and_validates_flags():
-  from train.config import MetaTrainConfig
-
-  config = MetaTrainConfig(output_dir="unused", optimizer="ntm_lbfgs", memory_window=7)
-  built = learned_opt.build(config.optimizer_config())
-  assert built.config["kind"] == "ntm_lbfgs" and built.config["memory_window"] == 7
-  assert built.config["global_cells"] == 5 and built.config["write_heads"] == 3
-  dense = MetaTrainConfig(output_dir="unused", optimizer="ntm_bfgs").optimizer_config()
-  assert dense["kind"] == "ntm_bfgs" and "memory_window" not in dense
-  with pytest.raises(ValueError, match="--memory_window"):
-    MetaTrainConfig(output_dir="unused", optimizer="ntm_lbfgs", memory_window=0)
-  with pytest.raises(ValueError, match="--read_heads"):
-    MetaTrainConfig(output_dir="unused", optimizer="ntm_bfgs", read_heads=0)
+def test_build_fills_ntm_defaults_and_rejects_bad_heads_and_windows():
+  built = learned_opt.build({"kind": "ntm_lbfgs", "memory_window": 7}).config
+  assert built["kind"] == "ntm_lbfgs" and built["memory_window"] == 7
+  assert built["global_cells"] == 5 and built["write_heads"] == 3
+  assert "memory_window" not in learned_opt.build({"kind": "ntm_bfgs"}).config
+  with pytest.raises(ValueError, match="memory_window must be >= 1"):
+    learned_opt.build({"kind": "ntm_lbfgs", "memory_window": 0})
+  with pytest.raises(ValueError, match="read_heads and write_heads must be >= 1"):
+    learned_opt.build({"kind": "ntm_bfgs", "read_heads": 0})
 
 
 def test_flatten_is_ravel_order():

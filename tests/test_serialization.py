@@ -96,10 +96,3 @@ def test_refuses_to_save_non_finite(tmp_path):
   with pytest.raises(ValueError, match="non-finite"):
     learned_opt.save(str(tmp_path / "bad"), opt, phi)
   assert not os.path.exists(tmp_path / "bad" / "optimizer.json")
-
-
-def test_unknown_kind_is_named():
-  with pytest.raises(ValueError, match="Unknown learned optimizer kind 'gru'"):
-    learned_opt.build({"kind": "gru"})
-  with pytest.raises(ValueError, match="does not fit"):
-    learned_opt.build({"kind": "lstm", "units": 3})
