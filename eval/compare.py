@@ -4,17 +4,18 @@ Every baseline runs the paper's whole learning-rate grid as one jitted computati
 learning rates and problems; the learning rate with the lowest mean final loss is reported.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import learned_opt
 from eval import baselines as baselines_lib
-from eval import rollout as rollout_lib
 from eval import sharding
-from tasks.base import TaskFamily
+from tasks.base import Data, TaskFamily
+from train import inner as inner_lib
 
 
 def problem_key(seed: int) -> jax.Array:
@@ -40,6 +41,54 @@ def summarize(name: str, kind: str, curves: np.ndarray, learning_rate: float | N
   }
 
 
+def rollout_lr_grid(
+  task: TaskFamily,
+  make_tx: Callable[[jax.Array], optax.GradientTransformation],
+  learning_rates: jax.Array,
+  data: Data,
+  task_params,
+  keys: jax.Array,
+  num_steps: int,
+  lr_batch_size: int | None = None,
+) -> jax.Array:
+  """Runs ``make_tx(lr)`` for every learning rate on every problem in one computation.
+
+  Args:
+    make_tx: ``lr -> optax transformation``; ``lr`` is a traced scalar.
+    learning_rates: shaped (lrs,).
+    lr_batch_size: learning rates vmapped at once (``lax.map`` over the rest) to bound memory;
+      ``None`` vmaps them all.
+
+  Returns:
+    Losses shaped (lrs, problems, num_steps + 1).
+  """
+  run = lambda lr: inner_lib.rollout_batch(task, make_tx(lr), data, task_params, keys, num_steps)
+  if lr_batch_size is None:
+    return jax.vmap(run)(learning_rates)
+  return jax.lax.map(run, learning_rates, batch_size=lr_batch_size)
+
+
+def sweep(
+  task: TaskFamily,
+  make_tx,
+  learning_rates: Sequence[float],
+  task_params,
+  keys: jax.Array,
+  num_steps: int,
+  lr_batch_size: int | None = None,
+) -> np.ndarray:
+  """Loss curves shaped (lrs, problems, num_steps + 1) of ``make_tx(lr)`` for every rate.
+
+  One jitted computation; the task's data set is one of its arguments, never a constant in it.
+  """
+  run = jax.jit(
+    lambda data, lrs, p, k: rollout_lr_grid(
+      task, make_tx, lrs, data, p, k, num_steps, lr_batch_size
+    )
+  )
+  return np.asarray(run(task.data, jnp.asarray(learning_rates, jnp.float32), task_params, keys))
+
+
 def run_baseline(
   task: TaskFamily,
   name: str,
@@ -48,34 +97,46 @@ def run_baseline(
   num_steps: int,
   learning_rates: Sequence[float],
   lr_batch_size: int | None = None,
+  tune: tuple | None = None,
 ) -> dict:
-  """Sweeps one baseline over ``learning_rates``; returns the summary at the best one."""
+  """Sweeps one baseline over ``learning_rates``; returns the summary at the best one.
+
+  Args:
+    tune: ``(task_params, keys)`` of separate tuning problems: the grid is swept on them and only
+      the chosen rate runs on the test problems. ``None`` sweeps on the test problems.
+  """
   make_tx = baselines_lib.BASELINES[name]
+  grid = sweep(
+    task, make_tx, learning_rates, *(tune or (task_params, keys)), num_steps, lr_batch_size
+  )
+  best = baselines_lib.best_learning_rate(grid[:, :, -1])
+  rate = float(learning_rates[best])
+  curves = (
+    grid[best] if tune is None else sweep(task, make_tx, [rate], task_params, keys, num_steps)[0]
+  )
+  summary = summarize(name, "baseline", curves, rate)
+  finals = np.where(np.isfinite(grid[:, :, -1]), grid[:, :, -1], np.inf)
+  summary["grid_final_means"] = np.mean(finals, axis=1).tolist()
+  return summary
+
+
+def learned_curves(
+  task: TaskFamily, saved: learned_opt.SavedOptimizer, task_params, keys, num_steps: int
+) -> np.ndarray:
+  """Loss curves shaped (problems, num_steps + 1) of a trained optimizer, through ``as_optax``."""
   run = jax.jit(
-    lambda lrs, p, k: rollout_lib.rollout_lr_grid(
-      task, make_tx, lrs, p, k, num_steps, lr_batch_size
+    lambda data, phi, p, k: inner_lib.rollout_batch(
+      task, learned_opt.as_optax(saved.optimizer, phi), data, p, k, num_steps
     )
   )
-  curves = run(jnp.asarray(learning_rates, jnp.float32), task_params, keys)
-  best = baselines_lib.best_learning_rate(curves[:, :, -1])
-  summary = summarize(name, "baseline", np.asarray(curves[best]), float(learning_rates[best]))
-  finals = np.asarray(curves[:, :, -1])
-  summary["grid_final_means"] = [
-    float(np.mean(np.where(np.isfinite(f), f, np.inf))) for f in finals
-  ]
-  return summary
+  return np.asarray(run(task.data, saved.meta_params, task_params, keys))
 
 
 def run_learned(
   task: TaskFamily, name: str, saved: learned_opt.SavedOptimizer, task_params, keys, num_steps
 ) -> dict:
-  """Runs a trained optimizer through its optax face on every problem."""
-  run = jax.jit(
-    lambda phi, p, k: rollout_lib.rollout_batch(
-      task, learned_opt.as_optax(saved.optimizer, phi), p, k, num_steps
-    )
-  )
-  curves = np.asarray(run(saved.meta_params, task_params, keys))
+  """Runs a trained optimizer on every problem; its summary as in ``summarize``."""
+  curves = learned_curves(task, saved, task_params, keys, num_steps)
   return summarize(name, "learned", curves, None)
 
 
@@ -89,13 +150,18 @@ def compare(
   seed: int = 0,
   learning_rates: Sequence[float] | None = None,
   lr_batch_size: int | None = None,
+  tune_problems: int = 0,
   log=print,
 ) -> dict:
   """Evaluates learned optimizers and tuned baselines on the same fresh problems.
 
+  Test problems are ``problem_key(seed)``'s. With ``tune_problems > 0`` each baseline's grid is
+  swept on that many separate problems (``problem_key(seed + 1)``) and the chosen rate alone runs
+  on the test problems; with 0 the grid is swept on the test problems.
+
   Returns:
-    ``{"task", "num_problems", "num_steps", "seed", "optimizers": [summary, ...]}``, learned
-    optimizers first, each summary as in ``summarize``.
+    ``{"task", "num_problems", "num_steps", "seed", "tuning", "optimizers": [summary, ...]}``,
+    learned optimizers first, each summary as in ``summarize``.
   """
   unknown = [b for b in baselines if b not in baselines_lib.BASELINES]
   if unknown:
@@ -105,15 +171,22 @@ def compare(
   learning_rates = (
     baselines_lib.paper_learning_rates() if learning_rates is None else np.asarray(learning_rates)
   )
-  task_params, keys = rollout_lib.sample_problems(task, problem_key(seed), num_problems)
+  task_params, keys = inner_lib.sample_problems(task, problem_key(seed), num_problems)
   task_params, keys = sharding.shard_problems((task_params, keys))
+  tune = None
+  if tune_problems:
+    tune = sharding.shard_problems(
+      inner_lib.sample_problems(task, problem_key(seed + 1), tune_problems)
+    )
   results = []
   for name, saved in learned.items():
     results.append(run_learned(task, name, saved, task_params, keys, num_steps))
     log(f"{name}: final loss {results[-1]['final_mean']:.4g}")
   for name in baselines:
     results.append(
-      run_baseline(task, name, task_params, keys, num_steps, learning_rates, lr_batch_size)
+      run_baseline(
+        task, name, task_params, keys, num_steps, learning_rates, lr_batch_size, tune=tune
+      )
     )
     log(
       f"{name}: lr {results[-1]['learning_rate']:.3g}, final loss {results[-1]['final_mean']:.4g}"
@@ -123,6 +196,12 @@ def compare(
     "num_problems": num_problems,
     "num_steps": num_steps,
     "seed": seed,
+    "tuning": {
+      "problems": "separate" if tune_problems else "test",
+      "num_problems": tune_problems or num_problems,
+      "seed": seed + 1 if tune_problems else seed,
+      "learning_rates": np.asarray(learning_rates).tolist(),
+    },
     "optimizers": results,
   }
 

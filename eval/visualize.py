@@ -22,8 +22,8 @@ from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
 import learned_opt
-from eval import rollout as rollout_lib
 from tasks.base import TaskFamily
+from train import inner as inner_lib
 
 
 class UpdateTraces(NamedTuple):
@@ -39,6 +39,7 @@ def trace_updates(
   task: TaskFamily,
   optimizers: dict,
   follow: str,
+  data,
   task_params,
   key: jax.Array,
   num_steps: int,
@@ -49,13 +50,14 @@ def trace_updates(
 
   Args:
     optimizers: name -> optax transformation; all see the same gradients.
-    follow: the optimizer whose updates move the parameters.
+    follow: the optimizer whose updates move the parameters (``train.inner``'s step).
+    data: the task's data set (``task.data``).
     coordinate: index into the flattened (``ravel_pytree``) parameter vector.
     gradient_grid: gradient values to probe, shaped (grid,).
   """
   init_key, data_key = jax.random.split(key)
-  params = task.init(task_params, init_key)
-  flat, unravel = ravel_pytree(params)
+  start = inner_lib.start(task, optimizers[follow], data, task_params, init_key, data_key)
+  flat, unravel = ravel_pytree(start.params)
   if not 0 <= coordinate < flat.size:
     raise ValueError(f"coordinate={coordinate} is outside the {flat.size} parameters.")
   names = list(optimizers)
@@ -66,24 +68,23 @@ def trace_updates(
   def coordinate_of(tree):
     return ravel_pytree(tree)[0][coordinate]
 
-  def step(carry, t):
-    params, states = carry
-    grads = jax.grad(task.loss, argnums=1)(task_params, params, jax.random.fold_in(data_key, t))
+  def step(carry, _):
+    inner, states = carry
+    _, grads = inner_lib.gradient(task, data, inner)
     proposed, response, new_states = {}, {}, {}
     for name in names:
       tx, state = optimizers[name], states[name]
-      updates, new_states[name] = tx.update(grads, state, params)
+      updates, new_states[name] = tx.update(grads, state, inner.params)
       proposed[name] = coordinate_of(updates)
       probe = lambda v, tx=tx, state=state: coordinate_of(
-        tx.update(with_value(grads, v), state, params)[0]
+        tx.update(with_value(grads, v), state, inner.params)[0]
       )
       response[name] = jax.vmap(probe)(gradient_grid)
-    updates, _ = optimizers[follow].update(grads, states[follow], params)
-    params = optax.apply_updates(params, updates)
-    return (params, new_states), (proposed, coordinate_of(grads), response)
+    inner = inner_lib.apply(optimizers[follow], inner, grads)
+    return (inner, new_states), (proposed, coordinate_of(grads), response)
 
-  states = {name: optimizers[name].init(params) for name in names}
-  _, (proposed, gradient, response) = jax.lax.scan(step, (params, states), jnp.arange(num_steps))
+  states = {name: optimizers[name].init(start.params) for name in names}
+  _, (proposed, gradient, response) = jax.lax.scan(step, (start, states), length=num_steps)
   return UpdateTraces(proposed, gradient, gradient_grid, response)
 
 
@@ -141,14 +142,14 @@ def main(argv):
     "ADAM": optax.adam(FLAGS.adam_lr),
     "SGD": optax.sgd(FLAGS.sgd_lr),
   }
-  task_params, keys = rollout_lib.sample_problems(task, jax.random.key(FLAGS.seed), 1)
+  task_params, keys = inner_lib.sample_problems(task, jax.random.key(FLAGS.seed), 1)
   grid = jnp.linspace(-FLAGS.grad_range, FLAGS.grad_range, 101)
   run = jax.jit(
-    lambda p, k: trace_updates(
-      task, optimizers, "LSTM", p, k, FLAGS.num_steps, FLAGS.coordinate, grid
+    lambda d, p, k: trace_updates(
+      task, optimizers, "LSTM", d, p, k, FLAGS.num_steps, FLAGS.coordinate, grid
     )
   )
-  traces = run(jax.tree.map(lambda x: x[0], task_params), keys[0])
+  traces = run(task.data, jax.tree.map(lambda x: x[0], task_params), keys[0])
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(os.path.join(FLAGS.output_dir, "traces.json"), "w") as f:
     json.dump(jax.tree.map(lambda x: np.asarray(x).tolist(), traces._asdict()), f)

@@ -25,7 +25,7 @@ for variant in "${VARIANTS[@]}"; do
     --num_epochs="$EPOCHS" --steps_per_epoch="$STEPS_PER_EPOCH" --log_every=100 "$@"
   echo $(( $(date +%s) - start )) > "$dir/wall_seconds.txt"
 done
-python -m eval.quadratic_variants --output_dir="$OUT/eval" \
+python -m experiments.quadratic_variants --output_dir="$OUT/eval" \
   --markdown="$MARKDOWN" \
   $(for variant in "${VARIANTS[@]}"; do echo "--checkpoint=$variant=$OUT/$variant"; done)
 cp "$OUT/eval/curves.png" "${MARKDOWN%.md}.png"

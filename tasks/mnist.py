@@ -5,7 +5,7 @@ the minibatches, so ``sample`` returns no parameters; the data set is a device a
 every problem and gathered by index inside the jitted step.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +61,9 @@ def mnist_mlp(
 ) -> TaskFamily:
   """MNIST classification by an MLP, the optimizee of section 3.2.
 
-  The loss closes over the data set's device arrays, which jax 0.10 embeds in every program that
-  traces it (correct, but compiles are slower; see ``mnist_mlp_on_data`` for the fast way).
+  The family's ``data`` is one split of MNIST as device arrays (``mnist_data.Split``: uint8
+  images, int32 labels); the loss gathers a minibatch by index from the ``data`` it is given, so
+  drivers pass the 47 MB as a jit argument and never compile them into a program.
 
   Args:
     hidden_sizes: units of each hidden layer; ``(20,)`` is the paper's base network, ``(40,)``
@@ -77,33 +78,8 @@ def mnist_mlp(
 
   Example:
     >>> task = mnist_mlp(mnist_dir="../shared/data/mnist")
-    >>> theta = task.init(task.sample(jax.random.key(0)), jax.random.key(1))
-    >>> loss = task.loss({}, theta, jax.random.key(2))  # about log(10) at theta_0
-  """
-  data, family_of = mnist_mlp_on_data(
-    hidden_sizes, activation, batch_size, split, init_std, mnist_dir, tfds_data_dir
-  )
-  return family_of(data)
-
-
-def mnist_mlp_on_data(
-  hidden_sizes: Sequence[int] = (20,),
-  activation: str = "sigmoid",
-  batch_size: int = 128,
-  split: str = "train",
-  init_std: float = 0.1,
-  mnist_dir: str | None = None,
-  tfds_data_dir: str | None = None,
-) -> tuple[mnist_data.Split, Callable[[mnist_data.Split], TaskFamily]]:
-  """``mnist_mlp`` with its data set lifted out: ``(data, family_of)``, ``family_of(data)``.
-
-  Call ``family_of`` inside a jitted function that takes ``data`` as an argument: the loss then
-  closes over tracers, so the 47 MB stay a device buffer passed to the program instead of a
-  constant compiled into it (3-4x faster compiles, benchmarks/mnist_data_bench.py).
-
-  Example:
-    >>> data, family_of = mnist_mlp_on_data()
-    >>> losses = jax.jit(lambda d, p, k: family_of(d).loss({}, p, k))(data, theta, key)
+    >>> theta = task.init(task.data, {}, jax.random.key(1))
+    >>> loss = jax.jit(task.loss)(task.data, {}, theta, jax.random.key(2))  # ~log(10) at theta_0
   """
   hidden_sizes = tuple(int(h) for h in hidden_sizes)
   if not hidden_sizes or min(hidden_sizes) <= 0:
@@ -112,7 +88,6 @@ def mnist_mlp_on_data(
     raise ValueError(f"Unknown activation {activation!r}; choose one of {tuple(ACTIVATIONS)}.")
   if batch_size <= 0 or init_std <= 0:
     raise ValueError(f"batch_size and init_std must be positive, got {batch_size}, {init_std}.")
-  data = mnist_data.load(split, mnist_dir, tfds_data_dir)
   sizes = (INPUT_SIZE, *hidden_sizes, mnist_data.NUM_CLASSES)
   act = ACTIVATIONS[activation]
   config = {
@@ -126,27 +101,19 @@ def mnist_mlp_on_data(
     "tfds_data_dir": tfds_data_dir,
   }
 
-  def family_of(data: mnist_data.Split) -> TaskFamily:
-    num_examples = data.labels.shape[0]
+  def sample(data, key):
+    del data, key  # Only theta_0 and the minibatches vary between problems.
+    return {}
 
-    def sample(key):
-      del key  # Only theta_0 and the minibatches vary between problems.
-      return {}
+  def init(data, task_params, key):
+    del data, task_params
+    return init_mlp(key, sizes, init_std)
 
-    def init(task_params, key):
-      del task_params
-      return init_mlp(key, sizes, init_std)
+  def loss(data: mnist_data.Split, task_params, params, key):
+    del task_params
+    index = jax.random.randint(key, (batch_size,), 0, data.labels.shape[0])
+    pixels = data.images[index].reshape(batch_size, INPUT_SIZE).astype(jnp.float32) / 255.0
+    return cross_entropy(mlp_logits(params, pixels, act), data.labels[index])
 
-    def loss(task_params, params, key):
-      del task_params
-      index = jax.random.randint(key, (batch_size,), 0, num_examples)
-      # The barrier keeps XLA from moving the uint8 -> float32 convert above the gather when
-      # the images are a compiled-in constant: it would then convert all 60000 images at every
-      # step (4x slower steps, benchmarks/mnist_data_bench.py).
-      pixels = jax.lax.optimization_barrier(data.images[index])
-      x = pixels.reshape(batch_size, INPUT_SIZE).astype(jnp.float32) / 255.0
-      return cross_entropy(mlp_logits(params, x, act), data.labels[index])
-
-    return TaskFamily("mnist_mlp", sample, init, loss, config)
-
-  return data, family_of
+  data = mnist_data.load(split, mnist_dir, tfds_data_dir)
+  return TaskFamily("mnist_mlp", sample, init, loss, config, data)

@@ -7,8 +7,9 @@ import optax
 import pytest
 
 import learned_opt
-from eval import baselines, compare, plots, rollout, sharding
+from eval import baselines, compare, plots, sharding
 from tasks import quadratic
+from train import inner
 
 
 def test_paper_grid():
@@ -25,22 +26,22 @@ def test_best_learning_rate_treats_nan_as_worst():
 def test_grid_equals_separate_runs():
   """The vmapped grid gives each learning rate exactly what a run of its own gives."""
   task = quadratic(dim=4)
-  params, keys = rollout.sample_problems(task, jax.random.key(0), 3)
+  params, keys = inner.sample_problems(task, jax.random.key(0), 3)
   lrs = jnp.array([1e-3, 1e-2, 5e-2])
   for name, make in baselines.BASELINES.items():
-    grid = rollout.rollout_lr_grid(task, make, lrs, params, keys, 5)
-    chunked = rollout.rollout_lr_grid(task, make, lrs, params, keys, 5, lr_batch_size=2)
-    single = rollout.rollout_batch(task, make(float(lrs[1])), params, keys, 5)
+    grid = compare.rollout_lr_grid(task, make, lrs, (), params, keys, 5)
+    chunked = compare.rollout_lr_grid(task, make, lrs, (), params, keys, 5, lr_batch_size=2)
+    single = inner.rollout_batch(task, make(float(lrs[1])), (), params, keys, 5)
     np.testing.assert_allclose(grid[1], single, rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(chunked, grid, rtol=1e-6, err_msg=name)
 
 
 def test_rollout_curve_starts_at_theta0_and_follows_sgd():
   task = quadratic(dim=3)
-  params, keys = rollout.sample_problems(task, jax.random.key(1), 1)
+  params, keys = inner.sample_problems(task, jax.random.key(1), 1)
   problem = jax.tree.map(lambda x: x[0], params)
-  curve = rollout.rollout(task, optax.sgd(0.01), problem, keys[0], 2)
-  theta = task.init(problem, jax.random.split(keys[0])[0])["theta"]
+  curve = inner.rollout(task, optax.sgd(0.01), (), problem, keys[0], 2)
+  theta = task.init((), problem, jax.random.split(keys[0])[0])["theta"]
   w, y = problem["w"], problem["y"]
   expected = []
   for _ in range(3):
@@ -82,11 +83,39 @@ def test_compare_table_and_plot(tmp_path):
 def test_sharded_sweep_matches_single_device():
   assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
   task = quadratic(dim=4)
-  params, keys = rollout.sample_problems(task, jax.random.key(2), 16)
+  params, keys = inner.sample_problems(task, jax.random.key(2), 16)
   sharded = sharding.shard_problems((params, keys))
   assert len(sharded[0]["w"].sharding.device_set) == 8
-  run = jax.jit(lambda p, k: rollout.rollout_batch(task, optax.adam(0.1), p, k, 5))
+  run = jax.jit(lambda p, k: inner.rollout_batch(task, optax.adam(0.1), (), p, k, 5))
   np.testing.assert_allclose(run(*sharded), run(params, keys), rtol=1e-6)
   # Problem counts that do not divide over the devices run unsharded.
   odd = sharding.shard_problems(keys[:3])
   assert len(odd.sharding.device_set) == 1
+
+
+def test_separate_tuning_problems_choose_the_rate_the_test_problems_then_run():
+  task = quadratic(dim=4)
+  lrs = [1e-3, 1e-2, 1e-1]
+  results = compare.compare(
+    task,
+    {},
+    ["sgd"],
+    num_problems=4,
+    num_steps=5,
+    learning_rates=lrs,
+    tune_problems=3,
+    log=lambda s: None,
+  )
+  sgd = results["optimizers"][0]
+  assert results["tuning"] == {
+    "problems": "separate",
+    "num_problems": 3,
+    "seed": 1,
+    "learning_rates": lrs,
+  }
+  tune = inner.sample_problems(task, compare.problem_key(1), 3)
+  grid = compare.sweep(task, baselines.BASELINES["sgd"], lrs, *tune, 5)
+  assert sgd["learning_rate"] == lrs[int(np.argmin(np.mean(grid[:, :, -1], axis=1)))]
+  test = inner.sample_problems(task, compare.problem_key(0), 4)
+  expected = inner.rollout_batch(task, optax.sgd(sgd["learning_rate"]), (), *test, 5)
+  np.testing.assert_allclose(sgd["finals"], expected[:, -1], rtol=1e-5)

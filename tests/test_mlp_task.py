@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from mnist_files import write_mnist
 
+import learned_opt
 import tasks
 from tasks import mnist as mnist_task
 
@@ -36,18 +37,18 @@ def test_loss_matches_numpy(mnist_dir, hidden_sizes, activation, split):
   task = mnist_task.mnist_mlp(
     hidden_sizes, activation, batch_size=6, split=split, init_std=0.5, mnist_dir=directory
   )
-  params = task.init(task.sample(jax.random.key(0)), jax.random.key(1))
+  params = task.init(task.data, task.sample(task.data, jax.random.key(0)), jax.random.key(1))
   key = jax.random.key(2)
   images, labels = data[split]
   # The documented minibatch: 6 indices uniform over the split, drawn with the loss's key.
   index = np.asarray(jax.random.randint(key, (6,), 0, len(labels)))
   expected = _numpy_loss(params, images, labels, index, activation)
-  np.testing.assert_allclose(float(task.loss({}, params, key)), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(task.loss(task.data, {}, params, key)), expected, rtol=1e-5)
 
 
 def test_parameters_shapes_and_gaussian_init(mnist_dir):
   task = mnist_task.mnist_mlp((20,), mnist_dir=mnist_dir[0])
-  params = task.init({}, jax.random.key(0))
+  params = task.init(task.data, {}, jax.random.key(0))
   shapes = jax.tree.map(jnp.shape, params)
   assert shapes == {
     "layer_0": {"w": (784, 20), "b": (20,)},
@@ -59,26 +60,28 @@ def test_parameters_shapes_and_gaussian_init(mnist_dir):
 
 def test_vmappable_and_keys_decide_minibatch_and_init(mnist_dir):
   task = mnist_task.mnist_mlp((5,), batch_size=4, mnist_dir=mnist_dir[0])
-  problems = jax.vmap(task.sample)(jax.random.split(jax.random.key(0), 3))
-  params = jax.vmap(task.init)(problems, jax.random.split(jax.random.key(1), 3))
+  problems = jax.vmap(task.sample, (None, 0))(task.data, jax.random.split(jax.random.key(0), 3))
+  init = jax.vmap(task.init, (None, 0, 0))
+  params = init(task.data, problems, jax.random.split(jax.random.key(1), 3))
   assert params["layer_0"]["w"].shape == (3, 784, 5)
-  losses = jax.jit(jax.vmap(task.loss))(problems, params, jax.random.split(jax.random.key(2), 3))
+  keys = jax.random.split(jax.random.key(2), 3)
+  losses = jax.jit(jax.vmap(task.loss, (None, 0, 0, 0)))(task.data, problems, params, keys)
   assert losses.shape == (3,) and len(set(np.asarray(losses).tolist())) == 3
   one = jax.tree.map(lambda a: a[0], params)
-  same = [float(task.loss({}, one, jax.random.key(7))) for _ in range(2)]
-  other = float(task.loss({}, one, jax.random.key(8)))
+  same = [float(task.loss(task.data, {}, one, jax.random.key(7))) for _ in range(2)]
+  other = float(task.loss(task.data, {}, one, jax.random.key(8)))
   assert same[0] == same[1] != other
 
 
 def test_gradient_descent_lowers_the_loss(mnist_dir):
   task = mnist_task.mnist_mlp((8,), batch_size=12, init_std=0.1, mnist_dir=mnist_dir[0])
-  params = task.init({}, jax.random.key(0))
-  grad = jax.jit(jax.value_and_grad(task.loss, argnums=1))
-  first, _ = grad({}, params, jax.random.key(1))
+  params = task.init(task.data, {}, jax.random.key(0))
+  grad = jax.jit(jax.value_and_grad(task.loss, argnums=2))
+  first, _ = grad(task.data, {}, params, jax.random.key(1))
   for t in range(30):
-    _, g = grad({}, params, jax.random.key(t))
+    _, g = grad(task.data, {}, params, jax.random.key(t))
     params = jax.tree.map(lambda p, d: p - 0.5 * d, params, g)
-  last, _ = grad({}, params, jax.random.key(1))
+  last, _ = grad(task.data, {}, params, jax.random.key(1))
   assert float(last) < 0.8 * float(first)
 
 
@@ -87,9 +90,9 @@ def test_registered_and_rebuilt_from_its_config(mnist_dir):
   config = dict(task.config)
   rebuilt = tasks.get(config.pop("name"), **config)
   assert rebuilt.config == task.config and rebuilt.config["hidden_sizes"] == [20, 20]
-  params = task.init({}, jax.random.key(0))
-  assert float(task.loss({}, params, jax.random.key(1))) == float(
-    rebuilt.loss({}, params, jax.random.key(1))
+  params = task.init(task.data, {}, jax.random.key(0))
+  assert float(task.loss(task.data, {}, params, jax.random.key(1))) == float(
+    rebuilt.loss(rebuilt.data, {}, params, jax.random.key(1))
   )
 
 
@@ -106,16 +109,28 @@ def test_bad_settings_raise(mnist_dir, kwargs, message):
     mnist_task.mnist_mlp(mnist_dir=mnist_dir[0], **kwargs)
 
 
-def test_data_as_jit_argument_matches_closure_and_is_not_compiled_in(mnist_dir):
-  data, family_of = mnist_task.mnist_mlp_on_data((3,), batch_size=5, mnist_dir=mnist_dir[0])
-  closed = family_of(data)
-  params = closed.init({}, jax.random.key(0))
-  key = jax.random.key(1)
-  as_argument = jax.jit(lambda d, p, k: family_of(d).loss({}, p, k))
-  np.testing.assert_allclose(
-    float(as_argument(data, params, key)), float(closed.loss({}, params, key)), rtol=1e-6
-  )
-  # The closure compiles the 12 x 784 pixels into the program; the argument form does not.
-  closed_hlo = jax.jit(closed.loss).lower({}, params, key).as_text()
-  argument_hlo = as_argument.lower(data, params, key).as_text()
-  assert len(closed_hlo) - len(argument_hlo) > data.images.size
+def test_data_is_a_jit_argument_never_a_compiled_constant(mnist_dir, tmp_path):
+  """The meta-training step compiles to the same program for 16 or 256 examples of data."""
+  from train import meta_step
+  from train.config import MetaTrainConfig
+
+  big_dir = str(tmp_path / "big")
+  write_mnist(big_dir, sizes=(("train", 256), ("test", 4)))
+  texts = {}
+  for name, directory in (("small", mnist_dir[0]), ("big", big_dir)):
+    config = MetaTrainConfig(
+      output_dir=str(tmp_path / name),
+      task="mnist_mlp",
+      task_kwargs={"hidden_sizes": [3], "batch_size": 5, "mnist_dir": directory},
+      optimizer_kwargs={"hidden_size": 4},
+      unroll=2,
+      horizon=4,
+      num_problems=2,
+    )
+    task = tasks.get("mnist_mlp", **config.task_kwargs)
+    optimizer = learned_opt.build(config.optimizer_config())
+    state = meta_step.init_state(config, task, optimizer)
+    step = jax.jit(meta_step.make_train_step(config, task, optimizer))
+    texts[name] = step.lower(state, task.data).as_text()
+  # As constants, 240 more images would add at least 240 * 784 characters to the program.
+  assert abs(len(texts["big"]) - len(texts["small"])) < 1000

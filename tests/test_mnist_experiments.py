@@ -5,7 +5,8 @@ import numpy as np
 from mnist_files import write_mnist
 
 import learned_opt
-from eval import compare, mnist_experiments
+from eval import compare
+from experiments import mnist_experiments
 
 
 def test_run_experiment_tunes_on_grid_and_reports(tmp_path):

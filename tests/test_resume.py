@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from train import checkpoint, trainer
+from train import checkpoint, meta_step, trainer
 from train.config import MetaTrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
   '--task_kwargs={"dim": 4}',
-  "--hidden_size=6",
+  '--optimizer_kwargs={"hidden_size": 6}',
   "--unroll=5",
   "--horizon=10",
   "--num_problems=4",
@@ -73,7 +73,7 @@ def small_config(output_dir, **overrides):
   return MetaTrainConfig(
     output_dir=str(output_dir),
     task_kwargs={"dim": 4},
-    hidden_size=6,
+    optimizer_kwargs={"hidden_size": 6},
     unroll=5,
     horizon=10,
     num_problems=4,
@@ -115,7 +115,7 @@ def test_broken_checkpoint_falls_back_to_previous_good_one(run_copy, damage):
     data[len(data) // 2] ^= 0x10
   open(newest, "wb").write(bytes(data))
   task, opt = trainer.build(config)
-  template = trainer.init_state(config, task, opt)
+  template = meta_step.init_state(config, task, opt)
   with pytest.raises(ValueError, match=r"step_00000006/state.msgpack is corrupt or truncated"):
     checkpoint.restore(os.path.dirname(newest), template)
   state, host = checkpoint.restore_latest(ckpt_dir, template)
@@ -128,13 +128,13 @@ def test_checkpoint_from_another_config_is_refused(finished_run, tmp_path):
   other = MetaTrainConfig(
     output_dir=str(tmp_path / "o"),
     task_kwargs={"dim": 4},
-    hidden_size=7,
+    optimizer_kwargs={"hidden_size": 7},
     unroll=5,
     horizon=10,
     num_problems=4,
   )
   task, opt = trainer.build(other)
-  template = trainer.init_state(other, task, opt)
+  template = meta_step.init_state(other, task, opt)
   path = os.path.join(config.output_dir, "checkpoints", "step_00000006")
   with pytest.raises(ValueError, match="does not fit this run's config"):
     checkpoint.restore(path, template)

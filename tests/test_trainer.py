@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import pytest
 import learned_opt
 from tasks import quadratic
 from tasks.base import TaskFamily
-from train import trainer, unroll
+from train import meta_step, trainer, unroll
 from train.config import MetaTrainConfig
 
 
@@ -19,7 +20,7 @@ def tiny_config(output_dir, **overrides):
   settings = dict(
     output_dir=str(output_dir),
     task_kwargs={"dim": 4},
-    hidden_size=6,
+    optimizer_kwargs={"hidden_size": 6},
     unroll=5,
     horizon=10,
     num_problems=4,
@@ -42,11 +43,11 @@ def leaves_equal(a, b):
 
 
 def test_outputs_and_same_seed_same_result(tmp_path):
-  state_a, host_a = trainer.train(tiny_config(tmp_path / "a"), log=lambda s: None)
-  state_b, host_b = trainer.train(tiny_config(tmp_path / "b"), log=lambda s: None)
+  state_a, progress_a = trainer.train(tiny_config(tmp_path / "a"), log=lambda s: None)
+  state_b, progress_b = trainer.train(tiny_config(tmp_path / "b"), log=lambda s: None)
   assert leaves_equal(state_a.meta_params, state_b.meta_params)
-  assert host_a["valid_history"] == host_b["valid_history"]
-  assert int(state_a.step) == 8 and len(host_a["valid_history"]) == 2
+  assert progress_a.valid_history == progress_b.valid_history
+  assert int(state_a.step) == 8 and len(progress_a.valid_history) == 2
   run = tmp_path / "a"
   saved = json.load(open(run / "config.json"))
   assert saved["task_kwargs"] == {"dim": 4}
@@ -67,8 +68,57 @@ def test_outputs_and_same_seed_same_result(tmp_path):
 
 def test_resume_refuses_a_different_config(tmp_path):
   trainer.train(tiny_config(tmp_path), log=lambda s: None)
-  with pytest.raises(ValueError, match="different config"):
+  with pytest.raises(ValueError, match=r"different config.*--meta_lr \(saved 0.01, now 0.5\)"):
     trainer.train(tiny_config(tmp_path, meta_lr=0.5), log=lambda s: None)
+  with pytest.raises(ValueError, match=r"different config.*--optimizer/--optimizer_kwargs"):
+    trainer.train(tiny_config(tmp_path, optimizer_kwargs={"hidden_size": 7}), log=lambda s: None)
+
+
+def test_resume_accepts_changes_that_do_not_change_results(tmp_path):
+  """Reporting settings and spelling out an optimizer default are no difference."""
+  trainer.train(tiny_config(tmp_path), log=lambda s: None)
+  same = tiny_config(
+    tmp_path, log_every=3, checkpoint_every=5, optimizer_kwargs={"hidden_size": 6, "num_layers": 2}
+  )
+  state, _ = trainer.train(same, log=lambda s: None)
+  assert int(state.step) == 8
+
+
+def test_an_old_format_run_directory_resumes_to_the_same_phi(tmp_path):
+  """tests/data/run_format1 was written by the trainer before the train state and config changed
+  (flat optimizer flags, format-1 checkpoint at meta-step 4). Resumed today, it must end with the
+  phi its own uninterrupted run reached."""
+  data = os.path.join(os.path.dirname(__file__), "data")
+  run = tmp_path / "old_run"
+  shutil.copytree(os.path.join(data, "run_format1"), run)
+  old = json.load(open(run / "config.json"))
+  config = MetaTrainConfig(
+    output_dir=str(run),
+    task_kwargs=old["task_kwargs"],
+    optimizer_kwargs={"hidden_size": 6, "preprocess": "log_sign", "output_scale": 0.5},
+    **{
+      k: old[k]
+      for k in (
+        "unroll",
+        "horizon",
+        "num_problems",
+        "num_epochs",
+        "steps_per_epoch",
+        "valid_problems",
+        "log_every",
+        "checkpoint_every",
+        "meta_lr",
+      )
+    },
+  )
+  logs = []
+  state, progress = trainer.train(config, log=logs.append)
+  assert "Resumed from meta-step 4" in logs[0] and int(state.step) == 8
+  reference = np.load(os.path.join(data, "run_format1_final_phi.npz"))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.meta_params):
+    np.testing.assert_allclose(leaf, reference[jax.tree_util.keystr(path)], rtol=2e-5, atol=1e-7)
+  old_history = json.load(open(os.path.join(data, "run_format1_final_host.json")))["valid_history"]
+  np.testing.assert_allclose(progress.valid_history, old_history, rtol=1e-4)
 
 
 def test_resume_accepts_a_config_saved_before_a_field_existed(tmp_path):
@@ -88,13 +138,13 @@ def test_resume_accepts_a_config_saved_before_a_field_existed(tmp_path):
 
 def test_cosine_meta_learning_rate_decays_to_its_final_ratio(tmp_path):
   config = tiny_config(tmp_path, meta_lr_schedule="cosine", meta_lr_final_ratio=0.1)
-  schedule = trainer.meta_learning_rate(config)
+  schedule = meta_step.meta_learning_rate(config)
   assert schedule(0) == pytest.approx(1e-2)
   assert schedule(config.total_steps // 2) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
   assert schedule(config.total_steps) == pytest.approx(1e-3)
-  assert trainer.meta_learning_rate(tiny_config(tmp_path)) == 1e-2
+  assert meta_step.meta_learning_rate(tiny_config(tmp_path)) == 1e-2
   # Adam on a constant gradient steps by exactly lr_k per entry: the schedule is what is applied.
-  meta_opt = trainer.meta_optimizer(config)
+  meta_opt = meta_step.meta_optimizer(config)
   grads = {"w": jnp.array([2.0, -0.5])}
   opt_state = meta_opt.init(grads)
   for k in range(config.total_steps):
@@ -107,7 +157,7 @@ def test_learned_optimizer_learns(tmp_path):
   config = tiny_config(
     tmp_path,
     task_kwargs={"dim": 10},
-    hidden_size=20,
+    optimizer_kwargs={"hidden_size": 20},
     unroll=20,
     horizon=100,
     num_problems=32,
@@ -119,11 +169,12 @@ def test_learned_optimizer_learns(tmp_path):
     checkpoint_every=1000,
   )
   task, opt = trainer.build(config)
-  validate = jax.jit(trainer.make_validate(config, task, opt))
-  start = trainer.init_state(config, task, opt).meta_params
-  before = float(jnp.mean(validate(start)[:, -1]))
-  _, host = trainer.train(config, log=lambda s: None)
-  assert host["best_valid"] < before / 5, (before, host["best_valid"])
+  validate = jax.jit(meta_step.make_validate(config, task, opt))
+  start = meta_step.init_state(config, task, opt).meta_params
+  problems = meta_step.sample_valid_problems(config, task)
+  before = float(jnp.mean(validate(start, task.data, *problems)[:, -1]))
+  _, progress = trainer.train(config, log=lambda s: None)
+  assert progress.best_valid < before / 5, (before, progress.best_valid)
 
 
 def tagged_quadratic(poisoned_tags=()):
@@ -131,11 +182,11 @@ def tagged_quadratic(poisoned_tags=()):
   base = quadratic(dim=4)
   poisoned = jnp.asarray(poisoned_tags, jnp.float32).reshape(-1)
 
-  def sample(key):
-    return {**base.sample(key), "tag": jax.random.uniform(jax.random.fold_in(key, 99))}
+  def sample(data, key):
+    return {**base.sample(data, key), "tag": jax.random.uniform(jax.random.fold_in(key, 99))}
 
-  def loss(task_params, params, key):
-    value = base.loss(task_params, params, key)
+  def loss(data, task_params, params, key):
+    value = base.loss(data, task_params, params, key)
     bad = jnp.any(task_params["tag"] == poisoned)
     return jnp.where(bad, jnp.nan, value)
 
@@ -148,12 +199,12 @@ def test_nan_at_a_chosen_meta_step_is_skipped(tmp_path):
   clean = tagged_quadratic()
   _, opt = trainer.build(config)
   phi = opt.init_meta_params(jax.random.key(0))
-  drawn = unroll.init_inner_batch(clean, opt, phi, trainer.problem_key(config, chosen), 4)
+  drawn = unroll.init_inner_batch(clean, opt, phi, (), meta_step.problem_key(config, chosen), 4)
   messages = []
-  state, host = trainer.train(
+  state, _ = trainer.train(
     config, task=tagged_quadratic(drawn.task_params["tag"][:1]), log=messages.append
   )
-  assert host["skipped"] == 1
+  assert int(state.skips.total) == 1 and int(state.skips.last_step) == chosen
   assert any(f"Non-finite meta-step {chosen} " in m for m in messages)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.meta_params))
   _, saved = learned_opt.load(config.output_dir)
@@ -165,7 +216,7 @@ def test_always_nan_stops_with_a_message(tmp_path):
     "quadratic",
     quadratic(dim=4).sample,
     quadratic(dim=4).init,
-    lambda p, theta, key: jnp.nan * jnp.sum(theta["theta"]),
+    lambda data, p, theta, key: jnp.nan * jnp.sum(theta["theta"]),
     {"name": "quadratic"},
   )
   config = tiny_config(tmp_path, max_consecutive_skips=3)
@@ -179,10 +230,10 @@ def test_always_nan_stops_with_a_message(tmp_path):
 def test_early_stopping_is_remembered(tmp_path):
   config = tiny_config(tmp_path, num_epochs=6, patience=1, meta_lr=5.0, meta_grad_clip=0.0)
   messages = []
-  _, host = trainer.train(config, log=messages.append)
-  if not host["early_stopped"]:
-    pytest.fail(f"expected early stopping with a huge meta_lr; history {host['valid_history']}")
-  assert len(host["valid_history"]) < 6
+  _, progress = trainer.train(config, log=messages.append)
+  if not progress.early_stopped:
+    pytest.fail(f"expected early stopping with a huge meta_lr; history {progress.valid_history}")
+  assert len(progress.valid_history) < 6
   again = []
   trainer.train(config, log=again.append)
   assert any("already stopped early" in m for m in again)

@@ -26,9 +26,9 @@ def square_task(theta0: float) -> TaskFamily:
   """f(theta) = theta^2 from a fixed theta_0."""
   return TaskFamily(
     name="square",
-    sample=lambda key: {},
-    init=lambda task_params, key: jnp.float32(theta0),
-    loss=lambda task_params, theta, key: theta**2,
+    sample=lambda data, key: {},
+    init=lambda data, task_params, key: jnp.float32(theta0),
+    loss=lambda data, task_params, theta, key: theta**2,
     config={"name": "square"},
   )
 
@@ -38,10 +38,10 @@ def test_meta_gradient_matches_hand_derivation(second_order):
   theta0, lr = 1.5, 0.1
   task, opt = square_task(theta0), learned_sgd()
   phi = opt.init_meta_params(None)
-  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
+  inner = unroll.init_inner_batch(task, opt, phi, (), jax.random.key(0), 1)
   grad = jax.grad(
     lambda p: unroll.meta_loss(
-      p, inner, task=task, optimizer=opt, num_steps=2, second_order=second_order
+      p, inner, (), task=task, optimizer=opt, num_steps=2, second_order=second_order
     )[0]
   )(phi)["lr"]
   # theta_1 = theta_0 (1 - 2 lr); theta_2 = theta_1 - lr * grad_1 with grad_1 = 2 theta_1.
@@ -59,10 +59,10 @@ def test_log_sum_objective_weighs_each_step_by_its_inverse_loss():
   theta0, lr = 1.5, 0.1
   task, opt = square_task(theta0), learned_sgd()
   phi = opt.init_meta_params(None)
-  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
+  inner = unroll.init_inner_batch(task, opt, phi, (), jax.random.key(0), 1)
   value, grad = jax.value_and_grad(
     lambda p: unroll.meta_loss(
-      p, inner, task=task, optimizer=opt, num_steps=2, objective="log_sum"
+      p, inner, (), task=task, optimizer=opt, num_steps=2, objective="log_sum"
     )[0]
   )(phi)
   theta1 = theta0 * (1 - 2 * lr)
@@ -74,22 +74,22 @@ def test_log_sum_objective_weighs_each_step_by_its_inverse_loss():
   np.testing.assert_allclose(grad["lr"], 2 * dtheta1 / theta1 + 2 * dtheta2 / theta2, rtol=1e-5)
   # A loss of exactly zero is clamped at the floor instead of giving -inf.
   zero_task = square_task(0.0)
-  inner = unroll.init_inner_batch(zero_task, opt, phi, jax.random.key(0), 1)
+  inner = unroll.init_inner_batch(zero_task, opt, phi, (), jax.random.key(0), 1)
   value = unroll.meta_loss(
-    phi, inner, task=zero_task, optimizer=opt, num_steps=2, objective="log_sum"
+    phi, inner, (), task=zero_task, optimizer=opt, num_steps=2, objective="log_sum"
   )[0]
   np.testing.assert_allclose(value, 2 * np.log(unroll.LOG_FLOOR), rtol=1e-6)
   with pytest.raises(ValueError, match="Unknown meta-objective 'max'"):
-    unroll.meta_loss(phi, inner, task=zero_task, optimizer=opt, num_steps=2, objective="max")
+    unroll.meta_loss(phi, inner, (), task=zero_task, optimizer=opt, num_steps=2, objective="max")
 
 
 def test_ramp_objective_weighs_step_t_by_t_over_horizon_across_truncations():
   theta0, lr, horizon = 1.5, 0.1, 4
   task, opt = square_task(theta0), learned_sgd()
   phi = opt.init_meta_params(None)
-  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
+  inner = unroll.init_inner_batch(task, opt, phi, (), jax.random.key(0), 1)
   ramp = lambda p, state: unroll.meta_loss(
-    p, state, task=task, optimizer=opt, num_steps=2, objective="ramp", horizon=horizon
+    p, state, (), task=task, optimizer=opt, num_steps=2, objective="ramp", horizon=horizon
   )
   # theta_t = theta_0 (1 - 2 lr)^t; truncation 1 holds steps 1, 2 and truncation 2 steps 3, 4.
   theta = lambda t: theta0 * (1 - 2 * lr) ** t
@@ -103,17 +103,17 @@ def test_ramp_objective_weighs_step_t_by_t_over_horizon_across_truncations():
   expected = (3 * 2 * theta(3) * dtheta3 + 4 * 2 * theta(4) * dtheta4) / horizon
   np.testing.assert_allclose(grad["lr"], expected, rtol=1e-5)
   with pytest.raises(ValueError, match="ramp objective needs a positive horizon"):
-    unroll.meta_loss(phi, inner, task=task, optimizer=opt, num_steps=2, objective="ramp")
+    unroll.meta_loss(phi, inner, (), task=task, optimizer=opt, num_steps=2, objective="ramp")
 
 
 def test_second_order_changes_lstm_meta_gradient():
   task, opt = quadratic(dim=3), learned_opt.lstm_optimizer(hidden_size=4, num_layers=1)
   phi = opt.init_meta_params(jax.random.key(0))
-  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(1), 2)
+  inner = unroll.init_inner_batch(task, opt, phi, (), jax.random.key(1), 2)
 
   def meta_grad(second_order):
     loss = lambda p: unroll.meta_loss(
-      p, inner, task=task, optimizer=opt, num_steps=2, second_order=second_order
+      p, inner, (), task=task, optimizer=opt, num_steps=2, second_order=second_order
     )[0]
     return jax.jit(jax.grad(loss))(phi)
 
@@ -127,10 +127,10 @@ def test_second_order_changes_lstm_meta_gradient():
 def test_batch_equals_one_by_one():
   task, opt = quadratic(dim=5), learned_opt.lstm_optimizer(hidden_size=6)
   phi = opt.init_meta_params(jax.random.key(0))
-  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(2), 4)
-  loss, (losses, after) = unroll.meta_loss(phi, inner, task=task, optimizer=opt, num_steps=3)
+  inner = unroll.init_inner_batch(task, opt, phi, (), jax.random.key(2), 4)
+  loss, (losses, after) = unroll.meta_loss(phi, inner, (), task=task, optimizer=opt, num_steps=3)
   assert losses.shape == (4, 3)
-  run_one = jax.jit(lambda one: unroll.unroll(task, opt, phi, one, 3))
+  run_one = jax.jit(lambda one: unroll.unroll(task, opt, phi, (), one, 3))
   for i in range(4):
     single, state = run_one(jax.tree.map(lambda x, i=i: x[i], inner))
     np.testing.assert_allclose(losses[i], single, rtol=1e-5)
@@ -142,7 +142,7 @@ def test_batch_equals_one_by_one():
 def test_losses_are_f_of_theta_1_to_T():
   task, opt = square_task(2.0), learned_sgd()
   phi = opt.init_meta_params(None)
-  inner = unroll.init_inner_batch(task, opt, phi, jax.random.key(0), 1)
-  _, (losses, _) = unroll.meta_loss(phi, inner, task=task, optimizer=opt, num_steps=3)
+  inner = unroll.init_inner_batch(task, opt, phi, (), jax.random.key(0), 1)
+  _, (losses, _) = unroll.meta_loss(phi, inner, (), task=task, optimizer=opt, num_steps=3)
   thetas = 2.0 * 0.8 ** np.arange(1, 4)  # theta_t = theta_0 (1 - 2 lr)^t
   np.testing.assert_allclose(losses[0], thetas**2, rtol=1e-5)

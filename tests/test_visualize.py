@@ -6,8 +6,9 @@ import numpy as np
 import optax
 
 import learned_opt
-from eval import rollout, visualize
+from eval import visualize
 from tasks import quadratic
+from train import inner
 
 
 def test_traces_agree_with_the_optimizers(tmp_path):
@@ -15,17 +16,16 @@ def test_traces_agree_with_the_optimizers(tmp_path):
   opt = learned_opt.lstm_optimizer(hidden_size=5)
   lstm = learned_opt.as_optax(opt, opt.init_meta_params(jax.random.key(0)))
   optimizers = {"LSTM": lstm, "SGD": optax.sgd(0.05), "ADAM": optax.adam(0.1)}
-  params, keys = rollout.sample_problems(task, jax.random.key(1), 1)
+  params, keys = inner.sample_problems(task, jax.random.key(1), 1)
   problem = jax.tree.map(lambda x: x[0], params)
   grid = jnp.linspace(-3.0, 3.0, 7)
-  traces = jax.jit(lambda p, k: visualize.trace_updates(task, optimizers, "SGD", p, k, 4, 1, grid))(
-    problem, keys[0]
-  )
+  trace = lambda p, k: visualize.trace_updates(task, optimizers, "SGD", (), p, k, 4, 1, grid)
+  traces = jax.jit(trace)(problem, keys[0])
   # SGD's response is -lr * g at every step, and its proposed update is -lr * the gradient.
   np.testing.assert_allclose(traces.response["SGD"], -0.05 * np.tile(grid, (4, 1)), rtol=1e-6)
   np.testing.assert_allclose(traces.proposed["SGD"], -0.05 * traces.gradient, rtol=1e-6)
   # The followed trajectory is SGD's: gradients match a plain SGD run on the same problem.
-  theta = task.init(problem, jax.random.split(keys[0])[0])["theta"]
+  theta = task.init((), problem, jax.random.split(keys[0])[0])["theta"]
   for t in range(4):
     g = 2 * problem["w"].T @ (problem["w"] @ theta - problem["y"])
     np.testing.assert_allclose(traces.gradient[t], g[1], rtol=1e-5)

@@ -4,7 +4,8 @@ A checkpoint is a directory ``step_XXXXXXXX`` holding ``state.msgpack`` (every a
 training state, written with ``flax.serialization``) and ``meta.json`` (format version, step,
 SHA-256 of the state file, host-side bookkeeping such as the validation history). It is built
 in a temporary directory and renamed into place, so a kill at any moment leaves either the whole
-checkpoint or none of it.
+checkpoint or none of it. A checkpoint written in an older format is read through an ``upgrade``
+function that its caller (the trainer, which knows its state's history) supplies.
 """
 
 import hashlib
@@ -13,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,7 +23,9 @@ from flax import serialization
 
 from learned_opt.serialization import current_umask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: learned-optimizer state wrapped by as_optax; skip counters in the state
+# (raw state dict, host dict, format version) -> the same in the current format.
+Upgrade = Callable[[dict, dict, int], tuple[dict, dict]]
 _PREFIX = "step_"
 
 
@@ -86,8 +90,13 @@ def all_steps(directory: str) -> list[int]:
   return sorted(steps)
 
 
-def restore(path: str, template: Any) -> tuple[Any, dict]:
+def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[Any, dict]:
   """Reads one checkpoint directory into the structure of ``template``.
+
+  Args:
+    path: a ``step_XXXXXXXX`` directory.
+    template: a state of the structure and shapes to restore (e.g. a fresh one).
+    upgrade: converts an older format's raw state dict and host dict to the current format.
 
   Raises:
     ValueError: naming the file and the problem, if the checkpoint is corrupt, truncated, from a
@@ -109,9 +118,15 @@ def restore(path: str, template: Any) -> tuple[Any, dict]:
     )
   if hashlib.sha256(data).hexdigest() != meta.get("state_sha256"):
     raise ValueError(f"{state_path} is corrupt or truncated: its SHA-256 does not match meta.json.")
+  version, host = meta.get("format_version", 0), meta.get("host")
   try:
+    raw = serialization.msgpack_restore(data)
+    if version < FORMAT_VERSION:
+      if upgrade is None:
+        raise ValueError(f"it is in format {version} and no upgrade to {FORMAT_VERSION} was given")
+      raw, host = upgrade(raw, host, version)
     host_template = _to_host(template)
-    state = serialization.from_state_dict(host_template, serialization.msgpack_restore(data))
+    state = serialization.from_state_dict(host_template, raw)
   except Exception as e:  # flax and msgpack raise many types for mismatched input.
     raise ValueError(f"{state_path} does not fit this run's config: {e}") from e
   for (key_path, leaf), spec in zip(
@@ -122,15 +137,17 @@ def restore(path: str, template: Any) -> tuple[Any, dict]:
         f"{state_path} does not fit this run's config: {jax.tree_util.keystr(key_path)} is "
         f"shaped {np.shape(leaf)}, expected {spec.shape}."
       )
-  return _from_host(state, template), meta["host"]
+  return _from_host(state, template), host
 
 
-def restore_latest(directory: str, template: Any) -> tuple[Any, dict] | None:
+def restore_latest(
+  directory: str, template: Any, upgrade: Upgrade | None = None
+) -> tuple[Any, dict] | None:
   """Restores the newest checkpoint that reads cleanly, skipping (and logging) broken ones."""
   for step in reversed(all_steps(directory)):
     path = os.path.join(directory, f"{_PREFIX}{step:08d}")
     try:
-      return restore(path, template)
+      return restore(path, template, upgrade)
     except ValueError as e:
       logging.warning("Skipping unusable checkpoint: %s", e)
   return None

@@ -5,54 +5,83 @@ import json
 import os
 from typing import Any
 
-from learned_opt import preprocess as preprocess_lib
 from train import unroll
 
-OPTIMIZERS = ("lstm", "lstm_gac", "ntm_bfgs", "ntm_lbfgs")
 META_LR_SCHEDULES = ("constant", "cosine")
-NTM_OPTIMIZERS = ("ntm_bfgs", "ntm_lbfgs")
+# Settings that change where and how often a run reports, not what it computes: a run may resume
+# with different values of these.
+NOT_AFFECTING_RESULTS = ("output_dir", "log_every", "checkpoint_every", "keep_checkpoints")
+# Optimizer settings that were flat fields of the config before ``optimizer_kwargs`` existed.
+_LEGACY_OPTIMIZER_FIELDS = (
+  "hidden_size",
+  "num_layers",
+  "preprocess",
+  "preprocess_p",
+  "input_scale",
+  "output_scale",
+  "global_cells",
+  "read_heads",
+  "write_heads",
+  "memory_window",
+)
+
+
+def _setting(default, help_text: str, **kwargs):
+  """A config field whose help text the command line shows (``train.meta_train --help``)."""
+  if isinstance(default, dict):
+    return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help_text})
+  return dataclasses.field(default=default, metadata={"help": help_text}, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
   """Everything a meta-training run depends on; saved as ``config.json`` in the output dir.
 
-  Optimizer settings follow section 3: a 2-layer, 20-unit LSTM, unrolled for 20 steps of a
-  100-step horizon, meta-trained with Adam.
+  Each field is one command-line flag of ``train.meta_train`` (its help is the field's). The
+  optimizer's own settings are one JSON mapping, ``optimizer_kwargs``, validated by
+  ``learned_opt.build``: a new optimizer setting is an argument of its factory and nothing else.
+  Defaults follow section 3: a 2-layer, 20-unit LSTM, unrolled for 20 steps of a 100-step
+  horizon, meta-trained with Adam.
   """
 
-  output_dir: str
-  task: str = "quadratic"
-  task_kwargs: dict = dataclasses.field(default_factory=dict)
-  optimizer: str = "lstm"
-  hidden_size: int = 20
-  num_layers: int = 2
-  preprocess: str = "none"
-  preprocess_p: float = 10.0
-  input_scale: float = 1.0
-  output_scale: float = 1.0
-  global_cells: int = 5  # used by lstm_gac, ntm_bfgs and ntm_lbfgs
-  read_heads: int = 1  # ntm_* only (section 3.1: one read head)
-  write_heads: int = 3  # ntm_* only (section 3.1: three write heads)
-  memory_window: int = 10  # ntm_lbfgs only: steps of writes kept
-  unroll: int = 20
-  horizon: int = 100
-  num_problems: int = 128
-  meta_lr: float = 3e-3
-  meta_lr_schedule: str = "constant"  # or "cosine": decay to meta_lr * meta_lr_final_ratio
-  meta_lr_final_ratio: float = 0.1  # cosine only: the last meta-step's rate over meta_lr
-  meta_grad_clip: float = 0.0  # global-norm clip on the meta-gradient; 0 turns it off
-  num_epochs: int = 30
-  steps_per_epoch: int = 100
-  patience: int = 0  # stop after this many epochs without a better validation loss; 0: never
-  valid_problems: int = 128
-  second_order: bool = False
-  meta_objective: str = "sum"  # eq. (3) with w_t = 1; "log_sum": sum_t log f; "ramp": w_t = t/T
-  seed: int = 0
-  log_every: int = 50
-  checkpoint_every: int = 100  # meta-steps between checkpoints (and at every epoch end)
-  keep_checkpoints: int = 3
-  max_consecutive_skips: int = 10  # stop after this many non-finite meta-steps in a row
+  output_dir: str = _setting("", "Where checkpoints, metrics and the trained optimizer go.")
+  task: str = _setting("quadratic", "Task family to meta-train on.")
+  task_kwargs: dict = _setting({}, "JSON settings of the task family, e.g. '{\"dim\": 10}'.")
+  optimizer: str = _setting(
+    "lstm", "Learned optimizer kind: lstm, lstm_gac, ntm_bfgs, ntm_lbfgs (learned_opt.kinds())."
+  )
+  optimizer_kwargs: dict = _setting(
+    {},
+    "JSON settings of the optimizer (arguments of its factory), e.g. "
+    '\'{"preprocess": "log_sign", "output_scale": 0.1}\'.',
+  )
+  unroll: int = _setting(20, "Optimizee steps per truncation (BPTT length).")
+  horizon: int = _setting(100, "Optimizee steps per problem before it is resampled.")
+  num_problems: int = _setting(128, "Problems per meta-step (vmapped).")
+  meta_lr: float = _setting(3e-3, "Adam learning rate for the optimizer's weights.")
+  meta_lr_schedule: str = _setting(
+    "constant",
+    "Meta learning rate over the run: constant, or cosine decay to meta_lr * meta_lr_final_ratio.",
+  )
+  meta_lr_final_ratio: float = _setting(
+    0.1, "With --meta_lr_schedule=cosine: the last meta-step's learning rate over --meta_lr."
+  )
+  meta_grad_clip: float = _setting(0.0, "Global-norm clip of the meta-gradient; 0: off.")
+  num_epochs: int = _setting(30, "Epochs; phi is validated after each.")
+  steps_per_epoch: int = _setting(100, "Meta-steps per epoch.")
+  patience: int = _setting(0, "Early stopping after this many epochs without gain; 0: off.")
+  valid_problems: int = _setting(128, "Fixed held-out problems for validation.")
+  second_order: bool = _setting(False, "Backpropagate through optimizee gradients too.")
+  meta_objective: str = _setting(
+    "sum",
+    "What a truncation minimizes: sum (sum_t f, the paper's eq. 3), log_sum (sum_t log f) or "
+    "ramp (sum_t (t / horizon) f, weighted toward the end of a run).",
+  )
+  seed: int = _setting(0, "Seed of phi's init, training problems and validation problems.")
+  log_every: int = _setting(50, "Meta-steps between progress lines.")
+  checkpoint_every: int = _setting(100, "Meta-steps between checkpoints (and at every epoch end).")
+  keep_checkpoints: int = _setting(3, "Checkpoints kept.")
+  max_consecutive_skips: int = _setting(10, "Stop after this many non-finite steps in a row.")
 
   def __post_init__(self):
     validate(self)
@@ -62,35 +91,78 @@ class MetaTrainConfig:
     return self.num_epochs * self.steps_per_epoch
 
   def optimizer_config(self) -> dict[str, Any]:
-    """The ``learned_opt.build`` config of the optimizer this run trains."""
-    config = {
-      "kind": "lstm",
-      "hidden_size": self.hidden_size,
-      "num_layers": self.num_layers,
-      "preprocess": self.preprocess,
-      "preprocess_p": self.preprocess_p,
-      "input_scale": self.input_scale,
-      "output_scale": self.output_scale,
-      "global_cells": self.global_cells if self.optimizer != "lstm" else 0,
-    }
-    if self.optimizer in NTM_OPTIMIZERS:
-      config.update(kind=self.optimizer, read_heads=self.read_heads, write_heads=self.write_heads)
-    if self.optimizer == "ntm_lbfgs":
-      config["memory_window"] = self.memory_window
-    return config
+    """The ``learned_opt.build`` config of the optimizer this run trains, as given."""
+    return {"kind": self.optimizer, **self.optimizer_kwargs}
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-  """A saved ``config.json`` with fields added since it was written set to their defaults."""
+def _legacy_optimizer_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """The optimizer config a run saved before ``optimizer_kwargs`` existed trained."""
+  value = lambda name, default: saved.get(name, default)
+  kind = value("optimizer", "lstm")
+  config = {
+    "kind": "lstm",
+    "hidden_size": value("hidden_size", 20),
+    "num_layers": value("num_layers", 2),
+    "preprocess": value("preprocess", "none"),
+    "preprocess_p": value("preprocess_p", 10.0),
+    "input_scale": value("input_scale", 1.0),
+    "output_scale": value("output_scale", 1.0),
+    "global_cells": value("global_cells", 5) if kind != "lstm" else 0,
+  }
+  if kind in ("ntm_bfgs", "ntm_lbfgs"):
+    config.update(kind=kind, read_heads=value("read_heads", 1), write_heads=value("write_heads", 3))
+  if kind == "ntm_lbfgs":
+    config["memory_window"] = value("memory_window", 10)
+  return config
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved ``config.json`` in today's fields.
+
+  Fields added since it was written take their defaults, which the run used implicitly; flat
+  optimizer fields of older runs become ``optimizer`` and ``optimizer_kwargs``.
+  """
+  saved = dict(saved)
+  if any(name in saved for name in _LEGACY_OPTIMIZER_FIELDS):
+    legacy = _legacy_optimizer_config(saved)
+    for name in _LEGACY_OPTIMIZER_FIELDS:
+      saved.pop(name, None)
+    saved["optimizer"] = legacy.pop("kind")
+    saved["optimizer_kwargs"] = legacy
   defaults = {
-    name: field.default
-    for name, field in MetaTrainConfig.__dataclass_fields__.items()
-    if field.default is not dataclasses.MISSING
+    field.name: field.default_factory() if callable(field.default_factory) else field.default
+    for field in dataclasses.fields(MetaTrainConfig)
   }
   return {**defaults, **saved}
+
+
+def differences(saved: dict[str, Any], config: MetaTrainConfig) -> list[str]:
+  """Flags whose values differ between a saved run and ``config``, in a way that changes results.
+
+  Optimizer settings are compared as the full config ``learned_opt.build`` gives, so spelling a
+  default out (or an older run's flat fields) is no difference.
+  """
+  import learned_opt  # Deferred: only resuming needs the optimizers.
+
+  old = upgrade(saved)
+  new = dataclasses.asdict(config)
+  changed = []
+  for name in new:
+    if name in NOT_AFFECTING_RESULTS or name in ("optimizer", "optimizer_kwargs"):
+      continue
+    if old.get(name) != new[name]:
+      changed.append(f"--{name} (saved {old.get(name)!r}, now {new[name]!r})")
+  old_optimizer = {"kind": old["optimizer"], **old["optimizer_kwargs"]}
+  if dict(learned_opt.build(old_optimizer).config) != dict(
+    learned_opt.build(config.optimizer_config()).config
+  ):
+    changed.append(
+      f"--optimizer/--optimizer_kwargs (saved {old_optimizer}, now {config.optimizer_config()})"
+    )
+  return changed
 
 
 def _positive(config, *names):
@@ -102,6 +174,7 @@ def _positive(config, *names):
 
 def validate(config: MetaTrainConfig) -> None:
   """Raises a ``ValueError`` naming the flag and a valid example for every bad setting."""
+  import learned_opt  # Deferred: importing the optimizers is not needed to read a config.
   from tasks import registry as task_registry  # Deferred: tasks may register more families.
 
   if config.task not in task_registry.names():
@@ -109,20 +182,23 @@ def validate(config: MetaTrainConfig) -> None:
       f"--task={config.task!r} is unknown; choose one of {', '.join(task_registry.names())} "
       "(e.g. --task=quadratic)."
     )
-  if config.optimizer not in OPTIMIZERS:
+  for name in ("task_kwargs", "optimizer_kwargs"):
+    if not isinstance(getattr(config, name), dict):
+      raise ValueError(f"--{name} must be a JSON object, e.g. --{name}='{{}}'.")
+  if config.optimizer not in learned_opt.kinds():
     raise ValueError(
-      f"--optimizer={config.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)} "
-      "(e.g. --optimizer=lstm)."
+      f"--optimizer={config.optimizer!r} is unknown; choose one of "
+      f"{', '.join(learned_opt.kinds())} (e.g. --optimizer=lstm)."
     )
-  if config.preprocess not in preprocess_lib.PREPROCESSORS:
+  try:
+    learned_opt.build(config.optimizer_config())
+  except ValueError as e:
     raise ValueError(
-      f"--preprocess={config.preprocess!r} is unknown; choose one of "
-      f"{', '.join(preprocess_lib.PREPROCESSORS)} (e.g. --preprocess=log_sign)."
-    )
+      f"--optimizer={config.optimizer} --optimizer_kwargs='{json.dumps(config.optimizer_kwargs)}'"
+      f" is not a valid optimizer: {e}"
+    ) from e
   _positive(
     config,
-    "hidden_size",
-    "num_layers",
     "unroll",
     "horizon",
     "num_problems",
@@ -134,8 +210,6 @@ def validate(config: MetaTrainConfig) -> None:
     "checkpoint_every",
     "keep_checkpoints",
     "max_consecutive_skips",
-    "preprocess_p",
-    "output_scale",
   )
   if config.unroll > config.horizon:
     raise ValueError(
@@ -147,20 +221,6 @@ def validate(config: MetaTrainConfig) -> None:
       f"--horizon={config.horizon} is not a multiple of --unroll={config.unroll}; use e.g. "
       "--unroll=20 --horizon=100."
     )
-  if config.optimizer == "lstm_gac" and not 0 < config.global_cells <= config.hidden_size:
-    raise ValueError(
-      f"--global_cells={config.global_cells} must lie in (0, --hidden_size="
-      f"{config.hidden_size}] for lstm_gac (e.g. --global_cells=5)."
-    )
-  if config.optimizer in NTM_OPTIMIZERS and not 0 <= config.global_cells <= config.hidden_size:
-    raise ValueError(
-      f"--global_cells={config.global_cells} must lie in [0, --hidden_size="
-      f"{config.hidden_size}] for {config.optimizer} (e.g. --global_cells=5)."
-    )
-  if config.optimizer in NTM_OPTIMIZERS:
-    _positive(config, "read_heads", "write_heads")
-  if config.optimizer == "ntm_lbfgs":
-    _positive(config, "memory_window")
   if config.meta_objective not in unroll.OBJECTIVES:
     raise ValueError(
       f"--meta_objective={config.meta_objective!r} is unknown; choose one of "

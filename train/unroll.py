@@ -1,60 +1,52 @@
 """Truncated unrolls of a learned optimizer on a task: the meta-objective of eq. (3).
 
-``meta_loss`` runs ``T`` optimizee steps with ``lax.scan`` and returns ``sum_t w_t f(theta_t)``
-with ``w_t = 1`` (``objective="sum"``, the paper's), differentiable in phi; ``objective="log_sum"``
-returns ``sum_t log f(theta_t)`` instead, whose gradient weighs step t by ``1 / f(theta_t)`` so that
-a relative gain late in a run counts as much as the same relative gain early on;
-``objective="ramp"`` sets ``w_t = t / horizon`` (t counted from the problem's start), which moves
-the weight toward the end of a run, where the evaluation reads the loss. The optimizee
-gradient is wrapped in ``stop_gradient`` (the paper's assumption d grad / d phi = 0, the dashed
-edges of Figure 2) unless ``second_order=True``.
+``meta_loss`` runs ``T`` optimizee steps (``train.inner``, ``lax.scan``) and returns
+``sum_t w_t f(theta_t)`` with ``w_t = 1`` (``objective="sum"``, the paper's), differentiable in
+phi; ``objective="log_sum"`` returns ``sum_t log f(theta_t)`` instead, whose gradient weighs step t
+by ``1 / f(theta_t)`` so that a relative gain late in a run counts as much as the same relative
+gain early on; ``objective="ramp"`` sets ``w_t = t / horizon`` (t counted from the problem's
+start), which moves the weight toward the end of a run, where the evaluation reads the loss. The
+optimizee gradient is wrapped in ``stop_gradient`` (the paper's assumption d grad / d phi = 0, the
+dashed edges of Figure 2) unless ``second_order=True``.
 """
 
-from typing import NamedTuple
-
-import chex
 import jax
 import jax.numpy as jnp
-import optax
 
+import learned_opt
 from learned_opt.base import LearnedOptimizer, MetaParams
-from tasks.base import TaskFamily
+from tasks.base import Data, TaskFamily
+from train import inner as inner_lib
+from train.inner import InnerState
 
 OBJECTIVES = ("sum", "log_sum", "ramp")
 LOG_FLOOR = 1e-8  # log_sum clamps f at this floor, so a loss of exactly 0 stays finite.
 
 
-class InnerState(NamedTuple):
-  """One optimizee problem in flight; batched, every field gains a leading problems axis."""
-
-  task_params: chex.ArrayTree  # the problem instance
-  params: chex.ArrayTree  # theta_t
-  opt_state: chex.ArrayTree  # the learned optimizer's state
-  step: jax.Array  # int32 (), optimizee steps taken since the problem was sampled
-  data_key: jax.Array  # PRNG key; minibatch t is drawn with fold_in(data_key, t)
-
-
 def init_inner(
-  task: TaskFamily, optimizer: LearnedOptimizer, meta_params: MetaParams, key: jax.Array
+  task: TaskFamily,
+  optimizer: LearnedOptimizer,
+  meta_params: MetaParams,
+  data: Data,
+  key: jax.Array,
 ) -> InnerState:
   """Samples a problem and its theta_0 from ``key`` and starts the optimizer on it."""
   sample_key, init_key, data_key = jax.random.split(key, 3)
-  task_params = task.sample(sample_key)
-  params = task.init(task_params, init_key)
-  opt_state = optimizer.init_state(meta_params, params)
-  return InnerState(task_params, params, opt_state, jnp.zeros((), jnp.int32), data_key)
+  tx = learned_opt.as_optax(optimizer, meta_params)
+  return inner_lib.start(task, tx, data, task.sample(data, sample_key), init_key, data_key)
 
 
-def init_inner_batch(task, optimizer, meta_params, key: jax.Array, num_problems: int):
+def init_inner_batch(task, optimizer, meta_params, data, key: jax.Array, num_problems: int):
   """``init_inner`` for ``num_problems`` problems; fields gain a leading (problems,) axis."""
   keys = jax.random.split(key, num_problems)
-  return jax.vmap(lambda k: init_inner(task, optimizer, meta_params, k))(keys)
+  return jax.vmap(lambda k: init_inner(task, optimizer, meta_params, data, k))(keys)
 
 
 def unroll(
   task: TaskFamily,
   optimizer: LearnedOptimizer,
   meta_params: MetaParams,
+  data: Data,
   inner: InnerState,
   num_steps: int,
   second_order: bool = False,
@@ -65,28 +57,16 @@ def unroll(
     ``(losses, inner)``: ``losses`` shaped (num_steps,) holds f(theta_1) ... f(theta_T), each
     a differentiable function of phi; ``inner`` is the state after the last step.
   """
-
-  def step(state: InnerState, _):
-    batch_key = jax.random.fold_in(state.data_key, state.step)
-    loss, grads = jax.value_and_grad(task.loss, argnums=1)(
-      state.task_params, state.params, batch_key
-    )
-    if not second_order:
-      grads = jax.lax.stop_gradient(grads)  # d grad / d phi = 0 (section 2).
-    updates, opt_state = optimizer.update(meta_params, grads, state.opt_state)
-    params = optax.apply_updates(state.params, updates)
-    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), loss
-
-  inner, losses = jax.lax.scan(step, inner, length=num_steps)
-  final_key = jax.random.fold_in(inner.data_key, inner.step)
-  final = task.loss(inner.task_params, inner.params, final_key)
+  tx = learned_opt.as_optax(optimizer, meta_params)
+  losses, inner = inner_lib.run(task, tx, data, inner, num_steps, second_order)
   # losses[0] is f(theta_0), fixed before this truncation; the objective is f(theta_1..T).
-  return jnp.concatenate([losses[1:], final[None]]), inner
+  return losses[1:], inner
 
 
 def meta_loss(
   meta_params: MetaParams,
   inner: InnerState,
+  data: Data,
   *,
   task: TaskFamily,
   optimizer: LearnedOptimizer,
@@ -100,6 +80,7 @@ def meta_loss(
   Args:
     meta_params: phi.
     inner: a batch of problems in flight, leading axis (problems,).
+    data: the task's data set, shared by every problem (not batched).
     objective: ``"sum"`` of f(theta_t) (w_t = 1, the paper's); ``"log_sum"`` of log f(theta_t),
       for tasks whose loss is positive (cross-entropy), f clamped at ``LOG_FLOOR``; or
       ``"ramp"``, the sum of (t / horizon) f(theta_t) with t the step since the problem's start.
@@ -118,7 +99,7 @@ def meta_loss(
       "(--horizon), by which it divides t."
     )
   start = inner.step  # (problems,) steps taken before this truncation
-  run = lambda state: unroll(task, optimizer, meta_params, state, num_steps, second_order)
+  run = lambda state: unroll(task, optimizer, meta_params, data, state, num_steps, second_order)
   losses, inner = jax.vmap(run)(inner)
   if objective == "log_sum":
     per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR))

@@ -1,7 +1,7 @@
 r"""The MNIST experiments of section 3.2 (Figures 4 and 5) in one command.
 
 Example:
-  MNIST_DIR=../shared/data/mnist python -m eval.mnist_experiments \
+  MNIST_DIR=../shared/data/mnist python -m experiments.mnist_experiments \
     --checkpoint=runs/mnist_base --output_dir=runs/mnist_experiments
 
 Each experiment runs a trained optimizer and the six baselines on the same fresh problems; every
@@ -19,16 +19,14 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import learned_opt
+import tasks
 from eval import baselines as baselines_lib
 from eval import compare, plots
-from eval import rollout as rollout_lib
 from learned_opt.serialization import atomic_write
-from tasks import mnist as mnist_task
 
 
 class Experiment(NamedTuple):
@@ -65,29 +63,6 @@ flags.DEFINE_bool(
 FLAGS = flags.FLAGS
 
 
-def _sweep(family_of, data, make_tx, learning_rates, task_params, keys, num_steps, lr_batch_size):
-  """Loss curves shaped (lrs, problems, num_steps + 1) of one baseline over ``learning_rates``.
-
-  The data set is an argument of the jitted sweep, not a compiled-in constant (tasks/mnist.py).
-  """
-  run = jax.jit(
-    lambda d, lrs, p, k: rollout_lib.rollout_lr_grid(
-      family_of(d), make_tx, lrs, p, k, num_steps, lr_batch_size
-    )
-  )
-  return np.asarray(run(data, jnp.asarray(learning_rates, jnp.float32), task_params, keys))
-
-
-def _learned_curves(family_of, data, saved, task_params, keys, num_steps):
-  """Loss curves shaped (problems, num_steps + 1) of a trained optimizer through its optax face."""
-  run = jax.jit(
-    lambda d, phi, p, k: rollout_lib.rollout_batch(
-      family_of(d), learned_opt.as_optax(saved.optimizer, phi), p, k, num_steps
-    )
-  )
-  return np.asarray(run(data, saved.meta_params, task_params, keys))
-
-
 def run_experiment(
   experiment: Experiment,
   saved: learned_opt.SavedOptimizer,
@@ -100,49 +75,23 @@ def run_experiment(
   mnist_dir: str | None = None,
   log=print,
 ) -> dict:
-  """Learned optimizer and tuned baselines on one setting; results shaped like ``compare``'s.
+  """Learned optimizer and tuned baselines on one setting: ``eval.compare.compare``'s results.
 
   Test problems are ``compare.problem_key(seed)``'s, as in ``eval.evaluate``; tuning problems
   are ``compare.problem_key(seed + 1)``'s, or the test problems when ``tune_problems == 0``.
   """
-  data, family_of = mnist_task.mnist_mlp_on_data(mnist_dir=mnist_dir, **experiment.task_kwargs)
-  task, num_steps = family_of(data), experiment.num_steps
-  test = rollout_lib.sample_problems(task, compare.problem_key(seed), num_problems)
-  tune = (
-    rollout_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
-    if tune_problems
-    else test
+  task = tasks.get("mnist_mlp", mnist_dir=mnist_dir, **experiment.task_kwargs)
+  return compare.compare(
+    task,
+    {"lstm": saved},
+    baselines,
+    num_problems=num_problems,
+    num_steps=experiment.num_steps,
+    seed=seed,
+    lr_batch_size=lr_batch_size,
+    tune_problems=tune_problems,
+    log=log,
   )
-  curves = _learned_curves(family_of, data, saved, *test, num_steps)
-  optimizers = [compare.summarize("lstm", "learned", curves, None)]
-  log(f"lstm: final loss {optimizers[0]['final_mean']:.4g}")
-  grid = baselines_lib.paper_learning_rates()
-  for name in baselines:
-    make_tx = baselines_lib.BASELINES[name]
-    grid_curves = _sweep(family_of, data, make_tx, grid, *tune, num_steps, lr_batch_size)
-    best = baselines_lib.best_learning_rate(grid_curves[:, :, -1])
-    if tune_problems:
-      curves = _sweep(family_of, data, make_tx, grid[best : best + 1], *test, num_steps, None)[0]
-    else:
-      curves = grid_curves[best]
-    summary = compare.summarize(name, "baseline", curves, float(grid[best]))
-    finals = np.where(np.isfinite(grid_curves[:, :, -1]), grid_curves[:, :, -1], np.inf)
-    summary["grid_final_means"] = np.mean(finals, axis=1).tolist()
-    optimizers.append(summary)
-    log(f"{name}: lr {grid[best]:.3g}, final loss {summary['final_mean']:.4g}")
-  return {
-    "task": dict(task.config),
-    "num_problems": num_problems,
-    "num_steps": num_steps,
-    "seed": seed,
-    "tuning": {
-      "problems": "separate" if tune_problems else "test",
-      "num_problems": tune_problems or num_problems,
-      "seed": seed + 1 if tune_problems else seed,
-      "learning_rates": grid.tolist(),
-    },
-    "optimizers": optimizers,
-  }
 
 
 def verdict(results: dict) -> str:
@@ -224,8 +173,9 @@ def main(argv):
   source = FLAGS.checkpoint or f"learned_opt.pretrained({FLAGS.pretrained!r})"
   header = (
     "# MNIST results (section 3.2, Figures 4 and 5)\n\n"
-    f"Written by `python -m eval.mnist_experiments` with optimizer `{source}`. Losses are mean "
-    "cross-entropy (nats) on a minibatch of 128 at the last step; lower is better."
+    "Written by `python -m experiments.mnist_experiments` with optimizer "
+    f"`{source}`. Losses are mean cross-entropy (nats) on the last step's minibatch (its size is "
+    "the task's batch_size); lower is better."
   )
   for name in FLAGS.experiments:
     experiment = _BY_NAME[name]

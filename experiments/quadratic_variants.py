@@ -6,7 +6,7 @@ final loss, its paired difference to the best baseline and to the first optimize
 LSTM), and the meta-training budget of each learned optimizer.
 
 Example (after training with experiments/quadratic_variants.sh):
-  python -m eval.quadratic_variants --output_dir=runs/qv/eval \
+  python -m experiments.quadratic_variants --output_dir=runs/qv/eval \
     --markdown=docs/results_quadratic_variants.md \
     --checkpoint=lstm=runs/qv/lstm --checkpoint=lstm_gac=runs/qv/lstm_gac \
     --checkpoint=ntm_bfgs=runs/qv/ntm_bfgs --checkpoint=ntm_lbfgs=runs/qv/ntm_lbfgs
@@ -69,7 +69,18 @@ def training_budget(directory: str) -> dict:
     "meta_grad_clip": config.get("meta_grad_clip"),
     "num_problems": config.get("num_problems"),
     "unroll": config.get("unroll"),
+    "horizon": config.get("horizon"),
+    "steps_per_epoch": config.get("steps_per_epoch"),
+    "valid_problems": config.get("valid_problems"),
+    "machine": saved.get("machine"),  # recorded by the trainer since format 2 runs
   }
+
+
+def _machine_words(machine: dict | None) -> str:
+  """'2 CPU cores (x86_64), devices [...]' from a run's recorded machine, if it has one."""
+  if not machine:
+    return "a machine the run did not record"
+  return f"{machine['cpu_count']} CPU cores ({machine['processor']}), devices {machine['devices']}"
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -132,9 +143,11 @@ def markdown(results: dict, budgets: dict, comparisons: dict) -> str:
     "",
     f"Meta-training: Adam (lr {first.get('meta_lr')}, meta-gradient global-norm clip "
     f"{first.get('meta_grad_clip') or 'off'}) on {first.get('num_problems')} problems "
-    f"per meta-step, unrolls of {first.get('unroll')} steps of a 100-step horizon, phi saved at "
-    "the epoch (100 meta-steps) with the best loss on 128 validation problems; wall time on a "
-    "shared 2-core CPU, validation included. The validation column summarizes the mean final "
+    f"per meta-step, unrolls of {first.get('unroll')} steps of a {first.get('horizon')}-step "
+    f"horizon, phi saved at the epoch ({first.get('steps_per_epoch')} meta-steps) with the best "
+    f"loss on {first.get('valid_problems')} validation problems; wall time on "
+    f"{_machine_words(first.get('machine'))}, validation included. The validation column "
+    "summarizes the mean final "
     "loss on those problems after each epoch: its spread shows how far meta-training noise "
     "alone moves a variant.",
     "",

@@ -1,0 +1,132 @@
+"""The optimizee's step: the one place where any optimizer, learned or not, touches a task.
+
+One step is "minibatch loss and gradient -> (stop_gradient) -> optimizer update -> apply"
+(eq. 1, Figure 2). Meta-training (``train.unroll``), validation, evaluation (``eval.compare``) and
+the update visualizations (``eval.visualize``) all run it; a learned optimizer reaches it only as
+an optax transformation, ``learned_opt.as_optax(optimizer, phi)``, so phi has one door. Runs of
+plain (non-differentiated) optimization over many problems, ``rollout_batch``, live here too.
+"""
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from tasks.base import Data, TaskFamily
+
+
+class InnerState(NamedTuple):
+  """One optimizee problem in flight; batched, every field gains a leading problems axis."""
+
+  task_params: chex.ArrayTree  # the problem instance
+  params: chex.ArrayTree  # theta_t
+  opt_state: optax.OptState  # the optimizer's state (tx.init(theta_0), then updated)
+  step: jax.Array  # int32 (), optimizee steps taken since the problem was sampled
+  data_key: jax.Array  # PRNG key; minibatch t is drawn with fold_in(data_key, t)
+
+
+def start(
+  task: TaskFamily,
+  tx: optax.GradientTransformation,
+  data: Data,
+  task_params: chex.ArrayTree,
+  init_key: jax.Array,
+  data_key: jax.Array,
+) -> InnerState:
+  """theta_0 drawn with ``init_key`` and the optimizer's initial state, at step 0."""
+  params = task.init(data, task_params, init_key)
+  return InnerState(task_params, params, tx.init(params), jnp.zeros((), jnp.int32), data_key)
+
+
+def minibatch_key(state: InnerState) -> jax.Array:
+  """The key of the minibatch at the state's step: ``fold_in(data_key, step)``."""
+  return jax.random.fold_in(state.data_key, state.step)
+
+
+def gradient(
+  task: TaskFamily, data: Data, state: InnerState, second_order: bool = False
+) -> tuple[jax.Array, chex.ArrayTree]:
+  """``(f(theta_t), grad f(theta_t))`` on the step's minibatch."""
+  loss, grads = jax.value_and_grad(task.loss, argnums=2)(
+    data, state.task_params, state.params, minibatch_key(state)
+  )
+  if not second_order:
+    grads = jax.lax.stop_gradient(grads)  # d grad / d phi = 0 (section 2).
+  return loss, grads
+
+
+def apply(tx: optax.GradientTransformation, state: InnerState, grads) -> InnerState:
+  """theta_{t+1} = theta_t + g_t, with ``g_t`` the optimizer's additive update."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state._replace(params=params, opt_state=opt_state, step=state.step + 1)
+
+
+def step(
+  task: TaskFamily,
+  tx: optax.GradientTransformation,
+  data: Data,
+  state: InnerState,
+  second_order: bool = False,
+) -> tuple[jax.Array, InnerState]:
+  """One optimizee step; returns ``(f(theta_t), state at t + 1)``."""
+  loss, grads = gradient(task, data, state, second_order)
+  return loss, apply(tx, state, grads)
+
+
+def run(
+  task: TaskFamily,
+  tx: optax.GradientTransformation,
+  data: Data,
+  state: InnerState,
+  num_steps: int,
+  second_order: bool = False,
+) -> tuple[jax.Array, InnerState]:
+  """``num_steps`` steps with ``lax.scan``.
+
+  Returns:
+    ``(losses, state)``: ``losses`` shaped (num_steps + 1,) holds f(theta_t), ...,
+    f(theta_{t + num_steps}), the last on the minibatch of step t + num_steps.
+  """
+
+  def body(state, _):
+    loss, state = step(task, tx, data, state, second_order)
+    return state, loss
+
+  state, losses = jax.lax.scan(body, state, length=num_steps)
+  final = task.loss(data, state.task_params, state.params, minibatch_key(state))
+  return jnp.concatenate([losses, final[None]]), state
+
+
+def rollout(
+  task: TaskFamily,
+  tx: optax.GradientTransformation,
+  data: Data,
+  task_params: chex.ArrayTree,
+  key: jax.Array,
+  num_steps: int,
+) -> jax.Array:
+  """Optimizes one problem for ``num_steps`` steps from theta_0 drawn with ``key``.
+
+  Returns:
+    Losses shaped (num_steps + 1,): f(theta_0), ..., f(theta_T), minibatch t drawn with
+    ``fold_in(data_key, t)`` as in meta-training.
+  """
+  init_key, data_key = jax.random.split(key)
+  state = start(task, tx, data, task_params, init_key, data_key)
+  return run(task, tx, data, state, num_steps)[0]
+
+
+def rollout_batch(task, tx, data, task_params, keys, num_steps: int) -> jax.Array:
+  """``rollout`` vmapped over problems (not over ``data``): losses (problems, num_steps + 1)."""
+  return jax.vmap(lambda p, k: rollout(task, tx, data, p, k, num_steps))(task_params, keys)
+
+
+def sample_problems(task: TaskFamily, key: jax.Array, num_problems: int):
+  """Draws ``num_problems`` problems and their run keys: ``(task_params, run_keys)``."""
+  sample_key, run_key = jax.random.split(key)
+  keys = jax.random.split(sample_key, num_problems)
+  task_params = jax.vmap(task.sample, in_axes=(None, 0))(task.data, keys)
+  return task_params, jax.random.split(run_key, num_problems)

@@ -1,0 +1,213 @@
+"""The device side of meta-training: the train state, one meta-step and validation, all pure.
+
+A meta-step (section 2, Figure 2) unrolls ``unroll`` optimizee steps on a batch of problems,
+differentiates the summed losses with respect to phi and takes an Adam step on phi. Everything a
+step decides stays on the device: problems are resampled at the horizon and after a non-finite
+step, and skipped steps are counted in the state, so the host reads values back only when it
+logs, validates or checkpoints (no host round-trip per step blocks asynchronous dispatch).
+"""
+
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import learned_opt
+from learned_opt.base import LearnedOptimizer, MetaParams
+from tasks.base import Data, TaskFamily
+from train import inner as inner_lib
+from train import unroll as unroll_lib
+from train.config import MetaTrainConfig
+
+
+class SkipCounters(NamedTuple):
+  """Meta-steps skipped because their loss or meta-gradient was not finite."""
+
+  total: jax.Array  # int32 (), skipped so far
+  consecutive: jax.Array  # int32 (), skipped in a row up to the last step
+  last_step: jax.Array  # int32 (), the last skipped meta-step; -1 if none
+  last_grad_max: jax.Array  # float32 (), that step's largest |meta-gradient entry|
+  halted: jax.Array  # bool (), consecutive reached max_consecutive_skips: steps change nothing
+
+
+class TrainState(NamedTuple):
+  """Everything a resumed run needs, as arrays (host bookkeeping lives in checkpoint meta)."""
+
+  step: jax.Array  # int32 (), meta-steps done
+  meta_params: MetaParams  # phi
+  meta_opt_state: optax.OptState  # Adam's state for phi
+  inner: inner_lib.InnerState  # the batch of problems in flight, leading axis (problems,)
+  best_meta_params: MetaParams  # phi with the best validation loss so far
+  skips: SkipCounters
+
+
+class StepMetrics(NamedTuple):
+  meta_loss: jax.Array  # () mean over problems of sum_t w_t f(theta_t) (or of log f, log_sum)
+  final_loss: jax.Array  # () mean over problems of f(theta_T) at the truncation's end
+  grad_norm: jax.Array  # () global norm of the meta-gradient
+  grad_max: jax.Array  # () largest |entry| of the meta-gradient
+  finite: jax.Array  # bool (), whether the step was applied
+
+
+def problem_key(config: MetaTrainConfig, step, attempt=0) -> jax.Array:
+  """Key of the problem batch sampled at meta-step ``step`` (``attempt`` > 0 after a skip)."""
+  base = jax.random.fold_in(jax.random.key(config.seed), 1)
+  return jax.random.fold_in(jax.random.fold_in(base, step), attempt)
+
+
+def valid_key(config: MetaTrainConfig) -> jax.Array:
+  """Key of the fixed validation problems; disjoint from every training and test stream."""
+  return jax.random.fold_in(jax.random.key(config.seed), 2)
+
+
+def meta_learning_rate(config: MetaTrainConfig) -> float | optax.Schedule:
+  """``meta_lr``, or a cosine decay from it to ``meta_lr * meta_lr_final_ratio`` over the run."""
+  if config.meta_lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(
+      config.meta_lr, config.total_steps, alpha=config.meta_lr_final_ratio
+    )
+  return config.meta_lr
+
+
+def meta_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
+  """Adam on phi (section 3), after an optional global-norm clip."""
+  parts = [optax.clip_by_global_norm(config.meta_grad_clip)] if config.meta_grad_clip else []
+  return optax.chain(*parts, optax.adam(meta_learning_rate(config)))
+
+
+def no_skips() -> SkipCounters:
+  """Counters of a run that skipped nothing; each field its own buffer, as the state is donated."""
+  count = lambda value: jnp.full((), value, jnp.int32)
+  return SkipCounters(
+    count(0), count(0), count(-1), jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+  )
+
+
+def fresh_problems(config, task, optimizer, meta_params, data, step, attempt=0):
+  """The batch of ``num_problems`` problems drawn at meta-step ``step``."""
+  key = problem_key(config, step, attempt)
+  return unroll_lib.init_inner_batch(task, optimizer, meta_params, data, key, config.num_problems)
+
+
+def init_state(
+  config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOptimizer
+) -> TrainState:
+  meta_params = optimizer.init_meta_params(jax.random.fold_in(jax.random.key(config.seed), 0))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    meta_params=meta_params,
+    meta_opt_state=meta_optimizer(config).init(meta_params),
+    inner=fresh_problems(config, task, optimizer, meta_params, task.data, 0),
+    best_meta_params=jax.tree.map(jnp.copy, meta_params),  # its own buffers: state is donated
+    skips=no_skips(),
+  )
+
+
+def make_train_step(config, task, optimizer) -> Callable:
+  """``(state, data) -> (state, metrics)``: one truncated-BPTT meta-step; skips non-finite ones.
+
+  Jit it with ``donate_argnums=0`` and pass ``task.data`` as ``data``.
+  """
+  meta_opt = meta_optimizer(config)
+  truncations = config.horizon // config.unroll
+  loss_fn = functools.partial(
+    unroll_lib.meta_loss,
+    task=task,
+    optimizer=optimizer,
+    num_steps=config.unroll,
+    second_order=config.second_order,
+    objective=config.meta_objective,
+    horizon=config.horizon,
+  )
+  fresh = functools.partial(fresh_problems, config, task, optimizer)
+
+  def step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
+    due = (state.step > 0) & (state.step % truncations == 0)  # the horizon is reached
+    inner = jax.lax.cond(
+      due, lambda: fresh(state.meta_params, data, state.step), lambda: state.inner
+    )
+    (loss, (losses, inner)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.meta_params, inner, data
+    )
+    grad_max = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_max)
+    updates, meta_opt_state = meta_opt.update(grads, state.meta_opt_state, state.meta_params)
+    meta_params = optax.apply_updates(state.meta_params, updates)
+    # A non-finite step leaves phi and Adam's moments untouched (never NaN in phi) ...
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skips = state.skips
+    consecutive = jnp.where(finite, 0, skips.consecutive + 1)
+    # ... and replaces the problems in flight, which diverged, by fresh ones.
+    inner = jax.lax.cond(
+      finite, lambda: inner, lambda: fresh(state.meta_params, data, state.step, consecutive)
+    )
+    skips = SkipCounters(
+      total=skips.total + jnp.where(finite, 0, 1),
+      consecutive=consecutive,
+      last_step=jnp.where(finite, skips.last_step, state.step),
+      last_grad_max=jnp.where(finite, skips.last_grad_max, grad_max),
+      halted=consecutive >= config.max_consecutive_skips,
+    )
+    new_state = TrainState(
+      step=state.step + 1,
+      meta_params=keep(meta_params, state.meta_params),
+      meta_opt_state=keep(meta_opt_state, state.meta_opt_state),
+      inner=inner,
+      best_meta_params=state.best_meta_params,
+      skips=skips,
+    )
+    metrics = StepMetrics(loss, jnp.mean(losses[:, -1]), optax.tree.norm(grads), grad_max, finite)
+    return new_state, metrics
+
+  def train_step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
+    # Once halted, a step changes nothing, so the state the host stops with is the halting one.
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    halted = lambda: (state, StepMetrics(nan, nan, nan, nan, jnp.zeros((), bool)))
+    return jax.lax.cond(state.skips.halted, halted, lambda: step(state, data))
+
+  return train_step
+
+
+def sample_valid_problems(config: MetaTrainConfig, task: TaskFamily):
+  """The fixed validation problems and their run keys, shaped (valid_problems, ...)."""
+  return inner_lib.sample_problems(task, valid_key(config), config.valid_problems)
+
+
+def make_validate(config, task, optimizer) -> Callable:
+  """``(phi, data, task_params, keys) -> losses`` shaped (problems, horizon + 1).
+
+  Runs phi through its optax face on the problems of ``sample_valid_problems``.
+  """
+
+  def validate(meta_params, data: Data, task_params, keys):
+    tx = learned_opt.as_optax(optimizer, meta_params)
+    return inner_lib.rollout_batch(task, tx, data, task_params, keys, config.horizon)
+
+  return validate
+
+
+def upgrade_checkpoint(raw: dict, host: dict, version: int) -> tuple[dict, dict]:
+  """A format-1 checkpoint (raw state dict and host dict) in today's format.
+
+  Format 1 kept the learned optimizer's own state unwrapped and the skip counters on the host.
+  """
+  if version != 1:
+    raise ValueError(f"checkpoint format {version} cannot be upgraded; start a new run.")
+  raw = dict(raw)
+  inner = dict(raw["inner"])
+  inner["opt_state"] = {"inner": inner["opt_state"]}  # as_optax's LearnedOptaxState(inner=...)
+  raw["inner"] = inner
+  raw["skips"] = {
+    "total": host.get("skipped", 0),
+    "consecutive": host.get("consecutive", 0),
+    "last_step": -1,
+    "last_grad_max": 0.0,
+    "halted": False,
+  }
+  progress = {k: host[k] for k in ("best_valid", "valid_history", "early_stopped") if k in host}
+  progress.setdefault("best_valid", math.inf)
+  return raw, progress
