@@ -2,19 +2,19 @@
 
 Example:
   >>> import learned_opt, optax
-  >>> tx = learned_opt.as_optax(*learned_opt.load("runs/quadratic"))
+  >>> tx = learned_opt.as_optax(learned_opt.pretrained("quadratic"))  # or learned_opt.load(dir)
   >>> opt_state = tx.init(params)
   >>> updates, opt_state = tx.update(grads, opt_state, params)
   >>> params = optax.apply_updates(params, updates)
 """
 
-from learned_opt.base import LearnedOptimizer, check_float_params
+from learned_opt.base import LearnedOptimizer, SavedOptimizer, check_float_params
 from learned_opt.lstm import lstm_optimizer
 from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.optax_face import LearnedOptaxState, as_optax
 from learned_opt.parameter_groups import partition
 from learned_opt.registry import build, kinds, register, settings
-from learned_opt.serialization import SavedOptimizer, load, load_metadata, save
+from learned_opt.serialization import load, load_metadata, save
 from learned_opt.shipped import names as pretrained_names
 from learned_opt.shipped import pretrained
 

@@ -28,6 +28,17 @@ class LearnedOptimizer(NamedTuple):
   config: Mapping[str, Any]
 
 
+class SavedOptimizer(NamedTuple):
+  """A learned optimizer with its weights phi, as ``learned_opt.load`` and ``pretrained`` return.
+
+  Example:
+    >>> tx = learned_opt.as_optax(learned_opt.load("runs/quadratic"))
+  """
+
+  optimizer: LearnedOptimizer
+  meta_params: MetaParams
+
+
 def check_float_params(params: Params) -> None:
   """Raises a ``TypeError`` naming every leaf that is not a floating-point array."""
   bad = [

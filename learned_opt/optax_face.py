@@ -1,5 +1,6 @@
 """The optax face of a learned optimizer: a ``GradientTransformationExtraArgs``."""
 
+import os
 from typing import NamedTuple
 
 import chex
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from learned_opt.base import LearnedOptimizer, MetaParams
+from learned_opt.base import LearnedOptimizer, MetaParams, SavedOptimizer
 
 NAN_POLICIES = ("propagate", "zero")
 
@@ -18,26 +19,69 @@ class LearnedOptaxState(NamedTuple):
   inner: chex.ArrayTree
 
 
+def _unpack(optimizer, meta_params) -> tuple[LearnedOptimizer, MetaParams]:
+  """``(optimizer, phi)`` from ``as_optax``'s arguments, or a ``TypeError`` saying what to pass."""
+  if isinstance(optimizer, SavedOptimizer):
+    if meta_params is not None:
+      raise TypeError(
+        "as_optax got a loaded optimizer, which holds its own meta_params, and meta_params too; "
+        "pass as_optax(saved) alone."
+      )
+    return optimizer.optimizer, optimizer.meta_params
+  if isinstance(optimizer, LearnedOptimizer):
+    if meta_params is None:
+      raise TypeError(
+        "as_optax got a LearnedOptimizer without its weights phi; pass "
+        "as_optax(optimizer, meta_params) (e.g. meta_params=optimizer.init_meta_params(key)) "
+        "or a loaded optimizer: as_optax(learned_opt.load(path)) or "
+        "as_optax(learned_opt.pretrained(name))."
+      )
+    return optimizer, meta_params
+  hint = (
+    f" To use the optimizer saved at {optimizer!r}, pass as_optax(learned_opt.load(path))."
+    if isinstance(optimizer, str | os.PathLike)
+    else ""
+  )
+  raise TypeError(
+    f"as_optax takes a loaded optimizer (learned_opt.load(path) or learned_opt.pretrained(name)) "
+    f"or (optimizer, meta_params), got {type(optimizer).__name__}.{hint}"
+  )
+
+
 def as_optax(
-  optimizer: LearnedOptimizer, meta_params: MetaParams, *, nan_policy: str = "propagate"
+  optimizer: SavedOptimizer | LearnedOptimizer,
+  meta_params: MetaParams | None = None,
+  *,
+  nan_policy: str = "propagate",
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a learned optimizer with fixed weights phi as an optax transformation.
 
-  ``update`` returns additive updates, so ``optax.apply_updates`` and ``optax.chain`` work
-  unchanged; extra arguments such as ``value=`` are accepted and ignored.
+  ``update`` returns additive updates (eq. 1's ``g_t``), so ``optax.apply_updates`` and
+  ``optax.chain`` work unchanged; extra arguments such as ``value=`` are accepted and ignored.
 
   Args:
-    optimizer: the learned optimizer, e.g. ``learned_opt.lstm_optimizer()``.
-    meta_params: its weights phi, e.g. from ``learned_opt.load``.
+    optimizer: a loaded optimizer (``learned_opt.load(path)``, ``learned_opt.pretrained(name)``), or
+      a ``LearnedOptimizer`` whose weights come as ``meta_params``.
+    meta_params: phi, only with a bare ``LearnedOptimizer``, e.g.
+      ``optimizer.init_meta_params(key)``.
     nan_policy: ``"propagate"`` (the default, like optax's own optimizers: a NaN gradient gives
       a NaN update, so the failure is visible) or ``"zero"`` (non-finite gradient entries are
       replaced by 0 before the optimizer sees them, so one bad coordinate does not spread
       through global averaging cells or shared memory).
 
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its state is a ``LearnedOptaxState``.
+
+  Raises:
+    TypeError: for anything but the two forms above (e.g. a path, or an optimizer without phi).
+
   Example:
     >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
-    ...                  learned_opt.as_optax(*learned_opt.load("runs/quadratic")))
+    ...                  learned_opt.as_optax(learned_opt.pretrained("mnist_mlp")))
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
   """
+  optimizer, meta_params = _unpack(optimizer, meta_params)
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
 

@@ -11,25 +11,18 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 from flax import serialization
 
 from learned_opt import registry
-from learned_opt.base import LearnedOptimizer, MetaParams
+from learned_opt.base import LearnedOptimizer, MetaParams, SavedOptimizer
 
 FORMAT_VERSION = 1
 RECORD_FILE = "optimizer.json"
 WEIGHTS_FILE = "meta_params.msgpack"
-
-
-class SavedOptimizer(NamedTuple):
-  """What ``load`` returns: unpack it into ``as_optax(*load(path))``."""
-
-  optimizer: LearnedOptimizer
-  meta_params: MetaParams
 
 
 def current_umask() -> int:
@@ -125,7 +118,7 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
     ``SavedOptimizer(optimizer, meta_params)``.
 
   Example:
-    >>> tx = learned_opt.as_optax(*learned_opt.load("runs/quadratic"))
+    >>> tx = learned_opt.as_optax(learned_opt.load("runs/quadratic"))
   """
   record = _read_record(directory)
   config = record["config"]

@@ -57,7 +57,7 @@ def pretrained(name: str) -> serialization.SavedOptimizer:
   """Loads a shipped optimizer by name.
 
   Example:
-    >>> tx = learned_opt.as_optax(*learned_opt.pretrained("mnist_mlp"))
+    >>> tx = learned_opt.as_optax(learned_opt.pretrained("mnist_mlp"))
   """
   return serialization.load(directory(name))
 

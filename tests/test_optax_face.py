@@ -1,5 +1,6 @@
-"""as_optax inside optax.chain under jit, on a flax model; NaN policy; bad state."""
+"""as_optax inside optax.chain under jit, on a flax model; both call forms; NaN policy; errors."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,42 +18,22 @@ class TinyMLP(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def trained_quadratic_opt():
-  """A quickly meta-trained LSTM (small, 150 meta-steps) shared by the tests in this module."""
-  from tasks import quadratic
-  from train import unroll
-
-  task = quadratic(dim=6)
-  opt = learned_opt.lstm_optimizer(hidden_size=10)
-  phi = opt.init_meta_params(jax.random.key(0))
-  meta = optax.adam(3e-3)
-  meta_state = meta.init(phi)
-
-  @jax.jit
-  def step(phi, meta_state, key):
-    inner = unroll.init_inner_batch(task, opt, phi, key, 16)
-    grads = jax.grad(
-      lambda p: unroll.meta_loss(p, inner, task=task, optimizer=opt, num_steps=10)[0]
-    )(phi)
-    updates, meta_state = meta.update(grads, meta_state)
-    return optax.apply_updates(phi, updates), meta_state
-
-  for i in range(150):
-    phi, meta_state = step(phi, meta_state, jax.random.key(i))
-  return opt, phi
+def saved():
+  return learned_opt.pretrained("mnist_mlp")
 
 
-def test_trains_flax_model_in_chain_under_jit(trained_quadratic_opt):
-  opt, phi = trained_quadratic_opt
+def test_pretrained_trains_flax_model_in_chain_under_jit(saved):
   model = TinyMLP()
   x = jax.random.normal(jax.random.key(1), (32, 3))
   y = jnp.sin(x[:, :1])
   params = model.init(jax.random.key(2), x)
   loss_fn = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), learned_opt.as_optax(opt, phi))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), learned_opt.as_optax(saved))
   state = tx.init(params)
+  chex.clear_trace_counter()
 
   @jax.jit
+  @chex.assert_max_traces(n=1)  # a retrace on a later step fails the test
   def train_step(params, state):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, state = tx.update(grads, state, params, value=loss)
@@ -61,25 +42,47 @@ def test_trains_flax_model_in_chain_under_jit(trained_quadratic_opt):
   first = float(loss_fn(params))
   for _ in range(50):
     params, state, loss = train_step(params, state)
-  assert float(loss_fn(params)) < 0.7 * first
-  assert train_step._cache_size() == 1
+  assert float(loss_fn(params)) < 0.1 * first
 
 
-def test_nan_policy(trained_quadratic_opt):
-  opt, phi = trained_quadratic_opt
+def test_loaded_and_two_argument_forms_agree(saved):
+  grads = {"x": jnp.array([0.3, -2.0, 1e-6])}
+  forms = [
+    learned_opt.as_optax(saved),
+    learned_opt.as_optax(*saved),
+    learned_opt.as_optax(saved.optimizer, saved.meta_params),
+  ]
+  updates = [tx.update(grads, tx.init(grads))[0]["x"] for tx in forms]
+  assert float(jnp.max(jnp.abs(updates[0]))) > 0
+  for other in updates[1:]:
+    np.testing.assert_array_equal(other, updates[0])
+
+
+def test_wrong_arguments_say_what_to_pass(saved):
+  with pytest.raises(TypeError, match=r"without its weights phi; pass as_optax\(optimizer, meta"):
+    learned_opt.as_optax(saved.optimizer)
+  with pytest.raises(TypeError, match=r"saved at 'runs/q', pass as_optax\(learned_opt.load"):
+    learned_opt.as_optax("runs/q")
+  with pytest.raises(TypeError, match=r"pass as_optax\(saved\) alone"):
+    learned_opt.as_optax(saved, saved.meta_params)
+  with pytest.raises(TypeError, match=r"or \(optimizer, meta_params\), got tuple"):
+    learned_opt.as_optax(tuple(saved))
+
+
+def test_nan_policy(saved):
   grads = {"x": jnp.array([1.0, jnp.nan, -1.0])}
-  propagate = learned_opt.as_optax(opt, phi)
+  propagate = learned_opt.as_optax(saved)
   updates, _ = propagate.update(grads, propagate.init(grads))
   assert bool(jnp.isnan(updates["x"][1]))
-  zero = learned_opt.as_optax(opt, phi, nan_policy="zero")
+  zero = learned_opt.as_optax(saved, nan_policy="zero")
   updates, _ = zero.update(grads, zero.init(grads))
   clean, _ = zero.update({"x": jnp.array([1.0, 0.0, -1.0])}, zero.init(grads))
   np.testing.assert_array_equal(updates["x"], clean["x"])
   with pytest.raises(ValueError, match="nan_policy"):
-    learned_opt.as_optax(opt, phi, nan_policy="skip")
+    learned_opt.as_optax(saved, nan_policy="skip")
 
 
-def test_wrong_state_is_a_clear_error(trained_quadratic_opt):
-  tx = learned_opt.as_optax(*trained_quadratic_opt)
+def test_wrong_state_is_a_clear_error(saved):
+  tx = learned_opt.as_optax(saved)
   with pytest.raises(TypeError, match="init"):
     tx.update({"x": jnp.ones(2)}, optax.EmptyState())

@@ -28,7 +28,7 @@ def test_mnist_optimizer_ships_and_loads_by_name():
 
 def test_shipped_optimizer_lowers_a_small_mlp_loss():
   """The MNIST optimizer, through optax, trains a tiny sigmoid MLP on separable data."""
-  tx = learned_opt.as_optax(*learned_opt.pretrained("mnist_mlp"))
+  tx = learned_opt.as_optax(learned_opt.pretrained("mnist_mlp"))
   keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.uniform(keys[0], (64, 16))
   labels = (x[:, 0] > x[:, 1]).astype(jnp.int32)

@@ -30,7 +30,7 @@ def test_round_trip_bit_for_bit(saved):
   assert learned_opt.load_metadata(path) == {"note": "test"}
   # The loaded optimizer goes straight into optax and behaves identically.
   g = {"x": jnp.array([0.3, -2.0])}
-  tx_a, tx_b = learned_opt.as_optax(opt, phi), learned_opt.as_optax(*learned_opt.load(path))
+  tx_a, tx_b = learned_opt.as_optax(opt, phi), learned_opt.as_optax(learned_opt.load(path))
   np.testing.assert_array_equal(
     tx_a.update(g, tx_a.init(g))[0]["x"], tx_b.update(g, tx_b.init(g))[0]["x"]
   )
