@@ -20,7 +20,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import learned_opt  # noqa: E402
-from train import trainer  # noqa: E402
+from train import meta_step, trainer  # noqa: E402
 from train.config import MetaTrainConfig  # noqa: E402
 
 flags.DEFINE_list("sizes", ["16384", "1048576"], "Parameter counts for the update benchmark.")
@@ -46,9 +46,9 @@ def meta_training_throughput():
     output_dir="/tmp/unused", num_problems=FLAGS.num_problems, unroll=FLAGS.unroll, horizon=100
   )
   task, opt = trainer.build(config)
-  state = trainer.init_state(config, task, opt)
-  step = jax.jit(trainer.make_train_step(config, task, opt))
-  seconds = timed(lambda s: step(s)[1].meta_loss, state, repeats=FLAGS.repeats)
+  state = meta_step.init_state(config, task, opt)
+  step = jax.jit(meta_step.make_train_step(config, task, opt))
+  seconds = timed(lambda s: step(s, task.data)[1].meta_loss, state, repeats=FLAGS.repeats)
   inner_steps = FLAGS.num_problems * FLAGS.unroll / seconds
   print(
     f"meta-training, quadratic dim 10, {FLAGS.num_problems} problems, unroll {FLAGS.unroll}: "
