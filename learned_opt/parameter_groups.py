@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from learned_opt.base import LearnedOptimizer
+from learned_opt.base import LearnedOptimizer, check_float_params
 
 LabelRule = Callable[[Any, jax.Array], str]  # (key path, leaf) -> group label
 
@@ -82,6 +82,7 @@ def partition(
     }
 
   def init_state(meta_params, params):
+    check_float_params(params)  # On the whole tree, so an error names the leaf's own path.
     parts, _ = split(params)
     return {
       label: optimizers[label].init_state(meta_params[label], parts[label]) for label in labels

@@ -68,3 +68,24 @@ def test_round_trip_and_missing_group(cnn_params, tmp_path):
   only_fc = learned_opt.partition({"fc": learned_opt.lstm_optimizer(4)})
   with pytest.raises(ValueError, match=r"Conv_0.*label 'conv'.*only has optimizers for \('fc',\)"):
     only_fc.init_state(only_fc.init_meta_params(jax.random.key(0)), cnn_params)
+
+
+def test_global_averaging_stays_within_a_group():
+  """GAC couples the coordinates of a group, never those of another group (section 3.3)."""
+  opt = learned_opt.partition(
+    {
+      "conv": learned_opt.lstm_optimizer(hidden_size=4, global_cells=2),
+      "fc": learned_opt.lstm_optimizer(hidden_size=4, global_cells=2),
+    }
+  )
+  phi = opt.init_meta_params(jax.random.key(3))
+  grads = {"conv": jnp.array([0.5, -1.0, 2.0]), "fc": jnp.array([1.0, 0.3])}
+  changed = {**grads, "conv": grads["conv"].at[0].mul(-50.0)}
+
+  def two_steps(g):
+    _, s = opt.update(phi, g, opt.init_state(phi, g))
+    return opt.update(phi, g, s)[0]
+
+  base, moved = two_steps(grads), two_steps(changed)
+  assert float(jnp.max(jnp.abs(base["conv"][1:] - moved["conv"][1:]))) > 1e-6
+  np.testing.assert_array_equal(base["fc"], moved["fc"])
