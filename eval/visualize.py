@@ -138,7 +138,7 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   optimizers = {
-    "LSTM": learned_opt.as_optax(*saved),
+    "LSTM": learned_opt.as_optax(saved),
     "ADAM": optax.adam(FLAGS.adam_lr),
     "SGD": optax.sgd(FLAGS.sgd_lr),
   }

@@ -26,7 +26,7 @@ import learned_opt
 import tasks
 from eval import baselines as baselines_lib
 from eval import compare, plots
-from learned_opt.serialization import atomic_write
+from learned_opt.tree_files import atomic_write
 
 
 class Experiment(NamedTuple):

@@ -22,7 +22,7 @@ from absl import app, flags
 import learned_opt
 from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
-from learned_opt.serialization import atomic_write
+from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 
 flags.DEFINE_multi_string("checkpoint", [], "NAME=DIR of a saved optimizer; repeat, LSTM first.")

@@ -6,47 +6,20 @@ rebuilds the optimizer, the SHA-256 of the weights file, free-form metadata) and
 weights first, so a reader never sees a record pointing at half-written weights.
 """
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
 
-from learned_opt import registry
+from learned_opt import registry, tree_files
 from learned_opt.base import LearnedOptimizer, MetaParams, SavedOptimizer
 
 FORMAT_VERSION = 1
 RECORD_FILE = "optimizer.json"
 WEIGHTS_FILE = "meta_params.msgpack"
-
-
-def current_umask() -> int:
-  """The process umask, read by setting and restoring it."""
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-def atomic_write(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file and an atomic rename."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode.
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _check_finite(meta_params: MetaParams) -> None:
@@ -70,17 +43,15 @@ def save(
   """
   _check_finite(meta_params)
   os.makedirs(directory, exist_ok=True)
-  weights = serialization.msgpack_serialize(
-    serialization.to_state_dict(jax.tree.map(np.asarray, meta_params))
-  )
+  weights, digest = tree_files.encode(meta_params)
   record = {
     "format_version": FORMAT_VERSION,
     "config": dict(optimizer.config),
-    "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    "weights_sha256": digest,
     "metadata": dict(metadata or {}),
   }
-  atomic_write(os.path.join(directory, WEIGHTS_FILE), weights)
-  atomic_write(
+  tree_files.atomic_write(os.path.join(directory, WEIGHTS_FILE), weights)
+  tree_files.atomic_write(
     os.path.join(directory, RECORD_FILE), json.dumps(record, indent=2, sort_keys=True).encode()
   )
 
@@ -133,26 +104,9 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
     raise FileNotFoundError(f"{weights_path} is missing; the saved optimizer is incomplete.")
   with open(weights_path, "rb") as f:
     weights = f.read()
-  if hashlib.sha256(weights).hexdigest() != record.get("weights_sha256"):
-    raise ValueError(
-      f"{weights_path} is corrupt or truncated: its SHA-256 does not match {RECORD_FILE}."
-    )
   template = jax.eval_shape(optimizer.init_meta_params, jax.random.key(0))
-  try:
-    state = serialization.msgpack_restore(weights)
-    meta_params = serialization.from_state_dict(template, state)
-  except Exception as e:  # msgpack and flax raise many types for malformed input.
-    raise ValueError(f"{weights_path} does not hold weights for config {config}: {e}") from e
-  mismatched = [
-    f"{jax.tree_util.keystr(path)}: saved {np.shape(leaf)}, expected {spec.shape}"
-    for (path, leaf), spec in zip(
-      jax.tree_util.tree_leaves_with_path(meta_params), jax.tree.leaves(template), strict=True
-    )
-    if np.shape(leaf) != spec.shape or np.asarray(leaf).dtype != spec.dtype
-  ]
-  if mismatched:
-    raise ValueError(f"{weights_path} does not match config {config}: " + "; ".join(mismatched))
-  meta_params = jax.tree.map(jax.numpy.asarray, meta_params)
+  raw = tree_files.read(weights, record.get("weights_sha256"), weights_path, record=RECORD_FILE)
+  meta_params = tree_files.restore(raw, template, weights_path, fits=f"config {config}")
   return SavedOptimizer(optimizer, meta_params)
 
 

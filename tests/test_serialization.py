@@ -76,7 +76,7 @@ def test_other_architecture(saved):
   record = json.load(open(record_path))
   record["config"]["hidden_size"] = 7
   json.dump(record, open(record_path, "w"))
-  with pytest.raises(ValueError, match="does not match config"):
+  with pytest.raises(ValueError, match="does not fit config"):
     learned_opt.load(path)
 
 

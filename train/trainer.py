@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import learned_opt
+from learned_opt import tree_files
 from learned_opt.base import LearnedOptimizer
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
@@ -205,7 +206,7 @@ def train(
   metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
   config_path = os.path.join(config.output_dir, "config.json")
   check_resumable(config, config_path, ckpt_dir)
-  learned_opt.serialization.atomic_write(config_path, config.to_json().encode())
+  tree_files.atomic_write(config_path, config.to_json().encode())
 
   state, progress = resume_or_start(config, task, optimizer, ckpt_dir, log)
   if progress.early_stopped:
