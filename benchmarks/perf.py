@@ -1,0 +1,213 @@
+r"""Performance against the machine's limit (run by hand, not a test).
+
+  python -m benchmarks.perf [--workloads=quad128,quad1024,mnist2,mnist8,update16k,update1m]
+      [--json=runs/perf.json]
+
+For each workload, in a subprocess of its own (so the peak resident memory is that workload's):
+wall time per call after compile (median, the donated state threaded from call to call as the
+trainer does), lowering + compile time, achieved FLOP/s from XLA's cost analysis and that as a
+fraction of a large float32 matmul timed in the same run (the machine's practical peak), and
+peak resident memory. XLA's cost analysis counts a ``lax.scan`` body once, whatever its trip
+count, so the FLOPs are read from a second lowering with every scan fully unrolled (the timed
+program is the ordinary one). Workloads:
+
+* ``quad128``, ``quad1024``: the trainer's meta-step on 10-d quadratics, 128 / 1024 problems,
+  unroll 20 (``train.meta_step.make_train_step``, the paper's 2x20 LSTM);
+* ``mnist2``, ``mnist8``: the same on the MNIST base net (15,910 parameters), 2 / 8 problems,
+  log_sign preprocessing, output scale 0.1 (needs ``$MNIST_DIR``);
+* ``update16k``, ``update1m``: one jitted ``as_optax`` update of the LSTM on 16,384 /
+  1,048,576 float32 parameters, beside ``optax.adam``.
+"""
+
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+
+import learned_opt
+from train import meta_step, trainer
+from train.config import MetaTrainConfig
+
+flags.DEFINE_list(
+  "workloads",
+  ["quad128", "quad1024", "mnist2", "mnist8", "update16k", "update1m"],
+  "Workloads to run, each in its own subprocess.",
+)
+flags.DEFINE_string("json", None, "Also write every result to this JSON file.")
+flags.DEFINE_string("one", None, "Run this single workload in this process (used internally).")
+flags.DEFINE_integer("repeats", 10, "Timed calls per workload after the first.")
+FLAGS = flags.FLAGS
+
+MNIST_OPTIMIZER = {"preprocess": "log_sign", "output_scale": 0.1}
+
+
+@contextlib.contextmanager
+def fully_unrolled_scans():
+  """Lowers every ``lax.scan`` fully unrolled, so cost analysis counts each iteration."""
+  original = jax.lax.scan
+
+  def scan(*args, **kwargs):
+    kwargs["unroll"] = True
+    return original(*args, **kwargs)
+
+  jax.lax.scan = scan
+  try:
+    yield
+  finally:
+    jax.lax.scan = original
+
+
+def flops_of(fn, *args) -> float:
+  """FLOPs of one call of ``fn(*args)`` by XLA's cost analysis, scans unrolled."""
+  with fully_unrolled_scans():
+    analysis = jax.jit(fn).lower(*args).cost_analysis()
+  if isinstance(analysis, list):  # older jax returns one dict per computation
+    analysis = analysis[0]
+  return float(analysis.get("flops", 0.0))
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of an n x n float32 matmul, jitted, median of ``repeats`` calls."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  times = []
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    times.append(time.perf_counter() - tic)
+  return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def time_threaded(compiled, state, extra, repeats):
+  """Median seconds per call of ``state, out = compiled(state, *extra)``, state threaded."""
+  state, out = compiled(state, *extra)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    state, out = compiled(state, *extra)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - tic)
+  return sorted(times)[len(times) // 2]
+
+
+def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
+  task, optimizer = trainer.build(config)
+  state = meta_step.init_state(config, task, optimizer)
+  step = meta_step.make_train_step(config, task, optimizer)
+  flops = flops_of(step, state, task.data)
+  tic = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, task.data).compile()
+  compile_s = time.perf_counter() - tic
+  seconds = time_threaded(compiled, state, (task.data,), repeats)
+  inner_steps = config.num_problems * config.unroll
+  return {
+    "seconds": seconds,
+    "compile_s": compile_s,
+    "flops": flops,
+    "optimizee_steps_per_s": inner_steps / seconds,
+    "seconds_per_problem": seconds / config.num_problems,
+  }
+
+
+def update_workload(size: int, repeats: int) -> dict:
+  params = {"w": jnp.ones((size // 64, 64), jnp.float32)}
+  grads = jax.tree.map(lambda p: 0.01 * p, params)
+  opt = learned_opt.lstm_optimizer()
+  results = {}
+  for name, tx in (
+    ("learned", learned_opt.as_optax(opt, opt.init_meta_params(jax.random.key(0)))),
+    ("adam", optax.adam(1e-3)),
+  ):
+    update = lambda s, g, tx=tx: tx.update(g, s)[::-1]  # (state, updates): state threaded
+    state = tx.init(params)
+    flops = flops_of(update, state, grads)
+    tic = time.perf_counter()
+    compiled = jax.jit(update, donate_argnums=0).lower(state, grads).compile()
+    compile_s = time.perf_counter() - tic
+    seconds = time_threaded(compiled, state, (grads,), repeats)
+    results[name] = {"seconds": seconds, "compile_s": compile_s, "flops": flops}
+  learned = results.pop("learned")
+  return {**learned, "adam_seconds": results["adam"]["seconds"], "params": size}
+
+
+def run_one(name: str, repeats: int) -> dict:
+  quadratic = dict(output_dir="/tmp/unused", unroll=20, horizon=100)
+  mnist = dict(quadratic, task="mnist_mlp", optimizer_kwargs=MNIST_OPTIMIZER)
+  workloads = {
+    "quad128": lambda: meta_step_workload(MetaTrainConfig(**quadratic, num_problems=128), repeats),
+    "quad1024": lambda: meta_step_workload(
+      MetaTrainConfig(**quadratic, num_problems=1024), repeats
+    ),
+    "mnist2": lambda: meta_step_workload(MetaTrainConfig(**mnist, num_problems=2), repeats),
+    "mnist8": lambda: meta_step_workload(MetaTrainConfig(**mnist, num_problems=8), repeats),
+    "update16k": lambda: update_workload(16_384, repeats),
+    "update1m": lambda: update_workload(1_048_576, repeats),
+  }
+  if name not in workloads:
+    raise app.UsageError(f"Unknown workload {name!r}; choose from {', '.join(workloads)}.")
+  peak = matmul_peak()
+  result = workloads[name]()
+  achieved = result["flops"] / result["seconds"]
+  return {
+    "workload": name,
+    **result,
+    "achieved_flops_per_s": achieved,
+    "matmul_peak_flops_per_s": peak,
+    "fraction_of_peak": achieved / peak,
+    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+  }
+
+
+def format_row(r: dict) -> str:
+  extra = ""
+  if "optimizee_steps_per_s" in r:
+    extra = f"{r['optimizee_steps_per_s']:>12,.0f} opt-steps/s"
+  elif "adam_seconds" in r:
+    extra = f"  adam {1e3 * r['adam_seconds']:.3f} ms"
+  return (
+    f"{r['workload']:<10}{1e3 * r['seconds']:>10.1f} ms{r['compile_s']:>8.1f} s compile"
+    f"{r['achieved_flops_per_s'] / 1e9:>8.1f} GFLOP/s{100 * r['fraction_of_peak']:>6.1f}% of "
+    f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}{r['peak_rss_gb']:>7.2f} GB{extra}"
+  )
+
+
+def main(argv):
+  del argv
+  if FLAGS.one:
+    print(json.dumps(run_one(FLAGS.one, FLAGS.repeats)))
+    return
+  print(f"devices: {jax.devices()}, jax {jax.__version__}")
+  results = []
+  for name in FLAGS.workloads:
+    command = [
+      sys.executable,
+      "-m",
+      "benchmarks.perf",
+      f"--one={name}",
+      f"--repeats={FLAGS.repeats}",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode:
+      print(f"{name}: failed\n{out.stderr[-2000:]}")
+      continue
+    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(format_row(results[-1]), flush=True)
+  if FLAGS.json:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+    record = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
+    with open(FLAGS.json, "w") as f:
+      json.dump({**record, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
