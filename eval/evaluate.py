@@ -1,7 +1,8 @@
 r"""Evaluates trained optimizers against the paper's tuned baselines on fresh problems.
 
 Example:
-  python -m eval.evaluate --checkpoint=runs/quadratic --task=quadratic --output_dir=runs/eval
+  python -m eval.evaluate --checkpoint=runs/quadratic --output_dir=runs/eval
+  python -m eval.evaluate --checkpoint=pretrained:mnist_mlp --output_dir=runs/eval_mnist
 
 Writes ``results.json`` (per optimizer: name, chosen learning rate or null, mean loss curve,
 final loss mean and standard error), ``curves.png`` and prints a table.
@@ -13,14 +14,16 @@ import os
 import jax
 from absl import app, flags
 
-import learned_opt
 from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 
 flags.DEFINE_multi_string(
-  "checkpoint", [], "Saved optimizer directory, optionally NAME=DIR; repeat for several."
+  "checkpoint",
+  [],
+  "Saved optimizer: a directory or pretrained:NAME, optionally NAME=...; repeat for several. "
+  "Unnamed ones are named by their kind (lstm, ntm_bfgs, ...).",
 )
 flags.DEFINE_string("task", None, "Task family; default: the one the first checkpoint trained on.")
 flags.DEFINE_string("task_kwargs", None, "JSON task settings; default: the checkpoint's.")
@@ -37,21 +40,19 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.output_dir:
-    raise app.UsageError("--output_dir is required (e.g. --output_dir=runs/eval).")
   for flag in ("num_problems", "num_steps"):
     if FLAGS[flag].value <= 0:
       raise app.UsageError(f"--{flag} must be positive, got {FLAGS[flag].value}.")
-  checkpoints = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
   try:
+    run_config.check_output_dir(FLAGS.output_dir)
+    specs = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
+    learned = run_config.load_all(specs)
     task_name, task_kwargs = run_config.task_settings(
-      checkpoints.values(), FLAGS.task, FLAGS.task_kwargs
+      [path for _, path in specs], FLAGS.task, FLAGS.task_kwargs
     )
     task = task_registry.get(task_name, **task_kwargs)
-    learned = {name: learned_opt.load(path) for name, path in checkpoints.items()}
-  except (ValueError, FileNotFoundError) as e:  # json errors are ValueErrors too
+  except (ValueError, TypeError) as e:  # json errors are ValueErrors; bad kwargs TypeErrors
     raise app.UsageError(str(e)) from e
-  os.makedirs(FLAGS.output_dir, exist_ok=True)
   results = compare.compare(
     task,
     learned,
@@ -61,6 +62,7 @@ def main(argv):
     seed=FLAGS.seed,
     lr_batch_size=FLAGS.lr_batch_size or None,
   )
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
   atomic_write(os.path.join(FLAGS.output_dir, "results.json"), json.dumps(results).encode())
   plots.plot_curves(results, os.path.join(FLAGS.output_dir, "curves.png"))
   print(compare.format_table(results))

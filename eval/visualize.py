@@ -113,7 +113,9 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Flags of the command; defined only when run as one, so importing this module is free."""
-  flags.DEFINE_string("checkpoint", None, "Saved learned optimizer directory.")
+  flags.DEFINE_string(
+    "checkpoint", None, "Saved learned optimizer: a directory or pretrained:NAME."
+  )
   flags.DEFINE_string("output_dir", None, "Where traces.json and updates.png go.")
   flags.DEFINE_string("task", None, "Task family; default: the checkpoint's.")
   flags.DEFINE_integer("num_steps", 32, "Steps of the trajectory (the paper shows 32).")
@@ -126,16 +128,18 @@ def define_flags():
 
 def main(argv):
   del argv
-  if not FLAGS.checkpoint or not FLAGS.output_dir:
-    raise app.UsageError("--checkpoint and --output_dir are required.")
-  from eval.run_config import task_settings
+  if not FLAGS.checkpoint:
+    raise app.UsageError("--checkpoint is required (a directory or pretrained:NAME).")
+  from eval import run_config
   from tasks import registry as task_registry
 
   try:
-    name, kwargs = task_settings([FLAGS.checkpoint], FLAGS.task, None)
+    run_config.check_output_dir(FLAGS.output_dir)
+    path = run_config.resolve(FLAGS.checkpoint)
+    (saved,) = run_config.load_all([(None, path)]).values()
+    name, kwargs = run_config.task_settings([path], FLAGS.task, None)
     task = task_registry.get(name, **kwargs)
-    saved = learned_opt.load(FLAGS.checkpoint)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, TypeError) as e:
     raise app.UsageError(str(e)) from e
   optimizers = {
     "LSTM": learned_opt.as_optax(saved),

@@ -10,7 +10,7 @@ baseline's learning rate is re-tuned for that very setting over the paper's grid
 problems and the chosen rate is then run on the test problems (the whole grid on 64 test problems
 is out of reach of a 2-core CPU); ``--tune_problems=0`` sweeps the grid on the test problems, as
 ``eval.evaluate`` does. Writes ``<output_dir>/<experiment>/results.json`` and ``curves.png`` and a
-markdown table (``--summary``, default ``docs/results_mnist.md``).
+markdown table (``--summary``, default ``<output_dir>/results_mnist.md``).
 """
 
 import json
@@ -25,7 +25,7 @@ from absl import app, flags
 import learned_opt
 import tasks
 from eval import baselines as baselines_lib
-from eval import compare, plots
+from eval import compare, plots, run_config
 from learned_opt.tree_files import atomic_write
 
 
@@ -55,7 +55,9 @@ flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed 
 flags.DEFINE_integer("lr_batch_size", 10, "Learning rates vmapped at once (bounds memory).")
 flags.DEFINE_string("mnist_dir", None, "Directory of the MNIST IDX files; default $MNIST_DIR.")
 flags.DEFINE_string("output_dir", None, "Where each experiment's results.json and PNG go.")
-flags.DEFINE_string("summary", "docs/results_mnist.md", "Markdown table of every experiment.")
+flags.DEFINE_string(
+  "summary", None, "Markdown table of every experiment; default OUTPUT_DIR/results_mnist.md."
+)
 flags.DEFINE_bool(
   "reuse_baselines", False, "Keep the tuned baselines of an existing results.json (same setting)."
 )
@@ -83,7 +85,7 @@ def run_experiment(
   task = tasks.get("mnist_mlp", mnist_dir=mnist_dir, **experiment.task_kwargs)
   return compare.compare(
     task,
-    {"lstm": saved},
+    {saved.optimizer.config.get("kind", "learned"): saved},
     baselines,
     num_problems=num_problems,
     num_steps=experiment.num_steps,
@@ -163,11 +165,13 @@ def main(argv):
   if FLAGS.num_problems < 2 or FLAGS.tune_problems < 0:
     raise app.UsageError("--num_problems must be >= 2 and --tune_problems >= 0.")
   try:
+    run_config.check_output_dir(FLAGS.output_dir)
     saved = (
       learned_opt.load(FLAGS.checkpoint)
       if FLAGS.checkpoint
       else learned_opt.pretrained(FLAGS.pretrained)
     )
+    tasks.get("mnist_mlp", mnist_dir=FLAGS.mnist_dir)  # no data: a usage error before compute
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   source = FLAGS.checkpoint or f"learned_opt.pretrained({FLAGS.pretrained!r})"
@@ -205,10 +209,11 @@ def main(argv):
     plots.plot_curves(results, os.path.join(directory, "curves.png"), title=experiment.title)
     print(compare.format_table(results))
     print(verdict(results), f"({results['seconds']:.0f} s)", flush=True)
-    if FLAGS.summary:  # Rewritten after every experiment, over all results in output_dir.
-      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.summary)), exist_ok=True)
-      atomic_write(FLAGS.summary, markdown(_saved_results(FLAGS.output_dir), header).encode())
-      print(f"Wrote {FLAGS.summary}", flush=True)
+    # Rewritten after every experiment, over all results in output_dir.
+    summary = FLAGS.summary or os.path.join(FLAGS.output_dir, "results_mnist.md")
+    os.makedirs(os.path.dirname(os.path.abspath(summary)), exist_ok=True)
+    atomic_write(summary, markdown(_saved_results(FLAGS.output_dir), header).encode())
+    print(f"Wrote {summary}", flush=True)
 
 
 def _reusable(directory: str, experiment: Experiment) -> dict | None:

@@ -160,11 +160,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.output_dir or not FLAGS.checkpoint:
     raise app.UsageError("--output_dir and at least one --checkpoint=NAME=DIR are required.")
-  checkpoints = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
   try:
-    learned = {name: learned_opt.load(path) for name, path in checkpoints.items()}
-  except (ValueError, FileNotFoundError) as e:
+    run_config.check_output_dir(FLAGS.output_dir)
+    specs = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
+    learned = run_config.load_all(specs)
+  except ValueError as e:
     raise app.UsageError(str(e)) from e
+  checkpoints = dict(zip(learned, (path for _, path in specs), strict=True))
   task = task_registry.get("quadratic", dim=10)
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   results = compare.compare(

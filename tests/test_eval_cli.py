@@ -1,0 +1,63 @@
+"""The evaluation commands as a user runs them: shipped optimizers by name, usage errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(module, *flags):
+  return subprocess.run(
+    [sys.executable, "-m", module, *flags],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_evaluate_a_shipped_optimizer_by_name_on_its_recorded_task(tmp_path):
+  out = tmp_path / "eval"
+  result = run(
+    "eval.evaluate",
+    "--checkpoint=pretrained:quadratic",
+    f"--output_dir={out}",
+    "--num_problems=4",
+    "--num_steps=5",
+    "--baselines=sgd",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads((out / "results.json").read_text())
+  assert results["task"] == {"name": "quadratic", "dim": 10}  # from the optimizer's metadata
+  assert [r["name"] for r in results["optimizers"]] == ["lstm", "sgd"]  # named by its kind
+
+
+@pytest.mark.parametrize("bad", ["missing", "empty", "step_dir", "unknown_name"])
+def test_a_bad_checkpoint_is_a_usage_error_naming_it(tmp_path, bad):
+  paths = {
+    "missing": str(tmp_path / "nope"),
+    "empty": str(tmp_path),
+    "step_dir": str(tmp_path / "checkpoints" / "step_00000004"),
+    "unknown_name": "pretrained:nope",
+  }
+  os.makedirs(tmp_path / "checkpoints" / "step_00000004")
+  result = run("eval.evaluate", f"--checkpoint={paths[bad]}", f"--output_dir={tmp_path}/o")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  expected = (
+    "No pretrained optimizer named 'nope'" if bad == "unknown_name" else "No saved optimizer"
+  )
+  assert expected in result.stderr
+  assert not os.path.exists(tmp_path / "o")  # a failed run leaves no empty output folder
+
+
+@pytest.mark.parametrize("module", ["eval.evaluate", "eval.visualize"])
+def test_an_output_dir_under_a_file_is_refused_before_compute(tmp_path, module):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  result = run(module, "--checkpoint=pretrained:quadratic", f"--output_dir={blocker}/out")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "is a file, not a directory" in result.stderr
