@@ -3,10 +3,15 @@
 from collections.abc import Callable
 
 from tasks.base import TaskFamily
+from tasks.cifar10 import cifar10_conv
 from tasks.mnist import mnist_mlp
 from tasks.quadratic import quadratic
 
-_FAMILIES: dict[str, Callable[..., TaskFamily]] = {"mnist_mlp": mnist_mlp, "quadratic": quadratic}
+_FAMILIES: dict[str, Callable[..., TaskFamily]] = {
+  "cifar10_conv": cifar10_conv,
+  "mnist_mlp": mnist_mlp,
+  "quadratic": quadratic,
+}
 
 
 def register(name: str, factory: Callable[..., TaskFamily]) -> None:
