@@ -48,6 +48,45 @@ def _unpack(optimizer, meta_params) -> tuple[LearnedOptimizer, MetaParams]:
   )
 
 
+def _check_fits(optimizer, meta_params, grads, inner) -> None:
+  """Raises a ``ValueError`` naming the leaf if ``grads`` is not shaped like the params of
+  ``init`` (checked on shapes only, at trace time under jit)."""
+  expected = jax.eval_shape(optimizer.init_state, meta_params, grads)
+  grad_paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(grads)]
+
+  def leaf_of(state_path) -> str:
+    for path in grad_paths:  # the gradient leaf whose path lies inside the state leaf's path
+      n = len(path)
+      if any(state_path[i : i + n] == path for i in range(len(state_path) - n + 1)) and n:
+        return f"gradient leaf {jax.tree_util.keystr(path)}"
+    return f"state leaf {jax.tree_util.keystr(state_path)}"
+
+  hint = "pass gradients with the tree and shapes of the params given to init(params)."
+  got = jax.tree_util.tree_leaves_with_path(inner)
+  want = jax.tree_util.tree_leaves_with_path(expected)
+  if jax.tree.structure(inner) != jax.tree.structure(expected):
+    got_paths, want_paths = {p for p, _ in got}, {p for p, _ in want}
+    extra = sorted(want_paths - got_paths, key=str)
+    missing = sorted(got_paths - want_paths, key=str)
+    if extra:
+      where = f"{leaf_of(extra[0])} is not in the state"
+    elif missing:
+      where = f"no gradient for state leaf {jax.tree_util.keystr(missing[0])}"
+    else:
+      where = "the same leaves in another tree"
+    raise ValueError(
+      f"as_optax: the gradients' tree differs from the one the state was made for ({where}); "
+      + hint
+    )
+  for (path, g), (_, w) in zip(got, want, strict=True):
+    if jnp.shape(g) != w.shape:
+      raise ValueError(
+        f"as_optax: {leaf_of(path)} has a shape that does not fit the state made by init "
+        f"(state {jax.tree_util.keystr(path)}: {jnp.shape(g)}, these gradients need {w.shape}); "
+        + hint
+      )
+
+
 def as_optax(
   optimizer: SavedOptimizer | LearnedOptimizer,
   meta_params: MetaParams | None = None,
@@ -95,6 +134,7 @@ def as_optax(
         f"as_optax got state of type {type(state).__name__}; pass the state returned by this "
         "transformation's init(params)."
       )
+    _check_fits(optimizer, meta_params, updates, state.inner)
     if nan_policy == "zero":
       updates = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0), updates)
     steps, inner = optimizer.update(meta_params, updates, state.inner)

@@ -7,6 +7,7 @@ config, so ``build(optimizer.config)`` rebuilds the optimizer (how saved optimiz
 
 import functools
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +26,16 @@ class _Required:
 
 
 REQUIRED = _Required()
+# Upper bounds of size settings, checked before a factory runs: a crafted record (or a typo) with
+# num_layers=1000000 must fail at once, not after minutes and gigabytes of building.
+SIZE_LIMITS = {
+  "hidden_size": 4096,
+  "num_layers": 32,
+  "global_cells": 4096,
+  "read_heads": 64,
+  "write_heads": 64,
+  "memory_window": 1024,
+}
 _TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", str: "a string"}
 
 
@@ -103,6 +114,13 @@ def _fits(annotation: Any, value: Any) -> bool:
   return not isinstance(origin, type) or isinstance(value, origin)
 
 
+def _finite(value) -> bool:
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # an int too large for a float
+    return False
+
+
 def _checked(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
   """``values`` with float settings as floats; a ``ValueError`` for an unknown, missing or
   wrongly typed setting of ``kind``."""
@@ -122,6 +140,12 @@ def _checked(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
       raise ValueError(
         f"Setting {name!r} of kind {kind!r} must be {expected}, got {value!r} "
         f"({type(value).__name__}){example}."
+      )
+    if annotation is float and not _finite(value):
+      raise ValueError(f"Setting {name!r} of kind {kind!r} must be a finite number, got {value!r}.")
+    if name in SIZE_LIMITS and value > SIZE_LIMITS[name]:
+      raise ValueError(
+        f"Setting {name!r} of kind {kind!r} must be at most {SIZE_LIMITS[name]}, got {value!r}."
       )
   missing = [name for name, default in settings(kind).items() if default is REQUIRED]
   missing = [name for name in missing if name not in values]

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from flax import serialization
 
+TMP_PREFIX = ".tmp-"  # temporary files and directories of an atomic write in progress
+
 
 def current_umask() -> int:
   """The process umask, read by setting and restoring it."""
@@ -36,7 +38,7 @@ def _write_synced(path: str, data: bytes) -> None:
 def atomic_write(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and an atomic rename."""
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
   os.close(fd)
   try:
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode.
@@ -55,17 +57,42 @@ def atomic_write_directory(path: str, files: Mapping[str, bytes]) -> None:
   at any moment leaves either the whole directory or no directory at ``path``.
   """
   parent = os.path.dirname(os.path.abspath(path))
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  tmp = tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX)
   try:
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; use the usual mode.
     for name, data in files.items():
       _write_synced(os.path.join(tmp, name), data)
-    if os.path.exists(path):
+    if os.path.isdir(path) and not os.path.islink(path):
       shutil.rmtree(path)
+    elif os.path.lexists(path):  # a stray file of that name would make the rename fail forever
+      os.remove(path)
     os.rename(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def remove_temporaries(directory: str) -> list[str]:
+  """Removes what ``atomic_write`` and ``atomic_write_directory`` leave when killed mid-write.
+
+  Only the names they create (``.tmp-*``) directly under ``directory``; call it where one
+  process owns the directory (e.g. a training job's output directory at start).
+
+  Returns:
+    The removed names.
+  """
+  if not os.path.isdir(directory):
+    return []
+  removed = []
+  for name in sorted(os.listdir(directory)):
+    if name.startswith(TMP_PREFIX):
+      path = os.path.join(directory, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+      removed.append(name)
+  return removed
 
 
 def sha256(data: bytes) -> str:

@@ -1,12 +1,14 @@
 """Bad settings fail before anything compiles, naming the flag and a valid example."""
 
+import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from train.config import MetaTrainConfig, check_output_dir
+from train.config import MetaTrainConfig, check_output_dir, differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,3 +99,89 @@ def test_missing_data_directory_fails_when_the_task_is_built(tmp_path):
   )
   with pytest.raises(ValueError, match=r"MNIST directory .*none' does not exist.*MNIST_DIR"):
     trainer.build(config)
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"meta_lr": float("inf")}, r"--meta_lr must be a finite number, got inf"),
+    ({"meta_grad_clip": float("nan")}, r"--meta_grad_clip must be a finite number, got nan"),
+    ({"meta_lr_final_ratio": float("nan")}, r"--meta_lr_final_ratio must be a finite number"),
+    ({"optimizer_kwargs": {"output_scale": float("inf")}}, r"'output_scale'.*finite number"),
+    ({"optimizer_kwargs": {"input_scale": float("nan")}}, r"'input_scale'.*finite number"),
+    ({"unroll": 5.0, "horizon": 10}, r"--unroll must be int, got 5.0"),
+    ({"task_kwargs": {"dims": 4}}, r"--task_kwargs: task 'quadratic' has no setting 'dims'.*dim="),
+    ({"task_kwargs": {"dim": 2.5}}, r"--task_kwargs: setting 'dim' .* must be int, got 2.5"),
+    ({"task_kwargs": {"dim": "4"}}, r"setting 'dim' .* must be int, got '4' \(str\)"),
+    ({"task": "mnist_mlp", "task_kwargs": {"hidden_sizes": [20, "x"]}}, r"'hidden_sizes'"),
+  ],
+)
+def test_invalid_numbers_and_task_settings_are_refused(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    MetaTrainConfig(**{"output_dir": str(tmp_path), **overrides})
+
+
+def test_task_settings_of_the_right_types_pass(tmp_path):
+  MetaTrainConfig(output_dir=str(tmp_path), task="mnist_mlp", task_kwargs={"hidden_sizes": [8]})
+  MetaTrainConfig(output_dir=str(tmp_path), task="mnist_mlp", task_kwargs={"init_std": 1})
+
+
+def test_num_epochs_may_grow_on_resume_unless_the_schedule_depends_on_it(tmp_path):
+  saved = json.loads(MetaTrainConfig(output_dir=str(tmp_path), num_epochs=2).to_json())
+  assert differences(saved, MetaTrainConfig(output_dir=str(tmp_path), num_epochs=5)) == []
+  assert "can only grow" in differences(saved, MetaTrainConfig(output_dir="x", num_epochs=1))[0]
+  cosine = {**saved, "meta_lr_schedule": "cosine"}
+  (changed,) = differences(
+    cosine, MetaTrainConfig(output_dir="x", num_epochs=5, meta_lr_schedule="cosine")
+  )
+  assert "--num_epochs (saved 2, now 5; with --meta_lr_schedule=cosine" in changed
+
+
+def test_command_line_refuses_a_resume_without_a_traceback(tmp_path):
+  """A refused resume is a usage error found before compiling, naming the flag."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+  (run / "config.json").write_text(MetaTrainConfig(output_dir=str(run), meta_lr=0.5).to_json())
+  result = subprocess.run(
+    [sys.executable, "-m", "train.meta_train", f"--output_dir={run}", "--meta_lr=0.25"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0
+  assert "--meta_lr (saved 0.5, now 0.25)" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "metrics.jsonl"])
+def test_output_tree_problems_are_found_before_compiling(name, tmp_path):
+  from train import trainer
+
+  config = MetaTrainConfig(output_dir=str(tmp_path))
+  path = tmp_path / name
+  if name == "checkpoints":
+    path.write_text("x")
+  else:
+    path.mkdir()
+  with pytest.raises(trainer.RunDirError, match=f"{name} must be a"):
+    trainer.train(config, log=lambda s: None)
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_no_optimizer_saved_exits_non_zero_without_claiming_one(tmp_path, monkeypatch, capsys):
+  from absl import flags
+
+  from train import meta_train, trainer
+
+  flags.FLAGS(["meta_train", f"--output_dir={tmp_path}"])
+  diverged = trainer.Progress(math.inf, (math.inf,), False, (128,))
+  monkeypatch.setattr(trainer, "train", lambda config, log: (None, diverged))
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      meta_train.main(["meta_train"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert "No optimizer saved" in str(exit_info.value.code)
+  assert "128 of 128 diverged" in str(exit_info.value.code)
+  assert "optimizer saved in" not in capsys.readouterr().out

@@ -86,3 +86,20 @@ def test_wrong_state_is_a_clear_error(saved):
   tx = learned_opt.as_optax(saved)
   with pytest.raises(TypeError, match="init"):
     tx.update({"x": jnp.ones(2)}, optax.EmptyState())
+
+
+@pytest.mark.parametrize(
+  "grads, message",
+  [
+    ({"a": jnp.ones(4), "b": {"c": jnp.ones((2, 2))}}, r"gradient leaf \['a'\] has a shape"),
+    ({"a": jnp.ones(3)}, r"no gradient for state leaf \['b'\]\['c'\]"),
+    ({"a": jnp.ones(3), "b": {"d": jnp.ones((2, 2))}}, r"gradient leaf \['b'\]\['d'\] is not in"),
+  ],
+)
+def test_gradients_unlike_the_params_name_the_leaf(saved, grads, message):
+  tx = learned_opt.as_optax(saved)
+  state = tx.init({"a": jnp.ones(3), "b": {"c": jnp.ones((2, 2))}})
+  with pytest.raises(ValueError, match=message):
+    tx.update(grads, state)
+  with pytest.raises(ValueError, match=message):
+    jax.jit(tx.update)(grads, state)

@@ -37,14 +37,17 @@ def test_round_trip_bit_for_bit(saved):
 
 
 def _weights(path):
-  return os.path.join(path, learned_opt.serialization.WEIGHTS_FILE)
+  with open(os.path.join(path, "optimizer.json")) as f:
+    return os.path.join(path, json.load(f)["weights_file"])
 
 
 def test_truncated_weights(saved):
   path = saved[0]
   data = open(_weights(path), "rb").read()
   open(_weights(path), "wb").write(data[: len(data) // 2])
-  with pytest.raises(ValueError, match=r"meta_params.msgpack is corrupt or truncated"):
+  with pytest.raises(
+    ValueError, match=r"meta_params-[0-9a-f]{16}\.msgpack is corrupt or truncated"
+  ):
     learned_opt.load(path)
 
 
@@ -96,3 +99,117 @@ def test_refuses_to_save_non_finite(tmp_path):
   with pytest.raises(ValueError, match="non-finite"):
     learned_opt.save(str(tmp_path / "bad"), opt, phi)
   assert not os.path.exists(tmp_path / "bad" / "optimizer.json")
+
+
+def _record(path):
+  with open(os.path.join(path, "optimizer.json")) as f:
+    return json.load(f)
+
+
+def test_a_save_killed_before_its_record_leaves_the_previous_optimizer(saved, monkeypatch):
+  """Weights and record switch in one step: a save that dies before the record is replaced
+  leaves the old optimizer loadable (and a later save removes the orphaned weights)."""
+  path, opt, phi = saved
+  new_phi = jax.tree.map(lambda x: x + 1.0, phi)
+  real_write = learned_opt.tree_files.atomic_write
+
+  def dies_at_the_record(target, data):
+    if target.endswith("optimizer.json"):
+      raise KeyboardInterrupt  # stands in for a kill between the two writes
+    real_write(target, data)
+
+  monkeypatch.setattr(learned_opt.tree_files, "atomic_write", dies_at_the_record)
+  with pytest.raises(KeyboardInterrupt):
+    learned_opt.save(path, opt, new_phi)
+  monkeypatch.undo()
+  _, loaded = learned_opt.load(path)
+  for a, b in zip(jax.tree.leaves(phi), jax.tree.leaves(loaded), strict=True):
+    np.testing.assert_array_equal(a, b)
+  learned_opt.save(path, opt, new_phi)
+  weights = [n for n in os.listdir(path) if n.endswith(".msgpack")]
+  assert weights == [_record(path)["weights_file"]]
+
+
+def test_format1_directory_still_loads_and_is_upgraded_by_a_save(saved, tmp_path):
+  path, opt, phi = saved
+  old = str(tmp_path / "format1")
+  os.makedirs(old)
+  record = _record(path)
+  data = open(os.path.join(path, record.pop("weights_file")), "rb").read()
+  open(os.path.join(old, "meta_params.msgpack"), "wb").write(data)
+  record["format_version"] = 1
+  json.dump(record, open(os.path.join(old, "optimizer.json"), "w"))
+  _, loaded = learned_opt.load(old)
+  np.testing.assert_array_equal(jax.tree.leaves(loaded)[0], jax.tree.leaves(phi)[0])
+  learned_opt.save(old, opt, phi)
+  assert not os.path.exists(os.path.join(old, "meta_params.msgpack"))
+  learned_opt.load(old)
+  for name in learned_opt.pretrained_names():
+    learned_opt.pretrained(name)
+
+
+def _write_weights(path, phi):
+  """Replaces the weights of the optimizer at ``path`` by ``phi``, keeping the record valid."""
+  record = _record(path)
+  data, digest = learned_opt.tree_files.encode(phi)
+  open(os.path.join(path, record["weights_file"]), "wb").write(data)
+  record["weights_sha256"] = digest
+  json.dump(record, open(os.path.join(path, "optimizer.json"), "w"))
+
+
+def test_load_refuses_non_finite_weights(saved):
+  path, _, phi = saved
+  bad = jax.tree.map(lambda x: x, phi)
+  bad["out"]["b"] = bad["out"]["b"].at[0].set(jnp.nan)
+  _write_weights(path, bad)
+  with pytest.raises(ValueError, match=r"non-finite weights \(leaf \['out'\]\['b'\]\)"):
+    learned_opt.load(path)
+
+
+def test_dtype_only_mismatch_names_the_dtypes(saved):
+  path, _, phi = saved
+  _write_weights(path, jax.tree.map(lambda x: np.asarray(x, np.complex64), phi))
+  with pytest.raises(
+    ValueError, match=r"saved \(\d+, \d+\) complex64, expected \(\d+, \d+\) float32"
+  ):
+    learned_opt.load(path)
+
+
+@pytest.mark.parametrize(
+  "edit, message",
+  [
+    (
+      lambda r: r["config"].update(num_layers=1000000),
+      r"'num_layers'.*must be at most 32, got 1000000",
+    ),
+    (lambda r: r["config"].update(hidden_size=10**400), r"'hidden_size'.*must be at most 4096"),
+    (lambda r: r["config"].update(output_scale=float("inf")), r"'output_scale'.*finite"),
+    (lambda r: r["config"].update(hidden_size="20"), r"'hidden_size'.*must be an int"),
+    (lambda r: r.update(config=[1, 2]), r"field 'config' must be a JSON object"),
+    (lambda r: r.update(format_version="1"), r"field 'format_version' must be a positive int"),
+    (lambda r: r.update(weights_file="../../etc/x"), r"field 'weights_file' must name"),
+    (lambda r: r.update(weights_sha256=7), r"field 'weights_sha256' must be a JSON string"),
+    (lambda r: r.update(metadata="note"), r"field 'metadata' must be a JSON object"),
+  ],
+)
+def test_crafted_records_are_refused_fast_naming_the_field(saved, edit, message):
+  path = saved[0]
+  record = _record(path)
+  edit(record)
+  with open(os.path.join(path, "optimizer.json"), "w") as f:
+    f.write(json.dumps(record))
+  with pytest.raises(ValueError, match=message):
+    learned_opt.load(path)
+
+
+def test_deeply_nested_record_is_a_value_error(saved):
+  path = saved[0]
+  with open(os.path.join(path, "optimizer.json"), "w") as f:
+    f.write("[" * 100000 + "]" * 100000)
+  with pytest.raises(ValueError, match="optimizer.json is corrupt"):
+    learned_opt.load(path)
+
+
+def test_build_refuses_non_finite_settings():
+  with pytest.raises(ValueError, match=r"'input_scale'.*finite number, got nan"):
+    learned_opt.build({"kind": "lstm", "input_scale": float("nan")})

@@ -12,7 +12,7 @@ import pytest
 import learned_opt
 from tasks import quadratic
 from tasks.base import TaskFamily
-from train import meta_step, trainer, unroll
+from train import checkpoint, meta_step, trainer, unroll
 from train.config import MetaTrainConfig
 
 
@@ -234,6 +234,146 @@ def test_early_stopping_is_remembered(tmp_path):
   if not progress.early_stopped:
     pytest.fail(f"expected early stopping with a huge meta_lr; history {progress.valid_history}")
   assert len(progress.valid_history) < 6
+  # The early-stopping decision is in the epoch's one checkpoint: a kill after it cannot undo it.
+  ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+  newest = checkpoint.all_steps(ckpt_dir)[-1]
+  meta = json.load(open(os.path.join(checkpoint.path_of(ckpt_dir, newest), "meta.json")))
+  assert newest == len(progress.valid_history) * 4 and meta["host"]["early_stopped"] is True
   again = []
   trainer.train(config, log=again.append)
   assert any("already stopped early" in m for m in again)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """One finished tiny run (checkpoints at 4, 6 and 8); tests copy it before changing it."""
+  config = tiny_config(tmp_path_factory.mktemp("finished") / "run")
+  state, progress = trainer.train(config, log=lambda s: None)
+  return config, state, progress
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+  config = tiny_config(tmp_path / "run")
+  shutil.copytree(finished[0].output_dir, config.output_dir)
+  return config
+
+
+def metric_keys(output_dir):
+  records = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
+  return [(r["step"], "epoch" in r, "meta_loss" in r) for r in records]
+
+
+def test_resume_after_leftovers_and_junk_ends_clean(finished, run_copy):
+  """A resumed run removes temporaries left by kills and junk checkpoints (which count toward
+  nothing), survives a regular file named like its next checkpoint, and records each step once."""
+  out = run_copy.output_dir
+  ckpt_dir = os.path.join(out, "checkpoints")
+  shutil.rmtree(os.path.join(ckpt_dir, "step_00000008"))
+  open(os.path.join(ckpt_dir, "step_00000008"), "w").write("not a checkpoint")
+  os.makedirs(os.path.join(ckpt_dir, "step_99999999"))
+  open(os.path.join(ckpt_dir, "step_99999999", "meta.json"), "w").write("{}")
+  os.makedirs(os.path.join(ckpt_dir, ".tmp-abc123"))
+  open(os.path.join(out, ".tmp-xyz"), "w").write("half")
+  logs = []
+  state, _ = trainer.train(tiny_config(out, keep_checkpoints=1), log=logs.append)
+  assert "Resumed from meta-step 6" in " ".join(logs)
+  assert sorted(os.listdir(ckpt_dir)) == ["step_00000008"]
+  assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+  keys = metric_keys(out)
+  assert len(keys) == len(set(keys)) and keys == metric_keys(finished[0].output_dir)
+  assert leaves_equal(state.meta_params, finished[1].meta_params)
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_restart(run_copy):
+  ckpt_dir = os.path.join(run_copy.output_dir, "checkpoints")
+  for step in checkpoint.all_steps(ckpt_dir):
+    open(os.path.join(checkpoint.path_of(ckpt_dir, step), "state.msgpack"), "ab").write(b"x")
+  with pytest.raises(trainer.RunDirError, match=r"none is usable: .*step_00000008.*step_00000004"):
+    trainer.train(run_copy, log=lambda s: None)
+
+
+def test_missing_config_json_refuses_to_resume(run_copy):
+  os.remove(os.path.join(run_copy.output_dir, "config.json"))
+  with pytest.raises(trainer.RunDirError, match="config.json is missing"):
+    trainer.train(run_copy, log=lambda s: None)
+
+
+def _edit_meta(path, edit, rehash):
+  meta_path = os.path.join(path, "meta.json")
+  meta = json.load(open(meta_path))
+  meta = edit(meta)
+  if rehash:
+    meta["meta_sha256"] = checkpoint._meta_digest(meta)
+  open(meta_path, "w").write(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+  "edit, rehash, reason",
+  [
+    (lambda m: {**m, "host": {**m["host"], "early_stopped": True}}, False, "altered"),
+    (lambda m: [m], False, "not a checkpoint record"),
+    (lambda m: {**m, "host": "x"}, True, "no host object"),
+    (lambda m: {**m, "host": {**m["host"], "valid_history": "x"}}, True, "valid_history"),
+    (lambda m: {**m, "host": {**m["host"], "diverged_history": [1]}}, True, "diverged_history"),
+  ],
+)
+def test_an_edited_or_malformed_meta_json_is_skipped(run_copy, edit, rehash, reason):
+  config = run_copy
+  ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+  _edit_meta(checkpoint.path_of(ckpt_dir, 8), edit, rehash)
+  task, opt = trainer.build(config)
+  logs = []
+  state, progress = trainer.resume_or_start(config, task, opt, ckpt_dir, logs.append)
+  assert int(state.step) == 6 and not progress.early_stopped
+  assert reason in logs[0] and "step_00000008" in logs[0]
+  assert checkpoint.all_steps(ckpt_dir) == [4, 6]
+
+
+def test_num_epochs_can_grow_on_resume(finished, tmp_path):
+  grown, _ = trainer.train(tiny_config(tmp_path / "longer", num_epochs=3), log=lambda s: None)
+  run = tmp_path / "extended"
+  shutil.copytree(finished[0].output_dir, run)
+  logs = []
+  state, progress = trainer.train(tiny_config(run, num_epochs=3), log=logs.append)
+  assert "Resumed from meta-step 8" in logs[0] and int(state.step) == 12
+  assert len(progress.valid_history) == 3
+  assert leaves_equal(state.meta_params, grown.meta_params)
+
+
+def test_a_step_that_makes_phi_or_adam_non_finite_is_skipped(tmp_path):
+  """Finite loss and gradients, but a NaN clip threshold poisons the update: skipped."""
+  config = tiny_config(tmp_path)
+  object.__setattr__(config, "meta_grad_clip", float("nan"))  # the config refuses it; bypass
+  task, opt = trainer.build(config)
+  state = meta_step.init_state(config, task, opt)
+  before = jax.tree.map(np.asarray, state.meta_params)
+  step = jax.jit(meta_step.make_train_step(config, task, opt))
+  state, metrics = step(state, task.data)
+  assert np.isfinite(float(metrics.meta_loss)) and not bool(metrics.finite)
+  assert int(state.skips.total) == 1
+  assert leaves_equal(state.meta_params, before)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.meta_opt_state))
+
+
+def test_one_diverged_validation_problem_does_not_hide_the_epoch(tmp_path):
+  """Validation compares (problems diverged, mean final loss of the others)."""
+  config = tiny_config(tmp_path)
+  task, opt = trainer.build(config)
+  state = meta_step.init_state(config, task, opt)
+  curves = np.ones((8, 11), np.float32)
+  curves[3, -1] = np.inf
+  logs = []
+  state, progress = trainer.end_epoch(config, opt, state, trainer.Progress(), curves, logs.append)
+  assert progress.best_valid == 1.0 and progress.diverged_history == (1,)
+  assert "(1 of 8 problems diverged)" in logs[0] and "(saved)" in logs[0]
+  assert learned_opt.load_metadata(str(tmp_path))["valid_diverged"] == 1
+  # Fewer diverged problems win over a lower mean; all diverged is never saved.
+  curves[3, -1] = 5.0
+  _, better = trainer.end_epoch(config, opt, state, progress, curves, logs.append)
+  assert better.best_valid == 1.5 and "(saved)" in logs[-1]
+  _, worse = trainer.end_epoch(
+    config, opt, state, better, np.full((8, 11), np.nan, np.float32), logs.append
+  )
+  assert worse.best_valid == 1.5 and "(saved)" not in logs[-1]
+  assert trainer.best_epoch(worse) == 1

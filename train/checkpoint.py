@@ -2,10 +2,11 @@
 
 A checkpoint is a directory ``step_XXXXXXXX`` holding ``state.msgpack`` (every array of the
 training state, ``learned_opt.tree_files.encode``) and ``meta.json`` (format version, step,
-SHA-256 of the state file, host-side bookkeeping such as the validation history). It is built
-in a temporary directory and renamed into place, so a kill at any moment leaves either the whole
-checkpoint or none of it. A checkpoint written in an older format is read through an ``upgrade``
-function that its caller (the trainer, which knows its state's history) supplies.
+SHA-256 of the state file, host-side bookkeeping such as the validation history, and a SHA-256
+of all of these). It is built in a temporary directory and renamed into place, so a kill at any
+moment leaves either the whole checkpoint or none of it. A checkpoint written in an older format
+is read through an ``upgrade`` function that its caller (the trainer, which knows its state's
+history) supplies.
 """
 
 import json
@@ -13,15 +14,25 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from learned_opt import tree_files
 
-FORMAT_VERSION = 2  # 2: learned-optimizer state wrapped by as_optax; skip counters in the state
+FORMAT_VERSION = 3  # 3: meta.json checksummed; 2: learned-optimizer state wrapped by as_optax,
+# skip counters in the state. 1: the first.
 # (raw state dict, host dict, format version) -> the same in the current format.
 Upgrade = Callable[[dict, dict, int], tuple[dict, dict]]
 _PREFIX = "step_"
 _STATE, _META = "state.msgpack", "meta.json"
+
+
+def path_of(directory: str, step: int) -> str:
+  return os.path.join(directory, f"{_PREFIX}{step:08d}")
+
+
+def _meta_digest(meta: dict) -> str:
+  fields = {k: v for k, v in meta.items() if k != "meta_sha256"}
+  return tree_files.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
 
 
 def save(directory: str, step: int, state: Any, host: dict, keep: int) -> str:
@@ -29,22 +40,52 @@ def save(directory: str, step: int, state: Any, host: dict, keep: int) -> str:
   os.makedirs(directory, exist_ok=True)
   data, digest = tree_files.encode(state)
   meta = {"format_version": FORMAT_VERSION, "step": step, "state_sha256": digest, "host": host}
-  final = os.path.join(directory, f"{_PREFIX}{step:08d}")
+  meta["meta_sha256"] = _meta_digest(meta)
+  final = path_of(directory, step)
   tree_files.atomic_write_directory(final, {_STATE: data, _META: json.dumps(meta).encode()})
-  for old in all_steps(directory)[:-keep]:
-    shutil.rmtree(os.path.join(directory, f"{_PREFIX}{old:08d}"), ignore_errors=True)
+  prune(directory, keep)
   return final
 
 
 def all_steps(directory: str) -> list[int]:
-  """Steps of the complete checkpoints under ``directory``, oldest first."""
+  """Steps of the checkpoint directories under ``directory``, oldest first."""
   if not os.path.isdir(directory):
     return []
   steps = []
   for name in os.listdir(directory):
     if name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit():
-      steps.append(int(name[len(_PREFIX) :]))
+      if os.path.isdir(os.path.join(directory, name)):
+        steps.append(int(name[len(_PREFIX) :]))
   return sorted(steps)
+
+
+def _read_meta(path: str) -> dict:
+  """``meta.json`` of checkpoint ``path``, checked for structure and (format 3 on) checksum."""
+  meta_path = os.path.join(path, _META)
+  try:
+    with open(meta_path, "rb") as f:
+      meta = json.loads(f.read())
+  except (OSError, ValueError, RecursionError) as e:
+    raise ValueError(f"Checkpoint {path} is unreadable: {e!r}") from e
+  if not isinstance(meta, dict):
+    raise ValueError(f"{meta_path} is not a checkpoint record (not a JSON object).")
+  version = meta.get("format_version")
+  if not isinstance(version, int) or isinstance(version, bool):
+    raise ValueError(f"{meta_path}: 'format_version' must be an int, got {version!r}.")
+  if version > FORMAT_VERSION:
+    raise ValueError(
+      f"{meta_path} has format version {version}, newer than this library's "
+      f"{FORMAT_VERSION}; upgrade learned-opt to resume from it."
+    )
+  if version >= 3 and meta.get("meta_sha256") != _meta_digest(meta):
+    raise ValueError(f"{meta_path} was altered or is corrupt: its SHA-256 does not match.")
+  suffix = os.path.basename(os.path.normpath(path))[len(_PREFIX) :]
+  if not (suffix.isdigit() and meta.get("step") == int(suffix)):
+    name = os.path.basename(os.path.normpath(path))
+    raise ValueError(f"{meta_path} is for step {meta.get('step')!r}, not that of {name}.")
+  if not isinstance(meta.get("host"), dict) or not isinstance(meta.get("state_sha256"), str):
+    raise ValueError(f"{meta_path} is not a checkpoint record (no host object or state SHA-256).")
+  return meta
 
 
 def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[Any, dict]:
@@ -52,28 +93,23 @@ def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[A
 
   Args:
     path: a ``step_XXXXXXXX`` directory.
-    template: a state of the structure and shapes to restore (e.g. a fresh one).
+    template: a state of the structure and shapes to restore (a fresh one, or its
+      ``jax.eval_shape``).
     upgrade: converts an older format's raw state dict and host dict to the current format.
 
   Raises:
-    ValueError: naming the file and the problem, if the checkpoint is corrupt, truncated, from a
-      newer format, or shaped for another config. Nothing is returned half-loaded.
+    ValueError: naming the file and the problem, if the checkpoint is corrupt, truncated, altered,
+      from a newer format, or shaped for another config. Nothing is returned half-loaded.
   """
-  meta_path, state_path = os.path.join(path, _META), os.path.join(path, _STATE)
+  meta = _read_meta(path)
+  state_path = os.path.join(path, _STATE)
   try:
-    with open(meta_path, "rb") as f:
-      meta = json.loads(f.read())
     with open(state_path, "rb") as f:
       data = f.read()
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+  except OSError as e:
     raise ValueError(f"Checkpoint {path} is unreadable: {e}") from e
-  version, host = meta.get("format_version", 0), meta.get("host")
-  if version > FORMAT_VERSION:
-    raise ValueError(
-      f"{meta_path} has format version {version}, newer than this library's "
-      f"{FORMAT_VERSION}; upgrade learned-opt to resume from it."
-    )
-  raw = tree_files.read(data, meta.get("state_sha256"), state_path, record=_META)
+  version, host = meta["format_version"], meta["host"]
+  raw = tree_files.read(data, meta["state_sha256"], state_path, record=_META)
   if version < FORMAT_VERSION:
     if upgrade is None:
       raise ValueError(f"{path} is in format {version}; no upgrade to {FORMAT_VERSION} was given.")
@@ -84,14 +120,64 @@ def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[A
   return tree_files.restore(raw, template, state_path, fits="this run's config"), host
 
 
+class Latest(NamedTuple):
+  """What ``latest`` found: the newest usable checkpoint, and the unusable ones with reasons."""
+
+  step: int | None  # None: no usable checkpoint
+  state: Any
+  host: dict | None
+  unusable: tuple  # ((step, reason), ...) newest first
+
+
+def latest(
+  directory: str,
+  template: Any,
+  upgrade: Upgrade | None = None,
+  check_host: Callable[[dict], Any] | None = None,
+) -> Latest:
+  """The newest checkpoint that reads cleanly (and whose host passes ``check_host``)."""
+  unusable = []
+  for step in reversed(all_steps(directory)):
+    try:
+      state, host = restore(path_of(directory, step), template, upgrade)
+      if check_host is not None:
+        check_host(host)
+      return Latest(step, state, host, tuple(unusable))
+    except ValueError as e:
+      logging.warning("Skipping unusable checkpoint: %s", e)
+      unusable.append((step, str(e)))
+  return Latest(None, None, None, tuple(unusable))
+
+
 def restore_latest(
   directory: str, template: Any, upgrade: Upgrade | None = None
 ) -> tuple[Any, dict] | None:
   """Restores the newest checkpoint that reads cleanly, skipping (and logging) broken ones."""
+  found = latest(directory, template, upgrade)
+  return None if found.step is None else (found.state, found.host)
+
+
+def _complete(path: str) -> bool:
+  """Whether a checkpoint directory has both files and a well-formed record (a cheap check)."""
+  try:
+    _read_meta(path)
+  except ValueError:
+    return False
+  return os.path.isfile(os.path.join(path, _STATE))
+
+
+def remove(directory: str, step: int) -> None:
+  shutil.rmtree(path_of(directory, step), ignore_errors=True)
+
+
+def prune(directory: str, keep: int) -> None:
+  """Keeps the newest ``keep`` complete checkpoints; removes older and incomplete ones.
+
+  An incomplete checkpoint (a kill during an earlier prune, or junk) counts toward nothing.
+  """
+  kept = 0
   for step in reversed(all_steps(directory)):
-    path = os.path.join(directory, f"{_PREFIX}{step:08d}")
-    try:
-      return restore(path, template, upgrade)
-    except ValueError as e:
-      logging.warning("Skipping unusable checkpoint: %s", e)
-  return None
+    if kept < keep and _complete(path_of(directory, step)):
+      kept += 1
+    else:
+      remove(directory, step)

@@ -1,8 +1,13 @@
 """The meta-training job's settings: one frozen, validated config (built from flags or by hand)."""
 
+import collections.abc
 import dataclasses
+import inspect
 import json
+import math
 import os
+import types
+import typing
 from typing import Any
 
 from train import unroll
@@ -143,7 +148,9 @@ def differences(saved: dict[str, Any], config: MetaTrainConfig) -> list[str]:
   """Flags whose values differ between a saved run and ``config``, in a way that changes results.
 
   Optimizer settings are compared as the full config ``learned_opt.build`` gives, so spelling a
-  default out (or an older run's flat fields) is no difference.
+  default out (or an older run's flat fields) is no difference. ``--num_epochs`` may grow (the
+  first epochs do not depend on how many follow) unless the meta learning rate follows a cosine
+  schedule, which is stretched over the whole run.
   """
   import learned_opt  # Deferred: only resuming needs the optimizers.
 
@@ -152,6 +159,17 @@ def differences(saved: dict[str, Any], config: MetaTrainConfig) -> list[str]:
   changed = []
   for name in new:
     if name in NOT_AFFECTING_RESULTS or name in ("optimizer", "optimizer_kwargs"):
+      continue
+    if name == "num_epochs" and old.get(name) != new[name]:
+      if new["meta_lr_schedule"] == "cosine":
+        changed.append(
+          f"--num_epochs (saved {old.get(name)!r}, now {new[name]!r}; with "
+          "--meta_lr_schedule=cosine the learning rate of every step depends on the run's length)"
+        )
+      elif not isinstance(old.get(name), int) or new[name] < old[name]:
+        changed.append(
+          f"--num_epochs (saved {old.get(name)!r}, now {new[name]!r}; it can only grow)"
+        )
       continue
     if old.get(name) != new[name]:
       changed.append(f"--{name} (saved {old.get(name)!r}, now {new[name]!r})")
@@ -163,6 +181,61 @@ def differences(saved: dict[str, Any], config: MetaTrainConfig) -> list[str]:
       f"--optimizer/--optimizer_kwargs (saved {old_optimizer}, now {config.optimizer_config()})"
     )
   return changed
+
+
+def _fits(annotation: Any, value: Any) -> bool:
+  """Whether a JSON value fits a task factory's annotation (loosely: unknown kinds pass)."""
+  if annotation in (inspect.Parameter.empty, Any):
+    return True
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    return any(_fits(a, value) for a in typing.get_args(annotation))
+  if annotation is type(None):
+    return value is None
+  if annotation is bool or isinstance(value, bool):
+    return annotation is bool and isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int)
+  if annotation is float:
+    return isinstance(value, int | float) and _finite(value)
+  if annotation is str:
+    return isinstance(value, str)
+  if origin in (collections.abc.Sequence, list, tuple):
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    items = args[0] if len(args) == 1 else Any
+    return isinstance(value, list | tuple) and all(_fits(items, v) for v in value)
+  return True
+
+
+def _finite(value) -> bool:
+  try:
+    return math.isfinite(value)
+  except (OverflowError, TypeError):
+    return False
+
+
+def _check_task_kwargs(config: MetaTrainConfig) -> None:
+  """Unknown or wrongly typed ``--task_kwargs`` fail here, before anything is built."""
+  from tasks import registry as task_registry
+
+  factory = task_registry._FAMILIES[config.task]  # noqa: SLF001 (the registry has no getter)
+  parameters = inspect.signature(factory, eval_str=True).parameters
+  if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+    return
+  known = ", ".join(f"{n}={p.default!r}" for n, p in parameters.items())
+  for name, value in config.task_kwargs.items():
+    if name not in parameters:
+      raise ValueError(
+        f"--task_kwargs: task {config.task!r} has no setting {name!r}; its settings (with "
+        f"defaults) are: {known}."
+      )
+    annotation = parameters[name].annotation
+    if not _fits(annotation, value):
+      shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+      raise ValueError(
+        f"--task_kwargs: setting {name!r} of task {config.task!r} must be {shown}, got "
+        f"{value!r} ({type(value).__name__}); e.g. {name}={parameters[name].default!r}."
+      )
 
 
 def _positive(config, *names):
@@ -185,6 +258,18 @@ def validate(config: MetaTrainConfig) -> None:
   for name in ("task_kwargs", "optimizer_kwargs"):
     if not isinstance(getattr(config, name), dict):
       raise ValueError(f"--{name} must be a JSON object, e.g. --{name}='{{}}'.")
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
+      getattr(field.type, "__name__", "")
+    )
+    if kind is float and not (isinstance(value, int | float) and _finite(value)):
+      raise ValueError(f"--{field.name} must be a finite number, got {value!r}.")
+    if kind in (int, bool, str) and (
+      not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+    ):
+      raise ValueError(f"--{field.name} must be {kind.__name__}, got {value!r}.")
+  _check_task_kwargs(config)
   if config.optimizer not in learned_opt.kinds():
     raise ValueError(
       f"--optimizer={config.optimizer!r} is unknown; choose one of "

@@ -107,6 +107,12 @@ def init_state(
   )
 
 
+def _all_finite(tree) -> jax.Array:
+  """bool (): every floating-point entry of ``tree`` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(config, task, optimizer) -> Callable:
   """``(state, data) -> (state, metrics)``: one truncated-BPTT meta-step; skips non-finite ones.
 
@@ -134,9 +140,13 @@ def make_train_step(config, task, optimizer) -> Callable:
       state.meta_params, inner, data
     )
     grad_max = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_max)
     updates, meta_opt_state = meta_opt.update(grads, state.meta_opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
+    # Whatever the loss said, a step is applied only if it leaves phi and Adam's state finite
+    # (a NaN clip threshold or an infinite learning rate poisons them from finite gradients).
+    finite = (
+      jnp.isfinite(loss) & jnp.isfinite(grad_max) & _all_finite((meta_params, meta_opt_state))
+    )
     # A non-finite step leaves phi and Adam's moments untouched (never NaN in phi) ...
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     skips = state.skips
@@ -191,10 +201,14 @@ def make_validate(config, task, optimizer) -> Callable:
 
 
 def upgrade_checkpoint(raw: dict, host: dict, version: int) -> tuple[dict, dict]:
-  """A format-1 checkpoint (raw state dict and host dict) in today's format.
+  """An older checkpoint (raw state dict and host dict) in today's format.
 
-  Format 1 kept the learned optimizer's own state unwrapped and the skip counters on the host.
+  Format 1 kept the learned optimizer's own state unwrapped and the skip counters on the host;
+  format 2 differs from 3 only in its unchecksummed ``meta.json``, whose host fields the trainer
+  checks.
   """
+  if version == 2:
+    return raw, host
   if version != 1:
     raise ValueError(f"checkpoint format {version} cannot be upgraded; start a new run.")
   raw = dict(raw)

@@ -11,10 +11,13 @@ Running it again with the same --output_dir resumes from the newest checkpoint t
 
 import dataclasses
 import json
+import os
+import sys
 
 import jax
 from absl import app, flags, logging
 
+from learned_opt import serialization
 from train import config as config_lib
 from train import trainer
 
@@ -63,14 +66,33 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     config = config_from_flags()
-    config_lib.check_output_dir(config.output_dir)
+    trainer.check_output_tree(config)
     trainer.build(config)  # Task and optimizer settings (e.g. a data directory) fail here, early.
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   logging.info("Config:\n%s", config.to_json())
-  _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
+  try:
+    _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
+  except trainer.RunDirError as e:  # a refused resume, unusable checkpoints: before compiling
+    raise app.UsageError(str(e)) from e
+  except trainer.NonFiniteError as e:
+    sys.exit(f"Stopped: {e}")
+  record = os.path.join(config.output_dir, serialization.RECORD_FILE)
+  best = trainer.best_epoch(progress)
+  if best is None or not os.path.exists(record):
+    diverged = progress.diverged_history[-1] if progress.diverged_history else None
+    sys.exit(
+      f"No optimizer saved in {config.output_dir}: no epoch had a validation problem that did "
+      f"not diverge (last epoch: {diverged} of {config.valid_problems} diverged). Lower "
+      "--meta_lr or the optimizer's output_scale, or check the task."
+    )
+  diverged = progress.diverged_history[best]
+  note = (
+    f" ({diverged} of {config.valid_problems} validation problems diverged)" if diverged else ""
+  )
   print(
-    f"Best validation final loss {progress.best_valid:.4g}; optimizer saved in {config.output_dir}"
+    f"Best validation final loss {progress.best_valid:.4g}{note} at epoch {best + 1}; optimizer "
+    f"saved in {config.output_dir}"
   )
 
 
