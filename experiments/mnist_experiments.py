@@ -45,24 +45,27 @@ EXPERIMENTS = (
 )
 _BY_NAME = {e.name: e for e in EXPERIMENTS}
 
-flags.DEFINE_string("checkpoint", None, "Saved optimizer directory; default: the shipped one.")
-flags.DEFINE_string("pretrained", "mnist_mlp", "Shipped optimizer used when no --checkpoint.")
-flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS], "Experiments to run.")
-flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
-flags.DEFINE_integer("num_problems", 64, "Fresh test problems (runs) per experiment.")
-flags.DEFINE_integer("tune_problems", 8, "Problems for the LR sweep; 0: sweep on the test ones.")
-flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
-flags.DEFINE_integer("lr_batch_size", 10, "Learning rates vmapped at once (bounds memory).")
-flags.DEFINE_string("mnist_dir", None, "Directory of the MNIST IDX files; default $MNIST_DIR.")
-flags.DEFINE_string("output_dir", None, "Where each experiment's results.json and PNG go.")
-flags.DEFINE_string(
-  "summary", None, "Markdown table of every experiment; default OUTPUT_DIR/results_mnist.md."
-)
-flags.DEFINE_bool(
-  "reuse_baselines", False, "Keep the tuned baselines of an existing results.json (same setting)."
-)
-
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Flags of the command; defined only when run as one, so importing this module is free."""
+  flags.DEFINE_string("checkpoint", None, "Saved optimizer directory; default: the shipped one.")
+  flags.DEFINE_string("pretrained", "mnist_mlp", "Shipped optimizer used when no --checkpoint.")
+  flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS], "Experiments to run.")
+  flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
+  flags.DEFINE_integer("num_problems", 64, "Fresh test problems (runs) per experiment.")
+  flags.DEFINE_integer("tune_problems", 8, "Problems for the LR sweep; 0: sweep on the test ones.")
+  flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
+  flags.DEFINE_integer("lr_batch_size", 10, "Learning rates vmapped at once (bounds memory).")
+  flags.DEFINE_string("mnist_dir", None, "Directory of the MNIST IDX files; default $MNIST_DIR.")
+  flags.DEFINE_string("output_dir", None, "Where each experiment's results.json and PNG go.")
+  flags.DEFINE_string(
+    "summary", None, "Markdown table of every experiment; default OUTPUT_DIR/results_mnist.md."
+  )
+  flags.DEFINE_bool(
+    "reuse_baselines", False, "Keep the tuned baselines of an existing results.json (same setting)."
+  )
 
 
 def run_experiment(
@@ -244,5 +247,6 @@ def _saved_results(output_dir: str) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
+  define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)

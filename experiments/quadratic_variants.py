@@ -25,15 +25,18 @@ from eval import compare, plots, run_config
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 
-flags.DEFINE_multi_string("checkpoint", [], "NAME=DIR of a saved optimizer; repeat, LSTM first.")
-flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
-flags.DEFINE_integer("num_problems", 256, "Fresh test problems.")
-flags.DEFINE_integer("num_steps", 100, "Optimization steps per problem.")
-flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
-flags.DEFINE_string("output_dir", None, "Where results.json and curves.png go.")
-flags.DEFINE_string("markdown", None, "Markdown summary path; default OUTPUT_DIR/summary.md.")
-
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Flags of the command; defined only when run as one, so importing this module is free."""
+  flags.DEFINE_multi_string("checkpoint", [], "NAME=DIR of a saved optimizer; repeat, LSTM first.")
+  flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
+  flags.DEFINE_integer("num_problems", 256, "Fresh test problems.")
+  flags.DEFINE_integer("num_steps", 100, "Optimization steps per problem.")
+  flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
+  flags.DEFINE_string("output_dir", None, "Where results.json and curves.png go.")
+  flags.DEFINE_string("markdown", None, "Markdown summary path; default OUTPUT_DIR/summary.md.")
 
 
 def _read_json(path, default=None):
@@ -207,5 +210,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
