@@ -377,3 +377,12 @@ def test_one_diverged_validation_problem_does_not_hide_the_epoch(tmp_path):
   )
   assert worse.best_valid == 1.5 and "(saved)" not in logs[-1]
   assert trainer.best_epoch(worse) == 1
+
+
+def test_a_moved_run_resumes_under_any_spelling_of_its_path(run_copy, tmp_path, monkeypatch):
+  """The resume guard compares settings, not the --output_dir string."""
+  monkeypatch.chdir(tmp_path)
+  for spelling in (run_copy.output_dir + "/", "run", "../" + tmp_path.name + "/run"):
+    logs = []
+    state, _ = trainer.train(tiny_config(spelling, log_every=1), log=logs.append)
+    assert "Resumed from meta-step 8" in logs[0] and int(state.step) == 8

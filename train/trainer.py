@@ -5,6 +5,11 @@ meta-step (``train.meta_step``, one jitted call) unrolls ``unroll`` optimizee st
 problems and takes an Adam step on phi; after each epoch phi is validated on fixed held-out
 problems and the best phi is saved (early stopping, section 3). The host reads device values only
 when it logs, validates or checkpoints.
+
+Resuming: a job killed at any moment and run again with the same flags ends with the files of an
+uninterrupted run (``tests/test_fault_injection.py`` checks every file-system mutation of a run):
+temporaries and half-pruned checkpoints are removed, ``metrics.jsonl`` is rewound to what the
+restored checkpoint had seen, and the replayed steps are bit-identical.
 """
 
 import json
@@ -293,9 +298,12 @@ class _Reporter:
 def end_epoch(config, optimizer, state, progress, curves, log) -> tuple[TrainState, Progress]:
   """Records an epoch's validation, saves phi if it is the best so far, decides early stopping.
 
+  The epoch's result is (problems whose final loss is not finite, mean final loss of the
+  others); it is better than the best so far if it has fewer diverged problems, or as many and a
+  lower mean (``best_epoch``). An epoch where every problem diverged is never saved.
+
   Args:
-    curves: validation losses shaped (valid_problems, horizon + 1); a diverged problem counts
-      as an infinite final loss.
+    curves: validation losses shaped (valid_problems, horizon + 1).
   """
   done = int(state.step)
   epoch = done // config.steps_per_epoch
