@@ -386,3 +386,11 @@ def test_a_moved_run_resumes_under_any_spelling_of_its_path(run_copy, tmp_path, 
     logs = []
     state, _ = trainer.train(tiny_config(spelling, log_every=1), log=logs.append)
     assert "Resumed from meta-step 8" in logs[0] and int(state.step) == 8
+
+
+def test_a_checkpoint_from_a_newer_library_is_refused_and_kept(run_copy):
+  ckpt_dir = os.path.join(run_copy.output_dir, "checkpoints")
+  _edit_meta(checkpoint.path_of(ckpt_dir, 8), lambda m: {**m, "format_version": 99}, True)
+  with pytest.raises(trainer.RunDirError, match="format version 99, newer than this library"):
+    trainer.train(run_copy, log=lambda s: None)
+  assert checkpoint.all_steps(ckpt_dir) == [4, 6, 8]

@@ -26,6 +26,10 @@ _PREFIX = "step_"
 _STATE, _META = "state.msgpack", "meta.json"
 
 
+class NewerFormatError(ValueError):
+  """A checkpoint written by a newer version of this library: not skipped, never removed."""
+
+
 def path_of(directory: str, step: int) -> str:
   return os.path.join(directory, f"{_PREFIX}{step:08d}")
 
@@ -73,7 +77,7 @@ def _read_meta(path: str) -> dict:
   if not isinstance(version, int) or isinstance(version, bool):
     raise ValueError(f"{meta_path}: 'format_version' must be an int, got {version!r}.")
   if version > FORMAT_VERSION:
-    raise ValueError(
+    raise NewerFormatError(
       f"{meta_path} has format version {version}, newer than this library's "
       f"{FORMAT_VERSION}; upgrade learned-opt to resume from it."
     )
@@ -135,7 +139,12 @@ def latest(
   upgrade: Upgrade | None = None,
   check_host: Callable[[dict], Any] | None = None,
 ) -> Latest:
-  """The newest checkpoint that reads cleanly (and whose host passes ``check_host``)."""
+  """The newest checkpoint that reads cleanly (and whose host passes ``check_host``).
+
+  Raises:
+    NewerFormatError: if a checkpoint newer than the usable one is from a newer library version;
+      resuming from an older checkpoint would silently drop its progress.
+  """
   unusable = []
   for step in reversed(all_steps(directory)):
     try:
@@ -143,6 +152,8 @@ def latest(
       if check_host is not None:
         check_host(host)
       return Latest(step, state, host, tuple(unusable))
+    except NewerFormatError:
+      raise
     except ValueError as e:
       logging.warning("Skipping unusable checkpoint: %s", e)
       unusable.append((step, str(e)))
@@ -161,6 +172,8 @@ def _complete(path: str) -> bool:
   """Whether a checkpoint directory has both files and a well-formed record (a cheap check)."""
   try:
     _read_meta(path)
+  except NewerFormatError:
+    return True  # another library version's: kept
   except ValueError:
     return False
   return os.path.isfile(os.path.join(path, _STATE))

@@ -212,12 +212,15 @@ def resume_or_start(config, task, optimizer, ckpt_dir, log) -> tuple[TrainState,
   usable, ``RunDirError`` names them: the run does not silently start over.
   """
   template = jax.eval_shape(lambda: meta_step.init_state(config, task, optimizer))
-  found = checkpoint.latest(
-    ckpt_dir,
-    template,
-    meta_step.upgrade_checkpoint,
-    check_host=lambda host: _progress_from_host(host, config),
-  )
+  try:
+    found = checkpoint.latest(
+      ckpt_dir,
+      template,
+      meta_step.upgrade_checkpoint,
+      check_host=lambda host: _progress_from_host(host, config),
+    )
+  except checkpoint.NewerFormatError as e:
+    raise RunDirError(str(e)) from e
   for step, reason in found.unusable:
     log(f"Skipping unusable checkpoint {checkpoint.path_of(ckpt_dir, step)}: {reason}")
   if found.step is None and found.unusable:
