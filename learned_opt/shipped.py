@@ -1,7 +1,7 @@
 """Trained optimizers that ship inside the package, loadable by name.
 
 Each subdirectory of ``learned_opt/pretrained/`` is one optimizer as written by
-``learned_opt.save`` (``optimizer.json`` and ``meta_params.msgpack``); its name is the
+``learned_opt.save`` (``optimizer.json`` and the weights file it names); its name is the
 subdirectory's name. How each was trained is recorded in its metadata and in ``docs/``.
 
 The package exports ``pretrained`` and ``names`` (as ``learned_opt.pretrained`` and
