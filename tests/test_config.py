@@ -156,7 +156,7 @@ def test_command_line_refuses_a_resume_without_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("name", ["checkpoints", "metrics.jsonl"])
 def test_output_tree_problems_are_found_before_compiling(name, tmp_path):
-  from train import trainer
+  from train import run_dir, trainer
 
   config = MetaTrainConfig(output_dir=str(tmp_path))
   path = tmp_path / name
@@ -164,7 +164,7 @@ def test_output_tree_problems_are_found_before_compiling(name, tmp_path):
     path.write_text("x")
   else:
     path.mkdir()
-  with pytest.raises(trainer.RunDirError, match=f"{name} must be a"):
+  with pytest.raises(run_dir.RunDirError, match=f"{name} must be a"):
     trainer.train(config, log=lambda s: None)
   assert not (tmp_path / "config.json").exists()
 
@@ -172,10 +172,10 @@ def test_output_tree_problems_are_found_before_compiling(name, tmp_path):
 def test_no_optimizer_saved_exits_non_zero_without_claiming_one(tmp_path, monkeypatch, capsys):
   from absl import flags
 
-  from train import meta_train, trainer
+  from train import meta_train, run_dir, trainer
 
   flags.FLAGS(["meta_train", f"--output_dir={tmp_path}"])
-  diverged = trainer.Progress(math.inf, (math.inf,), False, (128,))
+  diverged = run_dir.Progress(math.inf, (math.inf,), False, (128,))
   monkeypatch.setattr(trainer, "train", lambda config, log: (None, diverged))
   try:
     with pytest.raises(SystemExit) as exit_info:

@@ -12,7 +12,7 @@ import pytest
 import learned_opt
 from tasks import quadratic
 from tasks.base import TaskFamily
-from train import checkpoint, meta_step, trainer, unroll
+from train import checkpoint, meta_step, run_dir, trainer, unroll
 from train.config import MetaTrainConfig
 
 
@@ -289,13 +289,13 @@ def test_no_usable_checkpoint_is_an_error_not_a_restart(run_copy):
   ckpt_dir = os.path.join(run_copy.output_dir, "checkpoints")
   for step in checkpoint.all_steps(ckpt_dir):
     open(os.path.join(checkpoint.path_of(ckpt_dir, step), "state.msgpack"), "ab").write(b"x")
-  with pytest.raises(trainer.RunDirError, match=r"none is usable: .*step_00000008.*step_00000004"):
+  with pytest.raises(run_dir.RunDirError, match=r"none is usable: .*step_00000008.*step_00000004"):
     trainer.train(run_copy, log=lambda s: None)
 
 
 def test_missing_config_json_refuses_to_resume(run_copy):
   os.remove(os.path.join(run_copy.output_dir, "config.json"))
-  with pytest.raises(trainer.RunDirError, match="config.json is missing"):
+  with pytest.raises(run_dir.RunDirError, match="config.json is missing"):
     trainer.train(run_copy, log=lambda s: None)
 
 
@@ -324,7 +324,7 @@ def test_an_edited_or_malformed_meta_json_is_skipped(run_copy, edit, rehash, rea
   _edit_meta(checkpoint.path_of(ckpt_dir, 8), edit, rehash)
   task, opt = trainer.build(config)
   logs = []
-  state, progress = trainer.resume_or_start(config, task, opt, ckpt_dir, logs.append)
+  state, progress = run_dir.resume_or_start(config, task, opt, ckpt_dir, logs.append)
   assert int(state.step) == 6 and not progress.early_stopped
   assert reason in logs[0] and "step_00000008" in logs[0]
   assert checkpoint.all_steps(ckpt_dir) == [4, 6]
@@ -364,7 +364,7 @@ def test_one_diverged_validation_problem_does_not_hide_the_epoch(tmp_path):
   curves = np.ones((8, 11), np.float32)
   curves[3, -1] = np.inf
   logs = []
-  state, progress = trainer.end_epoch(config, opt, state, trainer.Progress(), curves, logs.append)
+  state, progress = trainer.end_epoch(config, opt, state, run_dir.Progress(), curves, logs.append)
   assert progress.best_valid == 1.0 and progress.diverged_history == (1,)
   assert "(1 of 8 problems diverged)" in logs[0] and "(saved)" in logs[0]
   assert learned_opt.load_metadata(str(tmp_path))["valid_diverged"] == 1
@@ -376,7 +376,7 @@ def test_one_diverged_validation_problem_does_not_hide_the_epoch(tmp_path):
     config, opt, state, better, np.full((8, 11), np.nan, np.float32), logs.append
   )
   assert worse.best_valid == 1.5 and "(saved)" not in logs[-1]
-  assert trainer.best_epoch(worse) == 1
+  assert run_dir.best_epoch(worse) == 1
 
 
 def test_a_moved_run_resumes_under_any_spelling_of_its_path(run_copy, tmp_path, monkeypatch):
@@ -391,6 +391,6 @@ def test_a_moved_run_resumes_under_any_spelling_of_its_path(run_copy, tmp_path, 
 def test_a_checkpoint_from_a_newer_library_is_refused_and_kept(run_copy):
   ckpt_dir = os.path.join(run_copy.output_dir, "checkpoints")
   _edit_meta(checkpoint.path_of(ckpt_dir, 8), lambda m: {**m, "format_version": 99}, True)
-  with pytest.raises(trainer.RunDirError, match="format version 99, newer than this library"):
+  with pytest.raises(run_dir.RunDirError, match="format version 99, newer than this library"):
     trainer.train(run_copy, log=lambda s: None)
   assert checkpoint.all_steps(ckpt_dir) == [4, 6, 8]

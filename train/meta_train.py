@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from learned_opt import serialization
 from train import config as config_lib
-from train import trainer
+from train import run_dir, trainer
 
 _FIELDS = {field.name: field for field in dataclasses.fields(config_lib.MetaTrainConfig)}
 _DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
@@ -66,19 +66,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     config = config_from_flags()
-    trainer.check_output_tree(config)
+    run_dir.check_output_tree(config)
     trainer.build(config)  # Task and optimizer settings (e.g. a data directory) fail here, early.
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   logging.info("Config:\n%s", config.to_json())
   try:
     _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
-  except trainer.RunDirError as e:  # a refused resume, unusable checkpoints: before compiling
+  except run_dir.RunDirError as e:  # a refused resume, unusable checkpoints: before compiling
     raise app.UsageError(str(e)) from e
   except trainer.NonFiniteError as e:
     sys.exit(f"Stopped: {e}")
   record = os.path.join(config.output_dir, serialization.RECORD_FILE)
-  best = trainer.best_epoch(progress)
+  best = run_dir.best_epoch(progress)
   if best is None or not os.path.exists(record):
     diverged = progress.diverged_history[-1] if progress.diverged_history else None
     sys.exit(
