@@ -137,8 +137,8 @@ def parameter_tree(size: int, tree: bool) -> dict:
 
 def update_workload(impl: str, size: int, tree: bool, repeats: int) -> dict:
   params = parameter_tree(size, tree)
-  keys = jax.random.split(jax.random.key(1), len(params))
-  grads = {k: 0.01 * jax.random.normal(key, p.shape) for key, (k, p) in zip(keys, params.items())}
+  keys = dict(zip(params, jax.random.split(jax.random.key(1), len(params)), strict=True))
+  grads = {k: 0.01 * jax.random.normal(keys[k], p.shape) for k, p in params.items()}
   opt = lstm_optimizer(impl)()
   phi = opt.init_meta_params(jax.random.key(0))
   result = {}
@@ -266,7 +266,7 @@ def main(argv):
     print(json.dumps(run_one(FLAGS.one)))
     return
   if FLAGS.reference and not os.path.isfile(FLAGS.reference):
-    raise ValueError(f"--reference={FLAGS.reference} is not a file; copy learned_opt/lstm.py there.")
+    raise ValueError(f"--reference={FLAGS.reference} is not a file; copy an lstm.py there.")
   runs = []
   for round_index in range(FLAGS.rounds):
     for run in runs_to_do():
