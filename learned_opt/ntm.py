@@ -171,6 +171,8 @@ def _ntm_optimizer(
 
   def update(meta_params, grads, state):
     leaves, treedef = jax.tree.flatten(grads)
+    if not leaves:  # no coordinates: nothing to read, write or update
+      return grads, state
     controller = treedef.flatten_up_to(state.controller)
     xs = [
       jnp.concatenate([preprocess_fn(jnp.asarray(g, jnp.float32)), c.read], axis=-1)

@@ -61,13 +61,7 @@ def test_update_shapes_dtypes_and_state_structure(variant, params):
   chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
 
 
-def test_empty_tree_and_scalar(variant, request):
-  if variant.name == "ntm_bfgs":
-    request.applymarker(
-      pytest.mark.xfail(
-        raises=ValueError, strict=True, reason="ntm.dense_write_read concatenates no leaves"
-      )
-    )
+def test_empty_tree_and_scalar(variant):
   opt, phi = variant.optimizer, variant.meta_params
   scalar = jnp.array(2.0)
   updates, _ = opt.update(phi, scalar, opt.init_state(phi, scalar))
