@@ -69,6 +69,11 @@ def main(argv):
   print(f"Wrote {FLAGS.output_dir}/results.json and {FLAGS.output_dir}/curves.png")
 
 
-if __name__ == "__main__":
+def run():
+  """The console script's entry point (``learned-opt-train`` / ``learned-opt-eval``)."""
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

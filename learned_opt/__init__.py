@@ -8,6 +8,8 @@ Example:
   >>> params = optax.apply_updates(params, updates)
 """
 
+import importlib.metadata
+
 from learned_opt.base import LearnedOptimizer, SavedOptimizer, check_float_params
 from learned_opt.lstm import lstm_optimizer
 from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
@@ -18,7 +20,13 @@ from learned_opt.serialization import load, load_metadata, save
 from learned_opt.shipped import names as pretrained_names
 from learned_opt.shipped import pretrained
 
+try:
+  __version__ = importlib.metadata.version("learned-opt")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+  __version__ = "unknown"
+
 __all__ = [
+  "__version__",
   "LearnedOptaxState",
   "LearnedOptimizer",
   "SavedOptimizer",

@@ -96,6 +96,11 @@ def main(argv):
   )
 
 
-if __name__ == "__main__":
+def run():
+  """The console script's entry point (``learned-opt-train`` / ``learned-opt-eval``)."""
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
