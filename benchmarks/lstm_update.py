@@ -41,6 +41,7 @@ import optax
 from absl import app, flags
 
 import learned_opt
+from benchmarks import peak
 
 flags.DEFINE_list(
   "workloads",
@@ -83,24 +84,8 @@ def forward_flops_per_coordinate(hidden=20, layers=2, features=1, outputs=1) -> 
   return sum(2 * (f + hidden) * 4 * hidden for f in fan_ins) + 2 * hidden * outputs
 
 
-def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of an n x n float32 matmul (the machine's practical peak), median of ``repeats``."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / statistics.median(times)
-
-
 def compiled_flops(fn, *args) -> float:
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-  if isinstance(analysis, list):  # older jax: one dict per computation
-    analysis = analysis[0]
-  return float(analysis.get("flops", 0.0))
+  return peak.flops(jax.jit(fn).lower(*args).compile().cost_analysis())
 
 
 def time_threaded(fn, state, rest, repeats, donate):
@@ -215,7 +200,7 @@ def meta_workload(impl: str, num_problems: int, policy: str, repeats: int) -> di
 
 
 def run_one(name: str) -> dict:
-  peak = matmul_flops_per_second()
+  matmul = peak.matmul_peak()
   if name.startswith("update"):
     size = {"16k": 16384, "1m": 1048576}[name.removeprefix("update").removesuffix("_tree")]
     result = update_workload(FLAGS.impl, size, name.endswith("_tree"), FLAGS.repeats)
@@ -225,10 +210,10 @@ def run_one(name: str) -> dict:
     parts = [result]
   for part in parts:
     part["flop_per_s"] = part["flops"] / part["seconds"]
-    part["fraction_of_matmul_peak"] = part["flop_per_s"] / peak
+    part["fraction_of_matmul_peak"] = part["flop_per_s"] / matmul
   # ru_maxrss is in KiB on Linux.
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return {"matmul_flop_per_s": peak, "peak_rss_mib": peak_rss, **result}
+  return {"matmul_flop_per_s": matmul, "peak_rss_mib": peak_rss, **result}
 
 
 def runs_to_do() -> list[dict]:

@@ -33,6 +33,7 @@ import optax
 from absl import app, flags
 
 import learned_opt
+from benchmarks import peak
 from train import meta_step, trainer
 from train.config import MetaTrainConfig
 
@@ -68,23 +69,7 @@ def fully_unrolled_scans():
 def flops_of(fn, *args) -> float:
   """FLOPs of one call of ``fn(*args)`` by XLA's cost analysis, scans unrolled."""
   with fully_unrolled_scans():
-    analysis = jax.jit(fn).lower(*args).cost_analysis()
-  if isinstance(analysis, list):  # older jax returns one dict per computation
-    analysis = analysis[0]
-  return float(analysis.get("flops", 0.0))
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of an n x n float32 matmul, jitted, median of ``repeats`` calls."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
-  times = []
-  for _ in range(repeats):
-    tic = time.perf_counter()
-    jax.block_until_ready(matmul(a))
-    times.append(time.perf_counter() - tic)
-  return 2 * n**3 / sorted(times)[len(times) // 2]
+    return peak.flops(jax.jit(fn).lower(*args).cost_analysis())
 
 
 def time_threaded(compiled, state, extra, repeats):
@@ -130,7 +115,11 @@ def update_workload(size: int, repeats: int) -> dict:
   ):
     update = lambda s, g, tx=tx: tx.update(g, s)[::-1]  # (state, updates): state threaded
     state = tx.init(params)
-    flops = flops_of(update, state, grads)
+    # Above lstm.BLOCK_ROWS coordinates the update loops over blocks with lax.map, whose body
+    # cost analysis counts once: count one block's worth of parameters and scale.
+    rows = min(size, learned_opt.lstm.BLOCK_ROWS)
+    small = {"w": jnp.ones((rows // 64, 64), jnp.float32)}
+    flops = flops_of(update, tx.init(small), small) * size / rows
     tic = time.perf_counter()
     compiled = jax.jit(update, donate_argnums=0).lower(state, grads).compile()
     compile_s = time.perf_counter() - tic
@@ -155,15 +144,15 @@ def run_one(name: str, repeats: int) -> dict:
   }
   if name not in workloads:
     raise app.UsageError(f"Unknown workload {name!r}; choose from {', '.join(workloads)}.")
-  peak = matmul_peak()
+  matmul = peak.matmul_peak()
   result = workloads[name]()
   achieved = result["flops"] / result["seconds"]
   return {
     "workload": name,
     **result,
     "achieved_flops_per_s": achieved,
-    "matmul_peak_flops_per_s": peak,
-    "fraction_of_peak": achieved / peak,
+    "matmul_peak_flops_per_s": matmul,
+    "fraction_of_peak": achieved / matmul,
     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
   }
 
