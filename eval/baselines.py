@@ -3,7 +3,9 @@
 Hyperparameters other than the learning rate follow the defaults of Torch7's ``optim`` package,
 as the paper does: RMSprop alpha 0.99, eps 1e-8; Adam betas (0.9, 0.999), eps 1e-8; Adadelta rho
 0.9, eps 1e-6; Adagrad with no initial accumulator and eps 1e-10; Rprop eta (0.5, 1.2) with step
-sizes in [1e-6, 50], the learning rate being its initial step size.
+sizes in [1e-6, 50], the learning rate being its initial step size. NAG is Nesterov's accelerated
+gradient with momentum fixed at 0.9, in optax's form: its parameters are the look-ahead point
+theta + 0.9 v of Sutskever et al.'s (2013) formulation.
 """
 
 from collections.abc import Callable
@@ -14,6 +16,7 @@ import optax
 
 BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
   "sgd": lambda lr: optax.sgd(lr),
+  "nag": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
   "rmsprop": lambda lr: optax.rmsprop(lr, decay=0.99, eps=1e-8),
   "adam": lambda lr: optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8),
   "adadelta": lambda lr: optax.adadelta(lr, rho=0.9, eps=1e-6),
