@@ -5,11 +5,13 @@ from collections.abc import Callable
 from tasks.base import TaskFamily
 from tasks.cifar10 import cifar10_conv
 from tasks.mnist import mnist_mlp
+from tasks.neural_art import neural_art
 from tasks.quadratic import quadratic
 
 _FAMILIES: dict[str, Callable[..., TaskFamily]] = {
   "cifar10_conv": cifar10_conv,
   "mnist_mlp": mnist_mlp,
+  "neural_art": neural_art,
   "quadratic": quadratic,
 }
 
