@@ -1,0 +1,622 @@
+r"""The CIFAR-10 experiments of section 3.3 (Figure 7) in one command.
+
+Example:
+  CIFAR10_DIR=../shared/data/cifar10 python -m experiments.cifar10_experiments \
+    --learned=two_lstms=runs/cifar10_two_lstms,one_lstm=runs/cifar10_one_lstm \
+    --output_dir=runs/cifar10_experiments
+
+Experiments (``--experiments``), each a task setting of ``tasks.get("cifar10_conv", ...)``:
+
+- ``cifar10``: all ten classes (Figure 7, left);
+- ``cifar5``: the held-out labels 5..9 (dog frog horse ship truck; Figure 7, centre), for an
+  optimizer meta-trained on labels 0..4 beside ones trained on labels that include 5..9;
+- ``cifar2``: two of the held-out labels, 5 and 6 (dog, frog; Figure 7, right).
+
+Every experiment runs every ``--learned`` optimizer (``NAME=DIR`` of a saved optimizer, or
+``NAME=pretrained:cifar10_conv``) and every baseline on the same fresh test problems (theta_0
+and minibatch keys from ``eval.compare.problem_key(seed)``, so differences are paired). Each
+step records the loss on the step's training minibatch (what the optimizer minimizes) and the
+loss of the same parameters on a minibatch of 128 test-set images of the same classes: the
+learning curves on training-set and test-set images.
+
+Baselines are tuned on the paper's grid 1e-6 * 2^k, k < 30, by the lowest mean final training
+loss on ``--tune_problems`` separate problems (seed + 1). On a CPU the whole grid is costly, so
+``--lr_stride=s > 1`` sweeps every s-th rate first and then the rates within s - 1 grid points
+of the best one: the same choice as the whole grid whenever the mean final loss has one minimum
+over the rates at that spacing. The output says which grid and how many tuning problems were
+used. Tuned baselines (and their test-problem curves) are kept in
+``<output_dir>/<experiment>/baselines.npz`` and reused by a later run with the same setting,
+so baselines can be run while optimizers are still meta-training (``--learned=``).
+
+Writes ``<output_dir>/<experiment>/results.json``, ``curves.npz`` (per-problem curves),
+``curves.png`` (training and test loss against step) and a markdown summary with paired
+standard errors (``--summary``, default ``<output_dir>/results_cifar10.md``).
+"""
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import learned_opt
+import tasks
+from eval import baselines as baselines_lib
+from eval import compare
+from learned_opt.tree_files import atomic_write
+from train import inner as inner_lib
+
+HELD_OUT = (5, 6, 7, 8, 9)  # labels the "sub" optimizer (trained on 0..4) never saw
+REPORT_STEPS = (10, 25, 50)  # steps where paired differences are reported besides the last
+
+
+class Experiment(NamedTuple):
+  name: str
+  title: str  # the paper's panel it repeats
+  classes: tuple[int, ...] | None  # None: all ten
+
+
+EXPERIMENTS = (
+  Experiment("cifar10", "Fig. 7 left: CIFAR-10, all ten classes", None),
+  Experiment("cifar5", "Fig. 7 centre: CIFAR-5, held-out labels 5-9", HELD_OUT),
+  Experiment("cifar2", "Fig. 7 right: CIFAR-2, held-out labels 5 and 6", HELD_OUT[:2]),
+)
+BY_NAME = {e.name: e for e in EXPERIMENTS}
+
+
+class Curves(NamedTuple):
+  """Per-problem losses of one optimizer, each shaped (problems, num_steps + 1)."""
+
+  train: np.ndarray  # f(theta_t) on step t's training minibatch
+  test: np.ndarray  # loss of theta_t on a minibatch of test-set images
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts recording training- and test-set losses.
+
+
+def rollout_train_test(task, test_task, tx, data, test_data, task_params, key, num_steps: int):
+  """One problem optimized for ``num_steps`` steps, as ``train.inner.rollout`` does.
+
+  The training losses equal ``inner.rollout``'s for the same key (same theta_0, same
+  minibatches); the test loss at step t is theta_t's loss on test minibatch ``fold_in(k, t)``
+  with ``k = fold_in(key, 1)``, a key the training minibatches do not use.
+
+  Returns:
+    ``(train_losses, test_losses)``, each shaped (num_steps + 1,).
+  """
+  init_key, data_key = jax.random.split(key)
+  test_key = jax.random.fold_in(key, 1)
+  state = inner_lib.start(task, tx, data, task_params, init_key, data_key)
+
+  def test_loss(state):
+    return test_task.loss(
+      test_data, state.task_params, state.params, jax.random.fold_in(test_key, state.step)
+    )
+
+  def body(state, _):
+    loss, grads = inner_lib.gradient(task, data, state)
+    held_out = test_loss(state)
+    return inner_lib.apply(tx, state, grads), (loss, held_out)
+
+  state, (train, test) = jax.lax.scan(body, state, length=num_steps)
+  final = task.loss(data, state.task_params, state.params, inner_lib.minibatch_key(state))
+  return jnp.append(train, final), jnp.append(test, test_loss(state))
+
+
+def run_curves(
+  task,
+  test_task,
+  make_tx: Callable[[Any], Any],
+  tx_args,
+  task_params,
+  keys,
+  num_steps: int,
+  problem_batch: int | None = None,
+) -> Curves:
+  """``rollout_train_test`` on every problem, ``problem_batch`` problems vmapped at a time.
+
+  ``make_tx(tx_args)`` builds the optax transformation inside the jitted computation, so
+  ``tx_args`` (phi, a learning rate) is an argument rather than a baked-in constant.
+  """
+
+  def run(data, test_data, tx_args, task_params, keys):
+    one = lambda pk: rollout_train_test(
+      task, test_task, make_tx(tx_args), data, test_data, pk[0], pk[1], num_steps
+    )
+    return jax.lax.map(one, (task_params, keys), batch_size=problem_batch)
+
+  train, test = jax.jit(run)(task.data, test_task.data, tx_args, task_params, keys)
+  return Curves(np.asarray(train), np.asarray(test))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline tuning on (a subset of) the paper's grid.
+
+
+def coarse_to_fine(
+  evaluate: Callable[[np.ndarray], np.ndarray], grid: np.ndarray, stride: int
+) -> tuple[int, dict[int, float]]:
+  """Index into ``grid`` with the lowest score, sweeping every ``stride``-th rate, then refining.
+
+  Args:
+    evaluate: rates (n,) -> mean final losses (n,) (non-finite: diverged).
+    stride: 1 sweeps the whole grid; s > 1 sweeps indices 0, s, 2s, ... and then every index
+      within s - 1 of the best of those.
+
+  Returns:
+    ``(best index, {index: score of every rate swept})``.
+  """
+  scores: dict[int, float] = {}
+
+  def sweep(indices):
+    indices = [i for i in indices if i not in scores]
+    if indices:
+      values = evaluate(grid[np.asarray(indices)])
+      scores.update(
+        {
+          i: float(v) if np.isfinite(v) else float("inf")
+          for i, v in zip(indices, values, strict=True)
+        }
+      )
+
+  sweep(range(0, len(grid), stride))
+  if stride > 1:
+    best = min(scores, key=scores.get)
+    sweep(range(max(best - stride + 1, 0), min(best + stride, len(grid))))
+  best = min(scores, key=lambda i: (scores[i], i))
+  return best, scores
+
+
+def tune_baseline(
+  task, name: str, grid: np.ndarray, stride: int, tune, num_steps: int, lr_batch_size: int | None
+) -> tuple[float, dict[float, float]]:
+  """The learning rate of ``grid`` with the lowest mean final training loss on ``tune``.
+
+  Args:
+    tune: ``(task_params, keys)`` of the tuning problems.
+
+  Returns:
+    ``(rate, {rate: mean final loss})`` over the rates swept (inf where any run diverged).
+  """
+  make_tx = baselines_lib.BASELINES[name]
+
+  def evaluate(rates):
+    curves = compare.sweep(task, make_tx, rates, *tune, num_steps, lr_batch_size)
+    finals = curves[:, :, -1]
+    return np.where(np.all(np.isfinite(finals), axis=1), np.mean(finals, axis=1), np.inf)
+
+  best, scores = coarse_to_fine(evaluate, grid, stride)
+  return float(grid[best]), {float(grid[i]): s for i, s in sorted(scores.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  """Mean and standard error of ``a - b`` over problems (same test problems in both)."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+
+
+def run_mean(curves: np.ndarray) -> np.ndarray:
+  """Per-problem mean loss over steps 1..T (eq. 3 with w_t = 1, divided by T): (problems,)."""
+  return np.mean(curves[:, 1:], axis=1)
+
+
+def summarize(name: str, kind: str, curves: Curves, learning_rate: float | None) -> dict:
+  """One optimizer's summary: means and standard errors of final and run-mean losses."""
+  out = {"name": name, "kind": kind, "learning_rate": learning_rate}
+  for split in ("train", "test"):
+    c = np.asarray(getattr(curves, split), np.float64)
+    n = c.shape[0]
+    for label, values in (("final", c[:, -1]), ("run_mean", run_mean(c))):
+      out[f"{split}_{label}_mean"] = float(np.mean(values))
+      out[f"{split}_{label}_stderr"] = float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    out[f"{split}_mean_curve"] = np.mean(c, axis=0).tolist()
+    out[f"{split}_stderr_curve"] = (np.std(c, axis=0, ddof=1) / np.sqrt(n)).tolist()
+  out["num_diverged"] = int(np.sum(~np.all(np.isfinite(curves.train), axis=1)))
+  return out
+
+
+def pairs(results: dict, curves: dict[str, Curves]) -> list[dict]:
+  """Paired differences (learned - other) for every learned optimizer against every other one.
+
+  At the final step, at ``REPORT_STEPS``, and of the run mean, on training and test images.
+  """
+  rows = []
+  learned = [r["name"] for r in results["optimizers"] if r["kind"] == "learned"]
+  others = [r["name"] for r in results["optimizers"]]
+  num_steps = results["num_steps"]
+  steps = [s for s in REPORT_STEPS if s < num_steps] + [num_steps]
+  for a in learned:
+    for b in others:
+      if a == b or (b in learned and learned.index(b) < learned.index(a)):
+        continue
+      row = {"learned": a, "other": b}
+      for split in ("train", "test"):
+        x, y = getattr(curves[a], split), getattr(curves[b], split)
+        row[f"{split}_run_mean"] = paired(run_mean(x), run_mean(y))
+        row[f"{split}_steps"] = {str(s): paired(x[:, s], y[:, s]) for s in steps}
+      rows.append(row)
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# One experiment.
+
+
+def _fingerprint(setting: dict) -> str:
+  return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_baselines(path: str, fingerprint: str) -> dict | None:
+  """``{name: (summary, Curves)}`` saved for the same setting, else None."""
+  if not os.path.isfile(path):
+    return None
+  with np.load(path, allow_pickle=False) as f:
+    if str(f["fingerprint"]) != fingerprint:
+      return None
+    summaries = json.loads(str(f["summaries"]))
+    return {
+      s["name"]: (s, Curves(f[f"{s['name']}/train"], f[f"{s['name']}/test"])) for s in summaries
+    }
+
+
+def _save_baselines(path: str, fingerprint: str, found: dict) -> None:
+  arrays = {"fingerprint": np.asarray(fingerprint)}
+  arrays["summaries"] = np.asarray(json.dumps([s for s, _ in found.values()]))
+  for name, (_, curves) in found.items():
+    arrays[f"{name}/train"], arrays[f"{name}/test"] = curves.train, curves.test
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def run_experiment(
+  experiment: Experiment,
+  learned: dict[str, learned_opt.SavedOptimizer],
+  *,
+  baselines: Sequence[str],
+  num_problems: int,
+  tune_problems: int,
+  num_steps: int,
+  lr_stride: int,
+  seed: int,
+  directory: str,
+  task_kwargs: dict | None = None,
+  lr_batch_size: int | None = None,
+  problem_batch: int | None = None,
+  log=print,
+) -> tuple[dict, dict[str, Curves]]:
+  """Learned optimizers and tuned baselines on one setting's test problems.
+
+  Tuned baselines are cached in ``directory/baselines.npz`` (keyed by every setting that
+  changes them) and reused.
+
+  Returns:
+    ``(results, {optimizer name: Curves})``.
+  """
+  kwargs = {
+    **(task_kwargs or {}),
+    "classes": None if experiment.classes is None else list(experiment.classes),
+  }
+  task = tasks.get("cifar10_conv", split="train", **kwargs)
+  test_task = tasks.get("cifar10_conv", split="test", **kwargs)
+  grid = baselines_lib.paper_learning_rates()
+  task_params, keys = inner_lib.sample_problems(task, compare.problem_key(seed), num_problems)
+  tune = inner_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
+  optimizers, curves = [], {}
+
+  for name, saved in learned.items():
+    tic = time.time()
+    c = run_curves(
+      task,
+      test_task,
+      lambda phi, opt=saved.optimizer: learned_opt.as_optax(opt, phi),
+      saved.meta_params,
+      task_params,
+      keys,
+      num_steps,
+      problem_batch,
+    )
+    optimizers.append({**summarize(name, "learned", c, None), "seconds": time.time() - tic})
+    curves[name] = c
+    log(
+      f"{experiment.name} {name}: final training loss "
+      f"{optimizers[-1]['train_final_mean']:.4g} ({time.time() - tic:.0f} s)"
+    )
+
+  setting = {
+    "task": {
+      k: v for k, v in task.config.items() if k not in ("cifar10_dir", "cache_dir", "tfds_data_dir")
+    },
+    "num_problems": num_problems,
+    "tune_problems": tune_problems,
+    "num_steps": num_steps,
+    "lr_stride": lr_stride,
+    "seed": seed,
+  }
+  cache_path = os.path.join(directory, "baselines.npz")
+  found = _load_baselines(cache_path, _fingerprint(setting)) or {}
+  for name in baselines:
+    if name in found:
+      log(f"{experiment.name} {name}: reused the tuned baseline in {cache_path}")
+      continue
+    tic = time.time()
+    rate, scores = tune_baseline(task, name, grid, lr_stride, tune, num_steps, lr_batch_size)
+    c = run_curves(
+      task,
+      test_task,
+      baselines_lib.BASELINES[name],
+      jnp.float32(rate),
+      task_params,
+      keys,
+      num_steps,
+      problem_batch,
+    )
+    summary = summarize(name, "baseline", c, rate)
+    summary.update(
+      tuning_scores={f"{r:.6g}": s for r, s in scores.items()}, seconds=time.time() - tic
+    )
+    found[name] = (summary, c)
+    os.makedirs(directory, exist_ok=True)
+    _save_baselines(cache_path, _fingerprint(setting), found)
+    log(
+      f"{experiment.name} {name}: lr {rate:.3g} ({len(scores)} rates tuned), final training "
+      f"loss {summary['train_final_mean']:.4g} ({time.time() - tic:.0f} s)"
+    )
+  for name in baselines:
+    optimizers.append(found[name][0])
+    curves[name] = found[name][1]
+
+  swept = sorted({r for s, _ in found.values() for r in s.get("tuning_scores", {})}, key=float)
+  results = {
+    "experiment": experiment.name,
+    "title": experiment.title,
+    "task": setting["task"],
+    "num_problems": num_problems,
+    "num_steps": num_steps,
+    "seed": seed,
+    "tuning": {
+      "num_problems": tune_problems,
+      "seed": seed + 1,
+      "criterion": "lowest mean final training loss",
+      "grid": "1e-6 * 2^k, k = 0..29",
+      "lr_stride": lr_stride,
+      "rates_swept": len(swept),
+    },
+    "optimizers": optimizers,
+  }
+  results["pairs"] = pairs(results, curves)
+  return results, curves
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+
+
+def plot(results: dict, path: str) -> None:
+  """Mean training- and test-set loss against step side by side; learned solid, baselines dashed."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110, sharey=True)
+  ranked = sorted(results["optimizers"], key=lambda r: r["train_final_mean"])
+  for ax, split, label in zip(axes, ("train", "test"), ("training", "test"), strict=True):
+    for r in ranked:
+      curve = np.asarray(r[f"{split}_mean_curve"], dtype=float)
+      name = (
+        r["name"] if r["learning_rate"] is None else f"{r['name']} (lr {r['learning_rate']:.2g})"
+      )
+      learned = r["kind"] == "learned"
+      ax.plot(
+        np.arange(curve.size),
+        curve,
+        "-" if learned else "--",
+        label=name,
+        linewidth=2 if learned else 1.2,
+      )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(f"{label}-set images")
+    ax.grid(alpha=0.3, which="both")
+  axes[0].set_ylabel(f"mean loss over {results['num_problems']} problems")
+  axes[1].legend(fontsize=7)
+  fig.suptitle(results["title"])
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _pm(value: tuple[float, float] | list) -> str:
+  mean, stderr = value
+  return f"{mean:+.4f} ± {stderr:.4f}"
+
+
+def markdown(results: dict) -> str:
+  """One experiment's tables: every optimizer, then paired differences of each learned one."""
+  t = results["tuning"]
+  lines = [
+    f"## {results['experiment']}: {results['title']}",
+    "",
+    f"{results['num_problems']} test problems (seed {results['seed']}), {results['num_steps']} "
+    f"steps, task `{json.dumps(results['task'])}`. Baselines tuned on {t['num_problems']} "
+    f"separate problems (seed {t['seed']}) by {t['criterion']}, on the paper's grid {t['grid']}"
+    + (
+      ""
+      if t["lr_stride"] == 1
+      else f" swept coarse-to-fine (every {t['lr_stride']}th rate, then the neighbours of the "
+      f"best: {t['rates_swept']} rates over all baselines)"
+    )
+    + ". Loss: mean cross-entropy (nats) on a minibatch of 128; lower is better.",
+    "",
+    "| optimizer | lr | train final | train mean over run | test final | test mean over run "
+    "| diverged |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in sorted(results["optimizers"], key=lambda r: r["train_final_mean"]):
+    lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.3g}"
+    cells = [
+      f"{r[f'{s}_{k}_mean']:.4f} ± {r[f'{s}_{k}_stderr']:.4f}"
+      for s in ("train", "test")
+      for k in ("final", "run_mean")
+    ]
+    lines.append(f"| {r['name']} | {lr} | " + " | ".join(cells) + f" | {r['num_diverged']} |")
+  steps = list(results["pairs"][0]["train_steps"]) if results["pairs"] else []
+  if steps:
+    lines += [
+      "",
+      "Paired differences (first minus second, mean ± standard error over the shared test "
+      "problems; negative: the first is lower). Training-set images:",
+      "",
+      "| pair | mean over run | "
+      + " | ".join(f"step {s}" for s in steps)
+      + " | test mean over run | test final |",
+      "|---|---|" + "---|" * len(steps) + "---|---|",
+    ]
+    for p in results["pairs"]:
+      lines.append(
+        f"| {p['learned']} - {p['other']} | {_pm(p['train_run_mean'])} | "
+        + " | ".join(_pm(p["train_steps"][s]) for s in steps)
+        + f" | {_pm(p['test_run_mean'])} | {_pm(p['test_steps'][steps[-1]])} |"
+      )
+  lines += ["", f"![{results['experiment']}]({results['experiment']}/curves.png)", ""]
+  return "\n".join(lines)
+
+
+def write_summary(output_dir: str, path: str, header: str) -> None:
+  """Markdown of every experiment's results.json under ``output_dir``, in the paper's order."""
+  parts = [header, ""]
+  for experiment in EXPERIMENTS:
+    found = os.path.join(output_dir, experiment.name, "results.json")
+    if os.path.isfile(found):
+      with open(found) as f:
+        parts.append(markdown(json.load(f)))
+  atomic_write(path, "\n".join(parts).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Flags of the command; defined only when run as one, so importing this module is free."""
+  flags.DEFINE_list(
+    "learned",
+    ["two_lstms=pretrained:cifar10_conv"],
+    "Learned optimizers as NAME=DIR (a saved optimizer) or NAME=pretrained:NAME; empty: "
+    "baselines only (they are cached for a later run).",
+  )
+  flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS], "Experiments to run.")
+  flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
+  flags.DEFINE_integer("num_problems", 64, "Fresh test problems per experiment.")
+  flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem.")
+  flags.DEFINE_integer("tune_problems", 4, "Separate problems the learning rates are tuned on.")
+  flags.DEFINE_integer(
+    "lr_stride", 1, "1: tune on the whole paper grid; s > 1: every s-th rate, then refine."
+  )
+  flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
+  flags.DEFINE_integer("lr_batch_size", 4, "Learning rates vmapped at once (bounds memory).")
+  flags.DEFINE_integer("problem_batch", 8, "Test problems vmapped at once (bounds memory).")
+  flags.DEFINE_string("task_kwargs", "{}", "JSON changes to the cifar10_conv task (e.g. channels).")
+  flags.DEFINE_string("output_dir", None, "Where each experiment's results go.")
+  flags.DEFINE_string("summary", None, "Markdown summary; default OUTPUT_DIR/results_cifar10.md.")
+
+
+def parse_learned(specs: Sequence[str]) -> dict[str, learned_opt.SavedOptimizer]:
+  """``["name=dir", "name=pretrained:x"]`` -> ``{name: SavedOptimizer}``; ValueError if bad."""
+  found = {}
+  for spec in specs:
+    name, sep, source = spec.partition("=")
+    if not sep or not name or not source:
+      raise ValueError(f"--learned entry {spec!r} is not NAME=DIR or NAME=pretrained:NAME.")
+    if name in found or name in baselines_lib.BASELINES:
+      raise ValueError(f"--learned name {name!r} is repeated or a baseline's name.")
+    if source.startswith("pretrained:"):
+      found[name] = learned_opt.pretrained(source.removeprefix("pretrained:"))
+    else:
+      found[name] = learned_opt.load(source)
+  return found
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.output_dir:
+    raise app.UsageError("--output_dir is required (e.g. --output_dir=runs/cifar10_experiments).")
+  unknown = [name for name in FLAGS.experiments if name not in BY_NAME]
+  if unknown:
+    raise app.UsageError(f"Unknown --experiments {unknown}; choose from {list(BY_NAME)}.")
+  bad = [b for b in FLAGS.baselines if b not in baselines_lib.BASELINES]
+  if bad:
+    raise app.UsageError(f"Unknown --baselines {bad}; choose from {list(baselines_lib.BASELINES)}.")
+  if FLAGS.num_problems < 2 or FLAGS.tune_problems < 1 or FLAGS.lr_stride < 1:
+    raise app.UsageError("--num_problems must be >= 2, --tune_problems >= 1, --lr_stride >= 1.")
+  try:
+    task_kwargs = json.loads(FLAGS.task_kwargs)
+    if not isinstance(task_kwargs, dict) or "classes" in task_kwargs or "split" in task_kwargs:
+      raise ValueError(
+        "--task_kwargs must be a JSON object without classes or split (experiments set them)."
+      )
+    learned = parse_learned(FLAGS.learned)
+    tasks.get("cifar10_conv", split="test", **task_kwargs)  # no data: a usage error now
+  except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+    raise app.UsageError(str(e)) from e
+  header = (
+    "# CIFAR-10 results (section 3.3, Figure 7)\n\n"
+    "Written by `python -m experiments.cifar10_experiments` with learned optimizers "
+    + ", ".join(f"`{s}`" for s in FLAGS.learned)
+    + "."
+  )
+  summary = FLAGS.summary or os.path.join(FLAGS.output_dir, "results_cifar10.md")
+  for name in FLAGS.experiments:
+    experiment = BY_NAME[name]
+    print(f"== {name}: {experiment.title}", flush=True)
+    tic = time.time()
+    directory = os.path.join(FLAGS.output_dir, name)
+    os.makedirs(directory, exist_ok=True)
+    results, curves = run_experiment(
+      experiment,
+      learned,
+      baselines=FLAGS.baselines,
+      num_problems=FLAGS.num_problems,
+      tune_problems=FLAGS.tune_problems,
+      num_steps=FLAGS.num_steps,
+      lr_stride=FLAGS.lr_stride,
+      seed=FLAGS.seed,
+      directory=directory,
+      task_kwargs=task_kwargs,
+      lr_batch_size=FLAGS.lr_batch_size or None,
+      problem_batch=FLAGS.problem_batch or None,
+      log=lambda s: print(s, flush=True),
+    )
+    results["seconds"] = time.time() - tic
+    results["learned_sources"] = list(FLAGS.learned)
+    if not results["optimizers"]:
+      continue
+    atomic_write(os.path.join(directory, "results.json"), json.dumps(results).encode())
+    arrays = {f"{n}/{s}": getattr(c, s) for n, c in curves.items() for s in ("train", "test")}
+    np.savez_compressed(os.path.join(directory, "curves.npz"), **arrays)
+    plot(results, os.path.join(directory, "curves.png"))
+    print(markdown(results), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(summary)), exist_ok=True)
+    write_summary(FLAGS.output_dir, summary, header)
+    print(f"Wrote {summary} ({results['seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  jax.config.parse_flags_with_absl()
+  app.run(main)

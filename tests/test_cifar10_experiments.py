@@ -1,0 +1,166 @@
+"""The CIFAR-10 experiment runner on tiny binary batches: rollouts, tuning, statistics, reports."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from cifar10_files import binary_batch_bytes, tiny_split
+
+import learned_opt
+import tasks
+from experiments import cifar10_experiments as cx
+from tasks.cifar10_formats import BINARY_FILES
+from train import inner
+
+TINY = {"channels": [2], "hidden_size": 3, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def cifar10_dir(tmp_path_factory):
+  """Official binary batches with every class in both splits (held-out subsets are not empty)."""
+  directory = tmp_path_factory.mktemp("cifar10_bin")
+  images, labels = tiny_split(per_class=5)
+  order = np.random.default_rng(0).permutation(len(labels))
+  for name, part in zip(BINARY_FILES["train"], np.array_split(order, 5), strict=True):
+    (directory / name).write_bytes(binary_batch_bytes(images[part], labels[part]))
+  images, labels = tiny_split(per_class=2, seed=1)
+  (directory / BINARY_FILES["test"][0]).write_bytes(binary_batch_bytes(images, labels))
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def two_lstms():
+  optimizer = learned_opt.build(
+    {
+      "kind": "partition",
+      "rule": "conv_fc",
+      "optimizers": {
+        g: {"kind": "lstm", "hidden_size": 3, "num_layers": 1, "preprocess": "log_sign"}
+        for g in ("conv", "fc")
+      },
+    }
+  )
+  return learned_opt.SavedOptimizer(optimizer, optimizer.init_meta_params(jax.random.key(0)))
+
+
+def test_coarse_to_fine_finds_the_whole_grids_choice_with_fewer_rates():
+  grid = 1e-6 * 2.0 ** np.arange(30)
+  for best in (0, 7, 13, 29):
+    scores = (np.arange(30) - best) ** 2 + 1.0
+    scores[best + 3 :] = np.inf  # larger rates diverge, as on a real task
+    calls = []
+
+    def evaluate(rates, scores=scores, calls=calls):
+      calls.append(len(rates))
+      return scores[np.searchsorted(grid, rates)]
+
+    whole, _ = cx.coarse_to_fine(evaluate, grid, 1)
+    calls.clear()
+    coarse, swept = cx.coarse_to_fine(evaluate, grid, 4)
+    assert whole == coarse == best
+    assert sum(calls) == len(swept) <= 8 + 6 and len(calls) == 2
+    assert all(np.isinf(swept[i]) for i in swept if i >= best + 3)
+
+
+def test_paired_standard_error_is_that_of_the_differences():
+  a, b = np.array([1.0, 2.0, 4.0]), np.array([0.5, 2.5, 3.0])
+  mean, stderr = cx.paired(a, b)
+  assert mean == pytest.approx(np.mean(a - b))
+  assert stderr == pytest.approx(np.std(a - b, ddof=1) / np.sqrt(3))
+
+
+def test_training_curve_is_inner_rollouts_and_test_curve_reads_test_images(cifar10_dir):
+  task = tasks.get("cifar10_conv", cifar10_dir=cifar10_dir, **TINY)
+  test_task = tasks.get("cifar10_conv", cifar10_dir=cifar10_dir, split="test", **TINY)
+  params, keys = inner.sample_problems(task, jax.random.key(3), 2)
+  sgd = lambda lr: __import__("optax").sgd(lr)
+  curves = cx.run_curves(task, test_task, sgd, 0.1, params, keys, 3, problem_batch=1)
+  reference = jax.jit(lambda d: inner.rollout_batch(task, sgd(0.1), d, params, keys, 3))(task.data)
+  np.testing.assert_allclose(curves.train, reference, rtol=1e-5)
+  assert curves.test.shape == (2, 4) and np.all(np.isfinite(curves.test))
+  # theta_0 is the same, the images are not: the test losses are another set of numbers.
+  assert not np.allclose(curves.test, curves.train)
+
+
+def test_pairs_every_learned_optimizer_with_every_later_one():
+  rng = np.random.default_rng(0)
+  names = ["two", "one", "sgd", "adam"]
+  curves = {n: cx.Curves(rng.random((4, 101)), rng.random((4, 101))) for n in names}
+  results = {
+    "num_steps": 100,
+    "optimizers": [
+      {"name": n, "kind": "learned" if i < 2 else "baseline"} for i, n in enumerate(names)
+    ],
+  }
+  rows = cx.pairs(results, curves)
+  assert [(p["learned"], p["other"]) for p in rows] == [
+    ("two", "one"),
+    ("two", "sgd"),
+    ("two", "adam"),
+    ("one", "sgd"),
+    ("one", "adam"),
+  ]
+  assert list(rows[0]["train_steps"]) == ["10", "25", "50", "100"]
+  assert rows[2]["test_steps"]["25"] == cx.paired(
+    curves["two"].test[:, 25], curves["adam"].test[:, 25]
+  )
+  assert rows[1]["train_run_mean"] == cx.paired(
+    curves["two"].train[:, 1:].mean(1), curves["sgd"].train[:, 1:].mean(1)
+  )
+
+
+def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, tmp_path):
+  experiment = cx.BY_NAME["cifar2"]
+  run = lambda learned, log: cx.run_experiment(
+    experiment,
+    learned,
+    baselines=["sgd"],
+    num_problems=3,
+    tune_problems=1,
+    num_steps=2,
+    lr_stride=10,
+    seed=0,
+    directory=str(tmp_path),
+    task_kwargs={**TINY, "cifar10_dir": cifar10_dir},
+    lr_batch_size=None,
+    log=log,
+  )
+  results, curves = run({"two_lstms": two_lstms}, lambda s: None)
+  assert [r["name"] for r in results["optimizers"]] == ["two_lstms", "sgd"]
+  assert results["task"]["classes"] == [5, 6] and "cifar10_dir" not in results["task"]
+  sgd = results["optimizers"][1]
+  swept = {float(k): v for k, v in sgd["tuning_scores"].items()}
+  grid = 1e-6 * 2.0 ** np.arange(30)
+  assert sgd["learning_rate"] in grid and 3 < len(swept) <= 3 + 18
+  assert sgd["learning_rate"] == pytest.approx(min(swept, key=swept.get), rel=1e-5)
+  for name, c in curves.items():
+    assert c.train.shape == c.test.shape == (3, 3), name
+    assert np.all(np.isfinite(c.test)), name
+  assert sgd["train_final_mean"] == pytest.approx(np.mean(curves["sgd"].train[:, -1]))
+  pair = results["pairs"][0]
+  assert (pair["learned"], pair["other"]) == ("two_lstms", "sgd")
+  expected = cx.paired(curves["two_lstms"].train[:, -1], curves["sgd"].train[:, -1])
+  assert pair["train_steps"]["2"] == pytest.approx(expected) and expected[0] != 0.0
+
+  logs = []
+  again, again_curves = run({}, logs.append)
+  assert sum("reused the tuned baseline" in s for s in logs) == 1
+  assert [r["name"] for r in again["optimizers"]] == ["sgd"]
+  np.testing.assert_array_equal(again_curves["sgd"].test, curves["sgd"].test)
+
+  text = cx.markdown(results)
+  assert "| two_lstms | - |" in text and "| two_lstms - sgd |" in text
+  cx.plot(results, str(tmp_path / "curves.png"))
+  assert os.path.getsize(tmp_path / "curves.png") > 1000
+  json.dumps(results)  # results.json is plain JSON
+
+
+def test_learned_specs_are_checked(tmp_path, two_lstms):
+  learned_opt.save(str(tmp_path / "opt"), two_lstms.optimizer, two_lstms.meta_params)
+  found = cx.parse_learned([f"a={tmp_path / 'opt'}"])
+  assert found["a"].optimizer.config["kind"] == "partition"
+  for bad in (["nodir"], ["sgd=x"], [f"a={tmp_path / 'opt'}", f"a={tmp_path / 'opt'}"]):
+    with pytest.raises(ValueError, match="--learned"):
+      cx.parse_learned(bad)
