@@ -17,7 +17,7 @@ META_LR_SCHEDULES = ("constant", "cosine")
 # with different values of these.
 NOT_AFFECTING_RESULTS = ("output_dir", "log_every", "checkpoint_every", "keep_checkpoints")
 # Optimizer settings that were flat fields of the config before ``optimizer_kwargs`` existed.
-_LEGACY_OPTIMIZER_FIELDS = (
+LEGACY_OPTIMIZER_FIELDS = (
   "hidden_size",
   "num_layers",
   "preprocess",
@@ -131,9 +131,9 @@ def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
   optimizer fields of older runs become ``optimizer`` and ``optimizer_kwargs``.
   """
   saved = dict(saved)
-  if any(name in saved for name in _LEGACY_OPTIMIZER_FIELDS):
+  if any(name in saved for name in LEGACY_OPTIMIZER_FIELDS):
     legacy = _legacy_optimizer_config(saved)
-    for name in _LEGACY_OPTIMIZER_FIELDS:
+    for name in LEGACY_OPTIMIZER_FIELDS:
       saved.pop(name, None)
     saved["optimizer"] = legacy.pop("kind")
     saved["optimizer_kwargs"] = legacy

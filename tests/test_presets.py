@@ -1,0 +1,88 @@
+"""Per-task presets: chosen by the task, overridden by flags, the recipes the docs record."""
+
+import json
+import shlex
+
+import pytest
+
+import learned_opt
+from train import config as config_lib
+from train import presets
+
+
+def _config(settings, tmp_path):
+  return config_lib.MetaTrainConfig(**{"output_dir": str(tmp_path), **settings})
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_is_a_valid_config_for_its_own_task(name, tmp_path):
+  config = _config(presets.select(None, name), tmp_path)
+  assert config.task == name
+  learned_opt.build(config.optimizer_config())
+
+
+def test_the_task_picks_its_preset_and_given_flags_win(tmp_path):
+  settings = presets.resolve(presets.select(None, "mnist_mlp"), {"num_problems": 4, "seed": 3})
+  config = _config(settings, tmp_path)
+  assert (config.num_problems, config.seed) == (4, 3)  # given
+  assert (config.meta_objective, config.meta_lr_schedule, config.steps_per_epoch) == (
+    "ramp",
+    "cosine",
+    120,
+  )  # the preset's
+  assert config.checkpoint_every == 100  # neither: the config's default
+
+
+def test_the_quadratic_preset_is_todays_defaults_and_none_turns_presets_off(tmp_path):
+  defaults = config_lib.MetaTrainConfig(output_dir=str(tmp_path))
+  assert _config(presets.select(None, "quadratic"), tmp_path) == defaults
+  assert _config(presets.select("none", "mnist_mlp"), tmp_path) == defaults
+  assert presets.select(None, "a_task_without_preset") == {}
+
+
+def test_the_mnist_preset_is_the_shipped_optimizers_recorded_recipe(tmp_path):
+  """The preset trains what ``learned_opt.pretrained("mnist_mlp")`` was trained with."""
+  command = shlex.split(learned_opt.shipped.metadata("mnist_mlp")["command"])
+  flags = dict(arg[2:].split("=", 1) for arg in command if arg.startswith("--"))
+  flags.pop("output_dir")
+  optimizer_flags = {name: flags.pop(name) for name in ("preprocess", "output_scale")}
+  preset = _config(presets.select(None, "mnist_mlp"), tmp_path)
+  for name, value in flags.items():
+    assert getattr(preset, name) == type(getattr(preset, name))(value), name
+  assert optimizer_flags == {"preprocess": "log_sign", "output_scale": "0.1"}
+  assert learned_opt.build(preset.optimizer_config()).config == (
+    learned_opt.load("learned_opt/pretrained/mnist_mlp").optimizer.config
+  )
+
+
+def test_a_json_file_is_a_preset_on_top_of_its_tasks(tmp_path):
+  path = tmp_path / "small.json"
+  path.write_text(json.dumps({"task": "mnist_mlp", "num_epochs": 2}))
+  config = _config(presets.resolve(presets.select(str(path), "quadratic"), {}), tmp_path)
+  assert (config.task, config.num_epochs, config.num_problems) == ("mnist_mlp", 2, 2)
+  # A run's config.json reproduces that run (its output_dir replaced by the flag).
+  saved = tmp_path / "run" / "config.json"
+  saved.parent.mkdir()
+  saved.write_text(_config({"task": "quadratic", "unroll": 10}, tmp_path / "run").to_json())
+  settings = presets.resolve(presets.select(str(saved), "quadratic"), {"output_dir": "new"})
+  assert config_lib.MetaTrainConfig(**settings).unroll == 10
+  assert settings["output_dir"] == "new"
+
+
+@pytest.mark.parametrize(
+  "preset, content, message",
+  [
+    ("mnist", None, r"--preset='mnist' is neither a preset \(cifar10_conv, mnist_mlp, quadratic"),
+    ("typo.json", {"num_problem": 2}, r"num_problem is not a setting of meta-training"),
+    ("list.json", [1], r"must hold a JSON object"),
+    ("broken.json", "{", r"is not valid JSON"),
+    ("missing.json", None, r"cannot read it"),
+  ],
+)
+def test_a_bad_preset_is_named(preset, content, message, tmp_path):
+  path = tmp_path / preset
+  if content is not None:
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+  name = str(path) if preset.endswith(".json") else preset
+  with pytest.raises(ValueError, match=message):
+    presets.select(name, "quadratic")

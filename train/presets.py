@@ -1,0 +1,140 @@
+"""Per-task settings of meta-training: the paper's recipe for each task family, sized for 2 CPUs.
+
+A preset is a partial ``MetaTrainConfig``: the fields it names replace the config's defaults, and
+flags given on the command line replace both. ``train.meta_train`` picks the preset named after
+``--task`` unless ``--preset`` names another one, a JSON file of config fields (a run's
+``config.json`` works; its fields go on top of its task's preset), or ``none`` (the config's own
+defaults).
+
+Example:
+  >>> settings = presets.resolve(presets.select(None, "mnist_mlp"), {"num_epochs": 2})
+  >>> settings["num_problems"], settings["num_epochs"]
+  (2, 2)
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from train import config as config_lib
+
+NONE = "none"
+_APPENDIX_A = {"preprocess": "log_sign", "output_scale": 0.1}  # p = 10, outputs scaled by 0.1
+
+PRESETS: dict[str, dict[str, Any]] = {
+  # Section 3.1 as the config's defaults already spell it: 128 quadratics a meta-step.
+  "quadratic": {"task": "quadratic"},
+  # Section 3.2 with the shipped optimizer's recipe (docs/mnist.md): 2 problems a meta-step fit
+  # 2 CPU cores (one step about 1 s); the ramp objective and a cosine schedule closed the gap to
+  # Adam at step 100 where w_t = 1 did not.
+  "mnist_mlp": {
+    "task": "mnist_mlp",
+    "optimizer": "lstm",
+    "optimizer_kwargs": _APPENDIX_A,
+    "unroll": 20,
+    "horizon": 100,
+    "num_problems": 2,
+    "meta_lr": 3e-3,
+    "meta_lr_schedule": "cosine",
+    "meta_lr_final_ratio": 0.05,
+    "meta_objective": "ramp",
+    "num_epochs": 10,
+    "steps_per_epoch": 120,
+    "valid_problems": 32,
+    "log_every": 10,
+  },
+  # Section 3.3 (docs/cifar10.md): one LSTM for the conv parameters, one for the fully connected
+  # ones, with the MNIST run's settings as a start; one meta-step takes 10-15 s on 2 CPU cores.
+  "cifar10_conv": {
+    "task": "cifar10_conv",
+    "optimizer": "partition",
+    "optimizer_kwargs": {
+      "rule": "conv_fc",
+      "optimizers": {
+        "conv": {"kind": "lstm", **_APPENDIX_A},
+        "fc": {"kind": "lstm", **_APPENDIX_A},
+      },
+    },
+    "unroll": 20,
+    "horizon": 100,
+    "num_problems": 2,
+    "meta_lr": 3e-3,
+    "num_epochs": 10,
+    "steps_per_epoch": 100,
+    "valid_problems": 16,
+    "log_every": 10,
+  },
+}
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(config_lib.MetaTrainConfig))
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted(PRESETS))
+
+
+def _check_fields(settings: dict, source: str) -> None:
+  unknown = sorted(set(settings) - set(_FIELDS))
+  if unknown:
+    raise ValueError(
+      f"--preset={source}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+      f"setting of meta-training; the settings are: {', '.join(_FIELDS)}."
+    )
+
+
+def load_file(path: str) -> dict[str, Any]:
+  """The config fields in a JSON file (e.g. a run's ``config.json``); raises ValueError."""
+  try:
+    with open(path) as f:
+      settings = json.load(f)
+  except OSError as e:
+    raise ValueError(f"--preset={path}: cannot read it ({e.strerror}).") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--preset={path} is not valid JSON ({e}).") from e
+  if not isinstance(settings, dict):
+    raise ValueError(f'--preset={path} must hold a JSON object of settings, e.g. {{"unroll": 20}}.')
+  if any(name in settings for name in config_lib.LEGACY_OPTIMIZER_FIELDS):
+    settings = config_lib.upgrade(settings)  # a config.json of an older run, in today's fields
+  _check_fields(settings, path)
+  return settings
+
+
+def select(preset: str | None, task: str) -> dict[str, Any]:
+  """The settings of ``--preset`` (a preset name, a JSON file or ``none``), else of ``task``.
+
+  Args:
+    preset: the ``--preset`` flag, or None when it was not given.
+    task: the task the run trains on (``--task``, given or default); names the preset when
+      ``preset`` is None. A task without a preset gets no settings (the config's defaults).
+  """
+  if preset is None:
+    return dict(PRESETS.get(task, {}))
+  if preset == NONE:
+    return {}
+  if preset in PRESETS:
+    return dict(PRESETS[preset])
+  if preset.endswith(".json") or os.path.isfile(preset):
+    settings = load_file(preset)  # on top of the preset of the task it names
+    return {**PRESETS.get(settings.get("task", task), {}), **settings}
+  raise ValueError(
+    f"--preset={preset!r} is neither a preset ({', '.join(names())}, or {NONE} for the plain "
+    "defaults) nor a JSON file of settings; e.g. --preset=mnist_mlp."
+  )
+
+
+def resolve(settings: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+  """Preset ``settings`` with the flags ``given`` on the command line taking precedence."""
+  _check_fields(given, "flags")
+  return {**settings, **given}
+
+
+def describe(name: str) -> str:
+  """A preset's settings as flags, e.g. ``--num_problems=2 --meta_lr=0.003 ...``."""
+  return " ".join(f"--{key}={_flag_value(value)}" for key, value in PRESETS[name].items())
+
+
+def _flag_value(value) -> str:
+  if isinstance(value, dict):
+    return "'" + json.dumps(value, separators=(",", ":")) + "'"
+  return str(value)
