@@ -5,11 +5,13 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 from cifar10_files import binary_batch_bytes, tiny_split
 
 import learned_opt
 import tasks
+from eval import compare
 from experiments import cifar10_experiments as cx
 from tasks.cifar10_formats import BINARY_FILES
 from train import inner
@@ -71,19 +73,6 @@ def test_paired_standard_error_is_that_of_the_differences():
   assert stderr == pytest.approx(np.std(a - b, ddof=1) / np.sqrt(3))
 
 
-def test_training_curve_is_inner_rollouts_and_test_curve_reads_test_images(cifar10_dir):
-  task = tasks.get("cifar10_conv", cifar10_dir=cifar10_dir, **TINY)
-  test_task = tasks.get("cifar10_conv", cifar10_dir=cifar10_dir, split="test", **TINY)
-  params, keys = inner.sample_problems(task, jax.random.key(3), 2)
-  sgd = lambda lr: __import__("optax").sgd(lr)
-  curves = cx.run_curves(task, test_task, sgd, 0.1, params, keys, 3, problem_batch=1)
-  reference = jax.jit(lambda d: inner.rollout_batch(task, sgd(0.1), d, params, keys, 3))(task.data)
-  np.testing.assert_allclose(curves.train, reference, rtol=1e-5)
-  assert curves.test.shape == (2, 4) and np.all(np.isfinite(curves.test))
-  # theta_0 is the same, the images are not: the test losses are another set of numbers.
-  assert not np.allclose(curves.test, curves.train)
-
-
 def test_pairs_every_learned_optimizer_with_every_later_one():
   rng = np.random.default_rng(0)
   names = ["two", "one", "sgd", "adam"]
@@ -139,6 +128,14 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
     assert c.train.shape == c.test.shape == (3, 3), name
     assert np.all(np.isfinite(c.test)), name
   assert sgd["train_final_mean"] == pytest.approx(np.mean(curves["sgd"].train[:, -1]))
+  # The training curves are train.inner's rollouts of the same problems; the test curves read
+  # other images from the same theta_t, so they are other numbers.
+  task = tasks.get("cifar10_conv", cifar10_dir=cifar10_dir, classes=[5, 6], **TINY)
+  params, keys = inner.sample_problems(task, compare.problem_key(0), 3)
+  tx = optax.sgd(sgd["learning_rate"])
+  reference = jax.jit(lambda d: inner.rollout_batch(task, tx, d, params, keys, 2))(task.data)
+  np.testing.assert_allclose(curves["sgd"].train, reference, rtol=1e-5)
+  assert not np.allclose(curves["sgd"].test, curves["sgd"].train)
   pair = results["pairs"][0]
   assert (pair["learned"], pair["other"]) == ("two_lstms", "sgd")
   expected = cx.paired(curves["two_lstms"].train[:, -1], curves["sgd"].train[:, -1])
