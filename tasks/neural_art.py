@@ -28,9 +28,11 @@ from tasks import art_images, vgg16
 from tasks.base import TaskFamily
 from tasks.cifar10 import CONV_IMPLS
 
-# The default truncated stack: style from the first conv of blocks 1-3, content from conv3_1.
-STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1")
-CONTENT_LAYER = "conv3_1"
+# The default truncated stack, VGG16 up to conv2_1 (three of its 13 convolutions): style from
+# conv1_1, conv1_2 and conv2_1, content from conv2_1. Deeper layers (Gatys et al. use up to
+# conv5_1) cost 2x (conv3_1) and more per step on a CPU; docs/neural_art.md says why this stack.
+STYLE_LAYERS = ("conv1_1", "conv1_2", "conv2_1")
+CONTENT_LAYER = "conv2_1"
 INITS = ("content", "noise")
 
 
@@ -199,7 +201,8 @@ def neural_art(
     del data
     if init == "noise":
       return {"image": jax.random.uniform(key, task_params["content"].shape, jnp.float32)}
-    return {"image": task_params["content"]}
+    # A copy: theta_0 must not share a buffer with the problem's content, as drivers donate both.
+    return {"image": jnp.copy(task_params["content"])}
 
   def loss(data: ArtData, task_params, params, key):
     del key  # Deterministic: no minibatch.
