@@ -88,22 +88,63 @@ def trace_updates(
   return UpdateTraces(proposed, gradient, gradient_grid, response)
 
 
-def plot_traces(traces: UpdateTraces, path: str, steps=(0, 1, 10, 20)) -> None:
-  """Figure 9 (updates over steps) beside Figure 10 (update vs gradient at a few steps)."""
+def plot_traces(
+  traces: UpdateTraces, path: str, steps=(0, 1, 10, 20), title: str = "", followed: str = ""
+) -> None:
+  """Figure 9 (updates along the trajectory) above Figure 10 (update against gradient).
+
+  Args:
+    steps: the steps whose response curves get a panel each (clipped to the trajectory).
+    title: the figure's title.
+    followed: the optimizer whose trajectory this is, for the subtitle.
+  """
   from eval.plots import plt
 
-  fig, axes = plt.subplots(1, 1 + len(steps), figsize=(4 * (1 + len(steps)), 3.2), dpi=110)
-  for name, values in traces.proposed.items():
-    axes[0].plot(values, label=name)
-  axes[0].set(xlabel="step", ylabel="update", title="proposed updates")
-  axes[0].legend(fontsize=8)
-  for ax, step in zip(axes[1:], steps, strict=True):
+  names = sorted(traces.proposed, key=lambda name: name != followed)  # the followed one first
+  colors = {name: f"C{i}" for i, name in enumerate(names)}
+  fig = plt.figure(figsize=(12, 7.5), dpi=110)
+  grid = fig.add_gridspec(2, len(steps), height_ratios=(1, 1), hspace=0.6, wspace=0.3)
+  over_steps = fig.add_subplot(grid[0, :])
+  for name in names:
+    over_steps.plot(traces.proposed[name], color=colors[name], marker=".", label=name)
+  over_steps.axhline(0.0, color="black", linewidth=0.6)
+  gradient_axis = over_steps.twinx()  # gradients are often 10-100x the updates: own scale
+  gradient_axis.plot(
+    traces.gradient, color="gray", linestyle=":", label="gradient seen (right axis)"
+  )
+  gradient_axis.set_ylabel("gradient", color="gray")
+  over_steps.set(
+    xlabel="step of the trajectory",
+    ylabel="update to the coordinate",
+    title="(a) The update each optimizer proposes, given the same gradient history (Fig. 9)",
+  )
+  over_steps.grid(alpha=0.3)
+  for column, step in enumerate(steps):
     step = min(step, len(traces.gradient) - 1)
-    for name, values in traces.response.items():
-      ax.plot(traces.gradient_grid, values[step], label=name)
-    ax.axvline(float(traces.gradient[step]), color="gray", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="gradient", ylabel="update", title=f"step {step}")
-  fig.tight_layout()
+    ax = fig.add_subplot(grid[1, column])
+    for name in names:
+      ax.plot(traces.gradient_grid, traces.response[name][step], color=colors[name])
+    ax.axvline(float(traces.gradient[step]), color="gray", linewidth=0.9, linestyle=":")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set(xlabel=f"gradient at step {step}", title=f"step {step}")
+    if column == 0:
+      ax.set_ylabel("proposed update")
+    ax.grid(alpha=0.3)
+  fig.text(
+    0.5,
+    0.445,
+    "(b) The update as a function of the current gradient, the history held fixed (Fig. 10); "
+    "dotted: the gradient actually seen",
+    ha="center",
+    fontsize=11,
+  )
+  handles, labels = over_steps.get_legend_handles_labels()
+  more_handles, more_labels = gradient_axis.get_legend_handles_labels()
+  handles, labels = handles + more_handles, labels + more_labels
+  fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 0.945))
+  subtitle = f", along the trajectory of the {followed} optimizer" if followed else ""
+  fig.suptitle((title or "Updates to one coordinate") + subtitle, fontsize=13, y=0.99)
+  fig.subplots_adjust(top=0.85, bottom=0.08, left=0.07, right=0.94)
   fig.savefig(path)
   plt.close(fig)
 
@@ -114,10 +155,15 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Flags of the command; defined only when run as one, so importing this module is free."""
   flags.DEFINE_string(
-    "checkpoint", None, "Saved learned optimizer: a directory or pretrained:NAME."
+    "checkpoint", None, "Required. Saved learned optimizer: a directory or pretrained:NAME."
   )
-  flags.DEFINE_string("output_dir", None, "Where traces.json and updates.png go.")
-  flags.DEFINE_string("task", None, "Task family; default: the checkpoint's.")
+  flags.DEFINE_string("output_dir", None, "Required. Where traces.json and updates.png go.")
+  flags.DEFINE_string(
+    "task",
+    None,
+    "Task family (quadratic, mnist_mlp, ...); default: the one the checkpoint trained on. MNIST "
+    "is read from $MNIST_DIR, CIFAR-10 from $CIFAR10_DIR.",
+  )
   flags.DEFINE_integer("num_steps", 32, "Steps of the trajectory (the paper shows 32).")
   flags.DEFINE_integer("coordinate", 0, "Flattened index of the traced parameter.")
   flags.DEFINE_float("sgd_lr", 0.01, "SGD learning rate for the comparison.")
@@ -141,23 +187,25 @@ def main(argv):
     task = task_registry.get(name, **kwargs)
   except (ValueError, TypeError) as e:
     raise app.UsageError(str(e)) from e
+  learned = f"learned ({saved.optimizer.config.get('kind', 'optimizer')})"
   optimizers = {
-    "LSTM": learned_opt.as_optax(saved),
-    "ADAM": optax.adam(FLAGS.adam_lr),
-    "SGD": optax.sgd(FLAGS.sgd_lr),
+    learned: learned_opt.as_optax(saved),
+    f"Adam (lr {FLAGS.adam_lr:g})": optax.adam(FLAGS.adam_lr),
+    f"SGD (lr {FLAGS.sgd_lr:g})": optax.sgd(FLAGS.sgd_lr),
   }
   task_params, keys = inner_lib.sample_problems(task, jax.random.key(FLAGS.seed), 1)
   grid = jnp.linspace(-FLAGS.grad_range, FLAGS.grad_range, 101)
   run = jax.jit(
     lambda d, p, k: trace_updates(
-      task, optimizers, "LSTM", d, p, k, FLAGS.num_steps, FLAGS.coordinate, grid
+      task, optimizers, learned, d, p, k, FLAGS.num_steps, FLAGS.coordinate, grid
     )
   )
   traces = run(task.data, jax.tree.map(lambda x: x[0], task_params), keys[0])
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(os.path.join(FLAGS.output_dir, "traces.json"), "w") as f:
     json.dump(jax.tree.map(lambda x: np.asarray(x).tolist(), traces._asdict()), f)
-  plot_traces(traces, os.path.join(FLAGS.output_dir, "updates.png"))
+  title = f"Coordinate {FLAGS.coordinate} of a {name} problem, seed {FLAGS.seed}"
+  plot_traces(traces, os.path.join(FLAGS.output_dir, "updates.png"), title=title, followed=learned)
   print(f"Wrote {FLAGS.output_dir}/traces.json and {FLAGS.output_dir}/updates.png")
 
 
