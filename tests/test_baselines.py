@@ -1,12 +1,10 @@
 """NAG among the tuned baselines, and that it is Nesterov's method, not heavy-ball momentum."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eval import baselines, compare
-from tasks import quadratic
+from eval import baselines
 
 _W = jnp.array([[2.0, 0.5, 0.0], [0.0, 1.0, -0.3], [0.4, 0.0, 1.5]])
 _Y = jnp.array([1.0, -2.0, 0.5])
@@ -49,14 +47,3 @@ def test_nag_follows_sutskever_nesterov_at_the_lookahead_point():
   np.testing.assert_allclose(nag, np.stack(lookahead), rtol=1e-5, atol=1e-6)
   heavy_ball = _optax_iterates(optax.sgd(lr, momentum=mu), lookahead[0], 4)
   assert np.max(np.abs(heavy_ball[2:] - nag[2:])) > 1e-2  # the test tells the two apart
-
-
-def test_nag_is_swept_over_the_grid_and_the_best_rate_is_kept():
-  task = quadratic(dim=4)
-  params, keys = compare.inner_lib.sample_problems(task, jax.random.key(3), 2)
-  rates = [1e-3, 1e-2, 1e-1]
-  result = compare.run_baseline(task, "nag", params, keys, 4, rates)
-  means = np.asarray(result["grid_final_means"])
-  assert len(means) == len(rates)
-  assert result["learning_rate"] == rates[int(np.argmin(means))]
-  assert result["final_mean"] == min(means)
