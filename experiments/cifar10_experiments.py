@@ -7,17 +7,19 @@ Example:
 
 Experiments (``--experiments``), each a task setting of ``tasks.get("cifar10_conv", ...)``:
 
-- ``cifar10``: all ten classes (Figure 7, left);
-- ``cifar5``: the held-out labels 5..9 (dog frog horse ship truck; Figure 7, centre), for an
-  optimizer meta-trained on labels 0..4 beside ones trained on labels that include 5..9;
-- ``cifar2``: two of the held-out labels, 5 and 6 (dog, frog; Figure 7, right).
+- ``cifar10``: all ten classes, the net trained on the training images (Figure 7, left);
+- ``cifar10_test``: the same on the 10000 test images, which meta-training never drew from
+  (Figure 7, right: "performance on a held-out test set");
+- ``cifar5``: the held-out labels 5..9 (dog frog horse ship truck), for an optimizer
+  meta-trained on labels 0..4 beside ones trained on labels that include 5..9;
+- ``cifar2``: two of the held-out labels, 5 and 6 (dog, frog).
 
 Every experiment runs every ``--learned`` optimizer (``NAME=DIR`` of a saved optimizer, or
 ``NAME=pretrained:cifar10_conv``) and every baseline on the same fresh test problems (theta_0
 and minibatch keys from ``eval.compare.problem_key(seed)``, so differences are paired). Each
-step records the loss on the step's training minibatch (what the optimizer minimizes) and the
-loss of the same parameters on a minibatch of 128 test-set images of the same classes: the
-learning curves on training-set and test-set images.
+step records the loss on the step's minibatch (the objective the optimizer minimizes, from the
+experiment's split) and the loss of the same parameters on a minibatch of 128 images of the
+same classes from the other split (held out: generalization).
 
 Baselines are tuned on the paper's grid 1e-6 * 2^k, k < 30, by the lowest mean final training
 loss on ``--tune_problems`` separate problems (seed + 1). On a CPU the whole grid is costly, so
@@ -60,12 +62,14 @@ class Experiment(NamedTuple):
   name: str
   title: str  # the paper's panel it repeats
   classes: tuple[int, ...] | None  # None: all ten
+  split: str = "train"  # the images the optimizee is trained on; the other split is held out
 
 
 EXPERIMENTS = (
-  Experiment("cifar10", "Fig. 7 left: CIFAR-10, all ten classes", None),
-  Experiment("cifar5", "Fig. 7 centre: CIFAR-5, held-out labels 5-9", HELD_OUT),
-  Experiment("cifar2", "Fig. 7 right: CIFAR-2, held-out labels 5 and 6", HELD_OUT[:2]),
+  Experiment("cifar10", "Fig. 7 left: CIFAR-10 problems on the training images", None),
+  Experiment("cifar10_test", "Fig. 7 right: CIFAR-10 problems on the test images", None, "test"),
+  Experiment("cifar5", "CIFAR-5: held-out labels 5-9 (training images)", HELD_OUT),
+  Experiment("cifar2", "CIFAR-2: held-out labels 5 and 6 (training images)", HELD_OUT[:2]),
 )
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 
@@ -73,8 +77,8 @@ BY_NAME = {e.name: e for e in EXPERIMENTS}
 class Curves(NamedTuple):
   """Per-problem losses of one optimizer, each shaped (problems, num_steps + 1)."""
 
-  train: np.ndarray  # f(theta_t) on step t's training minibatch
-  test: np.ndarray  # loss of theta_t on a minibatch of test-set images
+  train: np.ndarray  # f(theta_t) on step t's minibatch: the objective being minimized
+  test: np.ndarray  # loss of theta_t on a minibatch of the other split's images (held out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +296,7 @@ def run_experiment(
   seed: int,
   directory: str,
   task_kwargs: dict | None = None,
+  baselines_from: Sequence[str] = (),
   lr_batch_size: int | None = None,
   problem_batch: int | None = None,
   log=print,
@@ -299,7 +304,7 @@ def run_experiment(
   """Learned optimizers and tuned baselines on one setting's test problems.
 
   Tuned baselines are cached in ``directory/baselines.npz`` (keyed by every setting that
-  changes them) and reused.
+  changes them) and reused, as are those in the ``baselines_from`` files of the same setting.
 
   Returns:
     ``(results, {optimizer name: Curves})``.
@@ -308,8 +313,9 @@ def run_experiment(
     **(task_kwargs or {}),
     "classes": None if experiment.classes is None else list(experiment.classes),
   }
-  task = tasks.get("cifar10_conv", split="train", **kwargs)
-  test_task = tasks.get("cifar10_conv", split="test", **kwargs)
+  other = {"train": "test", "test": "train"}[experiment.split]
+  task = tasks.get("cifar10_conv", split=experiment.split, **kwargs)
+  test_task = tasks.get("cifar10_conv", split=other, **kwargs)
   grid = baselines_lib.paper_learning_rates()
   task_params, keys = inner_lib.sample_problems(task, compare.problem_key(seed), num_problems)
   tune = inner_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
@@ -346,6 +352,9 @@ def run_experiment(
   }
   cache_path = os.path.join(directory, "baselines.npz")
   found = _load_baselines(cache_path, _fingerprint(setting)) or {}
+  for path in baselines_from:  # tuned elsewhere (e.g. by parallel runs) for the same setting
+    for name, value in (_load_baselines(path, _fingerprint(setting)) or {}).items():
+      found.setdefault(name, value)
   for name in baselines:
     if name in found:
       log(f"{experiment.name} {name}: reused the tuned baseline in {cache_path}")
@@ -412,7 +421,13 @@ def plot(results: dict, path: str) -> None:
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110, sharey=True)
   ranked = sorted(results["optimizers"], key=lambda r: r["train_final_mean"])
-  for ax, split, label in zip(axes, ("train", "test"), ("training", "test"), strict=True):
+  names = {"train": "training", "test": "test"}
+  other = {"train": "test", "test": "train"}[results["task"]["split"]]
+  labels = (
+    f"objective: {names[results['task']['split']]} images",
+    f"held out: {names[other]} images",
+  )
+  for ax, split, label in zip(axes, ("train", "test"), labels, strict=True):
     for r in ranked:
       curve = np.asarray(r[f"{split}_mean_curve"], dtype=float)
       name = (
@@ -428,7 +443,7 @@ def plot(results: dict, path: str) -> None:
       )
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_title(f"{label}-set images")
+    ax.set_title(label)
     ax.grid(alpha=0.3, which="both")
   axes[0].set_ylabel(f"mean loss over {results['num_problems']} problems")
   axes[1].legend(fontsize=7)
@@ -458,9 +473,11 @@ def markdown(results: dict) -> str:
       else f" swept coarse-to-fine (every {t['lr_stride']}th rate, then the neighbours of the "
       f"best: {t['rates_swept']} rates over all baselines)"
     )
-    + ". Loss: mean cross-entropy (nats) on a minibatch of 128; lower is better.",
+    + ". Loss: mean cross-entropy (nats) on a minibatch of 128 of the "
+    f"{results['task']['split']} images (the objective); held out: the same parameters on "
+    "the other split's images. Lower is better.",
     "",
-    "| optimizer | lr | train final | train mean over run | test final | test mean over run "
+    "| optimizer | lr | final loss | mean over run | held-out final | held-out mean over run "
     "| diverged |",
     "|---|---|---|---|---|---|---|",
   ]
@@ -477,11 +494,11 @@ def markdown(results: dict) -> str:
     lines += [
       "",
       "Paired differences (first minus second, mean ± standard error over the shared test "
-      "problems; negative: the first is lower). Training-set images:",
+      "problems; negative: the first is lower) of the objective, and of the held-out loss:",
       "",
       "| pair | mean over run | "
       + " | ".join(f"step {s}" for s in steps)
-      + " | test mean over run | test final |",
+      + " | held-out mean over run | held-out final |",
       "|---|---|" + "---|" * len(steps) + "---|---|",
     ]
     for p in results["pairs"]:
@@ -530,6 +547,11 @@ def define_flags():
   flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
   flags.DEFINE_integer("lr_batch_size", 4, "Learning rates vmapped at once (bounds memory).")
   flags.DEFINE_integer("problem_batch", 8, "Test problems vmapped at once (bounds memory).")
+  flags.DEFINE_list(
+    "baselines_from",
+    [],
+    "Other output dirs whose tuned baselines (same setting) are reused, e.g. of parallel runs.",
+  )
   flags.DEFINE_string("task_kwargs", "{}", "JSON changes to the cifar10_conv task (e.g. channels).")
   flags.DEFINE_string("output_dir", None, "Where each experiment's results go.")
   flags.DEFINE_string("summary", None, "Markdown summary; default OUTPUT_DIR/results_cifar10.md.")
@@ -598,6 +620,7 @@ def main(argv):
       seed=FLAGS.seed,
       directory=directory,
       task_kwargs=task_kwargs,
+      baselines_from=[os.path.join(d, name, "baselines.npz") for d in FLAGS.baselines_from],
       lr_batch_size=FLAGS.lr_batch_size or None,
       problem_batch=FLAGS.problem_batch or None,
       log=lambda s: print(s, flush=True),

@@ -102,7 +102,7 @@ def test_pairs_every_learned_optimizer_with_every_later_one():
 
 def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, tmp_path):
   experiment = cx.BY_NAME["cifar2"]
-  run = lambda learned, log: cx.run_experiment(
+  run = lambda learned, log, **kwargs: cx.run_experiment(
     experiment,
     learned,
     baselines=["sgd"],
@@ -111,10 +111,10 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
     num_steps=2,
     lr_stride=10,
     seed=0,
-    directory=str(tmp_path),
     task_kwargs={**TINY, "cifar10_dir": cifar10_dir},
     lr_batch_size=None,
     log=log,
+    **{"directory": str(tmp_path), **kwargs},
   )
   results, curves = run({"two_lstms": two_lstms}, lambda s: None)
   assert [r["name"] for r in results["optimizers"]] == ["two_lstms", "sgd"]
@@ -142,7 +142,11 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
   assert pair["train_steps"]["2"] == pytest.approx(expected) and expected[0] != 0.0
 
   logs = []
-  again, again_curves = run({}, logs.append)
+  # Another run's directory with the same setting: its tuned baseline is reused, not re-tuned.
+  other = tmp_path / "other"
+  again, again_curves = run(
+    {}, logs.append, directory=str(other), baselines_from=[str(tmp_path / "baselines.npz")]
+  )
   assert sum("reused the tuned baseline" in s for s in logs) == 1
   assert [r["name"] for r in again["optimizers"]] == ["sgd"]
   np.testing.assert_array_equal(again_curves["sgd"].test, curves["sgd"].test)
