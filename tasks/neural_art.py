@@ -99,6 +99,33 @@ def art_loss(
   return alpha * content + beta * style + gamma * total_variation(image)
 
 
+def content_problem(data: ArtData, index: jax.Array, content_layer: str, conv) -> dict:
+  """The problem of content image ``index`` of ``data.contents``: its pixels and features.
+
+  Returns:
+    ``{"content": (size, size, 3) float32 in [0, 1], "features": content_layer's (h, w, c)}``.
+  """
+  content = data.contents[index].astype(jnp.float32) / 255.0
+  features = image_features(data.weights, content, (content_layer,), conv)[content_layer]
+  return {"content": content, "features": features}
+
+
+def problems_in_order(task: TaskFamily, num: int | None = None) -> dict:
+  """The problems of the first ``num`` (default all) contents of a neural-art family, in order.
+
+  Evaluations use this instead of ``sample`` (which draws with replacement) so that every test
+  content is styled exactly once and the same contents are paired across optimizers.
+
+  Returns:
+    ``task_params`` with a leading (num,) axis.
+  """
+  num = task.data.contents.shape[0] if num is None else num
+  conv = CONV_IMPLS[task.config["conv_impl"]]
+  layer = task.config["content_layer"]
+  run = jax.jit(jax.vmap(lambda data, i: content_problem(data, i, layer, conv), (None, 0)))
+  return run(task.data, jnp.arange(num))
+
+
 def neural_art(
   size: int = 64,
   split: str = "train",
@@ -193,9 +220,7 @@ def neural_art(
 
   def sample(data: ArtData, key):
     index = jax.random.randint(key, (), 0, data.contents.shape[0])
-    content = data.contents[index].astype(jnp.float32) / 255.0
-    features = image_features(data.weights, content, (content_layer,), conv)[content_layer]
-    return {"content": content, "features": features}
+    return content_problem(data, index, content_layer, conv)
 
   def init_fn(data, task_params, key):
     del data

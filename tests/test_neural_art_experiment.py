@@ -1,0 +1,116 @@
+"""The neural-art runner end to end on a tiny VGG-shaped network: meta-train with the recipe,
+evaluate against a tuned baseline in both Figure 8 settings, draw styled images and updates."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_neural_art import SIZE, TINY, tiny_weights, write_images
+
+import learned_opt
+from experiments import neural_art as runner
+from tasks import vgg16
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A two-meta-step run of the recipe (unrolls of 2, horizon 4) on the tiny network."""
+  root = tmp_path_factory.mktemp("art_run")
+  vgg16.save_npz(str(root / "tiny.npz"), tiny_weights())
+  kwargs = {
+    "size": SIZE,
+    "style": os.path.join(write_images(str(root / "style"), 1, SIZE, seed=2), "img_00.png"),
+    "contents": write_images(str(root / "contents"), 12, SIZE, seed=1),
+    "vgg_weights": str(root / "tiny.npz"),
+    "num_contents": 6,
+    **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+  }
+  second_style = os.path.join(write_images(str(root / "style2"), 1, SIZE, seed=5), "img_00.png")
+  config = runner.train_config(
+    str(root / "train"),
+    kwargs,
+    unroll=2,
+    horizon=4,
+    num_problems=2,
+    num_epochs=1,
+    steps_per_epoch=2,
+    valid_problems=2,
+    log_every=1,
+  )
+  runner.trainer.train(config, log=lambda s: None)
+  settings = (runner.SETTINGS[0], runner.SETTINGS[1]._replace(style=second_style))
+  return {"root": root, "kwargs": kwargs, "dir": str(root / "train"), "settings": settings}
+
+
+def test_recipe_trains_and_records_the_task(run):
+  saved = learned_opt.load(run["dir"])
+  assert saved.optimizer.config["preprocess"] == "log_sign"
+  metadata = learned_opt.load_metadata(run["dir"])
+  assert metadata["run_config"]["task"] == "neural_art"
+  assert metadata["run_config"]["unroll"] == 2
+
+
+def test_evaluate_pairs_test_contents_and_tunes_on_validation(run):
+  saved = learned_opt.load(run["dir"])
+  out = str(run["root"] / "eval")
+  results = runner.evaluate(
+    run["kwargs"],
+    {"LSTM": saved},
+    run["settings"],
+    out,
+    baselines=("adam",),
+    num_problems=2,
+    tune_problems=1,
+    num_steps=3,
+    learning_rates=[1e-3, 3e-2],
+    log=lambda s: None,
+  )
+  small, large = results["train_style"], results["new_style_2x"]
+  assert small["task"]["size"] == SIZE and large["task"]["size"] == 2 * SIZE
+  assert large["task"]["style"] != small["task"]["style"] and small["task"]["split"] == "test"
+  for results_ in (small, large):
+    lstm, adam = results_["optimizers"]
+    assert len(lstm["finals"]) == 2 and len(adam["run_means"]) == 2
+    assert adam["learning_rate"] in (1e-3, 3e-2) and len(adam["grid_final_means"]) == 2
+    # The same test contents for every optimizer: the same losses at theta_0.
+    assert lstm["mean_curve"][0] == adam["mean_curve"][0]
+  summary = open(os.path.join(out, "results_neural_art.md")).read()
+  assert "beat every tuned baseline" in summary and "vs adam" in summary
+  assert os.path.isfile(os.path.join(out, "new_style_2x", "curves.png"))
+  # Reusing baselines keeps them and reruns only the learned optimizer.
+  again = runner.evaluate(
+    run["kwargs"],
+    {"LSTM": saved},
+    run["settings"][:1],
+    out,
+    baselines=("adam",),
+    num_problems=2,
+    tune_problems=1,
+    num_steps=3,
+    reuse_baselines=True,
+    log=lambda s: None,
+  )
+  assert again["train_style"]["optimizers"][1]["finals"] == adam_finals(out)
+
+
+def adam_finals(out):
+  with open(os.path.join(out, "train_style", "results.json")) as f:
+    return [r for r in json.load(f)["optimizers"] if r["name"] == "adam"][0]["finals"]
+
+
+def test_figures(run):
+  saved = learned_opt.load(run["dir"])
+  out = str(run["root"] / "figures")
+  os.makedirs(out)
+  path = runner.styled_figure(saved, run["kwargs"], run["settings"][1], out, 2, 3, 0.02)
+  with Image.open(path) as image:
+    # Two rows (contents) of four images (content, LSTM, Adam, style) at double resolution.
+    scale = 256 // (2 * SIZE)
+    assert image.size == (4 * 2 * SIZE * scale, 2 * 2 * SIZE * scale)
+  (plot,) = runner.update_figures(saved, run["kwargs"], out, 3, 1.0, 0.02, [2])
+  with open(plot.replace(".png", ".json")) as f:
+    traces = json.load(f)
+  assert set(traces["proposed"]) == {"LSTM", "ADAM", "SGD"} and len(traces["gradient"]) == 3
+  assert np.isfinite(traces["response"]["LSTM"]).all() and os.path.isfile(plot)
