@@ -10,6 +10,8 @@ import json
 import os
 
 import learned_opt
+from tasks import registry as task_registry
+from train import config as config_lib
 
 PRETRAINED = "pretrained:"
 
@@ -71,7 +73,10 @@ def trained_task(path: str) -> tuple[str | None, dict | None]:
 
 def task_settings(paths, task=None, task_kwargs=None):
   """Task name and kwargs as given, else those the first optimizer recorded."""
-  name, kwargs = task, json.loads(task_kwargs) if task_kwargs else None
+  try:
+    name, kwargs = task, json.loads(task_kwargs) if task_kwargs else None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--task_kwargs is not valid JSON ({e}); e.g. '{{\"dim\": 10}}'.") from e
   for path in paths:
     recorded_name, recorded_kwargs = trained_task(path)
     if recorded_name:
@@ -84,6 +89,11 @@ def task_settings(paths, task=None, task_kwargs=None):
     )
   if not isinstance(kwargs or {}, dict):
     raise ValueError(f"--task_kwargs must be a JSON object, got {task_kwargs!r}.")
+  if name not in task_registry.names():
+    raise ValueError(
+      f"--task={name!r} is unknown; choose one of {', '.join(task_registry.names())}."
+    )
+  config_lib.check_task_kwargs(name, kwargs or {})
   return name, kwargs or {}
 
 

@@ -50,16 +50,24 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Flags of the command; defined only when run as one, so importing this module is free."""
-  flags.DEFINE_string("checkpoint", None, "Saved optimizer directory; default: the shipped one.")
+  flags.DEFINE_string(
+    "checkpoint", None, "Saved optimizer: a directory or pretrained:NAME; default: --pretrained."
+  )
   flags.DEFINE_string("pretrained", "mnist_mlp", "Shipped optimizer used when no --checkpoint.")
-  flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS], "Experiments to run.")
+  flags.DEFINE_list(
+    "experiments",
+    [e.name for e in EXPERIMENTS],
+    "Experiments to run: " + "; ".join(f"{e.name} ({e.title})" for e in EXPERIMENTS) + ".",
+  )
   flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
   flags.DEFINE_integer("num_problems", 64, "Fresh test problems (runs) per experiment.")
   flags.DEFINE_integer("tune_problems", 8, "Problems for the LR sweep; 0: sweep on the test ones.")
   flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
   flags.DEFINE_integer("lr_batch_size", 10, "Learning rates vmapped at once (bounds memory).")
   flags.DEFINE_string("mnist_dir", None, "Directory of the MNIST IDX files; default $MNIST_DIR.")
-  flags.DEFINE_string("output_dir", None, "Where each experiment's results.json and PNG go.")
+  flags.DEFINE_string(
+    "output_dir", None, "Required. Where each experiment's results.json and curves.png go."
+  )
   flags.DEFINE_string(
     "summary", None, "Markdown table of every experiment; default OUTPUT_DIR/results_mnist.md."
   )
@@ -164,13 +172,15 @@ def main(argv):
     raise app.UsageError("--output_dir is required (e.g. --output_dir=runs/mnist_experiments).")
   unknown = [name for name in FLAGS.experiments if name not in _BY_NAME]
   if unknown:
-    raise app.UsageError(f"Unknown --experiments {unknown}; choose from {list(_BY_NAME)}.")
+    raise app.UsageError(
+      f"Unknown --experiments {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}."
+    )
   if FLAGS.num_problems < 2 or FLAGS.tune_problems < 0:
     raise app.UsageError("--num_problems must be >= 2 and --tune_problems >= 0.")
   try:
     run_config.check_output_dir(FLAGS.output_dir)
     saved = (
-      learned_opt.load(FLAGS.checkpoint)
+      learned_opt.load(run_config.resolve(FLAGS.checkpoint))
       if FLAGS.checkpoint
       else learned_opt.pretrained(FLAGS.pretrained)
     )

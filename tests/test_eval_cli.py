@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,39 @@ def test_an_output_dir_under_a_file_is_refused_before_compute(tmp_path, module):
   result = run(module, "--checkpoint=pretrained:quadratic", f"--output_dir={blocker}/out")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "is a file, not a directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--output_dir={file}"], "is a file, not a directory"),
+    (['--task_kwargs={{"dims": 3}}'], "--task_kwargs: task 'quadratic' has no setting 'dims'"),
+  ],
+)
+def test_evaluate_usage_errors_name_the_flag(tmp_path, flags, message):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  flags = [f.format(file=blocker) for f in flags]
+  if not any(f.startswith("--output_dir") for f in flags):
+    flags.append(f"--output_dir={tmp_path}/out")
+  result = run("eval.evaluate", "--checkpoint=pretrained:quadratic", *flags)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert message in result.stderr
+  assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+  "task, task_kwargs, message",
+  [
+    (None, "{dim", "--task_kwargs is not valid JSON"),
+    (None, "[3]", "--task_kwargs must be a JSON object"),
+    ("quadratics", None, "--task='quadratics' is unknown; choose one of"),
+    (None, '{"dim": "ten"}', "setting 'dim' of task 'quadratic' must be int"),
+  ],
+)
+def test_task_settings_errors_name_the_flag(task, task_kwargs, message):
+  from eval import run_config
+
+  path = run_config.resolve("pretrained:quadratic")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    run_config.task_settings([path], task, task_kwargs)

@@ -1,12 +1,19 @@
 """The MNIST experiment runner on tiny IDX files: tuning, results layout, summary table."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
+import pytest
 from mnist_files import write_mnist
 
 import learned_opt
 from eval import compare
 from experiments import mnist_experiments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_run_experiment_tunes_on_grid_and_reports(tmp_path):
@@ -56,3 +63,67 @@ def test_verdict_pairs_the_shared_test_problems():
   assert "LSTM beats the best tuned baseline (adam" in mnist_experiments.verdict(better)
   level = {"optimizers": [_summary("lstm", "learned", hard + 10 * wobble), adam, sgd]}
   assert "LSTM ties" in mnist_experiments.verdict(level)
+
+
+_FAKE_RUN = """
+import sys
+import numpy as np
+from absl import app
+from eval import compare
+from experiments import mnist_experiments as m
+
+def fake_run(experiment, saved, *, num_problems, seed, **unused):
+  curves = np.linspace(2.0, 0.5, 4)[None, :] + 0.01 * np.arange(num_problems)[:, None]
+  return {
+    "task": {"name": "mnist_mlp"}, "num_problems": num_problems, "num_steps": 3, "seed": seed,
+    "tuning": {"num_problems": 1, "problems": "separate"},
+    "optimizers": [
+      compare.summarize("lstm", "learned", curves, None),
+      compare.summarize("adam", "baseline", curves + 0.1, 0.01),
+    ],
+  }
+
+m.run_experiment = fake_run
+m.define_flags()
+app.run(m.main, argv=sys.argv)
+"""
+
+
+def _run_cli(*flags, code=None, env=None):
+  command = ["-c", code] if code else ["-m", "experiments.mnist_experiments"]
+  return subprocess.run(
+    [sys.executable, *command, *flags],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, **(env or {})},
+  )
+
+
+def test_the_summary_goes_under_the_output_dir_not_into_docs(tmp_path):
+  write_mnist(str(tmp_path / "mnist"))
+  out = tmp_path / "out"
+  result = _run_cli(
+    f"--output_dir={out}", "--experiments=base", f"--mnist_dir={tmp_path}/mnist", code=_FAKE_RUN
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = (out / "results_mnist.md").read_text()
+  assert "## base:" in summary and "| lstm | - |" in summary
+  assert (out / "base" / "results.json").is_file() and (out / "base" / "curves.png").is_file()
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--experiments=base,foo"], "Unknown --experiments foo; choose from base, steps200, hidden40"),
+    ([], "MNIST file train-images-idx3-ubyte[.gz] is missing from"),  # no data
+  ],
+)
+def test_usage_errors_name_the_problem_without_a_traceback(tmp_path, flags, message):
+  (tmp_path / "empty").mkdir()
+  out = tmp_path / "out"
+  result = _run_cli(f"--output_dir={out}", *flags, env={"MNIST_DIR": str(tmp_path / "empty")})
+  assert result.returncode == 1
+  assert message in result.stderr and "Traceback" not in result.stderr
+  assert not out.exists()  # refused before anything was written

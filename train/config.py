@@ -1,6 +1,7 @@
 """The meta-training job's settings: one frozen, validated config (built from flags or by hand)."""
 
 import collections.abc
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -49,11 +50,22 @@ class MetaTrainConfig:
   horizon, meta-trained with Adam.
   """
 
-  output_dir: str = _setting("", "Where checkpoints, metrics and the trained optimizer go.")
-  task: str = _setting("quadratic", "Task family to meta-train on.")
-  task_kwargs: dict = _setting({}, "JSON settings of the task family, e.g. '{\"dim\": 10}'.")
+  output_dir: str = _setting(
+    "",
+    "Required. Where checkpoints, metrics and the trained optimizer go; a run there resumes.",
+  )
+  task: str = _setting(
+    "quadratic",
+    "Task family to meta-train on (the families and their settings: --task_kwargs); it picks "
+    "the preset of its name (see --preset).",
+  )
+  task_kwargs: dict = _setting(
+    {}, "JSON settings of the task family, e.g. '{\"dim\": 10}'; the families and defaults:"
+  )
   optimizer: str = _setting(
-    "lstm", "Learned optimizer kind: lstm, lstm_gac, ntm_bfgs, ntm_lbfgs (learned_opt.kinds())."
+    "lstm",
+    "Learned optimizer kind: lstm, lstm_gac, ntm_bfgs, ntm_lbfgs or partition (one per "
+    "parameter group; learned_opt.kinds()).",
   )
   optimizer_kwargs: dict = _setting(
     {},
@@ -214,27 +226,26 @@ def _finite(value) -> bool:
     return False
 
 
-def _check_task_kwargs(config: MetaTrainConfig) -> None:
-  """Unknown or wrongly typed ``--task_kwargs`` fail here, before anything is built."""
+def check_task_kwargs(task: str, kwargs: dict, flag: str = "--task_kwargs") -> None:
+  """Unknown or wrongly typed settings of task ``task`` fail here, before anything is built."""
   from tasks import registry as task_registry
 
-  factory = task_registry._FAMILIES[config.task]  # noqa: SLF001 (the registry has no getter)
+  factory = task_registry._FAMILIES[task]  # noqa: SLF001 (the registry has no getter)
   parameters = inspect.signature(factory, eval_str=True).parameters
   if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
     return
   known = ", ".join(f"{n}={p.default!r}" for n, p in parameters.items())
-  for name, value in config.task_kwargs.items():
+  for name, value in kwargs.items():
     if name not in parameters:
       raise ValueError(
-        f"--task_kwargs: task {config.task!r} has no setting {name!r}; its settings (with "
-        f"defaults) are: {known}."
+        f"{flag}: task {task!r} has no setting {name!r}; its settings (with defaults) are: {known}."
       )
     annotation = parameters[name].annotation
     if not _fits(annotation, value):
       shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
       raise ValueError(
-        f"--task_kwargs: setting {name!r} of task {config.task!r} must be {shown}, got "
-        f"{value!r} ({type(value).__name__}); e.g. {name}={parameters[name].default!r}."
+        f"{flag}: setting {name!r} of task {task!r} must be {shown}, got {value!r} "
+        f"({type(value).__name__}); e.g. {name}={parameters[name].default!r}."
       )
 
 
@@ -269,7 +280,7 @@ def validate(config: MetaTrainConfig) -> None:
       not isinstance(value, kind) or (kind is int and isinstance(value, bool))
     ):
       raise ValueError(f"--{field.name} must be {kind.__name__}, got {value!r}.")
-  _check_task_kwargs(config)
+  check_task_kwargs(config.task, config.task_kwargs)
   if config.optimizer not in learned_opt.kinds():
     raise ValueError(
       f"--optimizer={config.optimizer!r} is unknown; choose one of "
@@ -326,6 +337,50 @@ def validate(config: MetaTrainConfig) -> None:
       raise ValueError(f"--{name} must be >= 0, got {getattr(config, name)} (0 turns it off).")
   if not config.output_dir:
     raise ValueError("--output_dir is required (e.g. --output_dir=runs/quadratic).")
+
+
+def describe_tasks() -> str:
+  """Each task family's settings with their defaults, and where its data comes from."""
+  from tasks import registry as task_registry
+
+  lines = []
+  for name in task_registry.names():
+    parameters = inspect.signature(task_registry._FAMILIES[name]).parameters  # noqa: SLF001
+    settings = ", ".join(f"{n}={_json_default(p.default)}" for n, p in parameters.items())
+    lines.append(f"{name}: {settings}.")
+  lines.append(
+    "MNIST is read from $MNIST_DIR (or mnist_dir), CIFAR-10 from $CIFAR10_DIR (or cifar10_dir); "
+    "nothing is downloaded."
+  )
+  return " ".join(lines)
+
+
+def _json_default(value) -> str:
+  if value is inspect.Parameter.empty:
+    return "(required)"
+  return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+@contextlib.contextmanager
+def removed_if_start_fails(path: str):
+  """Removes the folders made for ``path`` (if still empty) when the block raises.
+
+  A run refused before it starts (a bad flag, no data, too little memory) leaves no empty output
+  folder behind; folders that existed before are never touched.
+  """
+  made, probe = [], os.path.abspath(path) if path else ""
+  while probe and not os.path.exists(probe):
+    made.append(probe)
+    probe = os.path.dirname(probe)
+  try:
+    yield
+  except BaseException:
+    for folder in made:  # deepest first
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break
+    raise
 
 
 def check_output_dir(path: str) -> None:
