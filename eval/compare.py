@@ -1,20 +1,23 @@
 """Learned optimizers against tuned baselines on the same held-out problems (section 3).
 
 Every baseline runs the paper's whole learning-rate grid as one jitted computation vmapped over
-learning rates and problems; the learning rate with the lowest mean final loss is reported.
+learning rates and problems; the learning rate with the lowest mean final loss is reported. The
+problems are split over a mesh (by default every device of every process, ``eval.sharding``),
+padded to a multiple of its devices; problems never interact, so results equal a one-device run.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import learned_opt
 from eval import baselines as baselines_lib
 from eval import sharding
 from tasks.base import Data, TaskFamily
+from train import distributed
 from train import inner as inner_lib
 
 
@@ -76,17 +79,25 @@ def sweep(
   keys: jax.Array,
   num_steps: int,
   lr_batch_size: int | None = None,
+  mesh: Mesh | None = None,
 ) -> np.ndarray:
   """Loss curves shaped (lrs, problems, num_steps + 1) of ``make_tx(lr)`` for every rate.
 
-  One jitted computation; the task's data set is one of its arguments, never a constant in it.
+  One jitted computation, its problems split over ``mesh`` (default: every device of every
+  process); the task's data set is one of its arguments, never a constant in it. Every process
+  calls it together and gets the whole grid.
   """
+  mesh = mesh or sharding.problems_mesh()
+  (task_params, keys), count = sharding.pad_problems((task_params, keys), mesh)
+  whole = distributed.replicated(mesh)
+  lrs = distributed.put(np.asarray(learning_rates, np.float32), whole)
   run = jax.jit(
     lambda data, lrs, p, k: rollout_lr_grid(
       task, make_tx, lrs, data, p, k, num_steps, lr_batch_size
     )
   )
-  return np.asarray(run(task.data, jnp.asarray(learning_rates, jnp.float32), task_params, keys))
+  grid = run(distributed.put(task.data, whole), lrs, task_params, keys)
+  return distributed.to_host(grid)[:, :count]
 
 
 def run_baseline(
@@ -98,21 +109,24 @@ def run_baseline(
   learning_rates: Sequence[float],
   lr_batch_size: int | None = None,
   tune: tuple | None = None,
+  mesh: Mesh | None = None,
 ) -> dict:
   """Sweeps one baseline over ``learning_rates``; returns the summary at the best one.
 
   Args:
     tune: ``(task_params, keys)`` of separate tuning problems: the grid is swept on them and only
       the chosen rate runs on the test problems. ``None`` sweeps on the test problems.
+    mesh: as in ``sweep``.
   """
   make_tx = baselines_lib.BASELINES[name]
-  grid = sweep(
-    task, make_tx, learning_rates, *(tune or (task_params, keys)), num_steps, lr_batch_size
-  )
+  problems = tune or (task_params, keys)
+  grid = sweep(task, make_tx, learning_rates, *problems, num_steps, lr_batch_size, mesh)
   best = baselines_lib.best_learning_rate(grid[:, :, -1])
   rate = float(learning_rates[best])
   curves = (
-    grid[best] if tune is None else sweep(task, make_tx, [rate], task_params, keys, num_steps)[0]
+    grid[best]
+    if tune is None
+    else sweep(task, make_tx, [rate], task_params, keys, num_steps, mesh=mesh)[0]
   )
   summary = summarize(name, "baseline", curves, rate)
   finals = np.where(np.isfinite(grid[:, :, -1]), grid[:, :, -1], np.inf)
@@ -121,22 +135,42 @@ def run_baseline(
 
 
 def learned_curves(
-  task: TaskFamily, saved: learned_opt.SavedOptimizer, task_params, keys, num_steps: int
+  task: TaskFamily,
+  saved: learned_opt.SavedOptimizer,
+  task_params,
+  keys,
+  num_steps: int,
+  mesh: Mesh | None = None,
 ) -> np.ndarray:
-  """Loss curves shaped (problems, num_steps + 1) of a trained optimizer, through ``as_optax``."""
+  """Loss curves shaped (problems, num_steps + 1) of a trained optimizer, through ``as_optax``.
+
+  Problems split over ``mesh`` as in ``sweep``; phi replicated.
+  """
+  mesh = mesh or sharding.problems_mesh()
+  (task_params, keys), count = sharding.pad_problems((task_params, keys), mesh)
+  whole = distributed.replicated(mesh)
   run = jax.jit(
     lambda data, phi, p, k: inner_lib.rollout_batch(
       task, learned_opt.as_optax(saved.optimizer, phi), data, p, k, num_steps
     )
   )
-  return np.asarray(run(task.data, saved.meta_params, task_params, keys))
+  curves = run(
+    distributed.put(task.data, whole), distributed.put(saved.meta_params, whole), task_params, keys
+  )
+  return distributed.to_host(curves)[:count]
 
 
 def run_learned(
-  task: TaskFamily, name: str, saved: learned_opt.SavedOptimizer, task_params, keys, num_steps
+  task: TaskFamily,
+  name: str,
+  saved: learned_opt.SavedOptimizer,
+  task_params,
+  keys,
+  num_steps,
+  mesh: Mesh | None = None,
 ) -> dict:
   """Runs a trained optimizer on every problem; its summary as in ``summarize``."""
-  curves = learned_curves(task, saved, task_params, keys, num_steps)
+  curves = learned_curves(task, saved, task_params, keys, num_steps, mesh)
   return summarize(name, "learned", curves, None)
 
 
@@ -152,12 +186,15 @@ def compare(
   lr_batch_size: int | None = None,
   tune_problems: int = 0,
   log=print,
+  mesh: Mesh | None = None,
 ) -> dict:
   """Evaluates learned optimizers and tuned baselines on the same fresh problems.
 
   Test problems are ``problem_key(seed)``'s. With ``tune_problems > 0`` each baseline's grid is
   swept on that many separate problems (``problem_key(seed + 1)``) and the chosen rate alone runs
-  on the test problems; with 0 the grid is swept on the test problems.
+  on the test problems; with 0 the grid is swept on the test problems. Every computation is
+  split over ``mesh`` (default: every device of every process); every process calls this
+  together and gets the same results.
 
   Returns:
     ``{"task", "num_problems", "num_steps", "seed", "tuning", "optimizers": [summary, ...]}``,
@@ -171,21 +208,19 @@ def compare(
   learning_rates = (
     baselines_lib.paper_learning_rates() if learning_rates is None else np.asarray(learning_rates)
   )
+  mesh = mesh or sharding.problems_mesh()
   task_params, keys = inner_lib.sample_problems(task, problem_key(seed), num_problems)
-  task_params, keys = sharding.shard_problems((task_params, keys))
   tune = None
   if tune_problems:
-    tune = sharding.shard_problems(
-      inner_lib.sample_problems(task, problem_key(seed + 1), tune_problems)
-    )
+    tune = inner_lib.sample_problems(task, problem_key(seed + 1), tune_problems)
   results = []
   for name, saved in learned.items():
-    results.append(run_learned(task, name, saved, task_params, keys, num_steps))
+    results.append(run_learned(task, name, saved, task_params, keys, num_steps, mesh))
     log(f"{name}: final loss {results[-1]['final_mean']:.4g}")
   for name in baselines:
     results.append(
       run_baseline(
-        task, name, task_params, keys, num_steps, learning_rates, lr_batch_size, tune=tune
+        task, name, task_params, keys, num_steps, learning_rates, lr_batch_size, tune, mesh
       )
     )
     log(

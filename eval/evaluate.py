@@ -18,6 +18,7 @@ from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
+from train import distributed
 
 flags.DEFINE_multi_string(
   "checkpoint",
@@ -33,6 +34,7 @@ flags.DEFINE_integer("num_steps", 100, "Optimization steps per problem.")
 flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
 flags.DEFINE_integer("lr_batch_size", 0, "Learning rates vmapped at once (0: all 30).")
 flags.DEFINE_string("output_dir", None, "Where results.json and curves.png go.")
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +46,7 @@ def main(argv):
     if FLAGS[flag].value <= 0:
       raise app.UsageError(f"--{flag} must be positive, got {FLAGS[flag].value}.")
   try:
+    distributed.initialize_from_flags()  # before any JAX computation
     run_config.check_output_dir(FLAGS.output_dir)
     specs = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
     learned = run_config.load_all(specs)
@@ -61,7 +64,9 @@ def main(argv):
     num_steps=FLAGS.num_steps,
     seed=FLAGS.seed,
     lr_batch_size=FLAGS.lr_batch_size or None,
-  )
+  )  # problems split over every device of every process (eval.sharding)
+  if not distributed.is_writer():
+    return  # process 0 writes and prints
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   atomic_write(os.path.join(FLAGS.output_dir, "results.json"), json.dumps(results).encode())
   plots.plot_curves(results, os.path.join(FLAGS.output_dir, "curves.png"))

@@ -5,6 +5,13 @@ differentiates the summed losses with respect to phi and takes an Adam step on p
 step decides stays on the device: problems are resampled at the horizon and after a non-finite
 step, and skipped steps are counted in the state, so the host reads values back only when it
 logs, validates or checkpoints (no host round-trip per step blocks asynchronous dispatch).
+
+On a mesh (``mesh`` arguments; ``train.distributed``) the problems of a step are split over the
+devices and phi, Adam's state and the counters are replicated: XLA partitions the step from these
+shardings, so the meta-gradient, a mean over problems, is all-reduced by XLA. Problem ``i`` is
+drawn from the ``i``-th key of ``jax.random.split(problem_key, num_problems)``, a function of
+``i`` alone (JAX's partitionable threefry), so each device draws only its own problems and the
+problem set is the same on any number of devices and processes.
 """
 
 import functools
@@ -19,6 +26,7 @@ import optax
 import learned_opt
 from learned_opt.base import LearnedOptimizer, MetaParams
 from tasks.base import Data, TaskFamily
+from train import distributed
 from train import inner as inner_lib
 from train import unroll as unroll_lib
 from train.config import MetaTrainConfig
@@ -94,14 +102,16 @@ def fresh_problems(config, task, optimizer, meta_params, data, step, attempt=0):
 
 
 def init_state(
-  config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOptimizer
+  config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOptimizer, data: Data = None
 ) -> TrainState:
+  """The state before the first meta-step; ``data`` defaults to ``task.data``."""
+  data = task.data if data is None else data
   meta_params = optimizer.init_meta_params(jax.random.fold_in(jax.random.key(config.seed), 0))
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     meta_params=meta_params,
     meta_opt_state=meta_optimizer(config).init(meta_params),
-    inner=fresh_problems(config, task, optimizer, meta_params, task.data, 0),
+    inner=fresh_problems(config, task, optimizer, meta_params, data, 0),
     best_meta_params=jax.tree.map(jnp.copy, meta_params),  # its own buffers: state is donated
     skips=no_skips(),
   )
@@ -113,10 +123,30 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(config, task, optimizer) -> Callable:
+def state_shardings(state: TrainState, mesh) -> TrainState:
+  """Shardings of a state (or its ``jax.eval_shape``) on ``mesh``: problems split, rest whole."""
+  whole, split = distributed.replicated(mesh), distributed.problems_sharding(mesh)
+  return jax.tree.map(lambda _: whole, state)._replace(
+    inner=jax.tree.map(lambda _: split, state.inner)
+  )
+
+
+def init_sharded_state(config, task, optimizer, data, mesh) -> TrainState:
+  """``init_state`` placed on ``mesh``, each device drawing only its own problems.
+
+  Args:
+    data: ``task.data`` replicated on the mesh (``distributed.put``).
+  """
+  build = lambda d: init_state(config, task, optimizer, d)
+  shardings = state_shardings(jax.eval_shape(build, data), mesh)
+  return jax.jit(build, out_shardings=shardings)(data)
+
+
+def make_train_step(config, task, optimizer, mesh=None) -> Callable:
   """``(state, data) -> (state, metrics)``: one truncated-BPTT meta-step; skips non-finite ones.
 
-  Jit it with ``donate_argnums=0`` and pass ``task.data`` as ``data``.
+  Jit it with ``donate_argnums=0`` and pass ``task.data`` as ``data`` (or use ``jit_train_step``).
+  With a ``mesh``, problems drawn inside the step are constrained to the problems sharding.
   """
   meta_opt = meta_optimizer(config)
   truncations = config.horizon // config.unroll
@@ -130,6 +160,10 @@ def make_train_step(config, task, optimizer) -> Callable:
     horizon=config.horizon,
   )
   fresh = functools.partial(fresh_problems, config, task, optimizer)
+  if mesh is not None:
+    split = distributed.problems_sharding(mesh)
+    place = lambda inner: jax.lax.with_sharding_constraint(inner, split)
+    fresh = lambda *args, draw=fresh: place(draw(*args))
 
   def step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
     due = (state.step > 0) & (state.step % truncations == 0)  # the horizon is reached
@@ -182,9 +216,28 @@ def make_train_step(config, task, optimizer) -> Callable:
   return train_step
 
 
-def sample_valid_problems(config: MetaTrainConfig, task: TaskFamily):
-  """The fixed validation problems and their run keys, shaped (valid_problems, ...)."""
-  return inner_lib.sample_problems(task, valid_key(config), config.valid_problems)
+def jit_train_step(config, task, optimizer, mesh=None, state=None) -> Callable:
+  """``make_train_step`` jitted as the trainer runs it: the state donated, and on a ``mesh``
+  its shardings (``state_shardings`` of ``state``, a state or its ``jax.eval_shape``) kept."""
+  step = make_train_step(config, task, optimizer, mesh)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  whole = distributed.replicated(mesh)
+  metrics = StepMetrics(*[whole] * len(StepMetrics._fields))
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings(state, mesh), metrics))
+
+
+def sample_valid_problems(config: MetaTrainConfig, task: TaskFamily, mesh=None, data=None):
+  """The fixed validation problems and their run keys, shaped (valid_problems, ...).
+
+  With a ``mesh`` (and ``data`` replicated on it), each device draws only its own problems.
+  """
+  if mesh is None:
+    return inner_lib.sample_problems(task, valid_key(config), config.valid_problems)
+  draw = lambda d: inner_lib.sample_problems(
+    task._replace(data=d), valid_key(config), config.valid_problems
+  )
+  return jax.jit(draw, out_shardings=distributed.problems_sharding(mesh))(data)
 
 
 def make_validate(config, task, optimizer) -> Callable:

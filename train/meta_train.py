@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from learned_opt import serialization
 from train import config as config_lib
-from train import run_dir, trainer
+from train import distributed, run_dir, trainer
 
 _FIELDS = {field.name: field for field in dataclasses.fields(config_lib.MetaTrainConfig)}
 _DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
@@ -39,6 +39,7 @@ def _define(field: dataclasses.Field) -> None:
 for _field in _FIELDS.values():
   _define(_field)
 
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
 FLAGS = flags.FLAGS
 
 
@@ -65,6 +66,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
+    distributed.initialize_from_flags()  # before any JAX computation
     config = config_from_flags()
     run_dir.check_output_tree(config)
     trainer.build(config)  # Task and optimizer settings (e.g. a data directory) fail here, early.
@@ -72,11 +74,14 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   logging.info("Config:\n%s", config.to_json())
   try:
-    _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
-  except run_dir.RunDirError as e:  # a refused resume, unusable checkpoints: before compiling
+    with distributed.use_mesh(distributed.global_mesh()):  # every device of every process
+      _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
+  except (run_dir.RunDirError, distributed.MeshError) as e:  # before compiling
     raise app.UsageError(str(e)) from e
   except trainer.NonFiniteError as e:
     sys.exit(f"Stopped: {e}")
+  if not distributed.is_writer():
+    return  # process 0 reports
   record = os.path.join(config.output_dir, serialization.RECORD_FILE)
   best = run_dir.best_epoch(progress)
   if best is None or not os.path.exists(record):

@@ -165,8 +165,11 @@ def rewind_metrics(path: str, host: dict | None, step: int) -> None:
     tree_files.atomic_write(path, b"".join(kept))
 
 
-def resume_or_start(config, task, optimizer, ckpt_dir, log) -> tuple[TrainState, Progress]:
-  """The newest good checkpoint's state and progress, or a fresh state.
+def resume_or_start(
+  config, task, optimizer, ckpt_dir, log, start=None
+) -> tuple[TrainState, Progress]:
+  """The newest good checkpoint's state and progress, or a fresh state (``start()``, by default
+  ``meta_step.init_state``; a caller that draws its own returns None from it).
 
   Checkpoints newer than the restored one are unusable; they are removed (after a warning) so
   they neither shadow nor count toward ``keep_checkpoints``. If checkpoints exist and none is
@@ -195,6 +198,7 @@ def resume_or_start(config, task, optimizer, ckpt_dir, log) -> tuple[TrainState,
   checkpoint.prune(ckpt_dir, config.keep_checkpoints)  # an earlier prune may have been killed
   rewind_metrics(os.path.join(config.output_dir, METRICS_FILE), found.host, found.step or 0)
   if found.step is None:
-    return meta_step.init_state(config, task, optimizer), Progress()
+    start = start or (lambda: meta_step.init_state(config, task, optimizer))
+    return start(), Progress()
   log(f"Resumed from meta-step {int(found.state.step)} in {ckpt_dir}.")
   return found.state, progress_from_host(found.host, config)

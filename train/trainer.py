@@ -20,13 +20,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 import learned_opt
 from learned_opt import tree_files
 from learned_opt.base import LearnedOptimizer
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
-from train import checkpoint, meta_step, run_dir
+from train import checkpoint, distributed, meta_step, run_dir
 from train.config import MetaTrainConfig
 from train.meta_step import TrainState
 
@@ -53,6 +54,7 @@ def machine() -> dict:
     "processor": platform.processor() or platform.machine(),
     "cpu_count": os.cpu_count(),
     "devices": [str(d) for d in jax.devices()],
+    "processes": jax.process_count(),
     "jax": jax.__version__,
   }
 
@@ -60,10 +62,14 @@ def machine() -> dict:
 class _Reporter:
   """Turns device values into log lines and ``metrics.jsonl`` records, when it is time to."""
 
-  def __init__(self, config, metrics_path, log, state):
-    self.config, self.metrics_path, self.log = config, metrics_path, log
+  def __init__(self, config, metrics_path, log, state, writer=True):
+    self.config, self.metrics_path, self.log, self.writer = config, metrics_path, log, writer
     self.reported_skips = int(state.skips.total)
     self.tic, self.tic_step = time.time(), int(state.step)
+
+  def append(self, record: dict) -> None:
+    if self.writer:
+      _append_jsonl(self.metrics_path, record)
 
   def skips(self, state: TrainState) -> None:
     """Reports newly skipped meta-steps; raises once too many came in a row."""
@@ -76,8 +82,7 @@ class _Reporter:
         f"{int(skips.total)} skipped in all."
       )
       self.log(message)
-      _append_jsonl(
-        self.metrics_path,
+      self.append(
         {
           "step": int(skips.last_step),
           "skipped": True,
@@ -112,18 +117,20 @@ class _Reporter:
       "grad_norm": float(metrics.grad_norm),
       "steps_per_sec": rate,
     }
-    _append_jsonl(self.metrics_path, record)
+    self.append(record)
     self.tic, self.tic_step = time.time(), done
 
 
 def end_epoch(
-  config, optimizer, state, progress, curves, log
+  config, optimizer, state, progress, curves, log, writer=True
 ) -> tuple[TrainState, run_dir.Progress]:
   """Records an epoch's validation, saves phi if it is the best so far, decides early stopping.
 
   The epoch's result is (problems whose final loss is not finite, mean final loss of the
   others); it is better than the best so far if it has fewer diverged problems, or as many and a
   lower mean (``best_epoch``). An epoch where every problem diverged is never saved.
+
+  Every process decides the same from the same ``curves``; only the ``writer`` saves.
 
   Args:
     curves: validation losses shaped (valid_problems, horizon + 1).
@@ -152,7 +159,8 @@ def end_epoch(
       "run_config": json.loads(config.to_json()),
       "machine": machine(),
     }
-    learned_opt.save(config.output_dir, optimizer, state.meta_params, metadata=metadata)
+    if writer:
+      learned_opt.save(config.output_dir, optimizer, state.meta_params, metadata=metadata)
   progress = run_dir.Progress(
     progress.best_valid,
     (*progress.valid_history, valid),
@@ -175,45 +183,110 @@ def end_epoch(
   return state, progress._replace(early_stopped=early_stopped)
 
 
+def _open_run(config, task, optimizer, paths, log, start) -> tuple[TrainState, run_dir.Progress]:
+  """The file-system side of a start: checks, leftovers removed, config.json, what to resume."""
+  ckpt_dir, config_path = paths
+  run_dir.check_output_tree(config)
+  run_dir.check_resumable(config, config_path, ckpt_dir)
+  for directory in (config.output_dir, ckpt_dir):  # left by a kill during an atomic write
+    tree_files.remove_temporaries(directory)
+  tree_files.atomic_write(config_path, config.to_json().encode())
+  return run_dir.resume_or_start(config, task, optimizer, ckpt_dir, log, start=start)
+
+
+def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data):
+  """``_open_run`` by process 0 alone, its outcome (or error) sent to every process.
+
+  Only process 0 touches the output directory, so the processes need no shared file system. A
+  fresh state is drawn on the mesh by every process (each its own problems); a restored one is
+  sent from process 0 as checkpoint bytes and placed on the mesh.
+  """
+  template = jax.eval_shape(lambda: meta_step.init_state(config, task, optimizer))
+  reply = state_bytes = None
+  if distributed.is_writer():
+    try:
+      state, progress = _open_run(config, task, optimizer, paths, log, start=lambda: None)
+      if state is not None:
+        state_bytes, digest = tree_files.encode(state)
+      reply = {"progress": run_dir.host_record(progress, 0), "resumed": state is not None}
+      reply["digest"] = digest if state is not None else None
+    except Exception as e:
+      reply = {"error": type(e).__name__, "message": str(e)}
+      distributed.broadcast_bytes(json.dumps(reply).encode())
+      raise
+  reply = json.loads(distributed.broadcast_bytes(json.dumps(reply).encode() if reply else None))
+  if "error" in reply:
+    kind = run_dir.RunDirError if reply["error"] == "RunDirError" else RuntimeError
+    raise kind(f"Process 0 could not open the run: {reply['message']}")
+  progress = run_dir.progress_from_host(reply["progress"], config)
+  if not reply["resumed"]:
+    return meta_step.init_sharded_state(config, task, optimizer, data, mesh), progress
+  state_bytes = distributed.broadcast_bytes(state_bytes)
+  raw = tree_files.read(state_bytes, reply["digest"], "the resumed state", record="process 0's")
+  state = tree_files.restore(raw, template, "the resumed state", fits="this run's config")
+  return distributed.put(state, meta_step.state_shardings(template, mesh)), progress
+
+
 def train(
   config: MetaTrainConfig,
   task: TaskFamily | None = None,
   log: Callable[[str], None] = logging.info,
+  mesh: Mesh | None = None,
 ) -> tuple[TrainState, run_dir.Progress]:
   """Runs (or resumes) meta-training; returns the final state and the run's progress.
 
   Args:
     config: the run's settings.
     task: overrides the task named in ``config`` (tests use this to inject faults).
-    log: where progress lines go.
+    log: where progress lines go (process 0's only).
+    mesh: devices to split each meta-step's problems over (``distributed.global_mesh()``); None:
+      that of an enclosing ``distributed.use_mesh`` block (the command line's: every device),
+      else the default device, as with a one-device mesh. Several processes need a mesh over
+      all their devices (the global one if none is given). Only process 0 logs and writes.
+
+  Raises:
+    distributed.MeshError: if --num_problems or --valid_problems does not divide over the mesh.
   """
-  run_dir.check_output_tree(config)
+  mesh = mesh if mesh is not None else distributed.current_mesh()
+  if mesh is None and jax.process_count() > 1:
+    mesh = distributed.global_mesh()
+  if mesh is not None and mesh.devices.size == 1 and jax.process_count() == 1:
+    mesh = None  # one device: the plain path, without shardings
+  if mesh is not None:
+    distributed.check_divides(config.num_problems, mesh, "num_problems")
+    distributed.check_divides(config.valid_problems, mesh, "valid_problems")
+  writer = distributed.is_writer()
+  log = log if writer else (lambda s: None)
   built_task, optimizer = build(config)
   task = task or built_task
   ckpt_dir = os.path.join(config.output_dir, run_dir.CHECKPOINT_DIR)
   metrics_path = os.path.join(config.output_dir, run_dir.METRICS_FILE)
-  config_path = os.path.join(config.output_dir, run_dir.CONFIG_FILE)
-  run_dir.check_resumable(config, config_path, ckpt_dir)
-  for directory in (config.output_dir, ckpt_dir):  # left by a kill during an atomic write
-    tree_files.remove_temporaries(directory)
-  tree_files.atomic_write(config_path, config.to_json().encode())
+  paths = (ckpt_dir, os.path.join(config.output_dir, run_dir.CONFIG_FILE))
 
-  state, progress = run_dir.resume_or_start(config, task, optimizer, ckpt_dir, log)
+  if mesh is None:
+    data = task.data
+    state, progress = _open_run(config, task, optimizer, paths, log, start=None)
+    valid_problems = meta_step.sample_valid_problems(config, task)
+  else:
+    data = distributed.put(task.data, distributed.replicated(mesh))
+    state, progress = _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data)
+    valid_problems = meta_step.sample_valid_problems(config, task, mesh, data)
   if progress.early_stopped:
     log("This run already stopped early; nothing to do.")
     return state, progress
 
-  train_step = jax.jit(meta_step.make_train_step(config, task, optimizer), donate_argnums=0)
+  train_step = meta_step.jit_train_step(config, task, optimizer, mesh, state)
   validate = jax.jit(meta_step.make_validate(config, task, optimizer))
-  valid_problems = meta_step.sample_valid_problems(config, task)
-  reporter = _Reporter(config, metrics_path, log, state)
+  reporter = _Reporter(config, metrics_path, log, state, writer)
 
   def save_checkpoint(state, progress):
-    host = run_dir.host_record(progress, run_dir.metrics_lines(metrics_path))
-    checkpoint.save(ckpt_dir, int(state.step), state, host, config.keep_checkpoints)
+    host_state = state if mesh is None else distributed.to_host(state)  # all processes
+    if writer:
+      host = run_dir.host_record(progress, run_dir.metrics_lines(metrics_path))
+      checkpoint.save(ckpt_dir, int(state.step), host_state, host, config.keep_checkpoints)
 
   for step in range(int(state.step), config.total_steps):
-    state, metrics = train_step(state, task.data)
+    state, metrics = train_step(state, data)
     done = step + 1
     epoch_end = done % config.steps_per_epoch == 0
     if done % config.log_every == 0 or done == config.total_steps:
@@ -221,17 +294,18 @@ def train(
       reporter.progress(done, metrics)
     if epoch_end:
       reporter.skips(state)
-      curves = np.asarray(validate(state.meta_params, task.data, *valid_problems))
-      state, progress = end_epoch(config, optimizer, state, progress, curves, log)
-      _append_jsonl(
-        metrics_path,
-        {
-          "epoch": done // config.steps_per_epoch,
-          "step": done,
-          "valid_final_loss": progress.valid_history[-1],
-          "valid_diverged": progress.diverged_history[-1],
-        },
-      )
+      curves = distributed.to_host(validate(state.meta_params, data, *valid_problems))
+      state, progress = end_epoch(config, optimizer, state, progress, curves, log, writer)
+      if writer:
+        _append_jsonl(
+          metrics_path,
+          {
+            "epoch": done // config.steps_per_epoch,
+            "step": done,
+            "valid_final_loss": progress.valid_history[-1],
+            "valid_diverged": progress.diverged_history[-1],
+          },
+        )
       save_checkpoint(state, progress)  # once, with the early-stopping decision in it
       if progress.early_stopped:
         break
