@@ -2,11 +2,14 @@ r"""Meta-trains a learned optimizer (Andrychowicz et al., 2016, section 3).
 
 Example:
   python -m train.meta_train --task=quadratic --output_dir=runs/quadratic
-  python -m train.meta_train --task=mnist_mlp --optimizer=lstm \
-    --optimizer_kwargs='{"preprocess": "log_sign", "output_scale": 0.1}' --output_dir=runs/mnist
+  MNIST_DIR=data/mnist python -m train.meta_train --task=mnist_mlp --output_dir=runs/mnist
+  python -m train.meta_train --task=mnist_mlp --num_problems=4 --output_dir=runs/mnist4
 
-Every field of ``train.config.MetaTrainConfig`` is a flag, with the field's default and help.
-Running it again with the same --output_dir resumes from the newest checkpoint there.
+Every field of ``train.config.MetaTrainConfig`` is a flag. Each task has a preset, the paper's
+settings sized for 2 CPU cores (``train.presets``; --preset picks another, a JSON file or none):
+it replaces the defaults shown below, and flags given on the command line replace both. Before
+compiling, the meta-step's memory is estimated and a run that cannot fit is refused. Running it
+again with the same --output_dir resumes from the newest checkpoint there.
 """
 
 import dataclasses
@@ -19,7 +22,7 @@ from absl import app, flags, logging
 
 from learned_opt import serialization
 from train import config as config_lib
-from train import distributed, run_dir, trainer
+from train import distributed, memory, presets, run_dir, trainer
 
 _FIELDS = {field.name: field for field in dataclasses.fields(config_lib.MetaTrainConfig)}
 _DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
@@ -27,7 +30,9 @@ _DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFI
 
 def _define(field: dataclasses.Field) -> None:
   """One flag per config field, so flags and config cannot drift apart."""
-  help_text = field.metadata["help"]
+  help_text = field.metadata["help"] + presets.help_note(field.name)
+  if field.name == "task_kwargs":
+    help_text += " " + config_lib.describe_tasks()
   if field.type is dict:  # JSON objects: task_kwargs, optimizer_kwargs
     flags.DEFINE_string(field.name, json.dumps(field.default_factory()), help_text)
   elif field.type is bool:
@@ -40,6 +45,13 @@ for _field in _FIELDS.values():
   _define(_field)
 
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
+flags.DEFINE_string(
+  "preset",
+  None,
+  "Settings that replace the defaults below (flags given still win): a preset name, a JSON file "
+  f"of settings (e.g. a run's config.json) or {presets.NONE}. Default: the preset named after "
+  "--task. " + " ".join(f"{name}: {presets.describe(name)}." for name in presets.names()),
+)
 FLAGS = flags.FLAGS
 
 
@@ -54,12 +66,14 @@ def _json_object(name: str) -> dict:
 
 
 def config_from_flags() -> config_lib.MetaTrainConfig:
-  """Validates the flags into a frozen config; raises ValueError naming a bad flag."""
-  values = {}
-  for name, field in _FIELDS.items():
-    values[name] = _json_object(name) if field.type is dict else FLAGS[name].value
-  values["output_dir"] = values["output_dir"] or ""
-  return config_lib.MetaTrainConfig(**values)
+  """The preset's settings under the flags given; validated, or a ValueError naming a flag."""
+  given = {
+    name: _json_object(name) if field.type is dict else FLAGS[name].value
+    for name, field in _FIELDS.items()
+    if FLAGS[name].present
+  }
+  settings = presets.select(FLAGS.preset, given.get("task", FLAGS.task))
+  return config_lib.MetaTrainConfig(**presets.resolve(settings, given))
 
 
 def main(argv):
@@ -68,10 +82,19 @@ def main(argv):
   try:
     distributed.initialize_from_flags()  # before any JAX computation
     config = config_from_flags()
-    run_dir.check_output_tree(config)
-    trainer.build(config)  # Task and optimizer settings (e.g. a data directory) fail here, early.
+    with config_lib.removed_if_start_fails(config.output_dir):  # no empty folder left behind
+      run_dir.check_output_tree(config)
+      task, optimizer = trainer.build(config)  # Task settings (e.g. no data) fail here, early.
+      accelerators = jax.device_count() if jax.devices()[0].platform != "cpu" else 1
+      estimate = memory.check(config, task, optimizer, devices=accelerators)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  preset = FLAGS.preset or (config.task if config.task in presets.PRESETS else presets.NONE)
+  print(
+    f"Preset {preset}, {config.num_problems} problems a meta-step, about "
+    f"{estimate.total_bytes / memory.GIB:.1f} GiB; config in {config.output_dir}/config.json",
+    flush=True,
+  )
   logging.info("Config:\n%s", config.to_json())
   try:
     with distributed.use_mesh(distributed.global_mesh()):  # every device of every process

@@ -129,6 +129,19 @@ def resolve(settings: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
   return {**settings, **given}
 
 
+def help_note(field: str) -> str:
+  """What the presets set ``field`` to where it is not the default, for its ``--help`` line."""
+  default = config_lib.MetaTrainConfig.__dataclass_fields__[field]
+  default = default.default_factory() if callable(default.default_factory) else default.default
+  changed = [name for name in names() if PRESETS[name].get(field, default) != default]
+  if not changed or field == "task":
+    return ""
+  if isinstance(default, dict):
+    return f" Set by the presets {', '.join(changed)} (see --preset)."
+  values = ", ".join(f"{name} {_flag_value(PRESETS[name][field])}" for name in changed)
+  return f" Presets: {values}."
+
+
 def describe(name: str) -> str:
   """A preset's settings as flags, e.g. ``--num_problems=2 --meta_lr=0.003 ...``."""
   return " ".join(f"--{key}={_flag_value(value)}" for key, value in PRESETS[name].items())
