@@ -87,8 +87,10 @@ def sweep(
   process); the task's data set is one of its arguments, never a constant in it. Every process
   calls it together and gets the whole grid.
   """
-  mesh = mesh or sharding.problems_mesh()
-  (task_params, keys), count = sharding.pad_problems((task_params, keys), mesh)
+  problems = (task_params, keys)
+  (task_params, keys), count, mesh = sharding.place_problems(
+    problems, mesh or sharding.problems_mesh()
+  )
   whole = distributed.replicated(mesh)
   lrs = distributed.put(np.asarray(learning_rates, np.float32), whole)
   run = jax.jit(
@@ -146,8 +148,10 @@ def learned_curves(
 
   Problems split over ``mesh`` as in ``sweep``; phi replicated.
   """
-  mesh = mesh or sharding.problems_mesh()
-  (task_params, keys), count = sharding.pad_problems((task_params, keys), mesh)
+  problems = (task_params, keys)
+  (task_params, keys), count, mesh = sharding.place_problems(
+    problems, mesh or sharding.problems_mesh()
+  )
   whole = distributed.replicated(mesh)
   run = jax.jit(
     lambda data, phi, p, k: inner_lib.rollout_batch(

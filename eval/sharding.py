@@ -3,9 +3,10 @@
 Sweeps vectorize first (vmap over problems, seeds, learning rates) and shard second: placing the
 inputs with a ``NamedSharding`` lets ``jax.jit`` partition the one computation across devices,
 with no change to the math. The mesh is ``train.distributed``'s global one (every device of every
-process). A problem count that does not divide over the mesh is padded with copies of the last
-problem (``pad_problems``), whose results are dropped: problems never interact in a sweep, so the
-kept results are those of the unpadded run.
+process), or in one process as few of its devices as keep the problems per device (``fit_mesh``).
+A problem count that does not divide over the devices is padded with copies of the last problem
+(``place_problems``), whose results are dropped: problems never interact in a sweep, so the kept
+results are those of the unpadded run.
 """
 
 import jax
@@ -22,25 +23,41 @@ def problems_mesh(devices=None) -> Mesh:
   return distributed.global_mesh(devices)
 
 
+def fit_mesh(count: int, mesh: Mesh) -> Mesh:
+  """The devices of ``mesh`` a sweep of ``count`` problems runs on.
+
+  One process: the fewest devices that hold as many problems each as all of them would, so
+  padding stays below one problem per device (on 8 devices, 3 problems take 3 devices and 13
+  take 7 with 2 each). Several processes: every device, since each process must take part.
+  """
+  size = mesh.devices.size
+  per_device = -(-count // size)
+  devices = -(-count // per_device)
+  if jax.process_count() > 1 or devices == size:
+    return mesh
+  return problems_mesh(list(mesh.devices.flat)[:devices])
+
+
 def padded_count(count: int, mesh: Mesh) -> int:
   """``count`` rounded up to a multiple of the mesh's devices."""
   size = mesh.devices.size
   return -(-count // size) * size
 
 
-def pad_problems(tree, mesh: Mesh):
-  """``(tree on the mesh, problems)``: leaves' leading axis (problems) padded and split.
+def place_problems(tree, mesh: Mesh):
+  """``(tree on the mesh, problems, mesh)``: leaves' leading axis (problems) padded and split.
 
-  ``tree`` holds the same values on every process (host arrays or arrays of this process); the
-  padding repeats the last problem up to ``padded_count``. Slice results back to ``problems``.
+  ``tree`` holds the same values on every process (host arrays or arrays of this process). The
+  mesh is ``fit_mesh``'s; the padding repeats the last problem up to ``padded_count``. Slice
+  results back to ``problems``.
   """
   count = int(np.shape(jax.tree.leaves(tree)[0])[0])
+  mesh = fit_mesh(count, mesh)
   extra = padded_count(count, mesh) - count
   if extra:
-    tree = jax.tree.map(
-      lambda x: jax.numpy.concatenate([x, jax.numpy.repeat(x[-1:], extra, 0)]), tree
-    )
-  return distributed.put(tree, distributed.problems_sharding(mesh)), count
+    pad = lambda x: jax.numpy.concatenate([x, jax.numpy.repeat(x[-1:], extra, axis=0)])
+    tree = jax.tree.map(pad, tree)
+  return distributed.put(tree, distributed.problems_sharding(mesh)), count, mesh
 
 
 def shard_problems(tree, mesh: Mesh | None = None):

@@ -258,9 +258,12 @@ def test_each_device_draws_only_its_own_problems():
 
 
 def test_sweep_with_padding_equals_one_device():
-  """6 problems on this process's mesh (8 faked devices under conftest): padded, then sliced."""
+  """11 problems on this process's devices (8 faked under conftest): 2 each on 6, one padded."""
+  mesh = sharding.problems_mesh()
+  if mesh.devices.size == 8:
+    assert [sharding.fit_mesh(n, mesh).devices.size for n in (3, 8, 11, 13, 17)] == [3, 8, 6, 7, 6]
   task = task_registry.get("quadratic", dim=3)
-  params, keys = compare.inner_lib.sample_problems(task, jax.random.key(1), 6)
+  params, keys = compare.inner_lib.sample_problems(task, jax.random.key(1), 11)
   lrs = [0.01, 0.1]
   one = sharding.problems_mesh(jax.devices()[:1])
   make = compare.baselines_lib.BASELINES["adam"]
