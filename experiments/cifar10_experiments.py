@@ -27,8 +27,10 @@ loss on ``--tune_problems`` separate problems (seed + 1). On a CPU the whole gri
 of the best one: the same choice as the whole grid whenever the mean final loss has one minimum
 over the rates at that spacing. The output says which grid and how many tuning problems were
 used. Tuned baselines (and their test-problem curves) are kept in
-``<output_dir>/<experiment>/baselines.npz`` and reused by a later run with the same setting,
-so baselines can be run while optimizers are still meta-training (``--learned=``).
+``<output_dir>/<experiment>/baselines.npz``, a learned optimizer's curves in
+``learned_<name>.npz``, and reused by a later run with the same setting (and phi); so baselines
+can be run while optimizers are still meta-training (``--learned=``), in parallel processes
+with their own output dirs, and gathered by one last run with ``--reuse_from``.
 
 Writes ``<output_dir>/<experiment>/results.json``, ``curves.npz`` (per-problem curves),
 ``curves.png`` (training and test loss against step) and a markdown summary with paired
@@ -51,6 +53,7 @@ import learned_opt
 import tasks
 from eval import baselines as baselines_lib
 from eval import compare
+from learned_opt import tree_files
 from learned_opt.tree_files import atomic_write
 from train import inner as inner_lib
 
@@ -261,7 +264,7 @@ def _fingerprint(setting: dict) -> str:
   return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_baselines(path: str, fingerprint: str) -> dict | None:
+def _load_cache(path: str, fingerprint: str) -> dict | None:
   """``{name: (summary, Curves)}`` saved for the same setting, else None."""
   if not os.path.isfile(path):
     return None
@@ -274,7 +277,7 @@ def _load_baselines(path: str, fingerprint: str) -> dict | None:
     }
 
 
-def _save_baselines(path: str, fingerprint: str, found: dict) -> None:
+def _save_cache(path: str, fingerprint: str, found: dict) -> None:
   arrays = {"fingerprint": np.asarray(fingerprint)}
   arrays["summaries"] = np.asarray(json.dumps([s for s, _ in found.values()]))
   for name, (_, curves) in found.items():
@@ -296,15 +299,17 @@ def run_experiment(
   seed: int,
   directory: str,
   task_kwargs: dict | None = None,
-  baselines_from: Sequence[str] = (),
+  reuse_from: Sequence[str] = (),
   lr_batch_size: int | None = None,
   problem_batch: int | None = None,
   log=print,
 ) -> tuple[dict, dict[str, Curves]]:
   """Learned optimizers and tuned baselines on one setting's test problems.
 
-  Tuned baselines are cached in ``directory/baselines.npz`` (keyed by every setting that
-  changes them) and reused, as are those in the ``baselines_from`` files of the same setting.
+  Tuned baselines are cached in ``directory/baselines.npz`` and learned optimizers' curves in
+  ``directory/learned_<name>.npz``, each keyed by every setting that changes it (a learned
+  optimizer's by its config and phi's hash), and reused; so are those in the directories of
+  ``reuse_from`` (paths of other runs' ``baselines.npz``) for the same setting.
 
   Returns:
     ``(results, {optimizer name: Curves})``.
@@ -321,25 +326,6 @@ def run_experiment(
   tune = inner_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
   optimizers, curves = [], {}
 
-  for name, saved in learned.items():
-    tic = time.time()
-    c = run_curves(
-      task,
-      test_task,
-      lambda phi, opt=saved.optimizer: learned_opt.as_optax(opt, phi),
-      saved.meta_params,
-      task_params,
-      keys,
-      num_steps,
-      problem_batch,
-    )
-    optimizers.append({**summarize(name, "learned", c, None), "seconds": time.time() - tic})
-    curves[name] = c
-    log(
-      f"{experiment.name} {name}: final training loss "
-      f"{optimizers[-1]['train_final_mean']:.4g} ({time.time() - tic:.0f} s)"
-    )
-
   setting = {
     "task": {
       k: v for k, v in task.config.items() if k not in ("cifar10_dir", "cache_dir", "tfds_data_dir")
@@ -350,10 +336,49 @@ def run_experiment(
     "lr_stride": lr_stride,
     "seed": seed,
   }
+  for name, saved in learned.items():
+    # Cached by everything the curves depend on, phi included (its hash).
+    learned_setting = {
+      **{k: setting[k] for k in ("task", "num_problems", "num_steps", "seed")},
+      "optimizer": saved.optimizer.config,
+      "phi_sha256": tree_files.encode(saved.meta_params)[1],
+    }
+    cache_path = os.path.join(directory, f"learned_{name}.npz")
+    found = {}
+    for path in (
+      cache_path,
+      *(os.path.join(os.path.dirname(p), os.path.basename(cache_path)) for p in reuse_from),
+    ):
+      found = _load_cache(path, _fingerprint(learned_setting)) or {}
+      if found:
+        log(f"{experiment.name} {name}: reused its curves in {path}")
+        break
+    if not found:
+      tic = time.time()
+      c = run_curves(
+        task,
+        test_task,
+        lambda phi, opt=saved.optimizer: learned_opt.as_optax(opt, phi),
+        saved.meta_params,
+        task_params,
+        keys,
+        num_steps,
+        problem_batch,
+      )
+      found = {name: ({**summarize(name, "learned", c, None), "seconds": time.time() - tic}, c)}
+      os.makedirs(directory, exist_ok=True)
+      _save_cache(cache_path, _fingerprint(learned_setting), found)
+      log(
+        f"{experiment.name} {name}: final training loss "
+        f"{found[name][0]['train_final_mean']:.4g} ({time.time() - tic:.0f} s)"
+      )
+    optimizers.append(found[name][0])
+    curves[name] = found[name][1]
+
   cache_path = os.path.join(directory, "baselines.npz")
-  found = _load_baselines(cache_path, _fingerprint(setting)) or {}
-  for path in baselines_from:  # tuned elsewhere (e.g. by parallel runs) for the same setting
-    for name, value in (_load_baselines(path, _fingerprint(setting)) or {}).items():
+  found = _load_cache(cache_path, _fingerprint(setting)) or {}
+  for path in reuse_from:  # tuned elsewhere (e.g. by parallel runs) for the same setting
+    for name, value in (_load_cache(path, _fingerprint(setting)) or {}).items():
       found.setdefault(name, value)
   for name in baselines:
     if name in found:
@@ -377,7 +402,7 @@ def run_experiment(
     )
     found[name] = (summary, c)
     os.makedirs(directory, exist_ok=True)
-    _save_baselines(cache_path, _fingerprint(setting), found)
+    _save_cache(cache_path, _fingerprint(setting), found)
     log(
       f"{experiment.name} {name}: lr {rate:.3g} ({len(scores)} rates tuned), final training "
       f"loss {summary['train_final_mean']:.4g} ({time.time() - tic:.0f} s)"
@@ -548,9 +573,10 @@ def define_flags():
   flags.DEFINE_integer("lr_batch_size", 4, "Learning rates vmapped at once (bounds memory).")
   flags.DEFINE_integer("problem_batch", 8, "Test problems vmapped at once (bounds memory).")
   flags.DEFINE_list(
-    "baselines_from",
+    "reuse_from",
     [],
-    "Other output dirs whose tuned baselines (same setting) are reused, e.g. of parallel runs.",
+    "Other output dirs whose tuned baselines and learned curves (same setting, same phi) are "
+    "reused, e.g. of runs in parallel.",
   )
   flags.DEFINE_string("task_kwargs", "{}", "JSON changes to the cifar10_conv task (e.g. channels).")
   flags.DEFINE_string("output_dir", None, "Where each experiment's results go.")
@@ -620,7 +646,7 @@ def main(argv):
       seed=FLAGS.seed,
       directory=directory,
       task_kwargs=task_kwargs,
-      baselines_from=[os.path.join(d, name, "baselines.npz") for d in FLAGS.baselines_from],
+      reuse_from=[os.path.join(d, name, "baselines.npz") for d in FLAGS.reuse_from],
       lr_batch_size=FLAGS.lr_batch_size or None,
       problem_batch=FLAGS.problem_batch or None,
       log=lambda s: print(s, flush=True),

@@ -141,15 +141,19 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
   expected = cx.paired(curves["two_lstms"].train[:, -1], curves["sgd"].train[:, -1])
   assert pair["train_steps"]["2"] == pytest.approx(expected) and expected[0] != 0.0
 
+  # Another run's directory with the same setting: the tuned baseline and the learned
+  # optimizer's curves (same phi) are reused, not computed again.
   logs = []
-  # Another run's directory with the same setting: its tuned baseline is reused, not re-tuned.
-  other = tmp_path / "other"
   again, again_curves = run(
-    {}, logs.append, directory=str(other), baselines_from=[str(tmp_path / "baselines.npz")]
+    {"two_lstms": two_lstms},
+    logs.append,
+    directory=str(tmp_path / "other"),
+    reuse_from=[str(tmp_path / "baselines.npz")],
   )
-  assert sum("reused the tuned baseline" in s for s in logs) == 1
-  assert [r["name"] for r in again["optimizers"]] == ["sgd"]
-  np.testing.assert_array_equal(again_curves["sgd"].test, curves["sgd"].test)
+  assert sum("reused" in s for s in logs) == 2, logs
+  assert [r["name"] for r in again["optimizers"]] == ["two_lstms", "sgd"]
+  for name in ("two_lstms", "sgd"):
+    np.testing.assert_array_equal(again_curves[name].test, curves[name].test)
 
   text = cx.markdown(results)
   assert "| two_lstms | - |" in text and "| two_lstms - sgd |" in text
