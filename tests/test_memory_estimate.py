@@ -1,11 +1,17 @@
 """The meta-step's memory estimate: traced without compiling, checked against XLA's own count."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 from mnist_files import write_mnist
 
 from train import config as config_lib
 from train import memory, meta_step, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup(tmp_path, **settings):
@@ -79,3 +85,18 @@ def test_splitting_problems_among_devices_divides_all_but_the_data(tmp_path):
 def test_available_memory_is_known_on_this_machine():
   available = memory.available_bytes()
   assert available is None or available > 2**20
+
+
+def test_the_command_line_refuses_an_oversized_run_before_compiling(tmp_path):
+  out = tmp_path / "new" / "run"
+  result = subprocess.run(
+    [sys.executable, "-m", "train.meta_train", f"--output_dir={out}", "--num_problems=100000000"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "A meta-step of --num_problems=100000000 (--unroll=20) needs about" in result.stderr
+  assert "lower --num_problems to" in result.stderr
+  assert not (tmp_path / "new").exists()  # the folders it would have made are gone

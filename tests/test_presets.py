@@ -86,3 +86,54 @@ def test_a_bad_preset_is_named(preset, content, message, tmp_path):
   name = str(path) if preset.endswith(".json") else preset
   with pytest.raises(ValueError, match=message):
     presets.select(name, "quadratic")
+
+
+@pytest.mark.parametrize(
+  "argv, expected",
+  [
+    (["--task=mnist_mlp"], {"num_problems": 2, "meta_objective": "ramp", "unroll": 20}),
+    (["--task=mnist_mlp", "--num_problems=3"], {"num_problems": 3, "meta_objective": "ramp"}),
+    (["--task=mnist_mlp", "--preset=none"], {"num_problems": 128, "meta_objective": "sum"}),
+    (["--preset=mnist_mlp", "--task=quadratic"], {"task": "quadratic", "num_problems": 2}),
+    ([], {"task": "quadratic", "num_problems": 128}),
+  ],
+)
+def test_the_command_line_resolves_presets_under_the_flags_given(argv, expected, tmp_path):
+  from absl import flags
+
+  from train import meta_train
+
+  flags.FLAGS(["meta_train", f"--output_dir={tmp_path}", *argv])
+  try:
+    config = meta_train.config_from_flags()
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert {name: getattr(config, name) for name in expected} == expected
+  assert config.output_dir == str(tmp_path)
+
+
+def test_help_lists_tasks_their_settings_presets_and_data_variables():
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+    [sys.executable, "-m", "train.meta_train", "--help"],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  text = " ".join(result.stdout.split())  # absl wraps help lines (and --help exits 1)
+  for expected in (
+    "--output_dir: Required.",
+    'mnist_mlp: hidden_sizes=[20], activation="sigmoid"',
+    "quadratic: dim=10.",
+    "$MNIST_DIR",
+    "$CIFAR10_DIR",
+    "mnist_mlp: --task=mnist_mlp --optimizer=lstm",
+    "--num_problems: Problems per meta-step (vmapped). Presets: cifar10_conv 2, mnist_mlp 2.",
+  ):
+    assert expected in text, expected
+  assert "('" not in text  # choices are words, not Python tuples
