@@ -14,6 +14,7 @@ import os
 import jax
 from absl import app, flags
 
+import learned_opt
 from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
 from learned_opt.tree_files import atomic_write
@@ -23,17 +24,29 @@ from train import distributed
 flags.DEFINE_multi_string(
   "checkpoint",
   [],
-  "Saved optimizer: a directory or pretrained:NAME, optionally NAME=...; repeat for several. "
-  "Unnamed ones are named by their kind (lstm, ntm_bfgs, ...).",
+  "Required. Saved optimizer: a directory or pretrained:NAME (NAME one of "
+  f"{', '.join(learned_opt.pretrained_names())}), optionally LABEL=...; repeat for several. "
+  "Unlabelled ones are named by their kind (lstm, ntm_bfgs, ...).",
 )
-flags.DEFINE_string("task", None, "Task family; default: the one the first checkpoint trained on.")
-flags.DEFINE_string("task_kwargs", None, "JSON task settings; default: the checkpoint's.")
-flags.DEFINE_list("baselines", list(baselines_lib.BASELINES), "Baselines to tune and compare.")
+flags.DEFINE_string(
+  "task",
+  None,
+  f"Task family ({', '.join(task_registry.names())}); default: the one the first checkpoint "
+  "trained on. MNIST is read from $MNIST_DIR, CIFAR-10 from $CIFAR10_DIR.",
+)
+flags.DEFINE_string(
+  "task_kwargs", None, "JSON task settings; default: the checkpoint's (see meta_train --help)."
+)
+flags.DEFINE_list(
+  "baselines",
+  list(baselines_lib.BASELINES),
+  f"Baselines to tune and compare, from {', '.join(baselines_lib.BASELINES)}.",
+)
 flags.DEFINE_integer("num_problems", 256, "Fresh test problems.")
 flags.DEFINE_integer("num_steps", 100, "Optimization steps per problem.")
 flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
 flags.DEFINE_integer("lr_batch_size", 0, "Learning rates vmapped at once (0: all 30).")
-flags.DEFINE_string("output_dir", None, "Where results.json and curves.png go.")
+flags.DEFINE_string("output_dir", None, "Required. Where results.json and curves.png go.")
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
 
 FLAGS = flags.FLAGS
