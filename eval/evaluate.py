@@ -24,9 +24,10 @@ from train import distributed
 flags.DEFINE_multi_string(
   "checkpoint",
   [],
-  "Required. Saved optimizer: a directory or pretrained:NAME (NAME one of "
+  "Saved optimizer: a directory or pretrained:NAME (NAME one of "
   f"{', '.join(learned_opt.pretrained_names())}), optionally LABEL=...; repeat for several. "
-  "Unlabelled ones are named by their kind (lstm, ntm_bfgs, ...).",
+  "Unlabelled ones are named by their kind (lstm, ntm_bfgs, ...). None: the baselines alone, "
+  "on --task.",
 )
 flags.DEFINE_string(
   "task",
