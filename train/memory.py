@@ -107,6 +107,13 @@ def estimate(
   return MemoryEstimate(residuals, meta, problems, data, total)
 
 
+def in_words(num_bytes: int) -> str:
+  """``"1.7 GiB"``, or ``"36 MiB"`` under one GiB."""
+  if num_bytes >= GIB:
+    return f"{num_bytes / GIB:.1f} GiB"
+  return f"{num_bytes / 2**20:.0f} MiB"
+
+
 def available_bytes(device: jax.Device | None = None) -> int | None:
   """Memory a run can still use: the accelerator's free memory, or the host's available RAM."""
   device = device or jax.devices()[0]

@@ -18,7 +18,7 @@ import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 
 from learned_opt import serialization
 from train import config as config_lib
@@ -90,12 +90,13 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   preset = FLAGS.preset or (config.task if config.task in presets.PRESETS else presets.NONE)
+  # Everything the job reports goes to stdout, progress included.
   print(
-    f"Preset {preset}, {config.num_problems} problems a meta-step, about "
-    f"{estimate.total_bytes / memory.GIB:.1f} GiB; config in {config.output_dir}/config.json",
+    f"Config (preset {preset}, flags given override it; saved as config.json):\n"
+    f"{config.to_json()}\nMeta-step: {config.num_problems} problems x {config.unroll} steps, "
+    f"about {memory.in_words(estimate.total_bytes)}.",
     flush=True,
   )
-  logging.info("Config:\n%s", config.to_json())
   try:
     with distributed.use_mesh(distributed.global_mesh()):  # every device of every process
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
