@@ -129,3 +129,17 @@ def test_help_lists_tasks_their_settings_presets_and_data_variables():
   ):
     assert expected in text, expected
   assert "('" not in text  # choices are words, not Python tuples
+
+
+def test_a_run_started_before_presets_resumes_with_its_saved_config_as_preset(tmp_path):
+  """The same command now takes the mnist_mlp preset; the refusal says how to resume."""
+  old = config_lib.MetaTrainConfig(output_dir=str(tmp_path), task="mnist_mlp", num_problems=2)
+  (tmp_path / "config.json").write_text(old.to_json())
+  now = _config(presets.resolve(presets.select(None, "mnist_mlp"), {"num_problems": 2}), tmp_path)
+  assert config_lib.differences(json.loads(old.to_json()), now)  # e.g. --meta_objective
+  hint = config_lib.resume_hint(now)
+  assert f"add --preset={tmp_path}/config.json" in hint
+  flag = hint.split("add --preset=")[1].split()[0]
+  resumed = _config(presets.resolve(presets.select(flag, "mnist_mlp"), {"num_problems": 2}), "x")
+  assert config_lib.differences(json.loads(old.to_json()), resumed) == []
+  assert config_lib.resume_hint(old) == ""  # nothing to say when the settings agree

@@ -383,6 +383,27 @@ def removed_if_start_fails(path: str):
     raise
 
 
+def resume_hint(config: MetaTrainConfig) -> str:
+  """How to resume the run in ``config.output_dir`` with its own settings, if they differ.
+
+  Runs started before presets existed took the plain defaults where a flag was not given; the
+  same command now takes the task's preset there.
+  """
+  path = os.path.join(config.output_dir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    changed = differences(saved, config) if isinstance(saved, dict) else []
+  except (OSError, ValueError, TypeError, KeyError):
+    return ""
+  if not changed:
+    return ""
+  return (
+    f" To resume it with the settings it was started with, add --preset={path} (flags given "
+    "still override it); --preset=none turns the task's preset off."
+  )
+
+
 def check_output_dir(path: str) -> None:
   """Creates ``path`` if needed and checks that it is a writable directory."""
   if os.path.exists(path) and not os.path.isdir(path):

@@ -101,7 +101,7 @@ def main(argv):
     with distributed.use_mesh(distributed.global_mesh()):  # every device of every process
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
   except (run_dir.RunDirError, distributed.MeshError) as e:  # before compiling
-    raise app.UsageError(str(e)) from e
+    raise app.UsageError(str(e) + config_lib.resume_hint(config)) from e
   except trainer.NonFiniteError as e:
     sys.exit(f"Stopped: {e}")
   if not distributed.is_writer():
