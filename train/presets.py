@@ -12,6 +12,7 @@ Example:
   (2, 2)
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -109,14 +110,14 @@ def select(preset: str | None, task: str) -> dict[str, Any]:
       ``preset`` is None. A task without a preset gets no settings (the config's defaults).
   """
   if preset is None:
-    return dict(PRESETS.get(task, {}))
+    return copy.deepcopy(PRESETS.get(task, {}))  # copies: a config may not change a preset
   if preset == NONE:
     return {}
   if preset in PRESETS:
-    return dict(PRESETS[preset])
+    return copy.deepcopy(PRESETS[preset])
   if preset.endswith(".json") or os.path.isfile(preset):
     settings = load_file(preset)  # on top of the preset of the task it names
-    return {**PRESETS.get(settings.get("task", task), {}), **settings}
+    return {**copy.deepcopy(PRESETS.get(settings.get("task", task), {})), **settings}
   raise ValueError(
     f"--preset={preset!r} is neither a preset ({', '.join(names())}, or {NONE} for the plain "
     "defaults) nor a JSON file of settings; e.g. --preset=mnist_mlp."
