@@ -112,32 +112,63 @@ def learned_result(name, saved, test_task, num_test, num_steps) -> dict:
   return with_run_means(compare.summarize(name, "learned", curves, None), curves)
 
 
-def paired(learned: dict, baseline: dict, key: str) -> tuple[float, float, int]:
-  """Mean and stderr of learned - baseline per problem on ``key``, and how often learned wins."""
-  diff = np.asarray(learned[key], float) - np.asarray(baseline[key], float)
+def paired(learned: dict, baseline: dict, key: str) -> tuple[float, float, int, int]:
+  """Learned - baseline per problem on ``key`` (``"finals"`` or ``"run_means"``).
+
+  A non-finite value (a diverged run) counts as +inf: it loses to any finite one.
+
+  Returns:
+    ``(mean, stderr, wins, both)``: mean and standard error of the difference over the
+    ``both`` problems where both are finite, and on how many problems of all the learned
+    optimizer is lower.
+  """
+  a = np.asarray(learned[key], float)
+  b = np.asarray(baseline[key], float)
+  a, b = np.where(np.isfinite(a), a, np.inf), np.where(np.isfinite(b), b, np.inf)
+  both = np.isfinite(a) & np.isfinite(b)
+  diff = a[both] - b[both]
+  mean = float(np.mean(diff)) if diff.size else float("nan")
   stderr = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
-  return float(np.mean(diff)), stderr, int(np.sum(diff < 0))
+  return mean, stderr, int(np.sum(a < b)), int(np.sum(both))
 
 
 def verdict(results: dict) -> str:
-  """Whether the learned optimizer beats every tuned baseline (paired, > 2 stderr) at step T."""
+  """Whether the learned optimizer beats each tuned baseline at step T, paired by content.
+
+  It beats a baseline when it diverges on no more contents and its mean paired difference over
+  the contents where neither diverged is more than two standard errors below zero.
+  """
   learned = [r for r in results["optimizers"] if r["kind"] == "learned"]
   if not learned:
     return "No learned optimizer in these results."
-  lstm, lines = learned[0], []
-  beaten = []
+  lstm, lines, beaten = learned[0], [], []
   for r in (r for r in results["optimizers"] if r["kind"] == "baseline"):
-    margin, stderr, wins = paired(lstm, r, "finals")
-    beaten.append(margin < -2 * stderr)
+    margin, stderr, wins, both = paired(lstm, r, "finals")
+    run_margin, run_stderr, run_wins, _ = paired(lstm, r, "run_means")
+    beaten.append(lstm["num_diverged"] <= r["num_diverged"] and margin < -2 * stderr)
     lines.append(
-      f"- vs {r['name']} (lr {r['learning_rate']:.3g}): final {margin:+.4f} ± {stderr:.4f}, "
-      f"lower on {wins}/{len(r['finals'])}; run mean {paired(lstm, r, 'run_means')[0]:+.4f}"
+      f"- vs {r['name']} (lr {r['learning_rate']:.3g}, {r['num_diverged']} diverged): "
+      f"final {margin:+.4f} ± {stderr:.4f} over {both}, lower on {wins}/{len(r['finals'])}; "
+      f"mean over the run {run_margin:+.4f} ± {run_stderr:.4f}, lower on {run_wins}"
     )
   head = "beats every tuned baseline" if all(beaten) else "does NOT beat every tuned baseline"
   return (
-    f"{lstm['name']} {head} at step {results['num_steps']} (paired, > 2 stderr):\n"
-    + "\n".join(lines)
+    f"{lstm['name']} {head} at step {results['num_steps']} (paired by content; a difference "
+    "counts when more than 2 stderr):\n" + "\n".join(lines)
   )
+
+
+def _finite(values) -> np.ndarray:
+  values = np.asarray(values, float)
+  return values[np.isfinite(values)] if np.isfinite(values).any() else np.full(1, np.nan)
+
+
+def _stderr(values: np.ndarray) -> float:
+  return float(np.std(values, ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
+
+
+def _rank(result: dict) -> tuple[int, float]:
+  return result["num_diverged"], float(_finite(result["finals"]).mean())
 
 
 def markdown(all_results: dict[str, dict], header: str) -> str:
@@ -152,17 +183,41 @@ def markdown(all_results: dict[str, dict], header: str) -> str:
       f"{results['tuning']['num_problems']} validation contents over "
       f"{len(results['tuning']['learning_rates'])} rates.",
       "",
-      "| optimizer | lr | final loss (mean ± stderr) | median | mean over steps 1..T | diverged |",
+      "| optimizer | lr | final loss, mean ± stderr | median | mean over steps 1..T | diverged |",
       "|---|---|---|---|---|---|",
     ]
-    for r in sorted(results["optimizers"], key=lambda r: r["final_mean"]):
+    for r in sorted(results["optimizers"], key=_rank):
       lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.3g}"
+      finals, runs = _finite(r["finals"]), _finite(r["run_means"])
+      note = f" (of {finals.size} not diverged)" if r["num_diverged"] else ""
       lines.append(
-        f"| {r['name']} | {lr} | {r['final_mean']:.4f} ± {r['final_stderr']:.4f} | "
-        f"{r['final_median']:.4f} | {r['run_mean']:.4f} | {r['num_diverged']} |"
+        f"| {r['name']} | {lr} | {finals.mean():.4f} ± {_stderr(finals):.4f}{note} | "
+        f"{np.median(finals):.4f} | {runs.mean():.4f} | {r['num_diverged']} |"
       )
     lines += ["", verdict(results), ""]
   return "\n".join(lines)
+
+
+def plot_figure8(results: dict, path: str, title: str) -> None:
+  """Figure 8: each optimizer's median loss over the test contents against step, log scale.
+
+  The median, not the mean, so a baseline that diverged on a few contents keeps its curve.
+  """
+  plt = plots.plt
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+  for r in sorted(results["optimizers"], key=_rank):
+    curve = np.asarray(r["median_curve"], float)
+    lr = "" if r["learning_rate"] is None else f" (lr {r['learning_rate']:.2g})"
+    learned = r["kind"] == "learned"
+    ax.plot(curve, "-" if learned else "--", linewidth=2 if learned else 1.2, label=r["name"] + lr)
+  ax.set_yscale("log")
+  ax.set(xlabel="step", ylabel=f"median loss over {results['num_problems']} test contents")
+  ax.set_title(title)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def evaluate(
@@ -222,7 +277,9 @@ def evaluate(
       "task": dict(test_task.config),
       "num_problems": num_problems,
       "num_steps": num_steps,
-      "tuning": {
+      "tuning": previous["tuning"]
+      if previous
+      else {
         "problems": "validation contents",
         "num_problems": tune_problems,
         "learning_rates": rates.tolist(),
@@ -232,7 +289,7 @@ def evaluate(
     }
     os.makedirs(directory, exist_ok=True)
     atomic_write(path, json.dumps(results).encode())
-    plots.plot_curves(results, os.path.join(directory, "curves.png"), title=setting.title)
+    plot_figure8(results, os.path.join(directory, "curves.png"), setting.title)
     everything[setting.name] = results
     log(f"{setting.name}: {results['seconds']:.0f} s\n{compare.format_table(results)}")
   header = (
