@@ -199,6 +199,8 @@ def tune_baseline(
     finals = curves[:, :, -1]
     return np.where(np.all(np.isfinite(finals), axis=1), np.mean(finals, axis=1), np.inf)
 
+  if len(grid) == 1:  # nothing to choose: no sweep
+    return float(grid[0]), {}
   best, scores = coarse_to_fine(evaluate, grid, stride)
   return float(grid[best]), {float(grid[i]): s for i, s in sorted(scores.items())}
 
@@ -264,12 +266,12 @@ def _fingerprint(setting: dict) -> str:
   return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_cache(path: str, fingerprint: str) -> dict | None:
-  """``{name: (summary, Curves)}`` saved for the same setting, else None."""
+def _load_cache(path: str, fingerprint: str, key: str = "fingerprint") -> dict | None:
+  """``{name: (summary, Curves)}`` saved with the same ``key`` fingerprint, else None."""
   if not os.path.isfile(path):
     return None
   with np.load(path, allow_pickle=False) as f:
-    if str(f["fingerprint"]) != fingerprint:
+    if key not in f or str(f[key]) != fingerprint:
       return None
     summaries = json.loads(str(f["summaries"]))
     return {
@@ -277,14 +279,37 @@ def _load_cache(path: str, fingerprint: str) -> dict | None:
     }
 
 
-def _save_cache(path: str, fingerprint: str, found: dict) -> None:
-  arrays = {"fingerprint": np.asarray(fingerprint)}
+def _save_cache(path: str, fingerprint: str, found: dict, problems: str = "") -> None:
+  """Writes ``found``; ``problems`` fingerprints the test problems alone (not the tuning)."""
+  arrays = {"fingerprint": np.asarray(fingerprint), "problems": np.asarray(problems)}
   arrays["summaries"] = np.asarray(json.dumps([s for s, _ in found.values()]))
   for name, (_, curves) in found.items():
     arrays[f"{name}/train"], arrays[f"{name}/test"] = curves.train, curves.test
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
+
+
+def gather(paths: Sequence[str], problems: str) -> dict:
+  """Baselines cached in ``paths`` for the same test problems (fingerprint ``problems``).
+
+  Of several runs of one baseline (e.g. parallel runs at different rates), the one with the
+  lowest mean final loss on the test problems is kept, and its summary lists the rates it was
+  chosen from (a choice made on the test problems, as ``eval.compare`` does when it tunes on
+  them).
+  """
+  gathered: dict[str, list] = {}
+  for path in paths:
+    for name, value in (_load_cache(path, problems, key="problems") or {}).items():
+      gathered.setdefault(name, []).append(value)
+  found = {}
+  for name, values in gathered.items():
+    summary, c = min(values, key=lambda v: v[0]["train_final_mean"])
+    if len(values) > 1:
+      rates = sorted(v[0]["learning_rate"] for v in values)
+      summary = {**summary, "chosen_on_test_problems_from": rates}
+    found[name] = (summary, c)
+  return found
 
 
 def run_experiment(
@@ -296,6 +321,7 @@ def run_experiment(
   tune_problems: int,
   num_steps: int,
   lr_stride: int,
+  lr_exponents: Sequence[int] | None = None,
   seed: int,
   directory: str,
   task_kwargs: dict | None = None,
@@ -322,6 +348,8 @@ def run_experiment(
   task = tasks.get("cifar10_conv", split=experiment.split, **kwargs)
   test_task = tasks.get("cifar10_conv", split=other, **kwargs)
   grid = baselines_lib.paper_learning_rates()
+  if lr_exponents is not None:  # a subset 1e-6 * 2^k of the paper's grid
+    grid = grid[np.asarray(sorted(lr_exponents))]
   task_params, keys = inner_lib.sample_problems(task, compare.problem_key(seed), num_problems)
   tune = inner_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
   optimizers, curves = [], {}
@@ -335,6 +363,7 @@ def run_experiment(
     "num_steps": num_steps,
     "lr_stride": lr_stride,
     "seed": seed,
+    **({} if lr_exponents is None else {"lr_exponents": sorted(lr_exponents)}),
   }
   for name, saved in learned.items():
     # Cached by everything the curves depend on, phi included (its hash).
@@ -377,9 +406,11 @@ def run_experiment(
 
   cache_path = os.path.join(directory, "baselines.npz")
   found = _load_cache(cache_path, _fingerprint(setting)) or {}
-  for path in reuse_from:  # tuned elsewhere (e.g. by parallel runs) for the same setting
-    for name, value in (_load_cache(path, _fingerprint(setting)) or {}).items():
-      found.setdefault(name, value)
+  # Baselines run elsewhere on the same test problems (e.g. parallel runs, each tuned its own
+  # way): of several runs of one baseline, the lowest mean final loss on the test problems wins.
+  problems = _fingerprint({k: setting[k] for k in ("task", "num_problems", "num_steps", "seed")})
+  for name, value in gather(reuse_from, problems).items():
+    found.setdefault(name, value)
   for name in baselines:
     if name in found:
       log(f"{experiment.name} {name}: reused the tuned baseline in {cache_path}")
@@ -402,7 +433,7 @@ def run_experiment(
     )
     found[name] = (summary, c)
     os.makedirs(directory, exist_ok=True)
-    _save_cache(cache_path, _fingerprint(setting), found)
+    _save_cache(cache_path, _fingerprint(setting), found, problems)
     log(
       f"{experiment.name} {name}: lr {rate:.3g} ({len(scores)} rates tuned), final training "
       f"loss {summary['train_final_mean']:.4g} ({time.time() - tic:.0f} s)"
@@ -508,6 +539,14 @@ def markdown(results: dict) -> str:
   ]
   for r in sorted(results["optimizers"], key=lambda r: r["train_final_mean"]):
     lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.3g}"
+    if r.get("chosen_on_test_problems_from"):
+      lr += (
+        " (best on the test problems of "
+        + ", ".join(f"{x:.3g}" for x in r["chosen_on_test_problems_from"])
+        + ")"
+      )
+    elif r["kind"] == "baseline" and not r.get("tuning_scores"):
+      lr += " (not tuned)"
     cells = [
       f"{r[f'{s}_{k}_mean']:.4f} ± {r[f'{s}_{k}_stderr']:.4f}"
       for s in ("train", "test")
@@ -568,6 +607,11 @@ def define_flags():
   flags.DEFINE_integer("tune_problems", 4, "Separate problems the learning rates are tuned on.")
   flags.DEFINE_integer(
     "lr_stride", 1, "1: tune on the whole paper grid; s > 1: every s-th rate, then refine."
+  )
+  flags.DEFINE_list(
+    "lr_exponents",
+    None,
+    "Tune on these k of the paper's grid 1e-6 * 2^k only (default all 30); one k: no tuning.",
   )
   flags.DEFINE_integer("seed", 2016, "Seed of the test problems; tuning uses seed + 1.")
   flags.DEFINE_integer("lr_batch_size", 4, "Learning rates vmapped at once (bounds memory).")
@@ -643,6 +687,7 @@ def main(argv):
       tune_problems=FLAGS.tune_problems,
       num_steps=FLAGS.num_steps,
       lr_stride=FLAGS.lr_stride,
+      lr_exponents=None if FLAGS.lr_exponents is None else [int(k) for k in FLAGS.lr_exponents],
       seed=FLAGS.seed,
       directory=directory,
       task_kwargs=task_kwargs,

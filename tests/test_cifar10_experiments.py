@@ -162,6 +162,21 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
   json.dumps(results)  # results.json is plain JSON
 
 
+def test_gathered_runs_of_a_baseline_keep_the_lowest_final_loss(tmp_path):
+  curves = cx.Curves(np.zeros((2, 3)), np.ones((2, 3)))
+  runs = {"a": (1e-3, 0.9), "b": (4e-3, 0.7), "c": (1.6e-2, 0.8)}
+  for run, (rate, final) in runs.items():
+    summary = {"name": "adam", "learning_rate": rate, "train_final_mean": final}
+    cx._save_cache(str(tmp_path / f"{run}.npz"), "setting", {"adam": (summary, curves)}, "same")
+  cx._save_cache(
+    str(tmp_path / "d.npz"), "s", {"adam": ({**summary, "train_final_mean": 0}, curves)}, "other"
+  )
+  found = cx.gather([str(tmp_path / f"{r}.npz") for r in "abcd"], "same")
+  summary, _ = found["adam"]
+  assert summary["learning_rate"] == 4e-3
+  assert summary["chosen_on_test_problems_from"] == [1e-3, 4e-3, 1.6e-2]
+
+
 def test_learned_specs_are_checked(tmp_path, two_lstms):
   learned_opt.save(str(tmp_path / "opt"), two_lstms.optimizer, two_lstms.meta_params)
   found = cx.parse_learned([f"a={tmp_path / 'opt'}"])
