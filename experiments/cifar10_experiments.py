@@ -514,6 +514,26 @@ def _pm(value: tuple[float, float] | list) -> str:
   return f"{mean:+.4f} ± {stderr:.4f}"
 
 
+def _tuning_text(results: dict) -> str:
+  """How the baselines' rates were chosen, from their summaries (runs may differ)."""
+  t, notes = results["tuning"], []
+  rows = [r for r in results["optimizers"] if r["kind"] == "baseline"]
+  swept = [r for r in rows if r.get("tuning_scores")]
+  if swept:
+    counts = sorted({len(r["tuning_scores"]) for r in swept})
+    notes.append(
+      f"{', '.join(r['name'] for r in swept)} tuned by {t['criterion']} on "
+      f"{t['num_problems']} separate problems (seed {t['seed']}) over "
+      f"{'/'.join(map(str, counts))} rates"
+      + ("" if t["lr_stride"] == 1 else f" (coarse-to-fine, stride {t['lr_stride']})")
+    )
+  if any(r.get("chosen_on_test_problems_from") for r in rows):
+    notes.append("where the lr cell lists rates, the best of those on the test problems")
+  if any(not r.get("tuning_scores") and not r.get("chosen_on_test_problems_from") for r in rows):
+    notes.append("'not tuned': one rate of the grid, chosen by hand")
+  return "; ".join(notes) if notes else "none"
+
+
 def markdown(results: dict) -> str:
   """One experiment's tables: every optimizer, then paired differences of each learned one."""
   t = results["tuning"]
@@ -521,14 +541,9 @@ def markdown(results: dict) -> str:
     f"## {results['experiment']}: {results['title']}",
     "",
     f"{results['num_problems']} test problems (seed {results['seed']}), {results['num_steps']} "
-    f"steps, task `{json.dumps(results['task'])}`. Baselines tuned on {t['num_problems']} "
-    f"separate problems (seed {t['seed']}) by {t['criterion']}, on the paper's grid {t['grid']}"
-    + (
-      ""
-      if t["lr_stride"] == 1
-      else f" swept coarse-to-fine (every {t['lr_stride']}th rate, then the neighbours of the "
-      f"best: {t['rates_swept']} rates over all baselines)"
-    )
+    f"steps, task `{json.dumps(results['task'])}`. Baselines: rates from the paper's grid "
+    f"{t['grid']}, "
+    + _tuning_text(results)
     + ". Loss: mean cross-entropy (nats) on a minibatch of 128 of the "
     f"{results['task']['split']} images (the objective); held out: the same parameters on "
     "the other split's images. Lower is better.",
