@@ -213,6 +213,7 @@ def compare(
     baselines_lib.paper_learning_rates() if learning_rates is None else np.asarray(learning_rates)
   )
   mesh = mesh or sharding.problems_mesh()
+  log = log if distributed.is_writer() else (lambda s: None)  # process 0 reports
   task_params, keys = inner_lib.sample_problems(task, problem_key(seed), num_problems)
   tune = None
   if tune_problems:
