@@ -170,6 +170,22 @@ def make_learned_rollout(task: TaskFamily, optimizer, num_steps: int) -> Callabl
   )
 
 
+def learned_curves(rollout: Callable, data, meta_params, problems, chunk: int | None) -> np.ndarray:
+  """``rollout``'s curves (problems, T + 1), ``chunk`` problems at a time to bound memory.
+
+  A candidate's memory grows with the problems vmapped at once (an MNIST LSTM keeps its state
+  for every coordinate of every problem); ``None`` runs them all at once.
+  """
+  n = problems[1].shape[0]  # (task_params, run keys): one key per problem
+  if not chunk or chunk >= n:
+    return np.asarray(rollout(data, meta_params, *problems))
+  parts = []
+  for start in range(0, n, chunk):
+    part = jax.tree.map(lambda x, s=start: x[s : s + chunk], problems)
+    parts.append(np.asarray(rollout(data, meta_params, *part)))
+  return np.concatenate(parts)
+
+
 def baseline_curves(
   task: TaskFamily,
   name: str,
@@ -220,6 +236,7 @@ def rank(
   baseline_lr: float | None = None,
   rank_by: str = "step",
   lr_batch_size: int | None = None,
+  chunk: int | None = None,
   log=print,
 ) -> dict:
   """Scores every candidate and the tuned baseline on the same held-out problems, best first.
@@ -228,6 +245,7 @@ def rank(
     ``{"task", "num_problems", "num_steps", "step", "seed", "rank_by", "baseline": {...},
     "candidates": [{"rank", "name", "kind", "source", "meta_step", **score(...)}, ...]}``,
     sorted by ``rank_by`` (a candidate with a diverged problem ranks after every finite one).
+    ``chunk`` problems at a time run a candidate (``None``: all at once); results do not change.
   """
   step = num_steps if step is None else step
   check_settings(baseline, num_problems, num_steps, step, tune_problems, rank_by)
@@ -251,7 +269,7 @@ def rank(
     key = json.dumps(dict(c.saved.optimizer.config), sort_keys=True, default=str)
     if key not in rollouts:
       rollouts[key] = make_learned_rollout(task, c.saved.optimizer, num_steps)
-    curves = np.asarray(rollouts[key](task.data, c.saved.meta_params, *problems))
+    curves = learned_curves(rollouts[key], task.data, c.saved.meta_params, problems, chunk)
     row = {"name": c.name, "kind": kind(c), "source": c.source, "meta_step": c.meta_step}
     row.update(score(curves, base, step))
     rows.append(row)
@@ -392,6 +410,9 @@ def define_flags():
   flags.DEFINE_integer("seed", 7, "Seed of the ranking problems (not eval.evaluate's 2016/2017).")
   flags.DEFINE_integer("tune_problems", 16, "Problems (seed + 1) for the baseline's grid; 0: same.")
   flags.DEFINE_integer("lr_batch_size", 0, "Learning rates vmapped at once (0: all 30).")
+  flags.DEFINE_integer(
+    "problem_batch_size", 0, "Problems a learned optimizer runs at once (bounds memory; 0: all)."
+  )
   flags.DEFINE_string("output_dir", None, "Where ranking.md and ranking.json go.")
 
 
@@ -432,6 +453,7 @@ def main(argv):
     baseline_lr=FLAGS.baseline_lr,
     rank_by=FLAGS.rank_by,
     lr_batch_size=FLAGS.lr_batch_size or None,
+    chunk=FLAGS.problem_batch_size or None,
     log=lambda s: print(s, flush=True),
   )
   os.makedirs(FLAGS.output_dir, exist_ok=True)

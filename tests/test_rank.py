@@ -100,6 +100,7 @@ def test_the_command_ranks_by_paired_differences_to_the_baseline(run, tmp_path):
     "--num_steps=10",
     "--step=6",
     "--seed=11",
+    "--problem_batch_size=4",  # 4 + 2: chunks must not change the numbers checked below
   )
   assert result.returncode == 0, result.stderr[-2000:]
   ranking = json.loads((out / "ranking.json").read_text())
