@@ -100,15 +100,22 @@ class _Reporter:
         "validated optimizer, if one was saved, is there too."
       )
 
+  def restart_clock(self, done: int) -> None:
+    """Times the next rate from here: a rate excludes compiling and validation."""
+    self.tic, self.tic_step = time.time(), done
+
   def progress(self, done: int, metrics: meta_step.StepMetrics) -> None:
     metrics = jax.device_get(metrics)
     total = self.config.total_steps
     rate = (done - self.tic_step) / max(time.time() - self.tic, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
+    if done > self.tic_step:
+      speed = f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step"
+      timing = f"{speed}  ETA {_duration((total - done) / max(rate, 1e-9))}"
+    else:
+      rate, timing = None, "timing from the next report"
     self.log(
       f"step {done}/{total}  meta-loss {float(metrics.meta_loss):.4g}  "
-      f"final f {float(metrics.final_loss):.4g}  |grad| {float(metrics.grad_norm):.3g}  "
-      f"{rate:.1f} steps/s  ETA {eta:.0f}s"
+      f"final f {float(metrics.final_loss):.4g}  |grad| {float(metrics.grad_norm):.3g}  {timing}"
     )
     record = {
       "step": done,
@@ -118,7 +125,16 @@ class _Reporter:
       "steps_per_sec": rate,
     }
     self.append(record)
-    self.tic, self.tic_step = time.time(), done
+    self.restart_clock(done)
+
+
+def _duration(seconds: float) -> str:
+  """``3725.0 -> "1:02:05"``, ``42.0 -> "42s"``."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def end_epoch(
@@ -285,9 +301,15 @@ def train(
       host = run_dir.host_record(progress, run_dir.metrics_lines(metrics_path))
       checkpoint.save(ckpt_dir, int(state.step), host_state, host, config.keep_checkpoints)
 
-  for step in range(int(state.step), config.total_steps):
+  first = int(state.step)
+  for step in range(first, config.total_steps):
     state, metrics = train_step(state, data)
     done = step + 1
+    if step == first:  # the first call compiles: time the rate and ETA from its end
+      tic = reporter.tic
+      jax.block_until_ready(state.step)
+      log(f"compiled and ran meta-step {done} in {time.time() - tic:.1f}s")
+      reporter.restart_clock(done)
     epoch_end = done % config.steps_per_epoch == 0
     if done % config.log_every == 0 or done == config.total_steps:
       reporter.skips(state)
@@ -309,6 +331,7 @@ def train(
       save_checkpoint(state, progress)  # once, with the early-stopping decision in it
       if progress.early_stopped:
         break
+      reporter.restart_clock(done)  # validation is not meta-training time
     elif done % config.checkpoint_every == 0:
       reporter.skips(state)
       save_checkpoint(state, progress)
