@@ -21,6 +21,7 @@ import time
 from typing import NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -201,7 +202,8 @@ def markdown(all_results: dict[str, dict], header: str) -> str:
 def plot_figure8(results: dict, path: str, title: str) -> None:
   """Figure 8: each optimizer's median loss over the test contents against step, log scale.
 
-  The median, not the mean, so a baseline that diverged on a few contents keeps its curve.
+  The median, not the mean, so a baseline that diverged on a few contents keeps its curve;
+  the y-axis is cut a little above the loss at theta_0 (a baseline's early spike can leave it).
   """
   plt = plots.plt
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
@@ -211,6 +213,10 @@ def plot_figure8(results: dict, path: str, title: str) -> None:
     learned = r["kind"] == "learned"
     ax.plot(curve, "-" if learned else "--", linewidth=2 if learned else 1.2, label=r["name"] + lr)
   ax.set_yscale("log")
+  # Zoom in as the paper does: from the lowest loss to a little above the loss at theta_0.
+  curves = [np.asarray(r["median_curve"], float) for r in results["optimizers"]]
+  low = min(float(np.nanmin(c)) for c in curves)
+  ax.set_ylim(0.95 * low, 1.5 * max(float(c[0]) for c in curves))
   ax.set(xlabel="step", ylabel=f"median loss over {results['num_problems']} test contents")
   ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
@@ -350,29 +356,48 @@ def styled_figure(saved, train_kwargs, setting, output_dir, num, num_steps, adam
   return path
 
 
+def trajectory_gradients(task, tx, data, task_params, key, num_steps: int) -> jax.Array:
+  """Flattened gradients (num_steps, parameters) along ``tx``'s trajectory from ``key``.
+
+  The trajectory of ``eval.visualize.trace_updates`` with the same arguments (same keys).
+  """
+  init_key, data_key = jax.random.split(key)
+  state = inner_lib.start(task, tx, data, task_params, init_key, data_key)
+
+  def body(state, _):
+    _, grads = inner_lib.gradient(task, data, state)
+    return inner_lib.apply(tx, state, grads), jax.flatten_util.ravel_pytree(grads)[0]
+
+  return jax.lax.scan(body, state, length=num_steps)[1]
+
+
 def update_figures(saved, train_kwargs, output_dir, num_steps, sgd_lr, adam_lr, coordinates):
-  """Figures 9 and 10 (Appendix C) for each coordinate on the first test content; PNG paths."""
+  """Figures 9 and 10 (Appendix C) for each coordinate on the first test content; PNG paths.
+
+  Each coordinate's gradients are probed over twice the largest gradient it sees along the
+  LSTM's trajectory (the paper's +-400 is in the units of its own loss, not ours).
+  """
   task = setting_task(train_kwargs, SETTINGS[0], "test", 1)
   params = jax.tree.map(lambda x: x[0], neural_art.problems_in_order(task, 1))
   key = run_keys(1)[0]
-  theta = task.init(task.data, params, key)
-  scale = float(
-    jnp.max(jnp.abs(jax.grad(task.loss, argnums=2)(task.data, params, theta, key)["image"]))
-  )
-  grid = jnp.linspace(-2 * scale, 2 * scale, 101)
   optimizers = {
     "LSTM": learned_opt.as_optax(saved),
     "ADAM": baselines_lib.BASELINES["adam"](adam_lr),
     "SGD": baselines_lib.BASELINES["sgd"](sgd_lr),
   }
+  seen = jax.jit(
+    lambda d, p, k: trajectory_gradients(task, optimizers["LSTM"], d, p, k, num_steps)
+  )(task.data, params, key)
   paths = []
   for coordinate in coordinates:
+    largest = float(jnp.max(jnp.abs(seen[:, coordinate])))
+    grid = jnp.linspace(-2 * largest, 2 * largest, 101)
     run = jax.jit(
-      lambda d, p, k, c=coordinate: visualize.trace_updates(
-        task, optimizers, "LSTM", d, p, k, num_steps, c, grid
+      lambda d, p, k, g, c=coordinate: visualize.trace_updates(
+        task, optimizers, "LSTM", d, p, k, num_steps, c, g
       )
     )
-    traces = run(task.data, params, key)
+    traces = run(task.data, params, key, grid)
     path = os.path.join(output_dir, f"updates_coordinate{coordinate}.png")
     visualize.plot_traces(traces, path, steps=(0, 1, num_steps // 2, num_steps - 1))
     atomic_write(
