@@ -228,14 +228,15 @@ def put(tree, sharding):
 def to_host(tree):
   """Every leaf as numpy on every process (keys as their uint32 key data).
 
-  Arrays whose shards all live in this process are read directly; others are all-gathered
-  first, which every process must call together.
+  Arrays whose shards all live in this process are read directly; others are first gathered
+  by one jitted copy onto every device (an all-gather every process must call together).
   """
-  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+  leaves = jax.tree.leaves(tree)
+  if all(getattr(x, "is_fully_addressable", True) for x in leaves):
     return jax.tree.map(_host_leaf, tree)
-  return jax.tree.map(
-    _host_leaf, multihost_utils.process_allgather(jax.tree.map(_key_data, tree), tiled=True)
-  )
+  mesh = next(x.sharding.mesh for x in leaves if not x.is_fully_addressable)
+  gather = jax.jit(lambda t: jax.tree.map(_key_data, t), out_shardings=replicated(mesh))
+  return jax.tree.map(_host_leaf, gather(tree))
 
 
 def _key_data(leaf):
