@@ -90,13 +90,14 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   preset = FLAGS.preset or (config.task if config.task in presets.PRESETS else presets.NONE)
-  # Everything the job reports goes to stdout, progress included.
-  print(
-    f"Config (preset {preset}, flags given override it; saved as config.json):\n"
-    f"{config.to_json()}\nMeta-step: {config.num_problems} problems x {config.unroll} steps, "
-    f"about {memory.in_words(estimate.total_bytes)}.",
-    flush=True,
-  )
+  # Everything the job reports goes to stdout, progress included; process 0 reports.
+  if distributed.is_writer():
+    print(
+      f"Config (preset {preset}, flags given override it; saved as config.json):\n"
+      f"{config.to_json()}\nMeta-step: {config.num_problems} problems x {config.unroll} steps, "
+      f"about {memory.in_words(estimate.total_bytes)}.",
+      flush=True,
+    )
   try:
     with distributed.use_mesh(distributed.global_mesh()):  # every device of every process
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
