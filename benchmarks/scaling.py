@@ -34,8 +34,8 @@ flags.DEFINE_string("one", None, "Internal: 'DEVICES,PROCESSES,PROCESS_ID,COORDI
 FLAGS = flags.FLAGS
 
 
-def measure(num_problems: int, repeats: int) -> dict:
-  """Times the meta-step in this process on every device of every process."""
+def measure(num_problems: int, repeats: int, count: int) -> dict:
+  """Times the meta-step on ``count`` devices (one process) or every device of every process."""
   import jax  # noqa: PLC0415 (after jax.distributed started)
 
   from train import distributed, meta_step, trainer  # noqa: PLC0415
@@ -43,7 +43,7 @@ def measure(num_problems: int, repeats: int) -> dict:
 
   config = MetaTrainConfig(output_dir="unused", num_problems=num_problems)
   task, optimizer = trainer.build(config)
-  mesh = distributed.global_mesh()
+  mesh = distributed.global_mesh(jax.devices()[:count] if jax.process_count() == 1 else None)
   distributed.check_divides(num_problems, mesh, "num_problems")
   if mesh.devices.size == 1 and jax.process_count() == 1:  # the trainer's one-device path
     mesh, data = None, task.data
@@ -63,7 +63,7 @@ def measure(num_problems: int, repeats: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - tic)
   seconds = statistics.median(times)
-  devices = jax.device_count()
+  devices = mesh.devices.size if mesh is not None else 1
   return {
     "devices": devices,
     "processes": jax.process_count(),
@@ -119,13 +119,13 @@ def run_count(devices: int, processes: int) -> dict:
 def main(argv):
   del argv
   if FLAGS.one:
-    _, processes, process_id, address = FLAGS.one.split(",")
+    count, processes, process_id, address = FLAGS.one.split(",")
     if int(processes) > 1:
       import jax  # noqa: PLC0415
 
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       jax.distributed.initialize(address, int(processes), int(process_id))
-    print(json.dumps(measure(FLAGS.num_problems, FLAGS.repeats)))
+    print(json.dumps(measure(FLAGS.num_problems, FLAGS.repeats, int(count))))
     return
   results = []
   print(
