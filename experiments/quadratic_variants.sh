@@ -12,8 +12,9 @@
 # (the default became 3e-3 in commit 9f34568), 128 problems per meta-step, unrolls of 20 of a
 # 100-step horizon, 128 validation problems, seed 0, the sum objective (w_t = 1), a constant
 # meta learning rate, no meta-gradient clip; evaluation on 256 problems of seed 2016 for 100
-# steps. Extra flags come after the pinned ones and so override them (round 2 passes
-# --meta_grad_clip=10). A rerun also tunes NAG, which the committed tables predate.
+# steps; --preset=none keeps a task preset from filling anything in. Extra flags come after the
+# pinned ones and so override them (round 2 passes --meta_grad_clip=10). A rerun also tunes
+# NAG, which the committed tables predate.
 set -euo pipefail
 OUT=${1:-runs/quadratic_variants}
 shift || true
@@ -29,7 +30,8 @@ for variant in "${VARIANTS[@]}"; do
     continue
   fi
   start=$(date +%s)
-  python -m train.meta_train --task=quadratic --optimizer="$variant" --output_dir="$dir" \
+  python -m train.meta_train --preset=none --task=quadratic --optimizer="$variant" \
+    --output_dir="$dir" \
     --num_epochs="$EPOCHS" --steps_per_epoch="$STEPS_PER_EPOCH" --log_every=100 \
     --meta_lr=1e-3 --meta_lr_schedule=constant --num_problems=128 --unroll=20 --horizon=100 \
     --valid_problems=128 --seed=0 --meta_objective=sum --meta_grad_clip=0 "$@"
