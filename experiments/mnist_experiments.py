@@ -5,8 +5,7 @@ Example:
     --checkpoint=runs/mnist_base --output_dir=runs/mnist_experiments
 
 Each experiment runs a trained optimizer and the seven baselines (NAG among them) on the same fresh
-problems; every
-baseline's learning rate is re-tuned for that very setting over the paper's grid
+problems; every baseline's learning rate is re-tuned for that very setting over the paper's grid
 (1e-6 * 2^k, k < 30). With ``--tune_problems=N > 0`` the grid is swept on N separate tuning
 problems and the chosen rate is then run on the test problems (the whole grid on 64 test problems
 is out of reach of a 2-core CPU); ``--tune_problems=0`` sweeps the grid on the test problems, as
