@@ -413,7 +413,7 @@ def run_experiment(
     found.setdefault(name, value)
   for name in baselines:
     if name in found:
-      log(f"{experiment.name} {name}: reused the tuned baseline in {cache_path}")
+      log(f"{experiment.name} {name}: reused the tuned baseline (cache or --reuse_from)")
       continue
     tic = time.time()
     rate, scores = tune_baseline(task, name, grid, lr_stride, tune, num_steps, lr_batch_size)
