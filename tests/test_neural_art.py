@@ -228,3 +228,14 @@ def test_content_splits_are_disjoint_and_errors_are_clear(files, tmp_path, monke
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "no_tfds"))
     art_images.content_pool("cifar10", "train", SIZE, 4)
+
+
+def test_shipped_optimizer_records_its_training():
+  import learned_opt
+
+  saved = learned_opt.pretrained("neural_art")
+  metadata = learned_opt.shipped.metadata("neural_art")
+  assert saved.optimizer.config["preprocess"] == "log_sign"
+  assert metadata["task"] == "neural_art" and metadata["task_kwargs"]["size"] == 32
+  assert metadata["run_config"]["unroll"] == 32 and metadata["run_config"]["horizon"] == 128
+  assert metadata["docs"] == "docs/neural_art.md" and "command" in metadata
