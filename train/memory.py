@@ -8,7 +8,6 @@ inputs (``jax.make_jaxpr``: no compile, no allocation) and sums the residuals it
 refuses a run whose estimate exceeds the memory available, naming the flag to lower.
 """
 
-import functools
 import math
 import os
 from typing import NamedTuple
@@ -17,7 +16,7 @@ import jax
 
 from learned_opt.base import LearnedOptimizer
 from tasks.base import TaskFamily
-from train import presets
+from train import meta_step, presets
 from train import unroll as unroll_lib
 from train.config import MetaTrainConfig
 
@@ -72,15 +71,7 @@ def residual_bytes(
     task.data,
     key,
   )
-  loss_fn = functools.partial(
-    unroll_lib.meta_loss,
-    task=task,
-    optimizer=optimizer,
-    num_steps=config.unroll,
-    second_order=config.second_order,
-    objective=config.meta_objective,
-    horizon=config.horizon,
-  )
+  loss_fn = meta_step.meta_loss_fn(config, task, optimizer)
 
   def backward_pass(phi, inner, data):
     _, vjp = jax.vjp(lambda p: loss_fn(p, inner, data)[0], phi)

@@ -142,15 +142,13 @@ def init_sharded_state(config, task, optimizer, data, mesh) -> TrainState:
   return jax.jit(build, out_shardings=shardings)(data)
 
 
-def make_train_step(config, task, optimizer, mesh=None) -> Callable:
-  """``(state, data) -> (state, metrics)``: one truncated-BPTT meta-step; skips non-finite ones.
+def meta_loss_fn(config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOptimizer):
+  """``unroll.meta_loss`` with the config's unroll, objective and horizon.
 
-  Jit it with ``donate_argnums=0`` and pass ``task.data`` as ``data`` (or use ``jit_train_step``).
-  With a ``mesh``, problems drawn inside the step are constrained to the problems sharding.
+  Returns:
+    ``(phi, inner, data) -> (loss, (losses, inner))``, as ``unroll.meta_loss``.
   """
-  meta_opt = meta_optimizer(config)
-  truncations = config.horizon // config.unroll
-  loss_fn = functools.partial(
+  return functools.partial(
     unroll_lib.meta_loss,
     task=task,
     optimizer=optimizer,
@@ -159,6 +157,17 @@ def make_train_step(config, task, optimizer, mesh=None) -> Callable:
     objective=config.meta_objective,
     horizon=config.horizon,
   )
+
+
+def make_train_step(config, task, optimizer, mesh=None) -> Callable:
+  """``(state, data) -> (state, metrics)``: one truncated-BPTT meta-step; skips non-finite ones.
+
+  Jit it with ``donate_argnums=0`` and pass ``task.data`` as ``data`` (or use ``jit_train_step``).
+  With a ``mesh``, problems drawn inside the step are constrained to the problems sharding.
+  """
+  meta_opt = meta_optimizer(config)
+  truncations = config.horizon // config.unroll
+  loss_fn = meta_loss_fn(config, task, optimizer)
   fresh = functools.partial(fresh_problems, config, task, optimizer)
   if mesh is not None:
     split = distributed.problems_sharding(mesh)
