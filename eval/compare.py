@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 import learned_opt
 from eval import baselines as baselines_lib
-from eval import sharding
+from eval import sharding, stats
 from tasks.base import Data, TaskFamily
 from train import distributed
 from train import inner as inner_lib
@@ -29,7 +29,6 @@ def problem_key(seed: int) -> jax.Array:
 def summarize(name: str, kind: str, curves: np.ndarray, learning_rate: float | None) -> dict:
   """One optimizer's results from its loss curves shaped (problems, steps + 1)."""
   finals = curves[:, -1]
-  n = finals.shape[0]
   return {
     "name": name,
     "kind": kind,
@@ -37,7 +36,7 @@ def summarize(name: str, kind: str, curves: np.ndarray, learning_rate: float | N
     "mean_curve": np.mean(curves, axis=0).tolist(),
     "median_curve": np.median(curves, axis=0).tolist(),
     "final_mean": float(np.mean(finals)),
-    "final_stderr": float(np.std(finals, ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+    "final_stderr": stats.stderr(finals),
     "final_median": float(np.median(finals)),
     "num_diverged": int(np.sum(~np.isfinite(finals))),
     "finals": finals.tolist(),  # per problem, in problem order: for paired comparisons

@@ -31,6 +31,7 @@ from absl import app, flags
 import learned_opt
 from eval import baselines as baselines_lib
 from eval import compare, run_config, sharding
+from eval.stats import paired, stderr
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
@@ -128,12 +129,6 @@ def unique_names(candidates: list[Candidate]) -> list[Candidate]:
   return out
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-  """Mean and standard error of ``a - b`` over the same problems (shapes (problems,))."""
-  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-  return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(d.size))
-
-
 def score(curves: np.ndarray, baseline_curves: np.ndarray, step: int) -> dict:
   """Loss at ``step`` and mean over steps 1..T, each with its paired difference to the baseline.
 
@@ -142,8 +137,6 @@ def score(curves: np.ndarray, baseline_curves: np.ndarray, step: int) -> dict:
   """
   at_step, run_mean = curves[:, step], np.mean(curves[:, 1:], axis=1)
   base_step, base_mean = baseline_curves[:, step], np.mean(baseline_curves[:, 1:], axis=1)
-  n = curves.shape[0]
-  stderr = lambda x: float(np.std(x, ddof=1) / math.sqrt(n))
   step_diff, run_diff = paired(at_step, base_step), paired(run_mean, base_mean)
   return {
     "step_loss": float(np.mean(at_step)),

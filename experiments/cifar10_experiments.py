@@ -53,6 +53,7 @@ import learned_opt
 import tasks
 from eval import baselines as baselines_lib
 from eval import compare
+from eval.stats import paired
 from learned_opt import tree_files
 from learned_opt.tree_files import atomic_write
 from train import inner as inner_lib
@@ -207,12 +208,6 @@ def tune_baseline(
 
 # ---------------------------------------------------------------------------------------------
 # Statistics.
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-  """Mean and standard error of ``a - b`` over problems (same test problems in both)."""
-  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-  return float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
 
 
 def run_mean(curves: np.ndarray) -> np.ndarray:

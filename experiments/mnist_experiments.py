@@ -26,6 +26,7 @@ import learned_opt
 import tasks
 from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
+from eval.stats import paired
 from learned_opt.tree_files import atomic_write
 
 
@@ -116,9 +117,7 @@ def verdict(results: dict) -> str:
   """
   learned = [r for r in results["optimizers"] if r["kind"] == "learned"][0]
   best = min((r for r in results["optimizers"] if r["kind"] == "baseline"), key=_final)
-  differences = np.asarray(learned["finals"]) - np.asarray(best["finals"])
-  margin = float(np.mean(differences))
-  stderr = float(np.std(differences, ddof=1) / np.sqrt(differences.size))
+  margin, stderr = paired(learned["finals"], best["finals"])
   if abs(margin) <= 2 * stderr:
     outcome = "ties (paired difference within two stderrs) with"
   else:
@@ -126,7 +125,8 @@ def verdict(results: dict) -> str:
   return (
     f"LSTM {outcome} the best tuned baseline ({best['name']}, lr {best['learning_rate']:.3g}): "
     f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (paired difference LSTM - "
-    f"{best['name']} {margin:+.4f} ± {stderr:.4f} over {differences.size} shared test problems)."
+    f"{best['name']} {margin:+.4f} ± {stderr:.4f} over {len(learned['finals'])} shared test "
+    "problems)."
   )
 
 

@@ -22,6 +22,7 @@ from absl import app, flags
 import learned_opt
 from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
+from eval.stats import paired
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 
@@ -84,12 +85,6 @@ def _machine_words(machine: dict | None) -> str:
   if not machine:
     return "a machine the run did not record"
   return f"{machine['cpu_count']} CPU cores ({machine['processor']}), devices {machine['devices']}"
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-  """Mean and standard error of ``a - b`` over the same problems."""
-  d = a - b
-  return float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(d.size))
 
 
 def markdown(results: dict, budgets: dict, comparisons: dict) -> str:
