@@ -190,6 +190,8 @@ def test_missing_weights_say_how_to_get_them(files, monkeypatch, tmp_path):
 
 
 def test_hdf5_layouts_read_like_npz(tmp_path):
+  # h5py is the optional `art` extra; the core install (and CI) lacks it, and what a user
+  # without it sees is tested in test_missing_weights_say_how_to_get_them.
   h5py = pytest.importorskip("h5py")
   weights = tiny_weights()
   hed, plain = str(tmp_path / "hed.weights.h5"), str(tmp_path / "plain.h5")
