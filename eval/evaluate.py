@@ -48,7 +48,7 @@ flags.DEFINE_integer("num_steps", 100, "Optimization steps per problem.")
 flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
 flags.DEFINE_integer("lr_batch_size", 0, "Learning rates vmapped at once (0: all 30).")
 flags.DEFINE_string("output_dir", None, "Required. Where results.json and curves.png go.")
-distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
+distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
 
 FLAGS = flags.FLAGS
 
@@ -61,6 +61,7 @@ def main(argv):
       raise app.UsageError(f"--{flag} must be positive, got {FLAGS[flag].value}.")
   try:
     distributed.initialize_from_flags()  # before any JAX computation
+    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
     run_config.check_output_dir(FLAGS.output_dir)
     specs = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
     learned = run_config.load_all(specs)
@@ -78,7 +79,8 @@ def main(argv):
     num_steps=FLAGS.num_steps,
     seed=FLAGS.seed,
     lr_batch_size=FLAGS.lr_batch_size or None,
-  )  # problems split over every device of every process (eval.sharding)
+    mesh=mesh,
+  )  # problems split over the mesh's devices of every process (eval.sharding)
   if not distributed.is_writer():
     return  # process 0 writes and prints
   os.makedirs(FLAGS.output_dir, exist_ok=True)

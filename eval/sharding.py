@@ -3,7 +3,8 @@
 Sweeps vectorize first (vmap over problems, seeds, learning rates) and shard second: placing the
 inputs with a ``NamedSharding`` lets ``jax.jit`` partition the one computation across devices,
 with no change to the math. The mesh is ``train.distributed``'s global one (every device of every
-process), or in one process as few of its devices as keep the problems per device (``fit_mesh``).
+process, or the command line's ``--num_devices``), or in one process as few of its devices as
+keep the problems per device (``fit_mesh``).
 A problem count that does not divide over the devices is padded with copies of the last problem
 (``place_problems``), whose results are dropped: problems never interact in a sweep, so the kept
 results are those of the unpadded run.
@@ -19,7 +20,13 @@ AXIS = distributed.AXIS
 
 
 def problems_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: all of every process) whose axis is ``problems``."""
+  """A 1-D mesh over ``devices`` whose axis is ``problems``.
+
+  Default: the mesh of an enclosing ``distributed.use_mesh`` block (a command line's, e.g. of
+  ``--num_devices`` devices), else every device of every process.
+  """
+  if devices is None and distributed.current_mesh() is not None:
+    return distributed.current_mesh()
   return distributed.global_mesh(devices)
 
 

@@ -9,11 +9,13 @@ only starts the processes' runtime, builds the mesh, and moves trees between a h
 * ``define_flags`` / ``initialize_from_flags``: ``--coordinator_address``, ``--num_processes``,
   ``--process_id`` and ``--distributed``; with no flags, ``jax.distributed.initialize`` is called
   where JAX detects a cluster by itself (Cloud TPU pod slices, SLURM, Open MPI, ...).
+* ``mesh_from_flags``: the global mesh over ``--num_devices`` devices (default: all of them),
+  an equal share of each process's own.
 * ``put``: a host tree (the same on every process) as global arrays with a given sharding.
 * ``to_host``: global arrays as numpy on every process (an all-gather when they are sharded over
   processes).
 * ``broadcast_bytes``: process 0's bytes on every process (for what only process 0 reads, such
-  as the checkpoint a run resumes from).
+  as the checkpoint a run resumes from); ``read_on_writer``: a file as process 0 reads it.
 """
 
 import contextlib
@@ -65,6 +67,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     "auto: start jax.distributed when the flags above are given or JAX detects a cluster with "
     "more than one process; on: always (JAX detects what the flags leave unset); off: one "
     "process.",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    "num_devices",
+    None,
+    "Devices of the mesh: the first --num_devices / --num_processes of each process's own "
+    "(a multiple of the process count). Default: every device of every process.",
     flag_values=flag_values,
   )
 
@@ -144,6 +153,43 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def select_devices(num_devices: int | None, devices=None) -> list:
+  """The first ``num_devices / processes`` devices of each process (``None``: all of them).
+
+  Args:
+    num_devices: how many devices in all; a multiple of the process count with at most as many
+      per process as the process with the fewest devices has.
+    devices: every device of every process, in ``jax.devices()`` order (the default).
+
+  Raises:
+    ValueError: naming ``--num_devices`` and the values that fit.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices is None:
+    return devices
+  valid = fitting_device_counts(devices)
+  processes = valid[0]
+  if num_devices not in valid:
+    shown = ", ".join(map(str, valid[:8])) + (f", ..., {valid[-1]}" if len(valid) > 8 else "")
+    raise ValueError(
+      f"--num_devices={num_devices} does not fit the {len(devices)} visible devices of "
+      f"{processes} process(es): it must be a positive multiple of the process count, taking "
+      f"as many devices from each process. Use one of --num_devices={shown}."
+    )
+  share, taken = num_devices // processes, {}
+  chosen = []
+  for device in devices:
+    taken[device.process_index] = taken.get(device.process_index, 0) + 1
+    if taken[device.process_index] <= share:
+      chosen.append(device)
+  return chosen
+
+
+def mesh_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Mesh:
+  """``global_mesh`` over ``select_devices(--num_devices)``; call after ``initialize``."""
+  return global_mesh(select_devices(flag_values.num_devices))
+
+
 def global_mesh(devices=None) -> Mesh:
   """A 1-D mesh named ``problems`` over ``devices`` (default: every device of every process).
 
@@ -179,18 +225,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_divides(count: int, mesh: Mesh, flag: str) -> None:
-  """Raises ``MeshError`` naming ``flag`` if ``count`` problems do not split evenly on ``mesh``."""
+def check_divides(count: int, mesh: Mesh, flag: str, others: dict[str, int] | None = None) -> None:
+  """Raises ``MeshError`` naming ``flag`` if ``count`` problems do not split evenly on ``mesh``.
+
+  The message suggests counts that divide, and the ``--num_devices`` values under which
+  ``count`` and the ``others`` counts (``{flag: count}``, e.g. the validation problems) all
+  divide.
+  """
   size = mesh.devices.size
   if count % size:
     lower, upper = count // size * size, -(-count // size) * size
     choices = f"--{flag}={upper}" + (f" or --{flag}={lower}" if lower else "")
+    counts = [count, *(others or {}).values()]
+    fits = lambda k: k < size and all(c % k == 0 for c in counts)
+    fewer = [k for k in reversed(fitting_device_counts()) if fits(k)]
+    devices = (
+      f"--num_devices={' or --num_devices='.join(map(str, fewer[:3]))}"
+      if fewer
+      else "--num_devices (a multiple of the process count)"
+    )
     raise MeshError(
       f"--{flag}={count} does not divide over the {size} devices of the mesh "
       f"({jax.process_count()} process(es)); each device must hold as many problems. Use "
-      f"{choices}, or run on fewer devices (e.g. CUDA_VISIBLE_DEVICES, or "
-      "--xla_force_host_platform_device_count for faked CPU devices)."
+      f"{choices}, or run on fewer devices: {devices}."
     )
+
+
+def fitting_device_counts(devices=None) -> list[int]:
+  """The ``--num_devices`` values ``select_devices`` accepts, smallest first."""
+  counts: dict[int, int] = {}
+  for device in jax.devices() if devices is None else devices:
+    counts[device.process_index] = counts.get(device.process_index, 0) + 1
+  return [len(counts) * k for k in range(1, min(counts.values()) + 1)]
 
 
 def _host_leaf(leaf):
@@ -243,6 +309,23 @@ def _key_data(leaf):
   if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(leaf)
   return leaf
+
+
+def read_on_writer(path: str) -> bytes | None:
+  """The file at ``path`` as process 0 sees it (None if it has none), on every process.
+
+  For what a command reads back from its own output (a cache, earlier results): only process 0
+  writes those, so the other processes take its copy and every process decides alike. All
+  processes call it together.
+  """
+  data = None
+  if is_writer() and os.path.isfile(path):
+    with open(path, "rb") as f:
+      data = f.read()
+  if jax.process_count() == 1:
+    return data
+  sent = broadcast_bytes(b"0" if data is None else b"1" + data)  # 1: present, 0: missing
+  return sent[1:] if sent[:1] == b"1" else None
 
 
 def broadcast_bytes(data: bytes | None) -> bytes:

@@ -44,7 +44,7 @@ def _define(field: dataclasses.Field) -> None:
 for _field in _FIELDS.values():
   _define(_field)
 
-distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
+distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
 flags.DEFINE_string(
   "preset",
   None,
@@ -81,11 +81,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     distributed.initialize_from_flags()  # before any JAX computation
+    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
     config = config_from_flags()
     with config_lib.removed_if_start_fails(config.output_dir):  # no empty folder left behind
       run_dir.check_output_tree(config)
       task, optimizer = trainer.build(config)  # Task settings (e.g. no data) fail here, early.
-      accelerators = jax.device_count() if jax.devices()[0].platform != "cpu" else 1
+      accelerators = mesh.devices.size if jax.devices()[0].platform != "cpu" else 1
       estimate = memory.check(config, task, optimizer, devices=accelerators)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
@@ -99,7 +100,10 @@ def main(argv):
       flush=True,
     )
   try:
-    with distributed.use_mesh(distributed.global_mesh()):  # every device of every process
+    counts = {"num_problems": config.num_problems, "valid_problems": config.valid_problems}
+    for flag, count in counts.items():
+      distributed.check_divides(count, mesh, flag, counts)
+    with distributed.use_mesh(mesh):
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
   except (run_dir.RunDirError, distributed.MeshError) as e:  # before compiling
     raise app.UsageError(str(e) + config_lib.resume_hint(config)) from e
