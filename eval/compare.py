@@ -135,6 +135,19 @@ def run_baseline(
   return summary
 
 
+def learned_rollout(task: TaskFamily, optimizer, num_steps: int) -> Callable:
+  """``(data, phi, task_params, keys) -> losses (problems, num_steps + 1)`` through ``as_optax``.
+
+  One jitted function: optimizers of one config (a run's checkpoints) share it, and so one
+  compile per problem-chunk shape and mesh, when it is passed to ``learned_curves``.
+  """
+  return jax.jit(
+    lambda data, phi, p, k: inner_lib.rollout_batch(
+      task, learned_opt.as_optax(optimizer, phi), data, p, k, num_steps
+    )
+  )
+
+
 def learned_curves(
   task: TaskFamily,
   saved: learned_opt.SavedOptimizer,
@@ -142,25 +155,33 @@ def learned_curves(
   keys,
   num_steps: int,
   mesh: Mesh | None = None,
+  problem_batch_size: int | None = None,
+  rollout: Callable | None = None,
 ) -> np.ndarray:
   """Loss curves shaped (problems, num_steps + 1) of a trained optimizer, through ``as_optax``.
 
   Problems split over ``mesh`` as in ``sweep``; phi replicated.
+
+  Args:
+    problem_batch_size: problems run at once, the rest in further chunks of as many, to bound
+      memory (a coordinatewise LSTM keeps its state for every coordinate of every problem);
+      ``None`` runs them all at once. Problems never interact: the curves do not change.
+    rollout: ``learned_rollout(task, saved.optimizer, num_steps)``, to reuse its compiles;
+      default: a new one.
   """
-  problems = (task_params, keys)
-  (task_params, keys), count, mesh = sharding.place_problems(
-    problems, mesh or sharding.problems_mesh()
-  )
-  whole = distributed.replicated(mesh)
-  run = jax.jit(
-    lambda data, phi, p, k: inner_lib.rollout_batch(
-      task, learned_opt.as_optax(saved.optimizer, phi), data, p, k, num_steps
-    )
-  )
-  curves = run(
-    distributed.put(task.data, whole), distributed.put(saved.meta_params, whole), task_params, keys
-  )
-  return distributed.to_host(curves)[:count]
+  rollout = rollout or learned_rollout(task, saved.optimizer, num_steps)
+  mesh = mesh or sharding.problems_mesh()
+  count = int(np.shape(keys)[0])
+  chunk = min(problem_batch_size or count, count)
+  placed, parts = {}, []  # data and phi on each mesh a chunk runs on
+  for start in range(0, count, chunk):
+    part = jax.tree.map(lambda x, s=start: x[s : s + chunk], (task_params, keys))
+    part, part_count, part_mesh = sharding.place_problems(part, mesh)
+    if part_mesh not in placed:
+      whole = distributed.replicated(part_mesh)
+      placed[part_mesh] = distributed.put((task.data, saved.meta_params), whole)
+    parts.append(distributed.to_host(rollout(*placed[part_mesh], *part))[:part_count])
+  return np.concatenate(parts)
 
 
 def run_learned(
@@ -171,9 +192,10 @@ def run_learned(
   keys,
   num_steps,
   mesh: Mesh | None = None,
+  problem_batch_size: int | None = None,
 ) -> dict:
-  """Runs a trained optimizer on every problem; its summary as in ``summarize``."""
-  curves = learned_curves(task, saved, task_params, keys, num_steps, mesh)
+  """Runs a trained optimizer on every problem (``learned_curves``); its ``summarize``."""
+  curves = learned_curves(task, saved, task_params, keys, num_steps, mesh, problem_batch_size)
   return summarize(name, "learned", curves, None)
 
 
@@ -190,6 +212,7 @@ def compare(
   tune_problems: int = 0,
   log=print,
   mesh: Mesh | None = None,
+  problem_batch_size: int | None = None,
 ) -> dict:
   """Evaluates learned optimizers and tuned baselines on the same fresh problems.
 
@@ -197,7 +220,8 @@ def compare(
   swept on that many separate problems (``problem_key(seed + 1)``) and the chosen rate alone runs
   on the test problems; with 0 the grid is swept on the test problems. Every computation is
   split over ``mesh`` (default: every device of every process); every process calls this
-  together and gets the same results.
+  together and gets the same results. A learned optimizer runs ``problem_batch_size`` problems
+  at a time (``learned_curves``; None: all at once).
 
   Returns:
     ``{"task", "num_problems", "num_steps", "seed", "tuning", "optimizers": [summary, ...]}``,
@@ -219,7 +243,9 @@ def compare(
     tune = inner_lib.sample_problems(task, problem_key(seed + 1), tune_problems)
   results = []
   for name, saved in learned.items():
-    results.append(run_learned(task, name, saved, task_params, keys, num_steps, mesh))
+    results.append(
+      run_learned(task, name, saved, task_params, keys, num_steps, mesh, problem_batch_size)
+    )
     log(f"{name}: final loss {results[-1]['final_mean']:.4g}")
   for name in baselines:
     results.append(

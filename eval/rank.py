@@ -21,7 +21,7 @@ ranking problems themselves). Writes ``ranking.md`` and ``ranking.json`` under `
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -30,7 +30,7 @@ from absl import app, flags
 
 import learned_opt
 from eval import baselines as baselines_lib
-from eval import compare, run_config, sharding
+from eval import compare, run_config
 from eval.stats import paired, stderr
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
@@ -151,34 +151,6 @@ def score(curves: np.ndarray, baseline_curves: np.ndarray, step: int) -> dict:
   }
 
 
-def make_learned_rollout(task: TaskFamily, optimizer, num_steps: int) -> Callable:
-  """``(data, phi, task_params, keys) -> losses (problems, num_steps + 1)``, jitted once.
-
-  Every checkpoint of a run shares the optimizer, so one compile serves them all.
-  """
-  return jax.jit(
-    lambda data, phi, p, k: inner_lib.rollout_batch(
-      task, learned_opt.as_optax(optimizer, phi), data, p, k, num_steps
-    )
-  )
-
-
-def learned_curves(rollout: Callable, data, meta_params, problems, chunk: int | None) -> np.ndarray:
-  """``rollout``'s curves (problems, T + 1), ``chunk`` problems at a time to bound memory.
-
-  A candidate's memory grows with the problems vmapped at once (an MNIST LSTM keeps its state
-  for every coordinate of every problem); ``None`` runs them all at once.
-  """
-  n = problems[1].shape[0]  # (task_params, run keys): one key per problem
-  if not chunk or chunk >= n:
-    return np.asarray(rollout(data, meta_params, *problems))
-  parts = []
-  for start in range(0, n, chunk):
-    part = jax.tree.map(lambda x, s=start: x[s : s + chunk], problems)
-    parts.append(np.asarray(rollout(data, meta_params, *part)))
-  return np.concatenate(parts)
-
-
 def baseline_curves(
   task: TaskFamily,
   name: str,
@@ -245,14 +217,10 @@ def rank(
   learning_rates = (
     baselines_lib.paper_learning_rates() if learning_rates is None else np.asarray(learning_rates)
   )
-  problems = sharding.shard_problems(
-    inner_lib.sample_problems(task, compare.problem_key(seed), num_problems)
-  )
+  problems = inner_lib.sample_problems(task, compare.problem_key(seed), num_problems)
   tune = None
   if tune_problems and baseline_lr is None:
-    tune = sharding.shard_problems(
-      inner_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
-    )
+    tune = inner_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
   base, rate, grid_means = baseline_curves(
     task, baseline, problems, tune, num_steps, step, learning_rates, baseline_lr, lr_batch_size
   )
@@ -260,9 +228,11 @@ def rank(
   rollouts, rows = {}, []
   for c in candidates:
     key = json.dumps(dict(c.saved.optimizer.config), sort_keys=True, default=str)
-    if key not in rollouts:
-      rollouts[key] = make_learned_rollout(task, c.saved.optimizer, num_steps)
-    curves = learned_curves(rollouts[key], task.data, c.saved.meta_params, problems, chunk)
+    if key not in rollouts:  # a run's checkpoints share one compile
+      rollouts[key] = compare.learned_rollout(task, c.saved.optimizer, num_steps)
+    curves = compare.learned_curves(
+      task, c.saved, *problems, num_steps, problem_batch_size=chunk, rollout=rollouts[key]
+    )
     row = {"name": c.name, "kind": kind(c), "source": c.source, "meta_step": c.meta_step}
     row.update(score(curves, base, step))
     rows.append(row)

@@ -119,3 +119,18 @@ def test_separate_tuning_problems_choose_the_rate_the_test_problems_then_run():
   test = inner.sample_problems(task, compare.problem_key(0), 4)
   expected = inner.rollout_batch(task, optax.sgd(sgd["learning_rate"]), (), *test, 5)
   np.testing.assert_allclose(sgd["finals"], expected[:, -1], rtol=1e-5)
+
+
+def test_learned_curves_in_problem_chunks_equal_one_batch():
+  """Chunks of 3, 3 and 1 problems (each on its own mesh) give the all-at-once curves."""
+  task = quadratic(dim=4)
+  opt = learned_opt.lstm_optimizer(hidden_size=4, preprocess="log_sign")
+  saved = learned_opt.SavedOptimizer(opt, opt.init_meta_params(jax.random.key(3)))
+  params, keys = inner.sample_problems(task, jax.random.key(4), 7)
+  whole = compare.learned_curves(task, saved, params, keys, 6)
+  rollout = compare.learned_rollout(task, opt, 6)
+  chunked = compare.learned_curves(
+    task, saved, params, keys, 6, problem_batch_size=3, rollout=rollout
+  )
+  assert chunked.shape == (7, 7)
+  np.testing.assert_array_equal(chunked, whole)  # bit for bit: problems never interact
