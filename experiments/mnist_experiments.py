@@ -73,7 +73,13 @@ def define_flags():
     "summary", None, "Markdown table of every experiment; default OUTPUT_DIR/results_mnist.md."
   )
   flags.DEFINE_bool(
-    "reuse_baselines", False, "Keep the tuned baselines of an existing results.json (same setting)."
+    "reuse_baselines",
+    False,
+    "Keep the tuned baselines of an existing results.json of the same setting, test and tuning "
+    "problems; run only the --baselines it lacks and add them.",
+  )
+  flags.DEFINE_integer(
+    "problem_batch_size", 0, "Problems the learned optimizer runs at once (bounds memory; 0: all)."
   )
 
 
@@ -88,6 +94,7 @@ def run_experiment(
   lr_batch_size: int | None,
   mnist_dir: str | None = None,
   log=print,
+  problem_batch_size: int | None = None,
 ) -> dict:
   """Learned optimizer and tuned baselines on one setting: ``eval.compare.compare``'s results.
 
@@ -105,6 +112,7 @@ def run_experiment(
     lr_batch_size=lr_batch_size,
     tune_problems=tune_problems,
     log=log,
+    problem_batch_size=problem_batch_size,
   )
 
 
@@ -199,22 +207,32 @@ def main(argv):
     print(f"== {name}: {experiment.title}", flush=True)
     tic = time.time()
     directory = os.path.join(FLAGS.output_dir, name)
-    previous = _reusable(directory, experiment) if FLAGS.reuse_baselines else None
+    previous = (
+      _reusable(directory, experiment, FLAGS.num_problems, FLAGS.seed, FLAGS.tune_problems)
+      if FLAGS.reuse_baselines
+      else None
+    )
+    cached = [r for r in previous["optimizers"] if r["kind"] == "baseline"] if previous else []
+    missing = [b for b in FLAGS.baselines if b not in {r["name"] for r in cached}]
     results = run_experiment(
       experiment,
       saved,
-      baselines=[] if previous else FLAGS.baselines,
+      baselines=missing,
       num_problems=FLAGS.num_problems,
       tune_problems=FLAGS.tune_problems,
       seed=FLAGS.seed,
       lr_batch_size=FLAGS.lr_batch_size or None,
       mnist_dir=FLAGS.mnist_dir,
       log=lambda s: print(s, flush=True),
+      problem_batch_size=FLAGS.problem_batch_size or None,
     )
-    if previous:
-      results["optimizers"] += [r for r in previous["optimizers"] if r["kind"] == "baseline"]
-      results["tuning"] = previous["tuning"]
-      print(f"Reused the tuned baselines of {directory}/results.json", flush=True)
+    if cached:
+      results = with_cached_baselines(results, cached, FLAGS.baselines)
+      print(
+        f"Reused the tuned baselines {', '.join(results['reused_baselines'])} of "
+        f"{directory}/results.json; ran {', '.join(missing) or 'none'}",
+        flush=True,
+      )
     results["seconds"] = time.time() - tic
     results["optimizer_source"] = source
     os.makedirs(directory, exist_ok=True)
@@ -229,19 +247,50 @@ def main(argv):
     print(f"Wrote {summary}", flush=True)
 
 
-def _reusable(directory: str, experiment: Experiment) -> dict | None:
-  """A results.json in ``directory`` for the same setting and test problems, else None."""
+def with_cached_baselines(results: dict, cached: list[dict], order) -> dict:
+  """``results`` with the ``cached`` baseline summaries added, baselines in ``order``.
+
+  Baselines just run win over a cached one of the same name; cached baselines not in ``order``
+  follow the others. ``results["reused_baselines"]`` names the cached ones kept.
+  """
+  ran = {r["name"] for r in results["optimizers"]}
+  kept = [r for r in cached if r["name"] not in ran]
+  learned = [r for r in results["optimizers"] if r["kind"] != "baseline"]
+  baselines = [r for r in results["optimizers"] if r["kind"] == "baseline"] + kept
+  position = {name: i for i, name in enumerate(order)}
+  baselines.sort(key=lambda r: position.get(r["name"], len(position)))
+  return {
+    **results,
+    "optimizers": learned + baselines,
+    "reused_baselines": [r["name"] for r in kept],
+  }
+
+
+def _reusable(
+  directory: str, experiment: Experiment, num_problems: int, seed: int, tune_problems: int
+) -> dict | None:
+  """A results.json in ``directory`` for the same setting, test and tuning problems, else None."""
   path = os.path.join(directory, "results.json")
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    previous = json.load(f)
-  same = (
-    previous["num_steps"] == experiment.num_steps
-    and previous["num_problems"] == FLAGS.num_problems
-    and previous["seed"] == FLAGS.seed
-    and all(previous["task"].get(k) == v for k, v in experiment.task_kwargs.items())
-  )
+  try:
+    with open(path) as f:
+      previous = json.load(f)
+    tuning = previous["tuning"]
+    same = (
+      previous["num_steps"] == experiment.num_steps
+      and previous["num_problems"] == num_problems
+      and previous["seed"] == seed
+      and all(previous["task"].get(k) == v for k, v in experiment.task_kwargs.items())
+      and tuning["problems"] == ("separate" if tune_problems else "test")
+      and tuning["num_problems"] == (tune_problems or num_problems)
+      and np.allclose(tuning["learning_rates"], baselines_lib.paper_learning_rates())
+    )
+  except (ValueError, KeyError, TypeError) as e:
+    print(f"Not reusing {path}: unreadable ({e!r}); running every baseline.", flush=True)
+    return None
+  if not same:
+    print(f"Not reusing {path}: another setting; running every baseline.", flush=True)
   return previous if same else None
 
 

@@ -1,5 +1,6 @@
 """The MNIST experiment runner on tiny IDX files: tuning, results layout, summary table."""
 
+import json
 import os
 import subprocess
 import sys
@@ -120,3 +121,71 @@ def test_no_data_is_a_usage_error_without_a_traceback(tmp_path):
   assert "MNIST file train-images-idx3-ubyte[.gz] is missing from" in result.stderr
   assert "$MNIST_DIR" in result.stderr  # and says how to point at the data
   assert not out.exists()  # refused before anything was written
+
+
+_FAKE_TWICE = """
+import json
+import sys
+
+import numpy as np
+from absl import flags
+
+from eval import baselines as baselines_lib
+from eval import compare
+from experiments import mnist_experiments as m
+
+calls = []
+
+def fake_run(experiment, saved, *, baselines, num_problems, tune_problems, seed, **unused):
+  calls.append(list(baselines))
+  curves = np.linspace(2.0, 0.5, 4)[None, :] + 0.01 * np.arange(num_problems)[:, None]
+  tuning = {"problems": "separate" if tune_problems else "test", "seed": seed + 1,
+            "num_problems": tune_problems or num_problems,
+            "learning_rates": baselines_lib.paper_learning_rates().tolist()}
+  rate = 0.001 * len(calls)  # which run tuned a baseline
+  return {
+    "task": {"name": "mnist_mlp"}, "num_problems": num_problems, "num_steps": 100, "seed": seed,
+    "tuning": tuning,
+    "optimizers": [compare.summarize("lstm", "learned", curves, None)]
+    + [compare.summarize(b, "baseline", curves + 0.1, rate) for b in baselines],
+  }
+
+m.run_experiment = fake_run
+m.define_flags()
+out = sys.argv[1]
+for extra in sys.argv[2:]:
+  flags.FLAGS(["x", "--experiments=base", "--num_problems=3", *out.split(), *extra.split()])
+  m.main(["x"])
+  with open(flags.FLAGS.output_dir + "/base/results.json") as f:
+    results = json.load(f)
+  names = [(r["name"], r["learning_rate"]) for r in results["optimizers"]]
+  print("RESULT", json.dumps([calls[-1], names, results.get("reused_baselines")]))
+"""
+
+
+def test_reuse_baselines_runs_only_the_missing_ones_and_merges(tmp_path):
+  write_mnist(str(tmp_path / "mnist"))
+  common = f"--output_dir={tmp_path}/out --mnist_dir={tmp_path}/mnist"
+  result = _run_cli(
+    common,
+    "--baselines=adam",
+    "--baselines=adam,nag,sgd --reuse_baselines",  # adds nag and sgd, keeps adam's tuning
+    "--baselines=nag --reuse_baselines",  # nothing to run; keeps every cached baseline
+    "--baselines=adam --reuse_baselines --tune_problems=3",  # other tuning problems: rerun
+    code=_FAKE_TWICE,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  runs = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+  assert runs[0] == [["adam"], [["lstm", None], ["adam", 0.001]], None]
+  assert runs[1] == [
+    ["nag", "sgd"],
+    [["lstm", None], ["adam", 0.001], ["nag", 0.002], ["sgd", 0.002]],
+    ["adam"],
+  ]
+  assert runs[2] == [
+    [],
+    [["lstm", None], ["nag", 0.002], ["adam", 0.001], ["sgd", 0.002]],
+    ["adam", "nag", "sgd"],
+  ]
+  assert runs[3] == [["adam"], [["lstm", None], ["adam", 0.004]], None]
+  assert "Not reusing" in result.stdout and "another setting" in result.stdout
