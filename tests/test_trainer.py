@@ -394,3 +394,18 @@ def test_a_checkpoint_from_a_newer_library_is_refused_and_kept(run_copy):
   with pytest.raises(run_dir.RunDirError, match="format version 99, newer than this library"):
     trainer.train(run_copy, log=lambda s: None)
   assert checkpoint.all_steps(ckpt_dir) == [4, 6, 8]
+
+
+def test_validation_draws_from_valid_task_kwargs(tmp_path):
+  """--valid_task_kwargs builds validation's own task: here 6-d quadratics beside 4-d training."""
+  config = tiny_config(tmp_path, num_epochs=1, valid_task_kwargs={"dim": 6})
+  state, progress = trainer.train(config, log=lambda s: None)
+  valid_task = trainer.validation_task(config, trainer.build(config)[0])
+  _, opt = trainer.build(config)
+  validate = jax.jit(meta_step.make_validate(config, valid_task, opt))
+  problems = meta_step.sample_valid_problems(config, valid_task)
+  assert problems[0]["w"].shape == (config.valid_problems, 6, 6)
+  curves = validate(state.meta_params, valid_task.data, *problems)
+  np.testing.assert_allclose(progress.valid_history[-1], float(jnp.mean(curves[:, -1])), rtol=1e-6)
+  with pytest.raises(ValueError, match="--valid_task_kwargs: task 'quadratic' has no setting"):
+    tiny_config(tmp_path, valid_task_kwargs={"split": "valid"})

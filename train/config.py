@@ -88,6 +88,11 @@ class MetaTrainConfig:
   steps_per_epoch: int = _setting(100, "Meta-steps per epoch.")
   patience: int = _setting(0, "Early stopping after this many epochs without gain; 0: off.")
   valid_problems: int = _setting(128, "Fixed held-out problems for validation.")
+  valid_task_kwargs: dict = _setting(
+    {},
+    'JSON task settings validation changes on top of --task_kwargs, e.g. \'{"split": "valid"}\' '
+    "to validate on held-out images; empty: fresh draws from the training task.",
+  )
   second_order: bool = _setting(False, "Backpropagate through optimizee gradients too.")
   meta_objective: str = _setting(
     "sum",
@@ -266,7 +271,7 @@ def validate(config: MetaTrainConfig) -> None:
       f"--task={config.task!r} is unknown; choose one of {', '.join(task_registry.names())} "
       "(e.g. --task=quadratic)."
     )
-  for name in ("task_kwargs", "optimizer_kwargs"):
+  for name in ("task_kwargs", "optimizer_kwargs", "valid_task_kwargs"):
     if not isinstance(getattr(config, name), dict):
       raise ValueError(f"--{name} must be a JSON object, e.g. --{name}='{{}}'.")
   for field in dataclasses.fields(config):
@@ -281,6 +286,7 @@ def validate(config: MetaTrainConfig) -> None:
     ):
       raise ValueError(f"--{field.name} must be {kind.__name__}, got {value!r}.")
   check_task_kwargs(config.task, config.task_kwargs)
+  check_task_kwargs(config.task, config.valid_task_kwargs, "--valid_task_kwargs")
   if config.optimizer not in learned_opt.kinds():
     raise ValueError(
       f"--optimizer={config.optimizer!r} is unknown; choose one of "

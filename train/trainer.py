@@ -42,6 +42,17 @@ def build(config: MetaTrainConfig) -> tuple[TaskFamily, LearnedOptimizer]:
   )
 
 
+def validation_task(config: MetaTrainConfig, task: TaskFamily) -> TaskFamily:
+  """The family validation draws its problems and data from.
+
+  ``task`` itself, or with ``config.valid_task_kwargs`` the same family built with those settings
+  on top of the run's (e.g. ``{"split": "valid"}``: neural art's held-out content images).
+  """
+  if not config.valid_task_kwargs:
+    return task
+  return task_registry.get(config.task, **{**config.task_kwargs, **config.valid_task_kwargs})
+
+
 def _append_jsonl(path: str, record: dict) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
@@ -279,20 +290,24 @@ def train(
   metrics_path = os.path.join(config.output_dir, run_dir.METRICS_FILE)
   paths = (ckpt_dir, os.path.join(config.output_dir, run_dir.CONFIG_FILE))
 
+  valid_task = validation_task(config, task)
   if mesh is None:
-    data = task.data
+    data, valid_data = task.data, valid_task.data
     state, progress = _open_run(config, task, optimizer, paths, log, start=None)
-    valid_problems = meta_step.sample_valid_problems(config, task)
+    valid_problems = meta_step.sample_valid_problems(config, valid_task)
   else:
     data = distributed.put(task.data, distributed.replicated(mesh))
+    valid_data = data
+    if valid_task is not task:
+      valid_data = distributed.put(valid_task.data, distributed.replicated(mesh))
     state, progress = _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data)
-    valid_problems = meta_step.sample_valid_problems(config, task, mesh, data)
+    valid_problems = meta_step.sample_valid_problems(config, valid_task, mesh, valid_data)
   if progress.early_stopped:
     log("This run already stopped early; nothing to do.")
     return state, progress
 
   train_step = meta_step.jit_train_step(config, task, optimizer, mesh, state)
-  validate = jax.jit(meta_step.make_validate(config, task, optimizer))
+  validate = jax.jit(meta_step.make_validate(config, valid_task, optimizer))
   reporter = _Reporter(config, metrics_path, log, state, writer)
 
   def save_checkpoint(state, progress):
@@ -316,7 +331,7 @@ def train(
       reporter.progress(done, metrics)
     if epoch_end:
       reporter.skips(state)
-      curves = distributed.to_host(validate(state.meta_params, data, *valid_problems))
+      curves = distributed.to_host(validate(state.meta_params, valid_data, *valid_problems))
       state, progress = end_epoch(config, optimizer, state, progress, curves, log, writer)
       if writer:
         _append_jsonl(
