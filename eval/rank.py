@@ -16,6 +16,10 @@ paired difference to the baseline (candidate minus baseline, per problem) and th
 standard error. The baseline's learning rate is the paper's grid point (1e-6 * 2^k) with the
 lowest mean loss at ``--step`` on ``--tune_problems`` separate problems (seed + 1; 0: on the
 ranking problems themselves). Writes ``ranking.md`` and ``ranking.json`` under ``--output_dir``.
+
+Problems are split over every device of every process (or ``--num_devices`` of them), as in
+``eval.evaluate``; several processes start as there (``--coordinator_address``, ...). Every
+process reads the candidates; process 0 alone logs and writes.
 """
 
 import json
@@ -27,6 +31,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh
 
 import learned_opt
 from eval import baselines as baselines_lib
@@ -35,7 +40,7 @@ from eval.stats import paired, stderr
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
-from train import checkpoint, meta_step, run_dir, trainer
+from train import checkpoint, distributed, meta_step, run_dir, trainer
 from train import config as config_lib
 from train import inner as inner_lib
 
@@ -161,11 +166,13 @@ def baseline_curves(
   learning_rates: Sequence[float],
   learning_rate: float | None = None,
   lr_batch_size: int | None = None,
+  mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, float, list[float] | None]:
   """The baseline's curves (problems, num_steps + 1) on ``problems`` at its tuned rate.
 
   The rate is ``learning_rate`` if given, else the grid point with the lowest mean loss at
-  ``step`` on ``tune``'s problems (on ``problems`` when ``tune`` is None).
+  ``step`` on ``tune``'s problems (on ``problems`` when ``tune`` is None). Sweeps split their
+  problems over ``mesh`` (``compare.sweep``).
 
   Returns:
     ``(curves, learning rate, mean loss at step per grid point or None)``.
@@ -173,18 +180,20 @@ def baseline_curves(
   make_tx = baselines_lib.BASELINES[name]
   if learning_rate is not None:
     return (
-      compare.sweep(task, make_tx, [learning_rate], *problems, num_steps)[0],
+      compare.sweep(task, make_tx, [learning_rate], *problems, num_steps, mesh=mesh)[0],
       learning_rate,
       None,
     )
-  grid = compare.sweep(task, make_tx, learning_rates, *(tune or problems), num_steps, lr_batch_size)
+  grid = compare.sweep(
+    task, make_tx, learning_rates, *(tune or problems), num_steps, lr_batch_size, mesh
+  )
   best = baselines_lib.best_learning_rate(grid[:, :, step])
   rate = float(learning_rates[best])
   at_step = np.where(np.isfinite(grid[:, :, step]), grid[:, :, step], np.inf)
   grid_means = np.mean(at_step, axis=1).tolist()
   if tune is None:
     return grid[best], rate, grid_means
-  return compare.sweep(task, make_tx, [rate], *problems, num_steps)[0], rate, grid_means
+  return compare.sweep(task, make_tx, [rate], *problems, num_steps, mesh=mesh)[0], rate, grid_means
 
 
 def rank(
@@ -203,6 +212,7 @@ def rank(
   lr_batch_size: int | None = None,
   chunk: int | None = None,
   log=print,
+  mesh: Mesh | None = None,
 ) -> dict:
   """Scores every candidate and the tuned baseline on the same held-out problems, best first.
 
@@ -211,7 +221,10 @@ def rank(
     "candidates": [{"rank", "name", "kind", "source", "meta_step", **score(...)}, ...]}``,
     sorted by ``rank_by`` (a candidate with a diverged problem ranks after every finite one).
     ``chunk`` problems at a time run a candidate (``None``: all at once); results do not change.
+    Every computation splits its problems over ``mesh`` (default: every device of every
+    process); every process calls this together and gets the same results; process 0 logs.
   """
+  log = log if distributed.is_writer() else (lambda s: None)
   step = num_steps if step is None else step
   check_settings(baseline, num_problems, num_steps, step, tune_problems, rank_by)
   learning_rates = (
@@ -222,7 +235,16 @@ def rank(
   if tune_problems and baseline_lr is None:
     tune = inner_lib.sample_problems(task, compare.problem_key(seed + 1), tune_problems)
   base, rate, grid_means = baseline_curves(
-    task, baseline, problems, tune, num_steps, step, learning_rates, baseline_lr, lr_batch_size
+    task,
+    baseline,
+    problems,
+    tune,
+    num_steps,
+    step,
+    learning_rates,
+    baseline_lr,
+    lr_batch_size,
+    mesh,
   )
   log(f"{baseline}: lr {rate:.3g}, mean loss at step {step} {np.mean(base[:, step]):.4g}")
   rollouts, rows = {}, []
@@ -231,7 +253,7 @@ def rank(
     if key not in rollouts:  # a run's checkpoints share one compile
       rollouts[key] = compare.learned_rollout(task, c.saved.optimizer, num_steps)
     curves = compare.learned_curves(
-      task, c.saved, *problems, num_steps, problem_batch_size=chunk, rollout=rollouts[key]
+      task, c.saved, *problems, num_steps, mesh, problem_batch_size=chunk, rollout=rollouts[key]
     )
     row = {"name": c.name, "kind": kind(c), "source": c.source, "meta_step": c.meta_step}
     row.update(score(curves, base, step))
@@ -351,6 +373,7 @@ def markdown(results: dict) -> str:
 
 
 FLAGS = flags.FLAGS
+distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
 
 
 def define_flags():
@@ -383,6 +406,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
+    distributed.initialize_from_flags()  # before any JAX computation
+    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
+    writer = distributed.is_writer()
+    log = (lambda s: print(s, flush=True)) if writer else (lambda s: None)  # process 0 reports
     if not FLAGS.run and not FLAGS.checkpoint:
       raise ValueError("Name what to rank: --run=DIR (a run's checkpoints) or --checkpoint=SPEC.")
     check_settings(
@@ -396,7 +423,7 @@ def main(argv):
     run_config.check_output_dir(FLAGS.output_dir)
     candidates = []
     for run in FLAGS.run:
-      candidates += run_candidates(run, FLAGS.checkpoints)
+      candidates += run_candidates(run, FLAGS.checkpoints, log)
     candidates = unique_names(candidates + saved_candidates(FLAGS.checkpoint))
     if not candidates:
       raise ValueError(f"No usable checkpoint in {FLAGS.run}; nothing to rank.")
@@ -417,8 +444,11 @@ def main(argv):
     rank_by=FLAGS.rank_by,
     lr_batch_size=FLAGS.lr_batch_size or None,
     chunk=FLAGS.problem_batch_size or None,
-    log=lambda s: print(s, flush=True),
+    log=log,
+    mesh=mesh,
   )
+  if not writer:
+    return  # process 0 writes and prints
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   table = markdown(results)
   atomic_write(os.path.join(FLAGS.output_dir, "ranking.json"), json.dumps(results).encode())
@@ -427,7 +457,12 @@ def main(argv):
   print(f"Wrote {FLAGS.output_dir}/ranking.md and {FLAGS.output_dir}/ranking.json")
 
 
-if __name__ == "__main__":
+def run():
+  """The command line, ``python -m eval.rank``."""
   define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

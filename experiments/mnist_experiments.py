@@ -11,6 +11,10 @@ problems and the chosen rate is then run on the test problems (the whole grid on
 is out of reach of a 2-core CPU); ``--tune_problems=0`` sweeps the grid on the test problems, as
 ``eval.evaluate`` does. Writes ``<output_dir>/<experiment>/results.json`` and ``curves.png`` and a
 markdown table (``--summary``, default ``<output_dir>/results_mnist.md``).
+
+Problems are split over every device of every process (or ``--num_devices`` of them), and
+several processes start, as in ``eval.evaluate``; process 0 alone prints and writes, and the
+results ``--reuse_baselines`` reads are process 0's, sent to the others.
 """
 
 import json
@@ -21,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh
 
 import learned_opt
 import tasks
@@ -28,6 +33,7 @@ from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
 from eval.stats import paired
 from learned_opt.tree_files import atomic_write
+from train import distributed
 
 
 class Experiment(NamedTuple):
@@ -47,6 +53,7 @@ EXPERIMENTS = (
 _BY_NAME = {e.name: e for e in EXPERIMENTS}
 
 FLAGS = flags.FLAGS
+distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
 
 
 def define_flags():
@@ -95,11 +102,13 @@ def run_experiment(
   mnist_dir: str | None = None,
   log=print,
   problem_batch_size: int | None = None,
+  mesh: Mesh | None = None,
 ) -> dict:
   """Learned optimizer and tuned baselines on one setting: ``eval.compare.compare``'s results.
 
   Test problems are ``compare.problem_key(seed)``'s, as in ``eval.evaluate``; tuning problems
   are ``compare.problem_key(seed + 1)``'s, or the test problems when ``tune_problems == 0``.
+  Problems are split over ``mesh`` (default: every device of every process).
   """
   task = tasks.get("mnist_mlp", mnist_dir=mnist_dir, **experiment.task_kwargs)
   return compare.compare(
@@ -113,6 +122,7 @@ def run_experiment(
     tune_problems=tune_problems,
     log=log,
     problem_batch_size=problem_batch_size,
+    mesh=mesh,
   )
 
 
@@ -186,6 +196,8 @@ def main(argv):
   if FLAGS.num_problems < 2 or FLAGS.tune_problems < 0:
     raise app.UsageError("--num_problems must be >= 2 and --tune_problems >= 0.")
   try:
+    distributed.initialize_from_flags()  # before any JAX computation
+    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
     run_config.check_output_dir(FLAGS.output_dir)
     saved = (
       learned_opt.load(run_config.resolve(FLAGS.checkpoint))
@@ -195,6 +207,8 @@ def main(argv):
     tasks.get("mnist_mlp", mnist_dir=FLAGS.mnist_dir)  # no data: a usage error before compute
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
+  writer = distributed.is_writer()
+  say = print if writer else (lambda *a, **k: None)  # process 0 reports
   source = FLAGS.checkpoint or f"learned_opt.pretrained({FLAGS.pretrained!r})"
   header = (
     "# MNIST results (section 3.2, Figures 4 and 5)\n\n"
@@ -204,11 +218,11 @@ def main(argv):
   )
   for name in FLAGS.experiments:
     experiment = _BY_NAME[name]
-    print(f"== {name}: {experiment.title}", flush=True)
+    say(f"== {name}: {experiment.title}", flush=True)
     tic = time.time()
     directory = os.path.join(FLAGS.output_dir, name)
     previous = (
-      _reusable(directory, experiment, FLAGS.num_problems, FLAGS.seed, FLAGS.tune_problems)
+      _reusable(directory, experiment, FLAGS.num_problems, FLAGS.seed, FLAGS.tune_problems, say)
       if FLAGS.reuse_baselines
       else None
     )
@@ -223,18 +237,21 @@ def main(argv):
       seed=FLAGS.seed,
       lr_batch_size=FLAGS.lr_batch_size or None,
       mnist_dir=FLAGS.mnist_dir,
-      log=lambda s: print(s, flush=True),
+      log=lambda s: say(s, flush=True),
       problem_batch_size=FLAGS.problem_batch_size or None,
+      mesh=mesh,
     )
     if cached:
       results = with_cached_baselines(results, cached, FLAGS.baselines)
-      print(
+      say(
         f"Reused the tuned baselines {', '.join(results['reused_baselines'])} of "
         f"{directory}/results.json; ran {', '.join(missing) or 'none'}",
         flush=True,
       )
     results["seconds"] = time.time() - tic
     results["optimizer_source"] = source
+    if not writer:
+      continue  # process 0 writes and prints
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, "results.json"), json.dumps(results).encode())
     plots.plot_curves(results, os.path.join(directory, "curves.png"), title=experiment.title)
@@ -267,15 +284,23 @@ def with_cached_baselines(results: dict, cached: list[dict], order) -> dict:
 
 
 def _reusable(
-  directory: str, experiment: Experiment, num_problems: int, seed: int, tune_problems: int
+  directory: str,
+  experiment: Experiment,
+  num_problems: int,
+  seed: int,
+  tune_problems: int,
+  log=print,
 ) -> dict | None:
-  """A results.json in ``directory`` for the same setting, test and tuning problems, else None."""
+  """A results.json in ``directory`` for the same setting, test and tuning problems, else None.
+
+  Process 0's file, on every process (all call this together), so all run the same baselines.
+  """
   path = os.path.join(directory, "results.json")
-  if not os.path.isfile(path):
+  data = distributed.read_on_writer(path)
+  if data is None:
     return None
   try:
-    with open(path) as f:
-      previous = json.load(f)
+    previous = json.loads(data)
     tuning = previous["tuning"]
     same = (
       previous["num_steps"] == experiment.num_steps
@@ -287,10 +312,10 @@ def _reusable(
       and np.allclose(tuning["learning_rates"], baselines_lib.paper_learning_rates())
     )
   except (ValueError, KeyError, TypeError) as e:
-    print(f"Not reusing {path}: unreadable ({e!r}); running every baseline.", flush=True)
+    log(f"Not reusing {path}: unreadable ({e!r}); running every baseline.", flush=True)
     return None
   if not same:
-    print(f"Not reusing {path}: another setting; running every baseline.", flush=True)
+    log(f"Not reusing {path}: another setting; running every baseline.", flush=True)
   return previous if same else None
 
 
@@ -305,7 +330,12 @@ def _saved_results(output_dir: str) -> dict[str, dict]:
   return found
 
 
-if __name__ == "__main__":
+def run():
+  """The command line, ``python -m experiments.mnist_experiments``."""
   define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

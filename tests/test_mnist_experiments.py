@@ -189,3 +189,45 @@ def test_reuse_baselines_runs_only_the_missing_ones_and_merges(tmp_path):
   ]
   assert runs[3] == [["adam"], [["lstm", None], ["adam", 0.004]], None]
   assert "Not reusing" in result.stdout and "another setting" in result.stdout
+
+
+_NOT_WRITER = """
+import sys
+
+import numpy as np
+from absl import app
+
+from eval import compare
+from experiments import mnist_experiments as m
+from train import distributed
+
+distributed.is_writer = lambda: False  # as process 1 of a multi-process run
+
+def fake_run(experiment, saved, *, num_problems, seed, mesh, **unused):
+  sys.stderr.write(f"MESH {mesh.devices.size}\\n")
+  curves = np.linspace(2.0, 0.5, 4)[None, :] + 0.01 * np.arange(num_problems)[:, None]
+  return {
+    "task": {"name": "mnist_mlp"}, "num_problems": num_problems, "num_steps": 3, "seed": seed,
+    "tuning": {"num_problems": 1, "problems": "separate"},
+    "optimizers": [compare.summarize("lstm", "learned", curves, None)],
+  }
+
+m.run_experiment = fake_run
+m.define_flags()
+app.run(m.main, argv=sys.argv)
+"""
+
+
+def test_only_process_0_writes_and_the_mesh_is_num_devices(tmp_path):
+  write_mnist(str(tmp_path / "mnist"))
+  out = tmp_path / "out"
+  result = _run_cli(
+    f"--output_dir={out}",
+    "--experiments=base",
+    f"--mnist_dir={tmp_path}/mnist",
+    "--num_devices=2",
+    code=_NOT_WRITER,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "MESH 2\n" in result.stderr
+  assert result.stdout == "" and not out.exists()  # process 0 alone prints and writes

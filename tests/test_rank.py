@@ -164,3 +164,48 @@ def test_a_directory_without_checkpoints_is_a_usage_error(tmp_path):
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert f"no checkpoints found at {empty}/checkpoints" in result.stderr
   assert not os.path.exists(tmp_path / "out")
+
+
+_NOT_WRITER = """
+import sys
+
+import jax
+from absl import app
+
+from eval import compare, rank
+from train import distributed
+
+distributed.is_writer = lambda: False  # as process 1 of a multi-process run
+meshes = []
+real = compare.learned_curves
+
+def spy(task, saved, params, keys, num_steps, mesh=None, **kwargs):
+  meshes.append(mesh.devices.size)
+  return real(task, saved, params, keys, num_steps, mesh, **kwargs)
+
+def main(argv):
+  rank.main(argv)
+  sys.stderr.write(f"MESHES {meshes}")
+
+compare.learned_curves = spy
+rank.define_flags()
+jax.config.parse_flags_with_absl()
+app.run(main)
+"""
+
+
+def test_only_process_0_writes_and_the_mesh_is_num_devices(run, tmp_path):
+  config, _ = run
+  out = tmp_path / "ranking"
+  result = subprocess.run(
+    [sys.executable, "-c", _NOT_WRITER, f"--run={config.output_dir}", "--nocheckpoints"]
+    + [f"--output_dir={out}", "--baseline=sgd", "--baseline_lr=0.01", "--num_problems=4"]
+    + ["--num_steps=3", "--num_devices=2"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "MESHES [2]" in result.stderr  # the one candidate ran on --num_devices devices
+  assert result.stdout == "" and not out.exists()  # process 0 alone logs and writes
