@@ -38,6 +38,7 @@ standard errors (``--summary``, default ``<output_dir>/results_cifar10.md``).
 """
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -52,10 +53,11 @@ from absl import app, flags
 import learned_opt
 import tasks
 from eval import baselines as baselines_lib
-from eval import compare
+from eval import compare, sharding
 from eval.stats import paired
 from learned_opt import tree_files
 from learned_opt.tree_files import atomic_write
+from train import distributed
 from train import inner as inner_lib
 
 HELD_OUT = (5, 6, 7, 8, 9)  # labels the "sub" optimizer (trained on 0..4) never saw
@@ -127,21 +129,43 @@ def run_curves(
   keys,
   num_steps: int,
   problem_batch: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Curves:
   """``rollout_train_test`` on every problem, ``problem_batch`` problems vmapped at a time.
 
   ``make_tx(tx_args)`` builds the optax transformation inside the jitted computation, so
   ``tx_args`` (phi, a learning rate) is an argument rather than a baked-in constant.
-  """
 
-  def run(data, test_data, tx_args, task_params, keys):
+  The problems are split over ``mesh`` (default: ``eval.sharding.problems_mesh()``) in whole
+  batches of ``problem_batch``, on as few devices as hold as many batches each (as
+  ``eval.sharding.fit_mesh`` picks), padded at the end with copies of the last problem whose
+  curves are dropped. Each device maps over its own share, so every problem is vmapped with the
+  same others as on one device: the curves are those of one device, bit for bit on tiny CIFAR
+  problems on 8 faked CPU devices (also with a last, partial batch, which is vmapped with the
+  padding; XLA does not promise that). Every process calls this together and gets every curve.
+  """
+  count = int(np.shape(keys)[0])
+  batch = problem_batch or 1  # None: lax.map runs the problems one by one
+  mesh = sharding.fit_mesh(-(-count // batch), mesh or sharding.problems_mesh())
+  extra = -(-count // (batch * mesh.devices.size)) * batch * mesh.devices.size - count
+  pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+  problems = jax.tree.map(pad, (task_params, keys)) if extra else (task_params, keys)
+  task_params, keys = distributed.put(problems, distributed.problems_sharding(mesh))
+  whole = distributed.replicated(mesh)
+
+  def run(data, test_data, tx_args, task_params, keys):  # one device's problems
     one = lambda pk: rollout_train_test(
       task, test_task, make_tx(tx_args), data, test_data, pk[0], pk[1], num_steps
     )
     return jax.lax.map(one, (task_params, keys), batch_size=problem_batch)
 
-  train, test = jax.jit(run)(task.data, test_task.data, tx_args, task_params, keys)
-  return Curves(np.asarray(train), np.asarray(test))
+  split, same = jax.sharding.PartitionSpec(sharding.AXIS), jax.sharding.PartitionSpec()
+  # check_vma off: the optimizee's zero-initialized state starts out the same on every device.
+  specs = {"in_specs": (same, same, same, split, split), "out_specs": split}
+  per_device = jax.shard_map(run, mesh=mesh, check_vma=False, **specs)
+  placed = distributed.put((task.data, test_task.data, tx_args), whole)
+  train, test = distributed.to_host(jax.jit(per_device)(*placed, task_params, keys))
+  return Curves(train[:count], test[:count])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +286,14 @@ def _fingerprint(setting: dict) -> str:
 
 
 def _load_cache(path: str, fingerprint: str, key: str = "fingerprint") -> dict | None:
-  """``{name: (summary, Curves)}`` saved with the same ``key`` fingerprint, else None."""
-  if not os.path.isfile(path):
+  """``{name: (summary, Curves)}`` saved with the same ``key`` fingerprint, else None.
+
+  Read as process 0 sees it (the one that writes caches), so every process reuses alike.
+  """
+  data = distributed.read_on_writer(path)
+  if data is None:
     return None
-  with np.load(path, allow_pickle=False) as f:
+  with np.load(io.BytesIO(data), allow_pickle=False) as f:
     if key not in f or str(f[key]) != fingerprint:
       return None
     summaries = json.loads(str(f["summaries"]))
@@ -275,7 +303,13 @@ def _load_cache(path: str, fingerprint: str, key: str = "fingerprint") -> dict |
 
 
 def _save_cache(path: str, fingerprint: str, found: dict, problems: str = "") -> None:
-  """Writes ``found``; ``problems`` fingerprints the test problems alone (not the tuning)."""
+  """Writes ``found``; ``problems`` fingerprints the test problems alone (not the tuning).
+
+  Process 0 alone writes (and creates the directory); the others return.
+  """
+  if not distributed.is_writer():
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = {"fingerprint": np.asarray(fingerprint), "problems": np.asarray(problems)}
   arrays["summaries"] = np.asarray(json.dumps([s for s, _ in found.values()]))
   for name, (_, curves) in found.items():
@@ -390,7 +424,6 @@ def run_experiment(
         problem_batch,
       )
       found = {name: ({**summarize(name, "learned", c, None), "seconds": time.time() - tic}, c)}
-      os.makedirs(directory, exist_ok=True)
       _save_cache(cache_path, _fingerprint(learned_setting), found)
       log(
         f"{experiment.name} {name}: final training loss "
@@ -427,7 +460,6 @@ def run_experiment(
       tuning_scores={f"{r:.6g}": s for r, s in scores.items()}, seconds=time.time() - tic
     )
     found[name] = (summary, c)
-    os.makedirs(directory, exist_ok=True)
     _save_cache(cache_path, _fingerprint(setting), found, problems)
     log(
       f"{experiment.name} {name}: lr {rate:.3g} ({len(scores)} rates tuned), final training "
@@ -635,6 +667,7 @@ def define_flags():
   flags.DEFINE_string("task_kwargs", "{}", "JSON changes to the cifar10_conv task (e.g. channels).")
   flags.DEFINE_string("output_dir", None, "Where each experiment's results go.")
   flags.DEFINE_string("summary", None, "Markdown summary; default OUTPUT_DIR/results_cifar10.md.")
+  distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
 
 
 def parse_learned(specs: Sequence[str]) -> dict[str, learned_opt.SavedOptimizer]:
@@ -667,6 +700,8 @@ def main(argv):
   if FLAGS.num_problems < 2 or FLAGS.tune_problems < 1 or FLAGS.lr_stride < 1:
     raise app.UsageError("--num_problems must be >= 2, --tune_problems >= 1, --lr_stride >= 1.")
   try:
+    distributed.initialize_from_flags()  # before any JAX computation
+    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
     task_kwargs = json.loads(FLAGS.task_kwargs)
     if not isinstance(task_kwargs, dict) or "classes" in task_kwargs or "split" in task_kwargs:
       raise ValueError(
@@ -683,32 +718,36 @@ def main(argv):
     + "."
   )
   summary = FLAGS.summary or os.path.join(FLAGS.output_dir, "results_cifar10.md")
+  writer = distributed.is_writer()  # process 0 writes and prints; every process computes
+  say = lambda s: print(s, flush=True) if writer else None
   for name in FLAGS.experiments:
     experiment = BY_NAME[name]
-    print(f"== {name}: {experiment.title}", flush=True)
+    say(f"== {name}: {experiment.title}")
     tic = time.time()
     directory = os.path.join(FLAGS.output_dir, name)
-    os.makedirs(directory, exist_ok=True)
-    results, curves = run_experiment(
-      experiment,
-      learned,
-      baselines=FLAGS.baselines,
-      num_problems=FLAGS.num_problems,
-      tune_problems=FLAGS.tune_problems,
-      num_steps=FLAGS.num_steps,
-      lr_stride=FLAGS.lr_stride,
-      lr_exponents=None if FLAGS.lr_exponents is None else [int(k) for k in FLAGS.lr_exponents],
-      seed=FLAGS.seed,
-      directory=directory,
-      task_kwargs=task_kwargs,
-      reuse_from=[os.path.join(d, name, "baselines.npz") for d in FLAGS.reuse_from],
-      lr_batch_size=FLAGS.lr_batch_size or None,
-      problem_batch=FLAGS.problem_batch or None,
-      log=lambda s: print(s, flush=True),
-    )
+    if writer:
+      os.makedirs(directory, exist_ok=True)
+    with distributed.use_mesh(mesh):  # the sweeps' and rollouts' problems split over it
+      results, curves = run_experiment(
+        experiment,
+        learned,
+        baselines=FLAGS.baselines,
+        num_problems=FLAGS.num_problems,
+        tune_problems=FLAGS.tune_problems,
+        num_steps=FLAGS.num_steps,
+        lr_stride=FLAGS.lr_stride,
+        lr_exponents=None if FLAGS.lr_exponents is None else [int(k) for k in FLAGS.lr_exponents],
+        seed=FLAGS.seed,
+        directory=directory,
+        task_kwargs=task_kwargs,
+        reuse_from=[os.path.join(d, name, "baselines.npz") for d in FLAGS.reuse_from],
+        lr_batch_size=FLAGS.lr_batch_size or None,
+        problem_batch=FLAGS.problem_batch or None,
+        log=say,
+      )
     results["seconds"] = time.time() - tic
     results["learned_sources"] = list(FLAGS.learned)
-    if not results["optimizers"]:
+    if not results["optimizers"] or not writer:
       continue
     atomic_write(os.path.join(directory, "results.json"), json.dumps(results).encode())
     arrays = {f"{n}/{s}": getattr(c, s) for n, c in curves.items() for s in ("train", "test")}
@@ -720,7 +759,12 @@ def main(argv):
     print(f"Wrote {summary} ({results['seconds']:.0f} s)", flush=True)
 
 
-if __name__ == "__main__":
+def run():
+  """The command line: defines the flags, then runs ``main``."""
   define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

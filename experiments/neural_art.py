@@ -33,8 +33,8 @@ from learned_opt.tree_files import atomic_write
 from tasks import neural_art
 from tasks.base import TaskFamily
 from train import config as config_lib
+from train import distributed, trainer
 from train import inner as inner_lib
-from train import trainer
 
 
 class Setting(NamedTuple):
@@ -256,9 +256,9 @@ def evaluate(
     path = os.path.join(directory, "results.json")
     test_task = setting_task(train_kwargs, setting, "test", num_problems)
     previous = None
-    if reuse_baselines and os.path.isfile(path):
-      with open(path) as f:
-        previous = json.load(f)
+    saved_results = distributed.read_on_writer(path) if reuse_baselines else None
+    if saved_results is not None:  # process 0's copy, so every process reuses alike
+      previous = json.loads(saved_results)
       if previous["num_problems"] != num_problems or previous["num_steps"] != num_steps:
         previous = None
     optimizers = [
@@ -293,18 +293,20 @@ def evaluate(
       "optimizers": optimizers,
       "seconds": time.time() - tic,
     }
-    os.makedirs(directory, exist_ok=True)
-    atomic_write(path, json.dumps(results).encode())
-    plot_figure8(results, os.path.join(directory, "curves.png"), setting.title)
     everything[setting.name] = results
-    log(f"{setting.name}: {results['seconds']:.0f} s\n{compare.format_table(results)}")
+    if distributed.is_writer():  # process 0 writes and reports
+      os.makedirs(directory, exist_ok=True)
+      atomic_write(path, json.dumps(results).encode())
+      plot_figure8(results, os.path.join(directory, "curves.png"), setting.title)
+      log(f"{setting.name}: {results['seconds']:.0f} s\n{compare.format_table(results)}")
   header = (
     "# Neural art results (section 3.4, Figure 8)\n\n"
     "Written by `python -m experiments.neural_art evaluate`."
   )
-  atomic_write(
-    os.path.join(output_dir, "results_neural_art.md"), markdown(everything, header).encode()
-  )
+  if distributed.is_writer():
+    atomic_write(
+      os.path.join(output_dir, "results_neural_art.md"), markdown(everything, header).encode()
+    )
   return everything
 
 
@@ -435,6 +437,7 @@ def define_flags():
   flags.DEFINE_integer("steps_per_epoch", 20, "train: meta-steps per epoch (then validation).")
   flags.DEFINE_integer("num_problems_train", 4, "train: problems per meta-step.")
   flags.DEFINE_float("meta_lr", 3e-3, "train: Adam rate on phi.")
+  distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
 
 
 def _train_kwargs() -> dict:
@@ -453,6 +456,8 @@ def main(argv):
     raise app.UsageError("Give one command: train, evaluate or figures.")
   command = argv[1]
   try:
+    distributed.initialize_from_flags()  # before any JAX computation
+    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
     run_config.check_output_dir(FLAGS.output_dir)
     unknown = [s for s in FLAGS.settings if s not in _BY_NAME]
     if unknown:
@@ -475,26 +480,33 @@ def main(argv):
         saved = learned_opt.load(run_config.resolve(FLAGS.checkpoint or ""))
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
-  say = lambda s: print(s, flush=True)
+  say = lambda s: print(s, flush=True) if distributed.is_writer() else None  # process 0 reports
   if command == "train":
-    trainer.train(config, log=say)
+    try:  # problems split over the mesh, as train.meta_train does
+      counts = {"num_problems_train": config.num_problems, "valid_problems": config.valid_problems}
+      distributed.check_divides(config.num_problems, mesh, "num_problems_train", counts)
+      with distributed.use_mesh(mesh):
+        trainer.train(config, log=say)
+    except distributed.MeshError as e:
+      raise app.UsageError(str(e)) from e
   elif command == "evaluate":
     rates = baselines_lib.paper_learning_rates()[FLAGS.lr_first :: FLAGS.lr_stride]
-    evaluate(
-      kwargs,
-      {} if saved is None else {"LSTM": saved},
-      [_BY_NAME[s] for s in FLAGS.settings],
-      FLAGS.output_dir,
-      baselines=FLAGS.baselines,
-      num_problems=FLAGS.num_problems,
-      tune_problems=FLAGS.tune_problems,
-      num_steps=FLAGS.num_steps,
-      learning_rates=rates,
-      lr_batch_size=FLAGS.lr_batch_size or None,
-      reuse_baselines=FLAGS.reuse_baselines,
-      log=say,
-    )
-  else:
+    with distributed.use_mesh(mesh):  # the sweeps' problems split over it (eval.sharding)
+      evaluate(
+        kwargs,
+        {} if saved is None else {"LSTM": saved},
+        [_BY_NAME[s] for s in FLAGS.settings],
+        FLAGS.output_dir,
+        baselines=FLAGS.baselines,
+        num_problems=FLAGS.num_problems,
+        tune_problems=FLAGS.tune_problems,
+        num_steps=FLAGS.num_steps,
+        learning_rates=rates,
+        lr_batch_size=FLAGS.lr_batch_size or None,
+        reuse_baselines=FLAGS.reuse_baselines,
+        log=say,
+      )
+  elif distributed.is_writer():  # figures: a few images on process 0's first device, no sweep
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     adam = tuned_rate(FLAGS.output_dir, SETTINGS[0].name, "adam", 0.02)
     sgd = tuned_rate(FLAGS.output_dir, SETTINGS[0].name, "sgd", 1.0)
@@ -512,7 +524,12 @@ def main(argv):
       say(path)
 
 
-if __name__ == "__main__":
+def run():
+  """The command line: defines the flags, then runs ``main``."""
   define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -25,6 +25,7 @@ from eval import compare, plots, run_config
 from eval.stats import paired
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
+from train import distributed
 
 FLAGS = flags.FLAGS
 
@@ -38,6 +39,7 @@ def define_flags():
   flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
   flags.DEFINE_string("output_dir", None, "Where results.json and curves.png go.")
   flags.DEFINE_string("markdown", None, "Markdown summary path; default OUTPUT_DIR/summary.md.")
+  distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
 
 
 def _read_json(path, default=None):
@@ -159,6 +161,8 @@ def main(argv):
   if not FLAGS.output_dir or not FLAGS.checkpoint:
     raise app.UsageError("--output_dir and at least one --checkpoint=NAME=DIR are required.")
   try:
+    distributed.initialize_from_flags()  # before any JAX computation
+    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
     run_config.check_output_dir(FLAGS.output_dir)
     specs = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
     learned = run_config.load_all(specs)
@@ -166,15 +170,18 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   checkpoints = dict(zip(learned, (path for _, path in specs), strict=True))
   task = task_registry.get("quadratic", dim=10)
-  os.makedirs(FLAGS.output_dir, exist_ok=True)
-  results = compare.compare(
+  results = compare.compare(  # problems split over the mesh (eval.sharding); every process
     task,
     learned,
     FLAGS.baselines,
     num_problems=FLAGS.num_problems,
     num_steps=FLAGS.num_steps,
     seed=FLAGS.seed,
+    mesh=mesh,
   )
+  if not distributed.is_writer():
+    return  # process 0 writes and prints
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
   # compare() ran every optimizer on the same problems, so per-problem finals pair up.
   best = min(
     (r for r in results["optimizers"] if r["kind"] == "baseline"), key=lambda r: r["final_mean"]
@@ -204,7 +211,12 @@ def main(argv):
   print(f"Wrote {FLAGS.output_dir}/results.json, {FLAGS.output_dir}/curves.png and {path}")
 
 
-if __name__ == "__main__":
+def run():
+  """The command line: defines the flags, then runs ``main``."""
   define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
