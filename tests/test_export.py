@@ -110,6 +110,8 @@ def test_refusals_name_the_problem_and_write_nothing(run, tmp_path):
     export.export(str(no_checkpoints), out)
   with pytest.raises(export.ExportError, match=r"--step=5: .*available steps: 4, 6, 8\."):
     export.export(config.output_dir, out, step=5)
+  with pytest.raises(export.ExportError, match="may not replace the training record's fields step"):
+    export.export(config.output_dir, out, step=8, extra={"step": 3, "notes": "n"})
   with pytest.raises(export.ExportError, match="is the run directory"):
     export.export(config.output_dir, config.output_dir, step=8, overwrite=True)
   assert not os.path.exists(out)
@@ -150,10 +152,13 @@ def _export_cli(*flags):
 def test_the_command_exports_and_refuses_without_a_traceback(run, tmp_path):
   config, _, _ = run
   out = tmp_path / "cli"
-  result = _export_cli(f"--run_dir={config.output_dir}", f"--output={out}", "--step=4")
+  result = _export_cli(
+    f"--run_dir={config.output_dir}", f"--output={out}", "--step=4", '--metadata={"notes": "cli"}'
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Exported meta-step 4" in result.stdout
   assert _bitwise_equal(learned_opt.load(str(out)).meta_params, _phi_at(config, 4))
+  assert learned_opt.load_metadata(str(out))["notes"] == "cli"  # beside the training record
   again = _export_cli(f"--run_dir={config.output_dir}", f"--output={out}", "--step=4")
   assert again.returncode == 1 and "Traceback" not in again.stderr
   assert "already exists and is not empty" in again.stderr

@@ -11,7 +11,8 @@ any other checkpoint (``OUTPUT_DIR/checkpoints/step_*``). It writes ``--output``
 trained in its metadata as the trainer does for its best optimizer (the run's config, task,
 meta-step and epoch, the validation result when the checkpoint ends a validated epoch) plus
 ``exported_from``: the run directory, the step, the checkpoint's path and the SHA-256 of its
-``state.msgpack``. Without ``--step`` the newest checkpoint that reads cleanly is used; a
+``state.msgpack``; ``--metadata='{...}'`` adds fields of your own (notes, held-out results). Without
+``--step`` the newest checkpoint that reads cleanly is used; a
 corrupt newer one is skipped with a warning, as resuming does. The run's task is built to know
 the checkpoint's shapes, so an MNIST or CIFAR-10 run needs its data set (``$MNIST_DIR``,
 ``$CIFAR10_DIR``) as resuming it would.
@@ -125,11 +126,41 @@ def _check_finite(meta_params, path: str) -> None:
       )
 
 
+_RECORD_FIELDS = (
+  "epoch",
+  "step",
+  "valid_final_loss",
+  "valid_diverged",
+  "best_valid_so_far",
+  "task",
+  "run_config",
+  "exported_from",
+)
+
+
+def _check_extra(extra) -> None:
+  if not isinstance(extra, dict):
+    raise ExportError(
+      f'--metadata must be a JSON object, e.g. \'{{"notes": "..."}}\'; got {extra!r}.'
+    )
+  taken = sorted(set(extra) & set(_RECORD_FIELDS))
+  if taken:
+    raise ExportError(
+      f"--metadata may not replace the training record's fields {', '.join(taken)}; name your "
+      "fields otherwise."
+    )
+  try:
+    json.dumps(extra, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise ExportError(f"--metadata is not plain JSON ({e}).") from e
+
+
 def training_record(config, step: int, progress: run_dir.Progress) -> dict:
   """The metadata the trainer saves with its best optimizer, for phi at meta-step ``step``.
 
   The validation result is recorded only when ``step`` ends an epoch that was validated (phi is
   then the one that epoch validated); otherwise ``valid_final_loss`` is None.
+  ``best_valid_so_far`` is the run's best validation result up to ``step`` (None before any).
   """
   epoch = step // config.steps_per_epoch
   validated = step % config.steps_per_epoch == 0 and len(progress.valid_history) == epoch > 0
@@ -144,13 +175,21 @@ def training_record(config, step: int, progress: run_dir.Progress) -> dict:
   }
 
 
-def export(run: str, output: str, step: int | None = None, overwrite: bool = False, log=print):
+def export(
+  run: str,
+  output: str,
+  step: int | None = None,
+  overwrite: bool = False,
+  extra: dict | None = None,
+  log=print,
+) -> dict:
   """Saves phi of checkpoint ``step`` of the run in ``run`` to ``output`` (``learned_opt.save``).
 
   Args:
     run: a meta-training run's ``--output_dir``.
     output: the directory to create; an existing non-empty one only with ``overwrite``.
     step: the meta-step of the checkpoint; None: the newest usable one.
+    extra: more metadata fields (JSON values); they may not replace the training record's.
 
   Returns:
     The metadata saved with the optimizer.
@@ -162,6 +201,7 @@ def export(run: str, output: str, step: int | None = None, overwrite: bool = Fal
   """
   config = _run_config(run)
   _check_output(run, output, overwrite)
+  _check_extra(extra or {})
   ckpt_dir = os.path.join(run, run_dir.CHECKPOINT_DIR)
   step, state, progress = _restore(config, ckpt_dir, step, log)
   path = checkpoint.path_of(ckpt_dir, step)
@@ -175,6 +215,7 @@ def export(run: str, output: str, step: int | None = None, overwrite: bool = Fal
     "checkpoint": os.path.abspath(path),
     "state_sha256": digest,
   }
+  metadata.update(extra or {})
   optimizer = learned_opt.build(config.optimizer_config())
   learned_opt.save(output, optimizer, state.meta_params, metadata=metadata)
   return metadata
@@ -189,6 +230,9 @@ def define_flags():
   flags.DEFINE_string("output", None, "Directory to save the optimizer in (learned_opt.save).")
   flags.DEFINE_integer("step", None, "Meta-step of the checkpoint; default: the newest usable.")
   flags.DEFINE_bool("overwrite", False, "Replace a saved optimizer already at --output.")
+  flags.DEFINE_string(
+    "metadata", None, "JSON object of more metadata fields (notes, held-out results, ...)."
+  )
 
 
 def main(argv):
@@ -197,7 +241,11 @@ def main(argv):
   if not FLAGS.run_dir:
     raise app.UsageError("--run_dir is required: a meta-training run's --output_dir.")
   try:
-    metadata = export(FLAGS.run_dir, FLAGS.output, FLAGS.step, FLAGS.overwrite)
+    try:
+      extra = json.loads(FLAGS.metadata) if FLAGS.metadata else None
+    except json.JSONDecodeError as e:
+      raise ExportError(f"--metadata is not valid JSON ({e}).") from e
+    metadata = export(FLAGS.run_dir, FLAGS.output, FLAGS.step, FLAGS.overwrite, extra)
   except (ValueError, TypeError, OSError) as e:  # ExportError, a task without its data, ...
     raise app.UsageError(str(e)) from e
   valid = metadata["valid_final_loss"]
