@@ -299,24 +299,37 @@ def _reusable(
   data = distributed.read_on_writer(path)
   if data is None:
     return None
+  grid = baselines_lib.paper_learning_rates()
   try:
     previous = json.loads(data)
     tuning = previous["tuning"]
-    same = (
-      previous["num_steps"] == experiment.num_steps
-      and previous["num_problems"] == num_problems
-      and previous["seed"] == seed
-      and all(previous["task"].get(k) == v for k, v in experiment.task_kwargs.items())
-      and tuning["problems"] == ("separate" if tune_problems else "test")
-      and tuning["num_problems"] == (tune_problems or num_problems)
-      and np.allclose(tuning["learning_rates"], baselines_lib.paper_learning_rates())
-    )
-  except (ValueError, KeyError, TypeError) as e:
+    rates = tuning["learning_rates"]
+    saved_and_now = {
+      "steps": (previous["num_steps"], experiment.num_steps),
+      "test problems": (previous["num_problems"], num_problems),
+      "seed": (previous["seed"], seed),
+      "task": (
+        {k: previous["task"].get(k) for k in experiment.task_kwargs},
+        experiment.task_kwargs,
+      ),
+      "tuning problems": (
+        (tuning["problems"], tuning["num_problems"]),
+        ("separate" if tune_problems else "test", tune_problems or num_problems),
+      ),
+      "learning-rate grid": (len(rates) == len(grid) and np.allclose(rates, grid), True),
+    }
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
     log(f"Not reusing {path}: unreadable ({e!r}); running every baseline.", flush=True)
     return None
-  if not same:
-    log(f"Not reusing {path}: another setting; running every baseline.", flush=True)
-  return previous if same else None
+  changed = [
+    f"{name} (saved {saved}, now {now})"
+    for name, (saved, now) in saved_and_now.items()
+    if saved != now
+  ]
+  if changed:
+    log(f"Not reusing {path}: another {'; '.join(changed)}; running every baseline.", flush=True)
+    return None
+  return previous
 
 
 def _saved_results(output_dir: str) -> dict[str, dict]:

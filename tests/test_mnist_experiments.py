@@ -188,7 +188,7 @@ def test_reuse_baselines_runs_only_the_missing_ones_and_merges(tmp_path):
     ["adam", "nag", "sgd"],
   ]
   assert runs[3] == [["adam"], [["lstm", None], ["adam", 0.004]], None]
-  assert "Not reusing" in result.stdout and "another setting" in result.stdout
+  assert "another tuning problems (saved ('separate', 8), now ('separate', 3))" in result.stdout
 
 
 _NOT_WRITER = """
