@@ -6,15 +6,15 @@ Example:
 
 The run's best validated optimizer is already saved in its ``--output_dir``; this command is for
 any other checkpoint (``OUTPUT_DIR/checkpoints/step_*``). It writes ``--output`` with
-``learned_opt.save``, so ``learned_opt.load(OUTPUT)``, ``as_optax`` and
-``--checkpoint=OUTPUT`` of ``eval.evaluate`` / ``eval.rank`` take it, and records how it was
-trained in its metadata as the trainer does for its best optimizer (the run's config, task,
-meta-step and epoch, the validation result when the checkpoint ends a validated epoch) plus
-``exported_from``: the run directory, the step, the checkpoint's path and the SHA-256 of its
-``state.msgpack``; ``--metadata='{...}'`` adds fields of your own (notes, held-out results). Without
-``--step`` the newest checkpoint that reads cleanly is used; a
-corrupt newer one is skipped with a warning, as resuming does. The run's task is built to know
-the checkpoint's shapes, so an MNIST or CIFAR-10 run needs its data set (``$MNIST_DIR``,
+``learned_opt.save``, so ``learned_opt.load(OUTPUT)``, ``as_optax`` and ``--checkpoint=OUTPUT``
+of ``eval.evaluate`` / ``eval.rank`` take it, and records how it was trained in its metadata as
+the trainer does for its best optimizer (the run's config, task, meta-step and epoch, the
+validation result when the checkpoint ends a validated epoch) plus ``exported_from``: the run
+directory, the step, the checkpoint's path and the SHA-256 of its ``state.msgpack``.
+``--metadata='{...}'`` adds fields of your own (notes, held-out results). Without ``--step`` the
+newest checkpoint that reads cleanly is used; a corrupt newer one is skipped with a warning, as
+resuming does, and the run directory is left as it is. The run's task is built to know the
+checkpoint's shapes, so an MNIST or CIFAR-10 run needs its data set (``$MNIST_DIR``,
 ``$CIFAR10_DIR``) as resuming it would.
 """
 
@@ -256,7 +256,12 @@ def main(argv):
   )
 
 
-if __name__ == "__main__":
+def run():
+  """The command line, ``python -m train.export``."""
   define_flags()
   jax.config.parse_flags_with_absl()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
