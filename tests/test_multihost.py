@@ -53,9 +53,9 @@ BASELINES = ["adam"]
 EVAL_FLAGS = [f"--baselines={','.join(BASELINES)}", "--num_problems=6", "--num_steps=8", "--seed=3"]
 
 
-def train_flags(output_dir) -> list[str]:
+def train_flags(output_dir, **overrides) -> list[str]:
   flags = [f"--output_dir={output_dir}"]
-  for name, value in SETTINGS.items():
+  for name, value in {**SETTINGS, **overrides}.items():
     flags.append(f"--{name}={json.dumps(value) if isinstance(value, dict) else value}")
   return flags
 
@@ -66,8 +66,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(module, flags, devices: int, processes=1, env=None) -> list[subprocess.Popen]:
-  """Starts ``processes`` children running ``module``'s command line, ``devices`` CPUs each."""
+def launch(module, flags, devices: int, processes=1, env=None, cwds=None) -> list[subprocess.Popen]:
+  """Starts ``processes`` children running ``module``'s command line, ``devices`` CPUs each.
+
+  ``cwds``: each process's working directory (default: the repository), e.g. so that a relative
+  ``--output_dir`` shows which process wrote what.
+  """
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
@@ -83,7 +87,7 @@ def launch(module, flags, devices: int, processes=1, env=None) -> list[subproces
     subprocess.Popen(
       [sys.executable, WORKER, module, *flags, *cluster]
       + ([f"--process_id={i}"] if processes > 1 else []),
-      cwd=ROOT,
+      cwd=cwds[i] if cwds else ROOT,
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
@@ -93,8 +97,9 @@ def launch(module, flags, devices: int, processes=1, env=None) -> list[subproces
   ]
 
 
-def finish(procs, deadline) -> list[str]:
-  """Waits for every child (killing all at the deadline); their outputs. Fails on an error."""
+def finish(procs, deadline, ok=True) -> list[str]:
+  """Waits for every child (killing all at the deadline); their outputs. Fails on an error
+  (with ``ok=False``: fails unless every child exits with an error)."""
   outputs = []
   try:
     for proc in procs:
@@ -104,7 +109,7 @@ def finish(procs, deadline) -> list[str]:
       proc.kill()
     pytest.fail("a child process hung:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
   for proc, out in zip(procs, outputs, strict=True):
-    assert proc.returncode == 0, out[-5000:]
+    assert (proc.returncode == 0) == ok, out[-5000:]
   return outputs
 
 
@@ -112,8 +117,8 @@ def config(output_dir, **overrides) -> MetaTrainConfig:
   return MetaTrainConfig(output_dir=str(output_dir), **{**SETTINGS, **overrides})
 
 
-def final_state(output_dir):
-  cfg = config(output_dir)
+def final_state(output_dir, **overrides):
+  cfg = config(output_dir, **overrides)
   task, optimizer = trainer.build(cfg)
   template = jax.eval_shape(lambda: meta_step.init_state(cfg, task, optimizer))
   path = checkpoint.path_of(os.path.join(output_dir, "checkpoints"), STEPS)
@@ -309,3 +314,106 @@ def test_start_up_flags_that_contradict_are_refused(monkeypatch):
   ):
     distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
   assert distributed.initialize(mode="auto") is False  # nothing given, nothing detected
+
+
+# --num_devices and the experiment runners ------------------------------------------------------
+
+FEW = {"num_problems": 2, "valid_problems": 2}  # the mnist preset's meta-step: 2 problems
+QUADRATIC_VARIANTS = [  # the cheapest runner, on tiny sizes
+  "--checkpoint=lstm=pretrained:quadratic",
+  "--baselines=adam",
+  "--num_problems=4",
+  "--num_steps=5",
+  "--seed=3",
+]
+
+
+@pytest.fixture(scope="module")
+def few_devices_runs(tmp_path_factory):
+  """Children run together: meta-training on 2 of 8 devices (--num_devices=2); a --num_devices
+  that does not fit 2 processes; quadratic_variants on 1 device, 2 devices and 2 processes (each
+  process in its own working directory, with a relative --output_dir). Meanwhile this process
+  meta-trains the same configuration on one device."""
+  root = tmp_path_factory.mktemp("few_devices")
+  cwds = [root / "process0", root / "process1"]
+  for cwd in cwds:
+    cwd.mkdir()
+  deadline = time.time() + TIMEOUT
+  qv = lambda out, devices, **kw: launch(
+    "experiments.quadratic_variants", [*QUADRATIC_VARIANTS, f"--output_dir={out}"], devices, **kw
+  )
+  children = {
+    "two_of_eight": launch(
+      "train.meta_train", [*train_flags(root / "two_of_eight", **FEW), "--num_devices=2"], 8
+    ),
+    "misfit": launch(
+      "train.meta_train", [*train_flags(root / "misfit"), "--num_devices=3"], 1, processes=2
+    ),
+    "qv_one": qv(root / "qv_one", 1),
+    "qv_two": qv(root / "qv_two", 2),
+    "qv_processes": qv("qv", 1, processes=2, cwds=cwds),
+  }
+  one_device, _ = trainer.train(config(root / "one", **FEW), log=lambda s: None)
+  logs = {name: finish(procs, deadline, ok=name != "misfit") for name, procs in children.items()}
+  return types.SimpleNamespace(root=root, cwds=cwds, logs=logs, one_device=one_device)
+
+
+def test_num_devices_runs_two_problems_on_two_of_eight_devices(few_devices_runs):
+  """Without --num_devices, 2 problems on 8 devices are refused (see the next test); with
+  --num_devices=2 the run gives the one-device phi to the tolerance used above."""
+  state = final_state(few_devices_runs.root / "two_of_eight", **FEW)
+  want = few_devices_runs.one_device
+  assert_trees_equal(state.inner.data_key, want.inner.data_key)
+  # Tolerance 1e-5 of each leaf's scale: with 2 problems the mean meta-gradient cancels more
+  # than with 8, and Adam normalizes each coordinate, so a near-zero element of phi carries an
+  # absolute error of the leaf's scale (measured: 1.4e-6 on leaves of size ~1).
+  got, want = (state.meta_params, state.meta_opt_state), (want.meta_params, want.meta_opt_state)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(y))))
+
+
+def test_a_count_that_does_not_divide_suggests_num_devices_that_fit():
+  mesh = distributed.global_mesh()  # 8 faked devices (conftest)
+  assert mesh.devices.size == 8
+  counts = {"num_problems": 2, "valid_problems": 4}
+  with pytest.raises(distributed.MeshError, match=r"--num_devices=2 or --num_devices=1\.$"):
+    distributed.check_divides(2, mesh, "num_problems", counts)
+  with pytest.raises(distributed.MeshError, match=r"fewer devices: --num_devices=1\.$"):
+    distributed.check_divides(2, mesh, "num_problems", {"valid_problems": 3})
+
+
+def test_num_devices_takes_an_equal_share_of_each_process():
+  devices = [types.SimpleNamespace(process_index=p, id=8 * p + i) for p in (0, 1) for i in range(4)]
+  assert distributed.select_devices(None, devices) == devices
+  assert [d.id for d in distributed.select_devices(4, devices)] == [0, 1, 8, 9]
+  assert [d.id for d in distributed.select_devices(2, devices)] == [0, 8]
+  assert distributed.fitting_device_counts(devices) == [2, 4, 6, 8]
+  for bad in (0, -2, 3, 10):
+    with pytest.raises(
+      ValueError,
+      match=rf"--num_devices={bad} does not fit the 8 visible devices "
+      r"of 2 process.*Use one of --num_devices=2, 4, 6, 8\.",
+    ):
+      distributed.select_devices(bad, devices)
+  one_process = jax.devices()  # 8 faked devices
+  assert distributed.select_devices(3, one_process) == one_process[:3]
+  with pytest.raises(ValueError, match=r"--num_devices=9 .*--num_devices=1, 2, 3, 4, 5, 6, 7, 8"):
+    distributed.select_devices(9, one_process)
+
+
+def test_a_num_devices_that_does_not_fit_the_processes_is_a_usage_error(few_devices_runs):
+  for log in few_devices_runs.logs["misfit"]:  # both processes, before anything is compiled
+    assert "--num_devices=3 does not fit the 2 visible devices of 2 process(es)" in log
+    assert "Use one of --num_devices=2." in log
+  assert not (few_devices_runs.root / "misfit").exists()
+
+
+def test_a_runner_writes_the_same_table_on_one_or_two_devices_or_processes(few_devices_runs):
+  root, (first, second) = few_devices_runs.root, few_devices_runs.cwds
+  summary = (root / "qv_one" / "summary.md").read_text()
+  assert "| adam |" in summary and "| lstm |" in summary
+  assert (root / "qv_two" / "summary.md").read_text() == summary
+  assert (first / "qv" / "summary.md").read_text() == summary
+  assert not (second / "qv").exists()  # process 1 wrote nothing
+  zero, one = few_devices_runs.logs["qv_processes"]
+  assert "Wrote qv/results.json" in zero and "Wrote" not in one and "adam" not in one
