@@ -20,6 +20,7 @@ def test_console_scripts_name_the_command_line_entry_points():
   }
   assert {name: e.value for name, e in scripts.items()} == {
     "learned-opt-eval": "eval.evaluate:run",
+    "learned-opt-export": "train.export:run",
     "learned-opt-train": "train.meta_train:run",
   }
   # The installed command runs the job's flag checks (here one that fails before compiling).
