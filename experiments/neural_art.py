@@ -33,7 +33,7 @@ from learned_opt.tree_files import atomic_write
 from tasks import neural_art
 from tasks.base import TaskFamily
 from train import config as config_lib
-from train import distributed, trainer
+from train import distributed, run_dir, trainer
 from train import inner as inner_lib
 
 
@@ -56,16 +56,24 @@ RECIPE = {
   "optimizer_kwargs": {"preprocess": "log_sign", "output_scale": 0.1},
   "unroll": 32,
   "horizon": 128,
+  # Validation on the held-out contents (the paper's 20), at the split's own size.
+  "valid_task_kwargs": {"split": "valid", "num_contents": None},
 }
 
 
 def train_config(output_dir: str, task_kwargs: dict, **overrides) -> config_lib.MetaTrainConfig:
-  """The recipe as a validated ``MetaTrainConfig``; ``overrides`` are any of its fields."""
+  """The recipe as a validated ``MetaTrainConfig``; ``overrides`` are any of its fields.
+
+  A run in ``output_dir`` keeps the validation it started with, so runs begun before the
+  recipe validated on held-out contents (they validated on the training pool) still resume.
+  """
+  settings = {**RECIPE, **overrides}
+  saved = os.path.join(output_dir, run_dir.CONFIG_FILE)
+  if os.path.isfile(saved):
+    with open(saved) as f:
+      settings["valid_task_kwargs"] = json.load(f).get("valid_task_kwargs", {})
   return config_lib.MetaTrainConfig(
-    output_dir=output_dir,
-    task="neural_art",
-    task_kwargs=task_kwargs,
-    **{**RECIPE, **overrides},
+    output_dir=output_dir, task="neural_art", task_kwargs=task_kwargs, **settings
   )
 
 

@@ -52,6 +52,19 @@ def test_recipe_trains_and_records_the_task(run):
   assert metadata["run_config"]["unroll"] == 2
 
 
+def test_recipe_validates_on_held_out_contents_and_old_runs_resume(run, tmp_path):
+  config = learned_opt.load_metadata(run["dir"])["run_config"]
+  assert config["valid_task_kwargs"] == {"split": "valid", "num_contents": None}
+  valid = runner.trainer.validation_task(runner.train_config(run["dir"], run["kwargs"]), None)
+  assert valid.config["split"] == "valid"
+  old = dict(config)
+  del old["valid_task_kwargs"]  # a run started before the recipe validated on held-out contents
+  os.makedirs(tmp_path / "old")
+  with open(tmp_path / "old" / "config.json", "w") as f:
+    json.dump(old, f)
+  assert runner.train_config(str(tmp_path / "old"), run["kwargs"]).valid_task_kwargs == {}
+
+
 def test_evaluate_pairs_test_contents_and_tunes_on_validation(run):
   """The second Figure 8 setting (new style, double size): the one that changes the task most."""
   saved = learned_opt.load(run["dir"])
