@@ -240,14 +240,14 @@ def check_divides(count: int, mesh: Mesh, flag: str, others: dict[str, int] | No
     fits = lambda k: k < size and all(c % k == 0 for c in counts)
     fewer = [k for k in reversed(fitting_device_counts()) if fits(k)]
     devices = (
-      f"--num_devices={' or --num_devices='.join(map(str, fewer[:3]))}"
+      f", or run on fewer devices: --num_devices={' or --num_devices='.join(map(str, fewer[:3]))}"
       if fewer
-      else "--num_devices (a multiple of the process count)"
+      else ""  # several processes: no smaller multiple of their count divides every count
     )
     raise MeshError(
       f"--{flag}={count} does not divide over the {size} devices of the mesh "
       f"({jax.process_count()} process(es)); each device must hold as many problems. Use "
-      f"{choices}, or run on fewer devices: {devices}."
+      f"{choices}{devices}."
     )
 
 
