@@ -1,5 +1,6 @@
 """Per-task presets: chosen by the task, overridden by flags, the recipes the docs record."""
 
+import dataclasses
 import json
 import shlex
 
@@ -53,6 +54,15 @@ def test_the_mnist_preset_is_the_shipped_optimizers_recorded_recipe(tmp_path):
   assert learned_opt.build(preset.optimizer_config()).config == (
     learned_opt.load("learned_opt/pretrained/mnist_mlp").optimizer.config
   )
+
+
+def test_the_cifar10_preset_is_the_shipped_optimizers_recorded_config(tmp_path):
+  """The preset trains what ``learned_opt.pretrained("cifar10_conv")`` was trained with."""
+  recorded = config_lib.upgrade(learned_opt.shipped.metadata("cifar10_conv")["run_config"])
+  preset = dataclasses.asdict(_config(presets.select(None, "cifar10_conv"), tmp_path))
+  for name in config_lib.NOT_AFFECTING_RESULTS:  # output_dir, log_every, checkpoint_every, ...
+    recorded.pop(name, None), preset.pop(name)
+  assert preset == recorded
 
 
 def test_a_json_file_is_a_preset_on_top_of_its_tasks(tmp_path):

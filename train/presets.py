@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "log_every": 10,
   },
   # Section 3.3 (docs/cifar10.md): one LSTM for the conv parameters, one for the fully connected
-  # ones, with the MNIST run's settings as a start; one meta-step takes 10-15 s on 2 CPU cores.
+  # ones; the shipped optimizer's recipe (4.6 s a meta-step on 2 idle CPU cores, 4.4 GiB).
   "cifar10_conv": {
     "task": "cifar10_conv",
     "optimizer": "partition",
@@ -61,10 +61,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "horizon": 100,
     "num_problems": 2,
     "meta_lr": 3e-3,
-    "num_epochs": 10,
+    "meta_lr_schedule": "cosine",
+    "meta_lr_final_ratio": 0.1,
+    "meta_objective": "ramp",
+    "num_epochs": 5,
     "steps_per_epoch": 100,
-    "valid_problems": 16,
+    "valid_problems": 8,
     "log_every": 10,
+    "checkpoint_every": 25,
   },
 }
 
