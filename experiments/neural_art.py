@@ -70,8 +70,7 @@ def train_config(output_dir: str, task_kwargs: dict, **overrides) -> config_lib.
   settings = {**RECIPE, **overrides}
   saved = os.path.join(output_dir, run_dir.CONFIG_FILE)
   if os.path.isfile(saved):
-    with open(saved) as f:
-      settings["valid_task_kwargs"] = json.load(f).get("valid_task_kwargs", {})
+    settings["valid_task_kwargs"] = config_lib.read_saved(saved).get("valid_task_kwargs", {})
   return config_lib.MetaTrainConfig(
     output_dir=output_dir, task="neural_art", task_kwargs=task_kwargs, **settings
   )

@@ -400,8 +400,8 @@ def test_validation_draws_from_valid_task_kwargs(tmp_path):
   """--valid_task_kwargs builds validation's own task: here 6-d quadratics beside 4-d training."""
   config = tiny_config(tmp_path, num_epochs=1, valid_task_kwargs={"dim": 6})
   state, progress = trainer.train(config, log=lambda s: None)
-  valid_task = trainer.validation_task(config, trainer.build(config)[0])
-  _, opt = trainer.build(config)
+  task, opt = trainer.build(config)
+  valid_task = trainer.validation_task(config, task)
   validate = jax.jit(meta_step.make_validate(config, valid_task, opt))
   problems = meta_step.sample_valid_problems(config, valid_task)
   assert problems[0]["w"].shape == (config.valid_problems, 6, 6)

@@ -141,6 +141,15 @@ def _legacy_optimizer_config(saved: dict[str, Any]) -> dict[str, Any]:
   return config
 
 
+def read_saved(path: str) -> dict[str, Any]:
+  """A run's saved ``config.json`` as written (see ``upgrade``); ValueError if not an object."""
+  with open(path) as f:
+    saved = json.load(f)
+  if not isinstance(saved, dict):
+    raise ValueError("not a JSON object")
+  return saved
+
+
 def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
   """A saved ``config.json`` in today's fields.
 
@@ -397,9 +406,7 @@ def resume_hint(config: MetaTrainConfig) -> str:
   """
   path = os.path.join(config.output_dir, "config.json")
   try:
-    with open(path) as f:
-      saved = json.load(f)
-    changed = differences(saved, config) if isinstance(saved, dict) else []
+    changed = differences(read_saved(path), config)
   except (OSError, ValueError, TypeError, KeyError):
     return ""
   if not changed:

@@ -50,11 +50,7 @@ def _run_config(run: str) -> config_lib.MetaTrainConfig:
       "name a meta-training --output_dir."
     )
   try:
-    with open(path) as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError("not a JSON object")
-    return config_lib.MetaTrainConfig(**config_lib.upgrade(saved))
+    return config_lib.MetaTrainConfig(**config_lib.upgrade(config_lib.read_saved(path)))
   except (ValueError, TypeError) as e:
     raise ExportError(f"{path} is unreadable or invalid ({e}).") from e
 

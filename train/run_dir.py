@@ -80,11 +80,7 @@ def check_resumable(config: MetaTrainConfig, config_path: str, ckpt_dir: str) ->
       "flags cannot be checked. Restore config.json, or choose a new --output_dir."
     )
   try:
-    with open(config_path) as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError("not a JSON object")
-    changed = config_lib.differences(saved, config)
+    changed = config_lib.differences(config_lib.read_saved(config_path), config)
   except (ValueError, TypeError, KeyError) as e:
     raise RunDirError(
       f"{config_path} is unreadable ({e}); restore it or choose a new --output_dir."
