@@ -35,6 +35,19 @@ def test_evaluate_a_shipped_optimizer_by_name_on_its_recorded_task(tmp_path):
   results = json.loads((out / "results.json").read_text())
   assert results["task"] == {"name": "quadratic", "dim": 10}  # from the optimizer's metadata
   assert [r["name"] for r in results["optimizers"]] == ["lstm", "sgd"]  # named by its kind
+  # In chunks of 3 problems (3 + 1 of the 4) the learned optimizer's results are the same.
+  chunked = run(
+    "eval.evaluate",
+    "--checkpoint=pretrained:quadratic",
+    f"--output_dir={tmp_path / 'chunked'}",
+    "--num_problems=4",
+    "--num_steps=5",
+    "--baselines=",
+    "--problem_batch_size=3",
+  )
+  assert chunked.returncode == 0, chunked.stderr[-2000:]
+  lstm = json.loads((tmp_path / "chunked" / "results.json").read_text())["optimizers"][0]
+  assert lstm == results["optimizers"][0]
 
 
 @pytest.mark.parametrize("bad", ["missing", "empty", "step_dir", "unknown_name"])
@@ -69,6 +82,7 @@ def test_an_output_dir_under_a_file_is_refused_before_compute(tmp_path, module):
   [
     (["--output_dir={file}"], "is a file, not a directory"),
     (['--task_kwargs={{"dims": 3}}'], "--task_kwargs: task 'quadratic' has no setting 'dims'"),
+    (["--problem_batch_size=-1"], "--problem_batch_size must be 0 (all problems at once) or"),
   ],
 )
 def test_evaluate_usage_errors_name_the_flag(tmp_path, flags, message):
