@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from learned_opt.base import LearnedOptimizer, MetaParams, SavedOptimizer
+from learned_opt.kernels import fused_lstm
 
 NAN_POLICIES = ("propagate", "zero")
 
@@ -92,6 +93,7 @@ def as_optax(
   meta_params: MetaParams | None = None,
   *,
   nan_policy: str = "propagate",
+  kernel: str = "xla",
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a learned optimizer with fixed weights phi as an optax transformation.
 
@@ -107,12 +109,20 @@ def as_optax(
       a NaN update, so the failure is visible) or ``"zero"`` (non-finite gradient entries are
       replaced by 0 before the optimizer sees them, so one bad coordinate does not spread
       through global averaging cells or shared memory).
+    kernel: ``"xla"`` (the default: the optimizer's own update, differentiable, what
+      meta-training uses), ``"auto"`` (a fused CPU kernel, compiled on first use, where it
+      applies: a coordinatewise LSTM without global averaging cells on a CPU backend; 3-5x
+      faster on large models; else XLA) or ``"fused"`` (the kernel, a ``ValueError`` for an
+      optimizer it does not cover). The kernel's update has no derivative: keep ``"xla"`` to
+      differentiate through it. See ``learned_opt.kernels.fused_lstm``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a ``LearnedOptaxState``.
 
   Raises:
     TypeError: for anything but the two forms above (e.g. a path, or an optimizer without phi).
+    ValueError: an unknown ``nan_policy`` or ``kernel``, or ``kernel="fused"`` for an optimizer
+      the fused kernel does not cover.
 
   Example:
     >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -123,6 +133,7 @@ def as_optax(
   optimizer, meta_params = _unpack(optimizer, meta_params)
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+  learned_update = fused_lstm.make_update(optimizer, kernel)
 
   def init_fn(params):
     return LearnedOptaxState(optimizer.init_state(meta_params, params))
@@ -137,7 +148,7 @@ def as_optax(
     _check_fits(optimizer, meta_params, updates, state.inner)
     if nan_policy == "zero":
       updates = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0), updates)
-    steps, inner = optimizer.update(meta_params, updates, state.inner)
+    steps, inner = learned_update(meta_params, updates, state.inner)
     return steps, LearnedOptaxState(inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

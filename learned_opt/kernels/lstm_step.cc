@@ -1,0 +1,439 @@
+// One forward step of the coordinatewise LSTM optimizer (learned_opt/lstm.py, no global averaging
+// cells) on every coordinate of one parameter leaf, fused into a single pass over the rows.
+//
+// For each coordinate (a row) it runs preprocessing -> every LSTM layer -> the linear read-out ->
+// the output scale while the row's state is in L1, instead of XLA:CPU's separate matmul and
+// element-wise passes over all rows. Rows go in tiles of kTileRows: one layer's pre-activations
+// for a tile, (kTileRows, 4 hidden), are a register-blocked matmul (the weights, 20 KB at 20
+// units, stay in L1), the gate non-linearities are applied in registers, and the cell update runs
+// on the tile from a small scratch. Rows are shared between threads in chunks taken from an atomic
+// counter, on XLA's own CPU thread pool (the FFI execution context's), so a busy core simply takes
+// fewer chunks.
+//
+// Built on first use by learned_opt/kernels/fused_lstm.py (see its BUILD_FLAGS); registered as an
+// XLA FFI target and called through jax.ffi.ffi_call.
+//
+// The math is lstm.py's: z = [x, h] @ W + b, gates i, f, g, o = z split in four,
+// c' = sigmoid(f) c + sigmoid(i) tanh(g), h' = sigmoid(o) tanh(c'), update = scale (h'_top w + b).
+// sigmoid(z) = 1 / (1 + exp(-z)) and tanh(z) = 2 / (1 + exp(-2 z)) - 1, with exp from a
+// range reduction to [-ln2/2, ln2/2] (two-constant Cody-Waite) and its degree-7 Taylor polynomial
+// (truncation error below 6e-9 relative): ~1e-7 absolute error, NaN in -> NaN out.
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Vector width in floats: what -march=native offers (AVX-512: 16, AVX/AVX2: 8, else 4).
+#if defined(__AVX512F__)
+#define LO_LANES 16
+constexpr int kMaxPanel = 6;  // column vectors per register tile: 4 x 6 accumulators of 32 zmm
+#elif defined(__AVX__)
+#define LO_LANES 8
+constexpr int kMaxPanel = 3;  // 4 x 3 accumulators of 16 ymm
+#else
+#define LO_LANES 4
+constexpr int kMaxPanel = 3;
+#endif
+constexpr int kLanes = LO_LANES;
+typedef float Vec __attribute__((vector_size(LO_LANES * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(LO_LANES * sizeof(float))));
+
+constexpr int kTileRows = 4;       // rows whose pre-activations are computed together
+constexpr int64_t kChunkRows = 512;  // rows a thread takes at a time
+
+inline Vec Splat(float x) { return Vec{} + x; }
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x), x a vector; NaN stays NaN, |x| is clamped to 87 (exp(+-87) is still a normal float).
+inline Vec Exp(Vec x) {
+  const Vec hi = Splat(87.0f), lo = Splat(-87.0f);
+  x = x > hi ? hi : x;  // written as selects so that a NaN passes through
+  x = x < lo ? lo : x;
+  // n = round(x / ln2) by the 1.5 * 2^23 trick (round to nearest in the default mode).
+  const Vec magic = Splat(12582912.0f);
+  Vec n = (x * Splat(1.44269504088896341f) + magic) - magic;
+  // r = x - n ln2, with ln2 split in a part exact in float and a remainder.
+  Vec r = x - n * Splat(0.693145751953125f);
+  r = r - n * Splat(1.428606765330187045e-06f);
+  // exp(r), |r| <= ln2 / 2: Taylor coefficients 1 / k!, k = 7 .. 0, by Horner's rule.
+  Vec p = Splat(1.0f / 5040.0f);
+  p = p * r + Splat(1.0f / 720.0f);
+  p = p * r + Splat(1.0f / 120.0f);
+  p = p * r + Splat(1.0f / 24.0f);
+  p = p * r + Splat(1.0f / 6.0f);
+  p = p * r + Splat(0.5f);
+  p = p * r + Splat(1.0f);
+  p = p * r + Splat(1.0f);
+  // 2^n by building the float's exponent bits; n lies in [-126, 126] after the clamp.
+  IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// a / (1 + exp(-k z)) + b per lane: sigmoid with (k, a, b) = (1, 1, 0), tanh with (2, 2, -1).
+inline Vec Squash(Vec z, Vec neg_k, Vec a, Vec b) {
+  return a / (Splat(1.0f) + Exp(neg_k * z)) + b;
+}
+
+inline Vec Tanh(Vec z) { return Squash(z, Splat(-2.0f), Splat(2.0f), Splat(-1.0f)); }
+
+// Memory aligned to a vector, for the packed weights and per-thread scratch.
+struct AlignedFloats {
+  explicit AlignedFloats(size_t n)
+      : data(static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64))) {
+    std::memset(data, 0, ((n * sizeof(float) + 63) / 64) * 64);
+  }
+  ~AlignedFloats() { std::free(data); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data;
+};
+
+// The network in the kernel's layout: each layer's W (in + hidden, 4 hidden) with its columns
+// padded to whole vectors (zeros), its bias likewise, and per column the squash constants.
+struct Net {
+  int layers = 0, hidden = 0, features = 0;
+  int vectors = 0;   // column vectors of one layer's pre-activations: ceil(4 hidden / kLanes)
+  int columns = 0;   // vectors * kLanes
+  int hidden_pad = 0;  // hidden rounded up to whole vectors
+  std::vector<const float*> w, b;
+  const float* neg_k = nullptr;
+  const float* act_a = nullptr;
+  const float* act_b = nullptr;
+  const float* out_w = nullptr;
+  float out_b = 0.0f;
+  std::unique_ptr<AlignedFloats> storage;
+};
+
+struct Preprocess {
+  int mode = 0;  // 0: none, 1: scale, 2: log_sign
+  float factor = 1.0f, threshold = 0.0f, p = 1.0f, exp_p = 1.0f;
+};
+
+struct Io {
+  int64_t rows = 0;
+  const float* grad = nullptr;
+  const float* h_in = nullptr;
+  const float* c_in = nullptr;
+  float* update = nullptr;
+  float* h_out = nullptr;
+  float* c_out = nullptr;
+  float output_scale = 1.0f;
+};
+
+// Per-thread scratch: one tile's inputs, layer outputs (two, alternating), pre-activations, and
+// a zero state row plus a discard row for the tile's missing rows past the end.
+struct Scratch {
+  explicit Scratch(const Net& net)
+      : z_stride(net.columns + kLanes),
+        x0(kTileRows * 2),
+        h(2 * kTileRows * net.hidden_pad),
+        z(kTileRows * z_stride),
+        c_old(net.hidden_pad),
+        c_new(net.hidden_pad),
+        zero_row(net.layers * net.hidden),
+        discard_row(net.layers * net.hidden) {}
+  int z_stride;
+  AlignedFloats x0, h, z, c_old, c_new, zero_row, discard_row;
+};
+
+// One layer's pre-activations for a tile, columns [first, first + kVectors) vectors, squashed.
+// in: the layer input, kTileRows rows of `in_size` at stride in_stride; h_old[m]: row m's old
+// hidden state of this layer.
+template <int kVectors>
+inline void Panel(const Net& net, int layer, int first, const float* in, int in_size,
+                  int in_stride, const float* const* h_old, float* z, int z_stride) {
+  const int columns = net.columns;
+  const float* w = net.w[layer] + first * kLanes;
+  Vec acc[kTileRows][kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const Vec bias = Load(net.b[layer] + (first + v) * kLanes);
+    for (int m = 0; m < kTileRows; ++m) acc[m][v] = bias;
+  }
+  for (int k = 0; k < in_size; ++k, w += columns) {
+    Vec wk[kVectors];
+    for (int v = 0; v < kVectors; ++v) wk[v] = Load(w + v * kLanes);
+    for (int m = 0; m < kTileRows; ++m) {
+      const Vec a = Splat(in[m * in_stride + k]);
+      for (int v = 0; v < kVectors; ++v) acc[m][v] += a * wk[v];
+    }
+  }
+  for (int k = 0; k < net.hidden; ++k, w += columns) {
+    Vec wk[kVectors];
+    for (int v = 0; v < kVectors; ++v) wk[v] = Load(w + v * kLanes);
+    for (int m = 0; m < kTileRows; ++m) {
+      const Vec a = Splat(h_old[m][k]);
+      for (int v = 0; v < kVectors; ++v) acc[m][v] += a * wk[v];
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    const int col = (first + v) * kLanes;
+    const Vec nk = Load(net.neg_k + col), a = Load(net.act_a + col), b = Load(net.act_b + col);
+    for (int m = 0; m < kTileRows; ++m) Store(z + m * z_stride + col, Squash(acc[m][v], nk, a, b));
+  }
+}
+
+inline void PanelDispatch(int vectors, const Net& net, int layer, int first, const float* in,
+                          int in_size, int in_stride, const float* const* h_old, float* z,
+                          int z_stride) {
+  switch (vectors) {
+#define LO_PANEL_CASE(n)                                                               \
+  case n:                                                                              \
+    if constexpr (n <= kMaxPanel)                                                      \
+      Panel<n>(net, layer, first, in, in_size, in_stride, h_old, z, z_stride);         \
+    break;
+    LO_PANEL_CASE(1)
+    LO_PANEL_CASE(2)
+    LO_PANEL_CASE(3)
+    LO_PANEL_CASE(4)
+    LO_PANEL_CASE(5)
+    LO_PANEL_CASE(6)
+#undef LO_PANEL_CASE
+    default:
+      break;
+  }
+}
+
+inline float Sign(float g) { return g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : g); }
+
+// Rows [row, row + count) of the leaf, count <= kTileRows.
+void Tile(const Net& net, const Preprocess& pre, const Io& io, int64_t row, int count,
+          Scratch& s) {
+  const int hidden = net.hidden, state_row = net.layers * hidden, hp = net.hidden_pad;
+  const float* h_in[kTileRows];
+  const float* c_in[kTileRows];
+  float* h_out[kTileRows];
+  float* c_out[kTileRows];
+  float* x0 = s.x0.data;
+  for (int m = 0; m < kTileRows; ++m) {
+    const bool real = m < count;
+    const int64_t offset = (row + m) * state_row;
+    h_in[m] = real ? io.h_in + offset : s.zero_row.data;
+    c_in[m] = real ? io.c_in + offset : s.zero_row.data;
+    h_out[m] = real ? io.h_out + offset : s.discard_row.data;
+    c_out[m] = real ? io.c_out + offset : s.discard_row.data;
+    const float g = real ? io.grad[row + m] : 0.0f;
+    // preprocess.py's formulas, in float32 as XLA computes them.
+    if (pre.mode == 2) {
+      const float magnitude = std::fabs(g);
+      const bool big = magnitude >= pre.threshold;  // false for NaN, as in jnp.where
+      x0[2 * m] = big ? std::log(std::min(magnitude, FLT_MAX)) / pre.p : -1.0f;
+      x0[2 * m + 1] = big ? Sign(g) : pre.exp_p * g;
+    } else {
+      x0[2 * m] = pre.mode == 1 ? pre.factor * g : g;
+    }
+  }
+  const float* in = x0;
+  int in_size = net.features, in_stride = 2;
+  for (int layer = 0; layer < net.layers; ++layer) {
+    const float* h_old[kTileRows];
+    for (int m = 0; m < kTileRows; ++m) h_old[m] = h_in[m] + layer * hidden;
+    for (int first = 0; first < net.vectors; first += kMaxPanel) {
+      const int n = std::min(kMaxPanel, net.vectors - first);
+      PanelDispatch(n, net, layer, first, in, in_size, in_stride, h_old, s.z.data, s.z_stride);
+    }
+    // Every read of this layer's old state is done: the new state may overwrite it (in place).
+    float* h_new = s.h.data + (layer & 1) * kTileRows * hp;
+    for (int m = 0; m < kTileRows; ++m) {
+      const float* z = s.z.data + m * s.z_stride;
+      std::memcpy(s.c_old.data, c_in[m] + layer * hidden, hidden * sizeof(float));
+      for (int u = 0; u < hp; u += kLanes) {
+        const Vec c = Load(z + hidden + u) * Load(s.c_old.data + u) +
+                      Load(z + u) * Load(z + 2 * hidden + u);
+        Store(s.c_new.data + u, c);
+        Store(h_new + m * hp + u, Load(z + 3 * hidden + u) * Tanh(c));
+      }
+      std::memcpy(c_out[m] + layer * hidden, s.c_new.data, hidden * sizeof(float));
+      std::memcpy(h_out[m] + layer * hidden, h_new + m * hp, hidden * sizeof(float));
+    }
+    in = h_new;
+    in_size = hidden;
+    in_stride = hp;
+  }
+  for (int m = 0; m < count; ++m) {
+    float y = 0.0f;
+    for (int u = 0; u < hidden; ++u) y += in[m * hp + u] * net.out_w[u];
+    io.update[row + m] = io.output_scale * (y + net.out_b);
+  }
+}
+
+void Rows(const Net& net, const Preprocess& pre, const Io& io, int64_t begin, int64_t end,
+          Scratch& s) {
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    Tile(net, pre, io, row, static_cast<int>(std::min<int64_t>(kTileRows, end - row)), s);
+  }
+}
+
+// Work shared between the calling thread and pool tasks. A task the pool starts late (after the
+// call returned) finds no chunk left and touches nothing but this object, which it co-owns.
+struct Work {
+  const Net* net;
+  Preprocess pre;
+  Io io;
+  int64_t chunks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Run() {
+    int64_t chunk = next.fetch_add(1);
+    if (chunk >= chunks) return;
+    Scratch scratch(*net);
+    for (; chunk < chunks; chunk = next.fetch_add(1)) {
+      const int64_t begin = chunk * kChunkRows;
+      Rows(*net, pre, io, begin, std::min(io.rows, begin + kChunkRows), scratch);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Packs phi (layers' w (in + hidden, 4 hidden) and b (4 hidden)) into the kernel's layout.
+ffi::Error PackNet(const ffi::RemainingArgs& layer_args, int layers, int hidden, int features,
+                   const float* out_w, float out_b, Net& net) {
+  if (layer_args.size() != static_cast<size_t>(2 * layers)) {
+    return ffi::Error::InvalidArgument("expected a w and a b per layer");
+  }
+  net.layers = layers;
+  net.hidden = hidden;
+  net.features = features;
+  net.vectors = (4 * hidden + kLanes - 1) / kLanes;
+  net.columns = net.vectors * kLanes;
+  net.hidden_pad = ((hidden + kLanes - 1) / kLanes) * kLanes;
+  if (net.vectors > kMaxPanel * 64) return ffi::Error::InvalidArgument("hidden_size too large");
+  size_t total = 3 * net.columns;
+  for (int l = 0; l < layers; ++l) {
+    total += static_cast<size_t>((l == 0 ? features : hidden) + hidden + 1) * net.columns;
+  }
+  net.storage = std::make_unique<AlignedFloats>(total);
+  float* cursor = net.storage->data;
+  float* neg_k = cursor;
+  float* act_a = cursor + net.columns;
+  float* act_b = cursor + 2 * net.columns;
+  cursor += 3 * net.columns;
+  for (int col = 0; col < net.columns; ++col) {
+    const bool is_tanh = col / hidden == 2;  // gate order i, f, g, o; g is the tanh one
+    neg_k[col] = is_tanh ? -2.0f : -1.0f;
+    act_a[col] = is_tanh ? 2.0f : 1.0f;
+    act_b[col] = is_tanh ? -1.0f : 0.0f;
+  }
+  net.neg_k = neg_k;
+  net.act_a = act_a;
+  net.act_b = act_b;
+  for (int l = 0; l < layers; ++l) {
+    const int fan_in = (l == 0 ? features : hidden) + hidden;
+    auto w = layer_args.get<ffi::Buffer<ffi::F32>>(2 * l);
+    auto b = layer_args.get<ffi::Buffer<ffi::F32>>(2 * l + 1);
+    if (!w.has_value() || !b.has_value()) return ffi::Error::InvalidArgument("weights not f32");
+    if (w->element_count() != static_cast<size_t>(fan_in) * 4 * hidden ||
+        b->element_count() != static_cast<size_t>(4 * hidden)) {
+      return ffi::Error::InvalidArgument("layer " + std::to_string(l) + " has the wrong shape");
+    }
+    for (int k = 0; k < fan_in; ++k) {
+      std::memcpy(cursor + k * net.columns, w->typed_data() + k * 4 * hidden,
+                  4 * hidden * sizeof(float));
+    }
+    net.w.push_back(cursor);
+    cursor += fan_in * net.columns;
+    std::memcpy(cursor, b->typed_data(), 4 * hidden * sizeof(float));
+    net.b.push_back(cursor);
+    cursor += net.columns;
+  }
+  net.out_w = out_w;
+  net.out_b = out_b;
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::F32> hidden,
+                    ffi::Buffer<ffi::F32> cell, ffi::Buffer<ffi::F32> out_w,
+                    ffi::Buffer<ffi::F32> out_b, ffi::RemainingArgs layer_args,
+                    ffi::ResultBuffer<ffi::F32> update, ffi::ResultBuffer<ffi::F32> hidden_out,
+                    ffi::ResultBuffer<ffi::F32> cell_out, int32_t preprocess, float factor,
+                    float threshold, float p, float exp_p, float output_scale, int64_t threads,
+                    int32_t spawn) {
+  const auto dims = hidden.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("hidden must be (rows, layers, units)");
+  const int64_t rows = dims[0];
+  const int layers = static_cast<int>(dims[1]), units = static_cast<int>(dims[2]);
+  const int features = preprocess == 2 ? 2 : 1;
+  if (grad.element_count() != static_cast<size_t>(rows) ||
+      cell.element_count() != hidden.element_count() ||
+      out_w.element_count() != static_cast<size_t>(units) || out_b.element_count() != 1) {
+    return ffi::Error::InvalidArgument("inconsistent shapes");
+  }
+  Net net;
+  if (ffi::Error e = PackNet(layer_args, layers, units, features, out_w.typed_data(),
+                             out_b.typed_data()[0], net);
+      !e.success()) {
+    return e;
+  }
+  auto work = std::make_shared<Work>();
+  work->net = &net;
+  work->pre = Preprocess{preprocess, factor, threshold, p, exp_p};
+  work->io = Io{rows, grad.typed_data(), hidden.typed_data(), cell.typed_data(),
+                update->typed_data(), hidden_out->typed_data(), cell_out->typed_data(),
+                output_scale};
+  work->chunks = (rows + kChunkRows - 1) / kChunkRows;
+  // threads: 0 = the XLA pool's size; 1 = this thread only; n = n - 1 pool tasks besides it.
+  int64_t helpers = (threads > 0 ? threads : pool.num_threads()) - 1;
+  helpers = std::max<int64_t>(0, std::min(helpers, work->chunks - 1));
+  std::vector<std::thread> spawned;
+  for (int64_t t = 0; t < helpers; ++t) {
+    if (spawn) {
+      spawned.emplace_back([work] { work->Run(); });  // to compare with the pool's threads
+    } else {
+      pool.Schedule([work] { work->Run(); });
+    }
+  }
+  work->Run();
+  for (std::thread& t : spawned) t.join();
+  // Chunks taken by pool tasks are running now; wait for them (each takes well under a second).
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptLstmStep, LstmStep,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad (rows,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hidden (rows, layers, units)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cell (rows, layers, units)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out w (units, 1)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out b (1,)
+                                  .RemainingArgs()               // w_0, b_0, w_1, b_1, ...
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // update (rows,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hidden
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // cell
+                                  .Attr<int32_t>("preprocess")
+                                  .Attr<float>("factor")
+                                  .Attr<float>("threshold")
+                                  .Attr<float>("p")
+                                  .Attr<float>("exp_p")
+                                  .Attr<float>("output_scale")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int32_t>("spawn"));
+
+// The vector width this build uses, for the Python side's diagnostics.
+extern "C" int LearnedOptLstmLanes() { return kLanes; }
