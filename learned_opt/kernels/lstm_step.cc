@@ -55,7 +55,11 @@ typedef int32_t IVec __attribute__((vector_size(LO_LANES * sizeof(float))));
 constexpr int kTileRows = 4;       // rows whose pre-activations are computed together
 constexpr int64_t kChunkRows = 512;  // rows a thread takes at a time
 
-inline Vec Splat(float x) { return Vec{} + x; }
+inline Vec Splat(float x) {
+  Vec v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;  // one broadcast (Vec{} + x would add a 0.0)
+  return v;
+}
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -143,28 +147,31 @@ struct Io {
   float output_scale = 1.0f;
 };
 
-// Per-thread scratch: one tile's inputs, layer outputs (two, alternating), pre-activations, and
+// Per-thread scratch: one tile's matmul operand [layer input, old hidden state] per row, the top
+// layer's output, pre-activations, and
 // a zero state row plus a discard row for the tile's missing rows past the end.
 struct Scratch {
   explicit Scratch(const Net& net)
       : z_stride(net.columns + kLanes),
-        x0(kTileRows * 2),
-        h(2 * kTileRows * net.hidden_pad),
+        a_stride(std::max(2, net.hidden) + net.hidden),
+        a(kTileRows * a_stride),
+        top(kTileRows * net.hidden_pad),
         z(kTileRows * z_stride),
         c_old(net.hidden_pad),
         c_new(net.hidden_pad),
         zero_row(net.layers * net.hidden),
         discard_row(net.layers * net.hidden) {}
   int z_stride;
-  AlignedFloats x0, h, z, c_old, c_new, zero_row, discard_row;
+  int a_stride;
+  AlignedFloats a, top, z, c_old, c_new, zero_row, discard_row;
 };
 
 // One layer's pre-activations for a tile, columns [first, first + kVectors) vectors, squashed.
-// in: the layer input, kTileRows rows of `in_size` at stride in_stride; h_old[m]: row m's old
-// hidden state of this layer.
+// a: the tile's matmul operand, kTileRows rows of [layer input, old hidden state] (fan_in
+// floats) at stride a_stride.
 template <int kVectors>
-inline void Panel(const Net& net, int layer, int first, const float* in, int in_size,
-                  int in_stride, const float* const* h_old, float* z, int z_stride) {
+inline void Panel(const Net& net, int layer, int first, const float* a, int fan_in, int a_stride,
+                  float* z, int z_stride) {
   const int columns = net.columns;
   const float* w = net.w[layer] + first * kLanes;
   Vec acc[kTileRows][kVectors];
@@ -172,37 +179,30 @@ inline void Panel(const Net& net, int layer, int first, const float* in, int in_
     const Vec bias = Load(net.b[layer] + (first + v) * kLanes);
     for (int m = 0; m < kTileRows; ++m) acc[m][v] = bias;
   }
-  for (int k = 0; k < in_size; ++k, w += columns) {
+  for (int k = 0; k < fan_in; ++k, w += columns) {
     Vec wk[kVectors];
     for (int v = 0; v < kVectors; ++v) wk[v] = Load(w + v * kLanes);
     for (int m = 0; m < kTileRows; ++m) {
-      const Vec a = Splat(in[m * in_stride + k]);
-      for (int v = 0; v < kVectors; ++v) acc[m][v] += a * wk[v];
-    }
-  }
-  for (int k = 0; k < net.hidden; ++k, w += columns) {
-    Vec wk[kVectors];
-    for (int v = 0; v < kVectors; ++v) wk[v] = Load(w + v * kLanes);
-    for (int m = 0; m < kTileRows; ++m) {
-      const Vec a = Splat(h_old[m][k]);
-      for (int v = 0; v < kVectors; ++v) acc[m][v] += a * wk[v];
+      const Vec x = Splat(a[m * a_stride + k]);
+      for (int v = 0; v < kVectors; ++v) acc[m][v] += x * wk[v];
     }
   }
   for (int v = 0; v < kVectors; ++v) {
     const int col = (first + v) * kLanes;
-    const Vec nk = Load(net.neg_k + col), a = Load(net.act_a + col), b = Load(net.act_b + col);
-    for (int m = 0; m < kTileRows; ++m) Store(z + m * z_stride + col, Squash(acc[m][v], nk, a, b));
+    const Vec nk = Load(net.neg_k + col), sa = Load(net.act_a + col), sb = Load(net.act_b + col);
+    for (int m = 0; m < kTileRows; ++m) {
+      Store(z + m * z_stride + col, Squash(acc[m][v], nk, sa, sb));
+    }
   }
 }
 
-inline void PanelDispatch(int vectors, const Net& net, int layer, int first, const float* in,
-                          int in_size, int in_stride, const float* const* h_old, float* z,
-                          int z_stride) {
+inline void PanelDispatch(int vectors, const Net& net, int layer, int first, const float* a,
+                          int fan_in, int a_stride, float* z, int z_stride) {
   switch (vectors) {
 #define LO_PANEL_CASE(n)                                                               \
   case n:                                                                              \
     if constexpr (n <= kMaxPanel)                                                      \
-      Panel<n>(net, layer, first, in, in_size, in_stride, h_old, z, z_stride);         \
+      Panel<n>(net, layer, first, a, fan_in, a_stride, z, z_stride);                   \
     break;
     LO_PANEL_CASE(1)
     LO_PANEL_CASE(2)
@@ -226,7 +226,8 @@ void Tile(const Net& net, const Preprocess& pre, const Io& io, int64_t row, int 
   const float* c_in[kTileRows];
   float* h_out[kTileRows];
   float* c_out[kTileRows];
-  float* x0 = s.x0.data;
+  float* a = s.a.data;
+  const int as = s.a_stride;
   for (int m = 0; m < kTileRows; ++m) {
     const bool real = m < count;
     const int64_t offset = (row + m) * state_row;
@@ -239,42 +240,42 @@ void Tile(const Net& net, const Preprocess& pre, const Io& io, int64_t row, int 
     if (pre.mode == 2) {
       const float magnitude = std::fabs(g);
       const bool big = magnitude >= pre.threshold;  // false for NaN, as in jnp.where
-      x0[2 * m] = big ? std::log(std::min(magnitude, FLT_MAX)) / pre.p : -1.0f;
-      x0[2 * m + 1] = big ? Sign(g) : pre.exp_p * g;
+      a[m * as] = big ? std::log(std::min(magnitude, FLT_MAX)) / pre.p : -1.0f;
+      a[m * as + 1] = big ? Sign(g) : pre.exp_p * g;
     } else {
-      x0[2 * m] = pre.mode == 1 ? pre.factor * g : g;
+      a[m * as] = pre.mode == 1 ? pre.factor * g : g;
     }
   }
-  const float* in = x0;
-  int in_size = net.features, in_stride = 2;
+  int in_size = net.features;
   for (int layer = 0; layer < net.layers; ++layer) {
-    const float* h_old[kTileRows];
-    for (int m = 0; m < kTileRows; ++m) h_old[m] = h_in[m] + layer * hidden;
+    // The operand's second part: each row's old hidden state of this layer.
+    for (int m = 0; m < kTileRows; ++m) {
+      std::memcpy(a + m * as + in_size, h_in[m] + layer * hidden, hidden * sizeof(float));
+    }
     for (int first = 0; first < net.vectors; first += kMaxPanel) {
       const int n = std::min(kMaxPanel, net.vectors - first);
-      PanelDispatch(n, net, layer, first, in, in_size, in_stride, h_old, s.z.data, s.z_stride);
+      PanelDispatch(n, net, layer, first, a, in_size + hidden, as, s.z.data, s.z_stride);
     }
     // Every read of this layer's old state is done: the new state may overwrite it (in place).
-    float* h_new = s.h.data + (layer & 1) * kTileRows * hp;
     for (int m = 0; m < kTileRows; ++m) {
       const float* z = s.z.data + m * s.z_stride;
+      float* h_new = s.top.data + m * hp;
       std::memcpy(s.c_old.data, c_in[m] + layer * hidden, hidden * sizeof(float));
       for (int u = 0; u < hp; u += kLanes) {
         const Vec c = Load(z + hidden + u) * Load(s.c_old.data + u) +
                       Load(z + u) * Load(z + 2 * hidden + u);
         Store(s.c_new.data + u, c);
-        Store(h_new + m * hp + u, Load(z + 3 * hidden + u) * Tanh(c));
+        Store(h_new + u, Load(z + 3 * hidden + u) * Tanh(c));
       }
       std::memcpy(c_out[m] + layer * hidden, s.c_new.data, hidden * sizeof(float));
-      std::memcpy(h_out[m] + layer * hidden, h_new + m * hp, hidden * sizeof(float));
+      std::memcpy(h_out[m] + layer * hidden, h_new, hidden * sizeof(float));
+      std::memcpy(a + m * as, h_new, hidden * sizeof(float));  // the next layer's input
     }
-    in = h_new;
     in_size = hidden;
-    in_stride = hp;
   }
   for (int m = 0; m < count; ++m) {
     float y = 0.0f;
-    for (int u = 0; u < hidden; ++u) y += in[m * hp + u] * net.out_w[u];
+    for (int u = 0; u < hidden; ++u) y += s.top.data[m * hp + u] * net.out_w[u];
     io.update[row + m] = io.output_scale * (y + net.out_b);
   }
 }
