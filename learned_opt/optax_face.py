@@ -111,10 +111,11 @@ def as_optax(
       through global averaging cells or shared memory).
     kernel: ``"xla"`` (the default: the optimizer's own update, differentiable, what
       meta-training uses), ``"auto"`` (a fused CPU kernel, compiled on first use, where it
-      applies: a coordinatewise LSTM without global averaging cells on a CPU backend; 3-5x
-      faster on large models; else XLA) or ``"fused"`` (the kernel, a ``ValueError`` for an
-      optimizer it does not cover). The kernel's update has no derivative: keep ``"xla"`` to
-      differentiate through it. See ``learned_opt.kernels.fused_lstm``.
+      applies: a coordinatewise LSTM without global averaging cells on a CPU backend; about
+      half XLA's CPU time on large models, BUILD.md; else XLA) or ``"fused"`` (the kernel, a
+      ``ValueError`` for an optimizer it does not cover). The kernel's update has no
+      derivative: keep ``"xla"`` to differentiate through it. See
+      ``learned_opt.kernels.fused_lstm``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a ``LearnedOptaxState``.
