@@ -1,8 +1,9 @@
 r"""Speed of the coordinatewise LSTM's update and of a meta-step through it (run by hand).
 
   python -m benchmarks.lstm_update [--workloads=update16k,update1m,update16k_tree,update1m_tree,
-      meta128,meta1024] [--policies=none,dots_saveable] [--reference=/tmp/lstm_orig.py]
-      [--rounds=3] [--repeats=10] [--json=runs/lstm_update.json]
+      update16k_fused,update1m_fused,update16k_tree_fused,update1m_tree_fused,meta128,meta1024]
+      [--policies=none,dots_saveable] [--reference=/tmp/lstm_orig.py] [--rounds=3] [--repeats=10]
+      [--json=runs/lstm_update.json]
 
 Workloads, each run in a subprocess of its own (so its peak resident memory is its own):
 
@@ -10,6 +11,9 @@ Workloads, each run in a subprocess of its own (so its peak resident memory is i
   of 16,384 / 1,048,576 float32 parameters in one ``(N // 64, 64)`` leaf, the returned state
   donated and threaded from call to call, beside ``optax.adam`` on the same tree;
   ``update16k_tree``, ``update1m_tree``: the same parameters spread over four leaves;
+  ``..._fused``: the same with ``as_optax(..., kernel="fused")``, the hand-written CPU kernel
+  (learned_opt/kernels), built before the run; its FLOPs are the hand count (XLA's cost
+  analysis does not see inside a custom call);
 * ``meta128``, ``meta1024``: a quadratic meta-step assembled here as in
   shared/probes/lstm_layout.py: 10-d quadratics ``||W theta - y||^2``, 128 / 1024 problems,
   unroll 20, ``stop_gradient`` on the optimizee gradient, ``value_and_grad`` w.r.t. phi, Adam on
@@ -20,10 +24,11 @@ Workloads, each run in a subprocess of its own (so its peak resident memory is i
 (e.g. a copy of the committed ``learned_opt/lstm.py``), interleaved with the library's, round
 by round, since other jobs share the CPU. Reported per run: wall time per call after compile
 (median of ``--repeats``), lowering + compile time, FLOPs by XLA's cost analysis and the achieved
-FLOP/s as a fraction of a 2048^3 float32 matmul timed in the same subprocess just before, and
-peak resident memory. Cost analysis counts a ``lax.scan`` or ``lax.map`` body once, so FLOPs
-come from a program without loops: the meta-step with an unroll of 1, times 20; the update on
-16,384 coordinates (one block, see ``lstm.BLOCK_ROWS``), times N / 16,384.
+FLOP/s as a fraction of a 2048^3 float32 matmul timed in the same subprocess just before, CPU
+time per call (user + system, ``getrusage``: what the call costs when other jobs share the
+cores), and peak resident memory. Cost analysis counts a ``lax.scan`` or ``lax.map`` body once,
+so FLOPs come from a program without loops: the meta-step with an unroll of 1, times 20; the
+update on 16,384 coordinates (one block, see ``lstm.BLOCK_ROWS``), times N / 16,384.
 """
 
 import importlib.util
@@ -41,11 +46,21 @@ import optax
 from absl import app, flags
 
 import learned_opt
+import learned_opt.kernels.fused_lstm
 from benchmarks import peak
 
 flags.DEFINE_list(
   "workloads",
-  ["update16k", "update1m", "update16k_tree", "update1m_tree", "meta128", "meta1024"],
+  [
+    "update16k",
+    "update1m",
+    "update16k_tree",
+    "update1m_tree",
+    "update16k_fused",
+    "update1m_fused",
+    "meta128",
+    "meta1024",
+  ],
   "Workloads to run.",
 )
 flags.DEFINE_list("policies", ["none", "dots_saveable"], "jax.checkpoint policies for meta-steps.")
@@ -91,7 +106,7 @@ def compiled_flops(fn, *args) -> float:
 def time_threaded(fn, state, rest, repeats, donate):
   """Compiles ``fn(*state, *rest) -> (*new_state, *outputs)``; times calls threading the state.
 
-  Returns ``(median seconds per call, lowering + compile seconds)``.
+  Returns ``(median seconds per call, lowering + compile seconds, mean CPU seconds per call)``.
   """
   start = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate).lower(*state, *rest).compile()
@@ -99,13 +114,20 @@ def time_threaded(fn, state, rest, repeats, donate):
   out = compiled(*state, *rest)
   jax.block_until_ready(out)
   times = []
+  cpu_start = cpu_seconds()
   for _ in range(repeats):
     state = out[: len(state)]
     start = time.perf_counter()
     out = compiled(*state, *rest)
     jax.block_until_ready(out)
     times.append(time.perf_counter() - start)
-  return statistics.median(times), compile_s
+  return statistics.median(times), compile_s, (cpu_seconds() - cpu_start) / repeats
+
+
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process, all threads."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def parameter_tree(size: int, tree: bool) -> dict:
@@ -120,20 +142,25 @@ def parameter_tree(size: int, tree: bool) -> dict:
   }
 
 
-def update_workload(impl: str, size: int, tree: bool, repeats: int) -> dict:
+def update_workload(impl: str, size: int, tree: bool, repeats: int, kernel: str = "xla") -> dict:
   params = parameter_tree(size, tree)
   keys = dict(zip(params, jax.random.split(jax.random.key(1), len(params)), strict=True))
   grads = {k: 0.01 * jax.random.normal(keys[k], p.shape) for k, p in params.items()}
   opt = lstm_optimizer(impl)()
   phi = opt.init_meta_params(jax.random.key(0))
+  if kernel == "fused":
+    learned_opt.kernels.fused_lstm.target()  # built (or found in the cache) before the timing
   result = {}
-  for name, tx in (("lstm", learned_opt.as_optax(opt, phi)), ("adam", optax.adam(1e-3))):
+  lstm = learned_opt.as_optax(opt, phi, kernel=kernel)
+  for name, tx in (("lstm", lstm), ("adam", optax.adam(1e-3))):
     step = lambda state, g, tx=tx: tx.update(g, state)[::-1]  # (state, updates)
-    seconds, compile_s = time_threaded(step, (tx.init(params),), (grads,), repeats, (0,))
+    seconds, compile_s, cpu_s = time_threaded(step, (tx.init(params),), (grads,), repeats, (0,))
     small = {"w": jnp.ones((FLOPS_ROWS,), jnp.float32)}
     flops = compiled_flops(step, tx.init(small), small) * size / FLOPS_ROWS
-    result[name] = {"seconds": seconds, "compile_s": compile_s, "flops": flops}
+    result[name] = {"seconds": seconds, "compile_s": compile_s, "cpu_s": cpu_s, "flops": flops}
   result["lstm"]["hand_flops"] = forward_flops_per_coordinate() * size
+  if kernel == "fused":
+    result["lstm"]["flops"] = result["lstm"]["hand_flops"]
   result["lstm_over_adam"] = result["lstm"]["seconds"] / result["adam"]["seconds"]
   return result
 
@@ -184,7 +211,7 @@ def meta_workload(impl: str, num_problems: int, policy: str, repeats: int) -> di
   theta = jax.random.normal(theta_key, (num_problems, DIM))
   meta_step, meta_opt = quadratic_meta_step(opt, UNROLL, POLICIES[policy])
   state = (phi, meta_opt.init(phi), theta, jax.vmap(lambda t: opt.init_state(phi, t))(theta))
-  seconds, compile_s = time_threaded(meta_step, state, (problems,), repeats, (0, 1, 2, 3))
+  seconds, compile_s, cpu_s = time_threaded(meta_step, state, (problems,), repeats, (0, 1, 2, 3))
   one_step, _ = quadratic_meta_step(opt, 1, POLICIES[policy])
   flops = compiled_flops(one_step, *state, problems) * UNROLL
   # Forward, plus twice that backward (weights and inputs), per coordinate and optimizee step.
@@ -193,6 +220,7 @@ def meta_workload(impl: str, num_problems: int, policy: str, repeats: int) -> di
   return {
     "seconds": seconds,
     "compile_s": compile_s,
+    "cpu_s": cpu_s,
     "flops": flops,
     "hand_flops": hand,
     "optimizee_steps_per_s": steps / seconds,
@@ -202,8 +230,11 @@ def meta_workload(impl: str, num_problems: int, policy: str, repeats: int) -> di
 def run_one(name: str) -> dict:
   matmul = peak.matmul_peak()
   if name.startswith("update"):
-    size = {"16k": 16384, "1m": 1048576}[name.removeprefix("update").removesuffix("_tree")]
-    result = update_workload(FLAGS.impl, size, name.endswith("_tree"), FLAGS.repeats)
+    fused = name.endswith("_fused")
+    base = name.removesuffix("_fused")
+    size = {"16k": 16384, "1m": 1048576}[base.removeprefix("update").removesuffix("_tree")]
+    kernel = "fused" if fused else "xla"
+    result = update_workload(FLAGS.impl, size, base.endswith("_tree"), FLAGS.repeats, kernel)
     parts = [result["lstm"], result["adam"]]
   else:
     result = meta_workload(FLAGS.impl, int(name.removeprefix("meta")), FLAGS.policy, FLAGS.repeats)
@@ -229,12 +260,14 @@ def summary_line(key: tuple, results: list[dict]) -> str:
   workload, impl, policy = key
   pick = lambda r: r["lstm"] if "lstm" in r else r
   ms = [pick(r)["seconds"] * 1e3 for r in results]
-  head = f"{workload:15s} {impl:9s} {policy:16s} {statistics.median(ms):9.2f} ms"
+  head = f"{workload:19s} {impl:9s} {policy:16s} {statistics.median(ms):9.2f} ms"
   spread = f"(rounds {min(ms):.2f}..{max(ms):.2f})"
   fraction = statistics.median(pick(r)["fraction_of_matmul_peak"] for r in results)
   first = results[0]
+  cpu_ms = statistics.median(pick(r)["cpu_s"] * 1e3 for r in results)
   tail = (
-    f"compile {pick(first)['compile_s']:.1f}s, {fraction:6.1%} of matmul peak, "
+    f"CPU {cpu_ms:.2f} ms a call, compile {pick(first)['compile_s']:.1f}s, "
+    f"{fraction:6.1%} of matmul peak, "
     f"peak RSS {max(r['peak_rss_mib'] for r in results):.0f} MiB"
   )
   if "lstm" in first:

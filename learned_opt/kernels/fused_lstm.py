@@ -4,9 +4,9 @@
 averaging cells, any preprocessing, size and depth) through this kernel on a CPU backend: one
 ``jax.ffi.ffi_call`` per parameter leaf, each coordinate's preprocessing, layers, read-out and
 output scale in one pass while its state is in L1, on both cores. XLA runs the same math as
-separate matmul and element-wise passes over all coordinates, 3-5x slower on a 1M-parameter
-update (BUILD.md, issue 11). The meta-training path (``LearnedOptimizer.update`` under vmap and
-grad) never uses it.
+separate matmul and element-wise passes over all coordinates, at about twice the CPU time on a
+1M-parameter update (BUILD.md, issue 11). The meta-training path (``LearnedOptimizer.update``
+under vmap and grad, and ``as_optax``'s default ``kernel="xla"``) never uses it.
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``c++`` or
 ``g++``) into ``$LEARNED_OPT_CACHE/kernels`` (default ``~/.cache/learned_opt/kernels``); the
@@ -57,6 +57,9 @@ BUILD_FLAGS = (
 )
 PREPROCESS_CODES = {"none": 0, "scale": 1, "log_sign": 2}
 BUILD_TIMEOUT_S = 600
+# No input_output_aliases for the state: XLA then copies a donated state in and out of the call
+# (four copies of it, measured in the compiled HLO) where fresh output buffers cost none.
+ALIASES = {}
 
 _LOCK = threading.Lock()
 _TARGETS: dict[tuple, str] = {}  # (compiler, cache dir) -> registered FFI target name
@@ -237,9 +240,7 @@ def _leaf_step(name, layers, out, grad, state, attributes):
       jax.ShapeDtypeStruct(h.shape, jnp.float32),
       jax.ShapeDtypeStruct(c.shape, jnp.float32),
     ),
-    # The new state overwrites the old in place when the caller donates it (the trainer and
-    # benchmarks do); otherwise XLA copies it first.
-    input_output_aliases={1: 1, 2: 2},
+    input_output_aliases=ALIASES,
     vmap_method="sequential",
   )
   update, h, c = call(
@@ -347,8 +348,9 @@ def make_update(optimizer, kernel: str = "auto"):
       name = target()
     except KernelUnavailable as e:
       _warn_once(
-        f"The fused LSTM kernel is unavailable: {e}. Running the XLA update instead (3-5x "
-        "slower on large models); install g++ or set $CXX, or pass kernel='xla' to silence this."
+        f"The fused LSTM kernel is unavailable: {e}. Running the XLA update instead (about "
+        "twice the CPU time on large models); install g++ or set $CXX, or pass kernel='xla' "
+        "to silence this."
       )
       return optimizer.update(meta_params, grads, state)
     fused = functools.partial(fused_update, config, name)
