@@ -4,7 +4,7 @@
 averaging cells, any preprocessing, size and depth) through this kernel on a CPU backend: one
 ``jax.ffi.ffi_call`` per parameter leaf, each coordinate's preprocessing, layers, read-out and
 output scale in one pass while its state is in L1, on both cores. XLA runs the same math as
-separate matmul and element-wise passes over all coordinates, at about twice the CPU time on a
+separate matmul and element-wise passes over all coordinates, at about 1.5x the CPU time on a
 1M-parameter update (BUILD.md, issue 11). The meta-training path (``LearnedOptimizer.update``
 under vmap and grad, and ``as_optax``'s default ``kernel="xla"``) never uses it.
 
@@ -349,7 +349,7 @@ def make_update(optimizer, kernel: str = "auto"):
     except KernelUnavailable as e:
       _warn_once(
         f"The fused LSTM kernel is unavailable: {e}. Running the XLA update instead (about "
-        "twice the CPU time on large models); install g++ or set $CXX, or pass kernel='xla' "
+        "1.5x the CPU time on large models); install g++ or set $CXX, or pass kernel='xla' "
         "to silence this."
       )
       return optimizer.update(meta_params, grads, state)
