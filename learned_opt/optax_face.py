@@ -112,9 +112,9 @@ def as_optax(
     kernel: ``"xla"`` (the default: the optimizer's own update, differentiable, what
       meta-training uses), ``"auto"`` (a fused CPU kernel, compiled on first use, where it
       applies: a coordinatewise LSTM without global averaging cells on a CPU backend; about
-      two thirds of XLA's CPU time on a 1M-parameter update, BUILD.md; else XLA) or ``"fused"`` (the kernel, a
-      ``ValueError`` for an optimizer it does not cover). The kernel's update has no
-      derivative: keep ``"xla"`` to differentiate through it. See
+      two thirds of XLA's CPU time on a 1M-parameter update, BUILD.md; else XLA) or
+      ``"fused"`` (the kernel, a ``ValueError`` for an optimizer it does not cover). The
+      kernel's update has no derivative: keep ``"xla"`` to differentiate through it. See
       ``learned_opt.kernels.fused_lstm``.
 
   Returns:
