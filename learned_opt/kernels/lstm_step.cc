@@ -473,6 +473,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptLstmStep, LstmStep,
                                   .Attr<float>("output_scale")
                                   .Attr<int64_t>("threads")
                                   .Attr<int32_t>("spawn"));
-
-// The vector width this build uses, for the Python side's diagnostics.
-extern "C" int LearnedOptLstmLanes() { return kLanes; }
