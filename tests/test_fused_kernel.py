@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import learned_opt
-from learned_opt.kernels import fused_lstm
+from learned_opt.kernels import build, fused_lstm
 
 pytestmark = pytest.mark.skipif(
   shutil.which("c++") is None and shutil.which("g++") is None,
@@ -31,7 +31,7 @@ SHAPES = {"scalar": (), "one": (1,), "matrix": (37, 5), "long": (1031,)}
 def kernel_cache(tmp_path_factory):
   """Builds into a fresh cache directory, once for the module."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setenv(fused_lstm.CACHE_ENV_VAR, str(tmp_path_factory.mktemp("cache")))
+    patch.setenv(build.CACHE_ENV_VAR, str(tmp_path_factory.mktemp("cache")))
     patch.delenv("CXX", raising=False)
     yield fused_lstm.target()
 
@@ -144,7 +144,7 @@ def test_kernel_xla_never_builds(monkeypatch):
     raise AssertionError("kernel='xla' must not build or load the fused kernel")
 
   monkeypatch.setattr(fused_lstm, "target", refuse)
-  monkeypatch.setattr(fused_lstm, "build", refuse)
+  monkeypatch.setattr(build, "library", refuse)
   opt = learned_opt.lstm_optimizer()
   phi = opt.init_meta_params(jax.random.key(0))
   tx = learned_opt.as_optax(opt, phi)  # the default
@@ -216,39 +216,50 @@ def test_fused_update_under_vmap_equals_xla(kernel_cache):
 def test_build_is_cached_atomic_and_survives_an_unwritable_cache(tmp_path, monkeypatch):
   compiled = []
 
-  def fake_compile(cxx, output):
+  def fake_compile(cxx, source, output):
     compiled.append(output)
+    assert source == fused_lstm.SOURCE
     assert output.endswith(".partial")  # written beside the final name, then renamed
     with open(output, "wb") as f:
       f.write(b"library")
 
-  monkeypatch.setattr(fused_lstm, "_compile", fake_compile)
-  monkeypatch.setattr(fused_lstm, "library_name", lambda cxx: "lstm_step-test.so")
-  cxx = fused_lstm.compiler()
-  path = fused_lstm.build(cxx, str(tmp_path / "cache"))
+  monkeypatch.setattr(build, "compile_library", fake_compile)
+  monkeypatch.setattr(build, "library_name", lambda cxx, source: "lstm_step-test.so")
+  cxx = build.compiler()
+  path = build.library(fused_lstm.SOURCE, cxx, str(tmp_path / "cache"))
   assert path == str(tmp_path / "cache" / "lstm_step-test.so") and len(compiled) == 1
-  assert fused_lstm.build(cxx, str(tmp_path / "cache")) == path and len(compiled) == 1  # reused
+  again = build.library(fused_lstm.SOURCE, cxx, str(tmp_path / "cache"))
+  assert again == path and len(compiled) == 1  # reused
   assert os.listdir(tmp_path / "cache") == ["lstm_step-test.so"]  # no partial file left
   (tmp_path / "file").write_text("not a directory")
-  elsewhere = fused_lstm.build(cxx, str(tmp_path / "file" / "cache"))
+  elsewhere = build.library(fused_lstm.SOURCE, cxx, str(tmp_path / "file" / "cache"))
   assert os.path.isfile(elsewhere) and not elsewhere.startswith(str(tmp_path))
   shutil.rmtree(os.path.dirname(elsewhere))
 
 
-def test_failed_build_leaves_nothing_and_says_why(tmp_path, monkeypatch):
+def test_failed_build_leaves_nothing_and_says_why(tmp_path):
   broken = tmp_path / "broken.cc"
   broken.write_text("this is not C++\n")
-  monkeypatch.setattr(fused_lstm, "SOURCE", str(broken))
-  with pytest.raises(fused_lstm.KernelUnavailable, match="compiling it with .* failed"):
-    fused_lstm.build(fused_lstm.compiler(), str(tmp_path / "cache"))
+  with pytest.raises(build.KernelUnavailable, match="compiling it with .* failed"):
+    build.library(str(broken), build.compiler(), str(tmp_path / "cache"))
   assert os.listdir(tmp_path / "cache") == []
 
 
-def test_library_name_depends_on_source_flags_and_cpu(monkeypatch):
-  cxx = fused_lstm.compiler()
-  base = fused_lstm.library_name(cxx)
-  assert base == fused_lstm.library_name(cxx)
-  monkeypatch.setattr(fused_lstm, "BUILD_FLAGS", fused_lstm.BUILD_FLAGS + ("-g",))
-  flagged = fused_lstm.library_name(cxx)
-  monkeypatch.setattr(fused_lstm, "_cpu_features", lambda: "another cpu")
-  assert len({base, flagged, fused_lstm.library_name(cxx)}) == 3
+def test_a_library_without_the_handler_is_a_clear_error(kernel_cache):
+  path = build.library(fused_lstm.SOURCE)  # the module's build, found in the cache
+  with pytest.raises(build.KernelUnavailable, match="loading the built kernel .* failed"):
+    build.register(path, "NoSuchHandler")
+
+
+def test_library_name_depends_on_source_flags_and_cpu(tmp_path, monkeypatch):
+  cxx = build.compiler()
+  base = build.library_name(cxx, fused_lstm.SOURCE)
+  assert base == build.library_name(cxx, fused_lstm.SOURCE) and base.startswith("lstm_step-")
+  edited = tmp_path / "lstm_step.cc"
+  edited.write_bytes(open(fused_lstm.SOURCE, "rb").read() + b"// edited\n")
+  changed_source = build.library_name(cxx, str(edited))
+  monkeypatch.setattr(build, "BUILD_FLAGS", build.BUILD_FLAGS + ("-g",))
+  flagged = build.library_name(cxx, fused_lstm.SOURCE)
+  monkeypatch.setattr(build, "cpu_features", lambda: "another cpu")
+  names = {base, changed_source, flagged, build.library_name(cxx, fused_lstm.SOURCE)}
+  assert len(names) == 4

@@ -8,66 +8,34 @@ separate matmul and element-wise passes over all coordinates, at about 1.5x the 
 1M-parameter update (BUILD.md, issue 11). The meta-training path (``LearnedOptimizer.update``
 under vmap and grad, and ``as_optax``'s default ``kernel="xla"``) never uses it.
 
-The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``c++`` or
-``g++``) into ``$LEARNED_OPT_CACHE/kernels`` (default ``~/.cache/learned_opt/kernels``); the
-file name is a hash of the source, the flags, the compiler, jaxlib's version and the CPU's
-feature flags (the build targets this CPU), so a cached build is reused only where it fits.
-Nothing is built at install time. Without a compiler, after a failed build or on another backend
-the update falls back to XLA's, with one warning saying why.
+The kernel is compiled on first use and cached (``learned_opt.kernels.build``). Without a
+compiler, after a failed build or on another backend the update falls back to XLA's, with one
+warning saying why.
 """
 
-import ctypes
 import functools
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 
 import jax
 import jax.numpy as jnp
-import jaxlib.version
 import numpy as np
 
+from learned_opt.kernels import build
+from learned_opt.kernels.build import KernelUnavailable
 from learned_opt.lstm import CoordinateState
 
 KERNELS = ("auto", "xla", "fused")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_step.cc")
-CACHE_ENV_VAR = "LEARNED_OPT_CACHE"
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "learned_opt")
-BUILD_FLAGS = (
-  # Full optimization: the register-tiled loops must be unrolled and kept in registers.
-  "-O3",
-  # The kernel is compiled on, and only for, the machine that runs it (the cache key holds this
-  # CPU's feature flags): use its widest vectors (AVX-512 or AVX2) and FMA.
-  "-march=native",
-  # std::log never sets errno here, so the compiler need not keep it a library call with side
-  # effects. Not -ffast-math: it assumes no NaN or inf, and a NaN gradient must give a NaN update
-  # (as_optax's nan_policy="propagate"), and it could reassociate exp's rounding step.
-  "-fno-math-errno",
-  "-std=c++17",
-  # A shared library that ctypes loads, using threads.
-  "-shared",
-  "-fPIC",
-  "-pthread",
-)
+HANDLER = "LearnedOptLstmStep"  # the FFI handler lstm_step.cc exports
 PREPROCESS_CODES = {"none": 0, "scale": 1, "log_sign": 2}
-BUILD_TIMEOUT_S = 600
 
 _LOCK = threading.Lock()
 _TARGETS: dict[tuple, str] = {}  # (compiler, cache dir) -> registered FFI target name
 _FAILURES: dict[tuple, str] = {}  # (compiler, cache dir) -> why the kernel is unavailable
-_REGISTERED: set[str] = set()
-_LIBRARIES: list[ctypes.CDLL] = []  # loaded libraries stay referenced for the process's life
 _WARNED: set[str] = set()
-
-
-class KernelUnavailable(RuntimeError):
-  """The fused kernel cannot be built or loaded here; the message says why."""
 
 
 def unsupported_reason(config) -> str | None:
@@ -84,114 +52,6 @@ def unsupported_reason(config) -> str | None:
   return None
 
 
-def compiler() -> str | None:
-  """The C++ compiler to build with: ``$CXX`` if set (None if it does not exist), else c++/g++."""
-  chosen = os.environ.get("CXX")
-  if chosen:
-    return shutil.which(chosen)
-  return shutil.which("c++") or shutil.which("g++")
-
-
-def cache_dir() -> str:
-  """``$LEARNED_OPT_CACHE/kernels``, else ``~/.cache/learned_opt/kernels``; absolute."""
-  root = os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR
-  return os.path.join(os.path.abspath(os.path.expanduser(root)), "kernels")
-
-
-def _cpu_features() -> str:
-  """This CPU's feature flags (Linux), else its name: what ``-march=native`` compiles for."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith(("flags", "Features")):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return f"{platform.machine()} {platform.processor()}"
-
-
-def library_name(cxx: str) -> str:
-  """The cached library's file name: a hash of everything that shapes the built code."""
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-  with open(SOURCE, "rb") as f:
-    source = f.read()
-  key = hashlib.sha256()
-  for part in (source, " ".join(BUILD_FLAGS).encode(), version.encode(), _cpu_features().encode()):
-    key.update(part)
-    key.update(b"\0")
-  key.update(jaxlib.version.__version__.encode())  # the FFI headers and ABI it was built against
-  return f"lstm_step-{key.hexdigest()[:20]}.so"
-
-
-def _compile(cxx: str, output: str) -> None:
-  """Compiles ``SOURCE`` into the shared library ``output``; raises ``KernelUnavailable``."""
-  command = [cxx, *BUILD_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", output]
-  try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    raise KernelUnavailable(f"compiling it with {cxx} failed ({e})") from e
-  if done.returncode != 0:
-    tail = done.stderr.strip().splitlines()[-5:]
-    raise KernelUnavailable(
-      f"compiling it with {cxx} failed (exit {done.returncode}): " + " | ".join(tail)
-    )
-
-
-def build(cxx: str | None = None, directory: str | None = None) -> str:
-  """The path of the compiled kernel, compiling it unless the cache already holds it.
-
-  The library is written to a temporary file and renamed into place, so concurrent processes
-  never load a half-written one. A cache directory that cannot be written: built in a temporary
-  directory instead (for this process only).
-
-  Raises:
-    KernelUnavailable: no compiler, or the build failed.
-  """
-  cxx = cxx or compiler()
-  if cxx is None:
-    wanted = os.environ.get("CXX")
-    raise KernelUnavailable(
-      f"the C++ compiler $CXX={wanted!r} does not exist"
-      if wanted
-      else "no C++ compiler (c++ or g++) is installed"
-    )
-  directory = directory or cache_dir()
-  name = library_name(cxx)
-  path = os.path.join(directory, name)
-  if os.path.isfile(path):
-    return path
-  try:
-    os.makedirs(directory, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=directory, prefix=name, suffix=".partial")
-    os.close(handle)
-  except OSError:
-    directory = tempfile.mkdtemp(prefix="learned_opt_kernels_")
-    path = os.path.join(directory, name)
-    partial = path + ".partial"
-  try:
-    _compile(cxx, partial)
-    os.replace(partial, path)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
-  return path
-
-
-def _register(path: str) -> str:
-  """Loads the library at ``path`` and registers its handler; returns the FFI target name."""
-  target = "learned_opt_" + os.path.basename(path).removesuffix(".so").replace("-", "_")
-  if target not in _REGISTERED:
-    try:
-      library = ctypes.cdll.LoadLibrary(path)
-      handler = library.LearnedOptLstmStep
-    except (OSError, AttributeError) as e:
-      raise KernelUnavailable(f"loading the built kernel {path} failed ({e})") from e
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    _LIBRARIES.append(library)
-    _REGISTERED.add(target)
-  return target
-
-
 def target() -> str:
   """The registered FFI target of the kernel, built on first use; memoized per compiler and
   cache directory (so ``$CXX`` or ``$LEARNED_OPT_CACHE`` set later are honoured).
@@ -199,14 +59,14 @@ def target() -> str:
   Raises:
     KernelUnavailable: no compiler, a failed build, or a library that does not load.
   """
-  key = (os.environ.get("CXX"), cache_dir())
+  key = (os.environ.get("CXX"), build.cache_dir())
   with _LOCK:
     if key in _TARGETS:
       return _TARGETS[key]
     if key in _FAILURES:
       raise KernelUnavailable(_FAILURES[key])
     try:
-      _TARGETS[key] = _register(build())
+      _TARGETS[key] = build.register(build.library(SOURCE), HANDLER)
     except KernelUnavailable as e:
       _FAILURES[key] = str(e)
       raise
