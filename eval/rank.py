@@ -40,7 +40,7 @@ from eval.stats import paired, stderr
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
-from train import checkpoint, distributed, meta_step, run_dir, trainer
+from train import checkpoint, distributed, meta_step, run_dir, saved_config, trainer
 from train import config as config_lib
 from train import inner as inner_lib
 
@@ -93,7 +93,7 @@ def run_candidates(run: str, with_checkpoints: bool = True, log=print) -> list[C
         f"them; rank its saved optimizer alone with --checkpoint={run}."
       )
     with open(config_path) as f:
-      config = config_lib.MetaTrainConfig(**config_lib.upgrade(json.load(f)))
+      config = config_lib.MetaTrainConfig(**saved_config.upgrade(json.load(f)))
     task, optimizer = trainer.build(config)
     template = jax.eval_shape(lambda: meta_step.init_state(config, task, optimizer))
     for step in steps:
@@ -302,7 +302,7 @@ def task_of(runs, specs, task=None, task_kwargs=None) -> tuple[str, dict]:
     config_path = os.path.join(run, run_dir.CONFIG_FILE)
     if os.path.isfile(config_path):
       with open(config_path) as f:
-        config = config_lib.upgrade(json.load(f))
+        config = saved_config.upgrade(json.load(f))
       name = task or config["task"]
       return name, json.loads(task_kwargs) if task_kwargs else config["task_kwargs"]
   paths = list(runs) + [path for _, path in run_config.parse_checkpoint_specs(specs)]

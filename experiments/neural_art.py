@@ -33,7 +33,7 @@ from learned_opt.tree_files import atomic_write
 from tasks import neural_art
 from tasks.base import TaskFamily
 from train import config as config_lib
-from train import distributed, run_dir, trainer
+from train import distributed, run_dir, saved_config, trainer
 from train import inner as inner_lib
 
 
@@ -70,7 +70,7 @@ def train_config(output_dir: str, task_kwargs: dict, **overrides) -> config_lib.
   settings = {**RECIPE, **overrides}
   saved = os.path.join(output_dir, run_dir.CONFIG_FILE)
   if os.path.isfile(saved):
-    settings["valid_task_kwargs"] = config_lib.read_saved(saved).get("valid_task_kwargs", {})
+    settings["valid_task_kwargs"] = saved_config.read_saved(saved).get("valid_task_kwargs", {})
   return config_lib.MetaTrainConfig(
     output_dir=output_dir, task="neural_art", task_kwargs=task_kwargs, **settings
   )

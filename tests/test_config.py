@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from train.config import MetaTrainConfig, check_output_dir, differences
+from train.config import MetaTrainConfig, check_output_dir
+from train.saved_config import differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import pytest
 
 import learned_opt
 from train import config as config_lib
-from train import presets
+from train import presets, saved_config
 
 
 def _config(settings, tmp_path):
@@ -58,9 +58,9 @@ def test_the_mnist_preset_is_the_shipped_optimizers_recorded_recipe(tmp_path):
 
 def test_the_cifar10_preset_is_the_shipped_optimizers_recorded_config(tmp_path):
   """The preset trains what ``learned_opt.pretrained("cifar10_conv")`` was trained with."""
-  recorded = config_lib.upgrade(learned_opt.shipped.metadata("cifar10_conv")["run_config"])
+  recorded = saved_config.upgrade(learned_opt.shipped.metadata("cifar10_conv")["run_config"])
   preset = dataclasses.asdict(_config(presets.select(None, "cifar10_conv"), tmp_path))
-  for name in config_lib.NOT_AFFECTING_RESULTS:  # output_dir, log_every, checkpoint_every, ...
+  for name in saved_config.NOT_AFFECTING_RESULTS:  # output_dir, log_every, checkpoint_every, ...
     recorded.pop(name, None), preset.pop(name)
   assert preset == recorded
 
@@ -146,10 +146,10 @@ def test_a_run_started_before_presets_resumes_with_its_saved_config_as_preset(tm
   old = config_lib.MetaTrainConfig(output_dir=str(tmp_path), task="mnist_mlp", num_problems=2)
   (tmp_path / "config.json").write_text(old.to_json())
   now = _config(presets.resolve(presets.select(None, "mnist_mlp"), {"num_problems": 2}), tmp_path)
-  assert config_lib.differences(json.loads(old.to_json()), now)  # e.g. --meta_objective
-  hint = config_lib.resume_hint(now)
+  assert saved_config.differences(json.loads(old.to_json()), now)  # e.g. --meta_objective
+  hint = saved_config.resume_hint(now)
   assert f"add --preset={tmp_path}/config.json" in hint
   flag = hint.split("add --preset=")[1].split()[0]
   resumed = _config(presets.resolve(presets.select(flag, "mnist_mlp"), {"num_problems": 2}), "x")
-  assert config_lib.differences(json.loads(old.to_json()), resumed) == []
-  assert config_lib.resume_hint(old) == ""  # nothing to say when the settings agree
+  assert saved_config.differences(json.loads(old.to_json()), resumed) == []
+  assert saved_config.resume_hint(old) == ""  # nothing to say when the settings agree

@@ -29,7 +29,7 @@ from absl import app, flags
 
 import learned_opt
 from learned_opt import tree_files
-from train import checkpoint, meta_step, run_dir, trainer
+from train import checkpoint, meta_step, run_dir, saved_config, trainer
 from train import config as config_lib
 
 STATE_FILE = "state.msgpack"  # a checkpoint's state file (train.checkpoint)
@@ -50,7 +50,7 @@ def _run_config(run: str) -> config_lib.MetaTrainConfig:
       "name a meta-training --output_dir."
     )
   try:
-    return config_lib.MetaTrainConfig(**config_lib.upgrade(config_lib.read_saved(path)))
+    return config_lib.MetaTrainConfig(**saved_config.upgrade(saved_config.read_saved(path)))
   except (ValueError, TypeError) as e:
     raise ExportError(f"{path} is unreadable or invalid ({e}).") from e
 

@@ -22,7 +22,7 @@ from absl import app, flags
 
 from learned_opt import serialization
 from train import config as config_lib
-from train import distributed, memory, presets, run_dir, trainer
+from train import distributed, memory, presets, run_dir, saved_config, trainer
 
 _FIELDS = {field.name: field for field in dataclasses.fields(config_lib.MetaTrainConfig)}
 _DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
@@ -106,7 +106,7 @@ def main(argv):
     with distributed.use_mesh(mesh):
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
   except (run_dir.RunDirError, distributed.MeshError) as e:  # before compiling
-    raise app.UsageError(str(e) + config_lib.resume_hint(config)) from e
+    raise app.UsageError(str(e) + saved_config.resume_hint(config)) from e
   except trainer.NonFiniteError as e:
     sys.exit(f"Stopped: {e}")
   if not distributed.is_writer():

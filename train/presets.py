@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from train import config as config_lib
+from train import saved_config
 
 NONE = "none"
 _APPENDIX_A = {"preprocess": "log_sign", "output_scale": 0.1}  # p = 10, outputs scaled by 0.1
@@ -99,8 +100,8 @@ def load_file(path: str) -> dict[str, Any]:
     raise ValueError(f"--preset={path} is not valid JSON ({e}).") from e
   if not isinstance(settings, dict):
     raise ValueError(f'--preset={path} must hold a JSON object of settings, e.g. {{"unroll": 20}}.')
-  if any(name in settings for name in config_lib.LEGACY_OPTIMIZER_FIELDS):
-    settings = config_lib.upgrade(settings)  # a config.json of an older run, in today's fields
+  if any(name in settings for name in saved_config.LEGACY_OPTIMIZER_FIELDS):
+    settings = saved_config.upgrade(settings)  # a config.json of an older run, in today's fields
   _check_fields(settings, path)
   return settings
 

@@ -17,8 +17,7 @@ import jax
 
 import learned_opt
 from learned_opt import tree_files
-from train import checkpoint, meta_step
-from train import config as config_lib
+from train import checkpoint, meta_step, saved_config
 from train.config import MetaTrainConfig, check_output_dir
 from train.meta_step import TrainState
 
@@ -80,7 +79,7 @@ def check_resumable(config: MetaTrainConfig, config_path: str, ckpt_dir: str) ->
       "flags cannot be checked. Restore config.json, or choose a new --output_dir."
     )
   try:
-    changed = config_lib.differences(config_lib.read_saved(config_path), config)
+    changed = saved_config.differences(saved_config.read_saved(config_path), config)
   except (ValueError, TypeError, KeyError) as e:
     raise RunDirError(
       f"{config_path} is unreadable ({e}); restore it or choose a new --output_dir."
