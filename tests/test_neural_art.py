@@ -238,6 +238,8 @@ def test_shipped_optimizer_records_its_training():
   saved = learned_opt.pretrained("neural_art")
   metadata = learned_opt.shipped.metadata("neural_art")
   assert saved.optimizer.config["preprocess"] == "log_sign"
-  assert metadata["task"] == "neural_art" and metadata["task_kwargs"]["size"] == 32
+  assert metadata["task"] == "neural_art" and metadata["task_kwargs"]["size"] == 64  # paper's
   assert metadata["run_config"]["unroll"] == 32 and metadata["run_config"]["horizon"] == 128
+  assert metadata["run_config"]["valid_task_kwargs"]["split"] == "valid"  # held-out contents
+  assert set(metadata["test_results"]) == {"train_style", "new_style_2x"}
   assert metadata["docs"] == "docs/neural_art.md" and "command" in metadata
