@@ -84,6 +84,11 @@ def setting_task(train_kwargs: dict, setting: Setting, split: str, num: int) -> 
   return neural_art.neural_art(**kwargs)
 
 
+def learned_name(saved) -> str:
+  """A trained optimizer's label in tables and plots: its kind, e.g. ``LSTM``, ``NTM-LBFGS``."""
+  return saved.optimizer.config["kind"].upper().replace("_", "-")
+
+
 def run_keys(num: int) -> jax.Array:
   """Run keys of ``num`` problems; the loss and the content init use none of their randomness."""
   return jax.random.split(jax.random.key(0), num)
@@ -501,7 +506,7 @@ def main(argv):
     with distributed.use_mesh(mesh):  # the sweeps' problems split over it (eval.sharding)
       evaluate(
         kwargs,
-        {} if saved is None else {"LSTM": saved},
+        {} if saved is None else {learned_name(saved): saved},
         [_BY_NAME[s] for s in FLAGS.settings],
         FLAGS.output_dir,
         baselines=FLAGS.baselines,

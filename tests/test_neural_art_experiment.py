@@ -47,6 +47,9 @@ def run(tmp_path_factory):
 def test_recipe_trains_and_records_the_task(run):
   saved = learned_opt.load(run["dir"])
   assert saved.optimizer.config["preprocess"] == "log_sign"
+  assert runner.learned_name(saved) == "LSTM"  # labelled by kind in tables and plots
+  ntm = saved._replace(optimizer=learned_opt.build({"kind": "ntm_lbfgs"}))
+  assert runner.learned_name(ntm) == "NTM-LBFGS"
   metadata = learned_opt.load_metadata(run["dir"])
   assert metadata["run_config"]["task"] == "neural_art"
   assert metadata["run_config"]["unroll"] == 2
