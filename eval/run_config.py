@@ -32,6 +32,11 @@ def parse_checkpoint_specs(specs) -> list[tuple[str | None, str]]:
   return parsed
 
 
+def kind_name(saved) -> str:
+  """A trained optimizer's default label: its kind (``lstm``, ``ntm_bfgs``, ...)."""
+  return saved.optimizer.config.get("kind", "learned")
+
+
 def load_all(specs: list[tuple[str | None, str]]) -> dict:
   """``{name: SavedOptimizer}`` in the order given; unnamed ones are named by their kind.
 
@@ -44,7 +49,7 @@ def load_all(specs: list[tuple[str | None, str]]) -> dict:
       saved = learned_opt.load(path)
     except FileNotFoundError as e:
       raise ValueError(str(e)) from e
-    name = name or saved.optimizer.config.get("kind", "learned")
+    name = name or kind_name(saved)
     unique, n = name, 2
     while unique in loaded:
       unique, n = f"{name}_{n}", n + 1

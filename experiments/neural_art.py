@@ -86,7 +86,7 @@ def setting_task(train_kwargs: dict, setting: Setting, split: str, num: int) -> 
 
 def learned_name(saved) -> str:
   """A trained optimizer's label in tables and plots: its kind, e.g. ``LSTM``, ``NTM-LBFGS``."""
-  return saved.optimizer.config["kind"].upper().replace("_", "-")
+  return run_config.kind_name(saved).upper().replace("_", "-")
 
 
 def run_keys(num: int) -> jax.Array:
