@@ -155,7 +155,7 @@ def test_kernel_xla_never_builds(monkeypatch):
 
 def test_without_a_compiler_auto_warns_once_and_equals_xla(monkeypatch):
   monkeypatch.setenv("CXX", "/nonexistent/c++")
-  monkeypatch.setattr(fused_lstm, "_WARNED", set())
+  monkeypatch.setattr(build, "_WARNED", set())
   opt = learned_opt.lstm_optimizer()
   phi = _phi(opt)
   params = {"w": jnp.zeros((40,))}

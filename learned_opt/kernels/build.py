@@ -2,10 +2,11 @@
 
 ``library(source)`` compiles ``source`` with the system C++ compiler (``$CXX``, else ``c++`` or
 ``g++``) into ``$LEARNED_OPT_CACHE/kernels`` (default ``~/.cache/learned_opt/kernels``). The
-file name is a hash of the source, the flags, the compiler, jaxlib's version and the CPU's
-feature flags (the build targets this CPU), so a cached build is reused only where it fits.
-Nothing is built at install time. ``register(path, symbol)`` loads a built library and registers
-one of its handlers as a CPU FFI target.
+file name is a hash of the source and the headers beside it, the flags, the compiler, jaxlib's
+version and the CPU's feature flags (the build targets this CPU), so a cached build is reused
+only where it fits. Nothing is built at install time. ``register(path, symbol)`` loads a built
+library and registers one of its handlers as a CPU FFI target; ``targets(source, symbols)`` does
+both once per process.
 """
 
 import ctypes
@@ -15,6 +16,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
 
 import jax
 import jaxlib.version
@@ -41,6 +44,10 @@ BUILD_TIMEOUT_S = 600
 
 _REGISTERED: set[str] = set()
 _LIBRARIES: list[ctypes.CDLL] = []  # loaded libraries stay referenced for the process's life
+_LOCK = threading.Lock()
+_TARGETS: dict[tuple, tuple[str, ...]] = {}  # (source, symbols, compiler, cache) -> targets
+_FAILURES: dict[tuple, str] = {}  # the same key -> why the kernel is unavailable
+_WARNED: set[str] = set()
 
 
 class KernelUnavailable(RuntimeError):
@@ -73,13 +80,22 @@ def cpu_features() -> str:
   return f"{platform.machine()} {platform.processor()}"
 
 
+def headers(source: str) -> list[str]:
+  """The ``.h`` files beside ``source``, which it may include: part of its cache key."""
+  directory = os.path.dirname(os.path.abspath(source))
+  return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".h"))
+
+
 def library_name(cxx: str, source: str) -> str:
-  """The cached library's file name: the source's stem and a hash of all that shapes the code."""
+  """The cached library's file name: the source's stem and a hash of all that shapes the code
+  (the source and the headers beside it, the flags, the compiler, jaxlib and this CPU)."""
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-  with open(source, "rb") as f:
-    text = f.read()
   key = hashlib.sha256()
-  for part in (text, " ".join(BUILD_FLAGS).encode(), version.encode(), cpu_features().encode()):
+  for path in (source, *headers(source)):
+    with open(path, "rb") as f:
+      key.update(f.read())
+    key.update(b"\0")
+  for part in (" ".join(BUILD_FLAGS).encode(), version.encode(), cpu_features().encode()):
     key.update(part)
     key.update(b"\0")
   key.update(jaxlib.version.__version__.encode())  # the FFI headers and ABI it was built against
@@ -164,3 +180,34 @@ def register(path: str, symbol: str) -> str:
     _LIBRARIES.append(loaded)
     _REGISTERED.add(target)
   return target
+
+
+def targets(source: str, symbols: tuple[str, ...]) -> tuple[str, ...]:
+  """The registered FFI targets of ``source``'s handlers ``symbols``, built on first use.
+
+  Memoized per source, compiler and cache directory (so ``$CXX`` or ``$LEARNED_OPT_CACHE`` set
+  later are honoured), failures too: a failed build is not retried in this process.
+
+  Raises:
+    KernelUnavailable: no compiler, a failed build, or a library that does not load.
+  """
+  key = (source, symbols, os.environ.get("CXX"), cache_dir())
+  with _LOCK:
+    if key in _TARGETS:
+      return _TARGETS[key]
+    if key in _FAILURES:
+      raise KernelUnavailable(_FAILURES[key])
+    try:
+      path = library(source)
+      _TARGETS[key] = tuple(register(path, symbol) for symbol in symbols)
+    except KernelUnavailable as e:
+      _FAILURES[key] = str(e)
+      raise
+    return _TARGETS[key]
+
+
+def warn_once(message: str) -> None:
+  """A ``RuntimeWarning`` the first time this process sees ``message``."""
+  if message not in _WARNED:
+    _WARNED.add(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -16,8 +16,6 @@ warning saying why.
 import functools
 import math
 import os
-import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +29,6 @@ KERNELS = ("auto", "xla", "fused")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_step.cc")
 HANDLER = "LearnedOptLstmStep"  # the FFI handler lstm_step.cc exports
 PREPROCESS_CODES = {"none": 0, "scale": 1, "log_sign": 2}
-
-_LOCK = threading.Lock()
-_TARGETS: dict[tuple, str] = {}  # (compiler, cache dir) -> registered FFI target name
-_FAILURES: dict[tuple, str] = {}  # (compiler, cache dir) -> why the kernel is unavailable
-_WARNED: set[str] = set()
 
 
 def unsupported_reason(config) -> str | None:
@@ -53,30 +46,12 @@ def unsupported_reason(config) -> str | None:
 
 
 def target() -> str:
-  """The registered FFI target of the kernel, built on first use; memoized per compiler and
-  cache directory (so ``$CXX`` or ``$LEARNED_OPT_CACHE`` set later are honoured).
+  """The registered FFI target of the kernel, built on first use (``build.targets``).
 
   Raises:
     KernelUnavailable: no compiler, a failed build, or a library that does not load.
   """
-  key = (os.environ.get("CXX"), build.cache_dir())
-  with _LOCK:
-    if key in _TARGETS:
-      return _TARGETS[key]
-    if key in _FAILURES:
-      raise KernelUnavailable(_FAILURES[key])
-    try:
-      _TARGETS[key] = build.register(build.library(SOURCE), HANDLER)
-    except KernelUnavailable as e:
-      _FAILURES[key] = str(e)
-      raise
-    return _TARGETS[key]
-
-
-def _warn_once(message: str) -> None:
-  if message not in _WARNED:
-    _WARNED.add(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+  return build.targets(SOURCE, (HANDLER,))[0]
 
 
 def _leaf_step(name, layers, out, grad, state, attributes):
@@ -197,7 +172,7 @@ def make_update(optimizer, kernel: str = "auto"):
   def update(meta_params, grads, state):
     if jax.default_backend() != "cpu":
       if kernel == "fused":
-        _warn_once(
+        build.warn_once(
           f"kernel='fused' is a CPU kernel and the backend is {jax.default_backend()!r}; "
           "running the XLA update instead. Pass kernel='auto' to choose silently."
         )
@@ -205,7 +180,7 @@ def make_update(optimizer, kernel: str = "auto"):
     try:
       name = target()
     except KernelUnavailable as e:
-      _warn_once(
+      build.warn_once(
         f"The fused LSTM kernel is unavailable: {e}. Running the XLA update instead (about "
         "1.5x the CPU time on large models); install g++ or set $CXX, or pass kernel='xla' "
         "to silence this."

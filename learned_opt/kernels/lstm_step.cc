@@ -10,137 +10,44 @@
 // counter, on XLA's own CPU thread pool (the FFI execution context's), so a busy core simply takes
 // fewer chunks.
 //
-// Built on first use by learned_opt/kernels/fused_lstm.py (see its BUILD_FLAGS); registered as an
+// Built on first use by learned_opt/kernels/fused_lstm.py (flags in build.py); registered as an
 // XLA FFI target and called through jax.ffi.ffi_call.
 //
 // The math is lstm.py's: z = [x, h] @ W + b, gates i, f, g, o = z split in four,
 // c' = sigmoid(f) c + sigmoid(i) tanh(g), h' = sigmoid(o) tanh(c'), update = scale (h'_top w + b).
-// sigmoid(z) = 1 / (1 + exp(-z)) and tanh(z) = 2 / (1 + exp(-2 z)) - 1, with exp from a
-// range reduction to [-ln2/2, ln2/2] (two-constant Cody-Waite) and its degree-7 Taylor polynomial
-// (truncation error below 6e-9 relative): ~1e-7 absolute error, NaN in -> NaN out.
+// sigmoid(z) = 1 / (1 + exp(-z)) and tanh(z) = 2 / (1 + exp(-2 z)) - 1, exp from simd.h.
 
-#include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Vector width in floats: what -march=native offers (AVX-512: 16, AVX/AVX2: 8, else 4).
-#if defined(__AVX512F__)
-#define LO_LANES 16
-constexpr int kMaxPanel = 6;  // column vectors per register tile: 4 x 6 accumulators of 32 zmm
-#elif defined(__AVX__)
-#define LO_LANES 8
-constexpr int kMaxPanel = 3;  // 4 x 3 accumulators of 16 ymm
-#else
-#define LO_LANES 4
-constexpr int kMaxPanel = 3;
-#endif
-constexpr int kLanes = LO_LANES;
-typedef float Vec __attribute__((vector_size(LO_LANES * sizeof(float))));
-typedef int32_t IVec __attribute__((vector_size(LO_LANES * sizeof(float))));
+using learned_opt_simd::AlignedFloats;
+using learned_opt_simd::CopyRow;
+using learned_opt_simd::kLanes;
+using learned_opt_simd::Load;
+using learned_opt_simd::Splat;
+using learned_opt_simd::Squash;
+using learned_opt_simd::Store;
+using learned_opt_simd::Tanh;
+using learned_opt_simd::Vec;
+
+// Column vectors per register tile of 4 rows: 4 x 6 accumulators of 32 zmm with AVX-512,
+// 4 x 3 of 16 ymm otherwise.
+constexpr int kMaxPanel = kLanes == 16 ? 6 : 3;
 
 constexpr int kTileRows = 4;       // rows whose pre-activations are computed together
 constexpr int64_t kChunkRows = 512;  // rows a thread takes at a time
-
-// x in every lane: a shuffle of lane 0 is one broadcast instruction (a lane-by-lane loop would
-// become masked inserts, and Vec{} + x an extra add).
-inline Vec Splat(float x) { return __builtin_shuffle(Vec{x}, IVec{}); }
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
-
-// dst[0, n) = src[0, n): a row of state, too short for memcpy's call to pay off.
-inline void CopyRow(float* dst, const float* src, int n) {
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes) Store(dst + i, Load(src + i));
-#if defined(__AVX512F__)
-  if (i < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(dst + i, mask, _mm512_maskz_loadu_ps(mask, src + i));
-  }
-#else
-  for (; i < n; ++i) dst[i] = src[i];
-#endif
-}
-
-// exp(x), x a vector; NaN stays NaN, |x| is clamped to 87 (exp(+-87) is still a normal float).
-inline Vec Exp(Vec x) {
-  const Vec hi = Splat(87.0f), lo = Splat(-87.0f);
-  x = x > hi ? hi : x;  // written as selects so that a NaN passes through
-  x = x < lo ? lo : x;
-  // n = round(x / ln2) by the 1.5 * 2^23 trick (round to nearest in the default mode).
-  const Vec magic = Splat(12582912.0f);
-  Vec n = (x * Splat(1.44269504088896341f) + magic) - magic;
-  // r = x - n ln2, with ln2 split in a part exact in float and a remainder.
-  Vec r = x - n * Splat(0.693145751953125f);
-  r = r - n * Splat(1.428606765330187045e-06f);
-  // exp(r), |r| <= ln2 / 2: Taylor coefficients 1 / k!, k = 7 .. 0, by Horner's rule.
-  Vec p = Splat(1.0f / 5040.0f);
-  p = p * r + Splat(1.0f / 720.0f);
-  p = p * r + Splat(1.0f / 120.0f);
-  p = p * r + Splat(1.0f / 24.0f);
-  p = p * r + Splat(1.0f / 6.0f);
-  p = p * r + Splat(0.5f);
-  p = p * r + Splat(1.0f);
-  p = p * r + Splat(1.0f);
-  // 2^n by building the float's exponent bits; n lies in [-126, 126] after the clamp.
-  IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// 1 / d, d >= 1. With AVX-512: the 14-bit estimate and one Newton step (error ~2^-28, so within
-// an ulp or two of the division), several times the throughput of a division.
-inline Vec Reciprocal(Vec d) {
-#if defined(__AVX512F__)
-  const Vec r = (Vec)_mm512_rcp14_ps((__m512)d);  // same-size vector casts: a no-op
-  return r * (Splat(2.0f) - d * r);
-#else
-  return Splat(1.0f) / d;
-#endif
-}
-
-// a / (1 + exp(-k z)) + b per lane: sigmoid with (k, a, b) = (1, 1, 0), tanh with (2, 2, -1).
-inline Vec Squash(Vec z, Vec neg_k, Vec a, Vec b) {
-  return a * Reciprocal(Splat(1.0f) + Exp(neg_k * z)) + b;
-}
-
-inline Vec Tanh(Vec z) { return Squash(z, Splat(-2.0f), Splat(2.0f), Splat(-1.0f)); }
-
-// Memory aligned to a vector, for the packed weights and per-thread scratch.
-struct AlignedFloats {
-  explicit AlignedFloats(size_t n)
-      : data(static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64))) {
-    std::memset(data, 0, ((n * sizeof(float) + 63) / 64) * 64);
-  }
-  ~AlignedFloats() { std::free(data); }
-  AlignedFloats(const AlignedFloats&) = delete;
-  AlignedFloats& operator=(const AlignedFloats&) = delete;
-  float* data;
-};
 
 // The network in the kernel's layout: each layer's W (in + hidden, 4 hidden) with its columns
 // padded to whole vectors (zeros), its bias likewise, and per column the squash constants.
@@ -325,28 +232,6 @@ void Rows(const Net& net, const Preprocess& pre, const Io& io, int64_t begin, in
   }
 }
 
-// Work shared between the calling thread and pool tasks. A task the pool starts late (after the
-// call returned) finds no chunk left and touches nothing but this object, which it co-owns.
-struct Work {
-  const Net* net;
-  Preprocess pre;
-  Io io;
-  int64_t chunks = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Run() {
-    int64_t chunk = next.fetch_add(1);
-    if (chunk >= chunks) return;
-    Scratch scratch(*net);
-    for (; chunk < chunks; chunk = next.fetch_add(1)) {
-      const int64_t begin = chunk * kChunkRows;
-      Rows(*net, pre, io, begin, std::min(io.rows, begin + kChunkRows), scratch);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 // Packs phi (layers' w (in + hidden, 4 hidden) and b (4 hidden)) into the kernel's layout.
 ffi::Error PackNet(const ffi::RemainingArgs& layer_args, int layers, int hidden, int features,
                    const float* out_w, float out_b, Net& net) {
@@ -426,28 +311,16 @@ ffi::Error LstmStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad, ffi::Buffe
       !e.success()) {
     return e;
   }
-  auto work = std::make_shared<Work>();
-  work->net = &net;
-  work->pre = Preprocess{preprocess, factor, threshold, p, exp_p};
-  work->io = Io{rows, grad.typed_data(), hidden.typed_data(), cell.typed_data(),
-                update->typed_data(), hidden_out->typed_data(), cell_out->typed_data(),
-                output_scale};
-  work->chunks = (rows + kChunkRows - 1) / kChunkRows;
-  // threads: 0 = the XLA pool's size; 1 = this thread only; n = n - 1 pool tasks besides it.
-  int64_t helpers = (threads > 0 ? threads : pool.num_threads()) - 1;
-  helpers = std::max<int64_t>(0, std::min(helpers, work->chunks - 1));
-  std::vector<std::thread> spawned;
-  for (int64_t t = 0; t < helpers; ++t) {
-    if (spawn) {
-      spawned.emplace_back([work] { work->Run(); });  // to compare with the pool's threads
-    } else {
-      pool.Schedule([work] { work->Run(); });
-    }
-  }
-  work->Run();
-  for (std::thread& t : spawned) t.join();
-  // Chunks taken by pool tasks are running now; wait for them (each takes well under a second).
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  const Preprocess pre{preprocess, factor, threshold, p, exp_p};
+  const Io io{rows, grad.typed_data(), hidden.typed_data(), cell.typed_data(),
+              update->typed_data(), hidden_out->typed_data(), cell_out->typed_data(),
+              output_scale};
+  learned_opt_simd::ParallelRows(pool, threads, spawn, rows, kChunkRows, [&net, &pre, &io] {
+    auto scratch = std::make_shared<Scratch>(net);
+    return [&net, &pre, &io, scratch](int64_t begin, int64_t end) {
+      Rows(net, pre, io, begin, end, *scratch);
+    };
+  });
   return ffi::Error::Success();
 }
 
