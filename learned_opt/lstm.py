@@ -34,6 +34,7 @@ from jax import custom_batching
 
 from learned_opt import preprocess as preprocess_lib
 from learned_opt.base import LearnedOptimizer, check_float_params
+from learned_opt.kernels import fused_gates
 
 # Rows per block above which a layer runs block by block: its (rows, 4 hidden) pre-activations
 # then take 5 MiB (at 20 units). 4k to 32k measured alike on a 1M-coordinate update.
@@ -73,9 +74,13 @@ def init_lstm_params(
 def _gates(z: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
   """LSTM gates from pre-activations z (..., 4 hidden) in order i, f, g, o; c (..., hidden).
 
-  Returns the new ``(h, c)``. ``sigmoid(z) = s tanh(s z) + 1 - s`` with ``s = 1/2`` and
-  ``tanh(z)`` the same with ``s = 1``, so one tanh pass over all four gates serves them all.
+  Returns the new ``(h, c)``. On CPU by the fused kernels of ``kernels.fused_gates``; in XLA,
+  ``sigmoid(z) = s tanh(s z) + 1 - s`` with ``s = 1/2`` and ``tanh(z)`` the same with ``s = 1``,
+  so one tanh pass over all four gates serves them all.
   """
+  kernels = fused_gates.available(jnp.result_type(z, c))
+  if kernels is not None:
+    return fused_gates.gates(kernels, z, c)
   # A numpy constant: jnp.repeat would leave XLA a per-element gather from a (4,) array.
   s = np.repeat(np.array([0.5, 0.5, 1.0, 0.5], z.dtype), c.shape[-1])
   i, f, g, o = jnp.split(s * jnp.tanh(s * z) + (1 - s), 4, axis=-1)

@@ -1,5 +1,7 @@
 """What an installed learned-opt offers besides its modules: version, typing marker, commands."""
 
+import configparser
+import fnmatch
 import importlib.metadata
 import os
 import shutil
@@ -38,3 +40,16 @@ def test_typed_marker_and_license_ship():
   assert os.path.isfile(os.path.join(os.path.dirname(learned_opt.__file__), "py.typed"))
   with open(os.path.join(root, "LICENSE")) as f:
     assert "Apache License" in f.read(200)
+
+
+def test_package_data_ships_every_kernel_source():
+  """The C++ kernels compile on the user's machine: their .cc and .h files must be in the wheel."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parser = configparser.ConfigParser()
+  parser.read(os.path.join(root, "setup.cfg"))
+  patterns = [p.strip() for p in parser["options.package_data"]["learned_opt"].split(",")]
+  kernels = os.path.join(os.path.dirname(learned_opt.__file__), "kernels")
+  sources = [n for n in os.listdir(kernels) if n.endswith((".cc", ".h"))]
+  assert {"lstm_step.cc", "lstm_gates.cc", "simd.h"} <= set(sources)
+  for name in sources:
+    assert any(fnmatch.fnmatch(f"kernels/{name}", p) for p in patterns), name

@@ -1,0 +1,152 @@
+"""The fused CPU kernels of the LSTM gates (learned_opt/kernels/fused_gates) against XLA's."""
+
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import learned_opt
+from learned_opt import lstm
+from learned_opt.kernels import build, fused_gates
+from train import meta_step, trainer
+from train.config import MetaTrainConfig
+
+pytestmark = pytest.mark.skipif(
+  shutil.which("c++") is None and shutil.which("g++") is None,
+  reason="no C++ compiler (c++ or g++) to build the fused kernels with",
+)
+
+# Measured largest differences to XLA's gates: ~5e-7 on h and c, ~2e-6 on the cotangents of
+# inputs of magnitude up to ~10 (both sides approximate exp and tanh in float32).
+RTOL, ATOL = 1e-5, 5e-6
+
+
+@pytest.fixture(scope="module")
+def names():
+  """The kernels' FFI targets, built (or found in the cache) once for the module."""
+  return fused_gates.available(jnp.float32)
+
+
+def _xla_gates(monkeypatch, z, c):
+  with monkeypatch.context() as patch:
+    patch.setenv(fused_gates.ENV_VAR, "xla")
+    return lstm._gates(z, c)
+
+
+def _inputs(key, shape, hidden, scale=3.0):
+  k = jax.random.split(key, 4)
+  z = scale * jax.random.normal(k[0], shape + (4 * hidden,))
+  c = scale * jax.random.normal(k[1], shape + (hidden,))
+  dh, dc = (jax.random.normal(kk, shape + (hidden,)) for kk in k[2:])
+  return z, c, dh, dc
+
+
+@pytest.mark.parametrize(
+  "shape, hidden",
+  # One row; rows not a multiple of the 16-row tile; hidden not a multiple of any vector width;
+  # leading axes; 2100 rows (three 1024-row chunks, so both threads work, the last partial).
+  [((1,), 20), ((37,), 20), ((3, 5), 7), ((2100,), 20), ((0,), 20)],
+)
+def test_forward_and_backward_agree_with_xla(monkeypatch, names, shape, hidden):
+  assert names is not None
+  z, c, dh, dc = _inputs(jax.random.key(hidden), shape, hidden)
+  got, pullback = jax.vjp(jax.jit(lambda z, c: fused_gates.gates(names, z, c)), z, c)
+  expected, expected_pullback = jax.vjp(lambda z, c: _xla_gates(monkeypatch, z, c), z, c)
+  for a, b in zip(got + pullback((dh, dc)), expected + expected_pullback((dh, dc)), strict=True):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+
+
+def test_saturated_gates_and_nan(names):
+  """Far out on the sigmoid and tanh the values are exact 0/1/+-1; a NaN stays NaN."""
+  z = jnp.array([[-200.0, 200.0, 200.0, 200.0], [200.0, -200.0, -200.0, 200.0]])
+  c = jnp.array([[5.0], [jnp.nan]])
+  h, c_new = fused_gates.gates(names, z, c)
+  # i = 0, f = 1, g = 1, o = 1: c' = f c + i g = 5 exactly, h' = tanh(5).
+  np.testing.assert_array_equal(np.asarray(c_new[0]), [5.0])
+  np.testing.assert_allclose(np.asarray(h[0]), [np.tanh(5.0)], rtol=1e-6)
+  assert np.isnan(np.asarray(c_new[1, 0])) and np.isnan(np.asarray(h[1, 0]))
+
+
+def test_vmap_grad_and_grad_vmap_agree_with_xla(monkeypatch, names):
+  z, c, _, _ = _inputs(jax.random.key(3), (4, 50), 20)
+
+  def loss(gates, z, c):
+    h, c_new = gates(z, c)
+    return jnp.sum(jnp.sin(h) * c_new)
+
+  fused = lambda z, c: fused_gates.gates(names, z, c)
+  xla = lambda z, c: _xla_gates(monkeypatch, z, c)
+  for gates in (fused, xla):
+    per_problem = jax.vmap(jax.grad(lambda z, c, g=gates: loss(g, z, c), argnums=(0, 1)))(z, c)
+    summed = jax.grad(lambda z, c, g=gates: jnp.sum(jax.vmap(lambda a, b: loss(g, a, b))(z, c)))(
+      z, c
+    )
+    np.testing.assert_allclose(np.asarray(per_problem[0]), np.asarray(summed), rtol=RTOL, atol=ATOL)
+    if gates is fused:
+      got = per_problem
+  for a, b in zip(got, per_problem, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+
+
+def _update_jaxpr(global_cells=0):
+  """The jaxpr of one LSTM update, traced afresh (traces are cached per function)."""
+  opt = learned_opt.lstm_optimizer(global_cells=global_cells)
+  phi = opt.init_meta_params(jax.random.key(0))
+  params = {"w": jnp.ones((6, 3))}
+  return str(jax.make_jaxpr(lambda g: opt.update(phi, g, opt.init_state(phi, params)))(params))
+
+
+@pytest.mark.parametrize("global_cells", [0, 5])  # LSTM+GAC's gates are the same kernel
+def test_the_env_var_chooses(monkeypatch, global_cells):
+  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
+  assert "ffi_call" in _update_jaxpr(global_cells)
+  monkeypatch.setenv(fused_gates.ENV_VAR, "xla")
+  assert "ffi_call" not in _update_jaxpr(global_cells)
+  monkeypatch.setenv(fused_gates.ENV_VAR, "sometimes")
+  with pytest.raises(ValueError, match=r"LEARNED_OPT_GATES='sometimes' is not one of"):
+    _update_jaxpr(global_cells)
+
+
+def test_without_a_compiler_xla_computes_the_gates_with_one_warning(monkeypatch):
+  monkeypatch.setenv("CXX", "/nonexistent/c++")
+  monkeypatch.setattr(build, "_WARNED", set())
+  z = jnp.ones((3, 8))
+  c = jnp.ones((3, 2))
+  with pytest.warns(RuntimeWarning, match=r"gate kernels are unavailable: the C\+\+ compiler"):
+    got = lstm._gates(z, c)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # once per process
+    again = lstm._gates(z, c)
+  monkeypatch.setenv(fused_gates.ENV_VAR, "xla")
+  expected = lstm._gates(z, c)
+  for a, b, e in zip(got, again, expected, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(e))
+
+
+def test_a_meta_step_agrees_with_xla(monkeypatch, names):
+  """The quadratic meta-gradient (32 problems, unroll 5) through either gates, to tolerance."""
+  assert names is not None
+  config = MetaTrainConfig(output_dir="/tmp/unused", num_problems=32, unroll=5, horizon=10)
+  task, optimizer = trainer.build(config)
+  results = {}
+  for mode in ("xla", "auto"):
+    monkeypatch.setenv(fused_gates.ENV_VAR, mode)
+    state = meta_step.init_state(config, task, optimizer)
+    step = jax.jit(meta_step.make_train_step(config, task, optimizer))
+    results[mode] = step(state, task.data)
+  xla_state, auto_state = results["xla"][0], results["auto"][0]
+  for a, b in zip(
+    jax.tree.leaves(auto_state.meta_params), jax.tree.leaves(xla_state.meta_params), strict=True
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert not all(
+    np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(
+      jax.tree.leaves(auto_state.meta_params), jax.tree.leaves(xla_state.meta_params), strict=True
+    )
+  ), "the two modes ran the same code"
