@@ -2,8 +2,8 @@ r"""Speed of the coordinatewise LSTM's update and of a meta-step through it (run
 
   python -m benchmarks.lstm_update [--workloads=update16k,update1m,update16k_tree,update1m_tree,
       update16k_fused,update1m_fused,update16k_tree_fused,update1m_tree_fused,meta128,meta1024]
-      [--policies=none,dots_saveable] [--reference=/tmp/lstm_orig.py] [--rounds=3] [--repeats=10]
-      [--json=runs/lstm_update.json]
+      [--policies=none,dots_saveable] [--reference=/tmp/lstm_orig.py] [--gates=xla,auto]
+      [--rounds=3] [--repeats=10] [--json=runs/lstm_update.json]
 
 Workloads, each run in a subprocess of its own (so its peak resident memory is its own):
 
@@ -22,7 +22,9 @@ Workloads, each run in a subprocess of its own (so its peak resident memory is i
 
 ``--reference=PATH`` also runs every workload on the ``lstm_optimizer`` of the module at PATH
 (e.g. a copy of the committed ``learned_opt/lstm.py``), interleaved with the library's, round
-by round, since other jobs share the CPU. Reported per run: wall time per call after compile
+by round, since other jobs share the CPU; ``--gates=xla,auto`` likewise runs every workload with
+the LSTM gates in XLA and in the fused CPU kernels (``learned_opt.kernels.fused_gates``). Reported
+per run: wall time per call after compile
 (median of ``--repeats``), lowering + compile time, FLOPs by XLA's cost analysis and the achieved
 FLOP/s as a fraction of a 2048^3 float32 matmul timed in the same subprocess just before, CPU
 time per call (user + system, ``getrusage``: what the call costs when other jobs share the
@@ -48,6 +50,7 @@ from absl import app, flags
 import learned_opt
 import learned_opt.kernels.fused_lstm
 from benchmarks import peak
+from learned_opt.kernels import fused_gates
 
 flags.DEFINE_list(
   "workloads",
@@ -65,6 +68,12 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list("policies", ["none", "dots_saveable"], "jax.checkpoint policies for meta-steps.")
 flags.DEFINE_string("reference", None, "A module file whose lstm_optimizer to run as well.")
+flags.DEFINE_list(
+  "gates",
+  ["auto"],
+  "LSTM gate implementations ($LEARNED_OPT_GATES of each run): auto (the fused CPU kernels), "
+  "xla; --gates=xla,auto interleaves the two round by round.",
+)
 flags.DEFINE_integer("rounds", 3, "Rounds; each runs every workload once per implementation.")
 flags.DEFINE_integer("repeats", 10, "Timed calls per run, after the compiled first call.")
 flags.DEFINE_string("json", None, "Also write every run and the summary to this JSON file.")
@@ -100,7 +109,17 @@ def forward_flops_per_coordinate(hidden=20, layers=2, features=1, outputs=1) -> 
 
 
 def compiled_flops(fn, *args) -> float:
-  return peak.flops(jax.jit(fn).lower(*args).compile().cost_analysis())
+  """XLA's count for ``fn`` with the gates in XLA (it counts nothing inside a custom call), from
+  a fresh trace (jit caches traces per function, and the timed one must not reuse this)."""
+  saved = os.environ.get(fused_gates.ENV_VAR)
+  os.environ[fused_gates.ENV_VAR] = "xla"
+  try:
+    return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis())
+  finally:
+    if saved is None:
+      os.environ.pop(fused_gates.ENV_VAR)
+    else:
+      os.environ[fused_gates.ENV_VAR] = saved
 
 
 def time_threaded(fn, state, rest, repeats, donate):
@@ -253,15 +272,20 @@ def runs_to_do() -> list[dict]:
   todo = []
   for workload in FLAGS.workloads:
     policies = FLAGS.policies if workload.startswith("meta") else ["none"]
-    todo += [{"workload": workload, "impl": i, "policy": p} for p in policies for i in impls]
+    todo += [
+      {"workload": workload, "impl": i, "policy": p, "gates": g}
+      for p in policies
+      for i in impls
+      for g in FLAGS.gates
+    ]
   return todo
 
 
 def summary_line(key: tuple, results: list[dict]) -> str:
-  workload, impl, policy = key
+  workload, impl, policy, gates = key
   pick = lambda r: r["lstm"] if "lstm" in r else r
   ms = [pick(r)["seconds"] * 1e3 for r in results]
-  head = f"{workload:19s} {impl:9s} {policy:16s} {statistics.median(ms):9.2f} ms"
+  head = f"{workload:19s} {impl:9s} {policy:16s} {gates:5s} {statistics.median(ms):9.2f} ms"
   spread = f"(rounds {min(ms):.2f}..{max(ms):.2f})"
   fraction = statistics.median(pick(r)["fraction_of_matmul_peak"] for r in results)
   first = results[0]
@@ -286,6 +310,9 @@ def main(argv):
     return
   if FLAGS.reference and not os.path.isfile(FLAGS.reference):
     raise ValueError(f"--reference={FLAGS.reference} is not a file; copy an lstm.py there.")
+  for gates in FLAGS.gates:
+    if gates not in fused_gates.MODES:
+      raise ValueError(f"--gates takes {fused_gates.MODES}, got {gates!r}.")
   runs = []
   for round_index in range(FLAGS.rounds):
     for run in runs_to_do():
@@ -294,14 +321,15 @@ def main(argv):
       command += [f"--repeats={FLAGS.repeats}"]
       if FLAGS.reference:
         command.append(f"--reference={FLAGS.reference}")
-      out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+      env = {**os.environ, fused_gates.ENV_VAR: run["gates"]}
+      out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
       runs.append({**run, "round": round_index, **json.loads(out.strip().splitlines()[-1])})
       print(f"round {round_index}: {summary_line(tuple(run.values()), [runs[-1]])}", flush=True)
   print(f"\nmedians over {FLAGS.rounds} rounds (jax {jax.__version__}, {jax.devices()[0]}):")
   summary = {}
   for run in runs_to_do():
     key = tuple(run.values())
-    results = [r for r in runs if (r["workload"], r["impl"], r["policy"]) == key]
+    results = [r for r in runs if (r["workload"], r["impl"], r["policy"], r["gates"]) == key]
     summary["/".join(key)] = summary_line(key, results)
     print(summary["/".join(key)])
   if FLAGS.json:

@@ -1,13 +1,13 @@
 r"""Performance against the machine's limit (run by hand, not a test).
 
   python -m benchmarks.perf [--workloads=quad128,quad1024,mnist2,mnist8,update16k,update1m]
-      [--json=runs/perf.json]
+      [--gates=xla,auto] [--json=runs/perf.json]
 
 For each workload, in a subprocess of its own (so the peak resident memory is that workload's):
-wall time per call after compile (median, the donated state threaded from call to call as the
-trainer does), lowering + compile time, achieved FLOP/s from XLA's cost analysis and that as a
-fraction of a large float32 matmul timed in the same run (the machine's practical peak), and
-peak resident memory. XLA's cost analysis counts a ``lax.scan`` body once, whatever its trip
+wall and CPU time per call after compile (medians, the donated state threaded from call to call
+as the trainer does), lowering + compile time, achieved FLOP/s from XLA's cost analysis and that
+as a fraction of a large float32 matmul timed in the same run (the machine's practical peak),
+and peak resident memory. XLA's cost analysis counts a ``lax.scan`` body once, whatever its trip
 count, so the FLOPs are read from a second lowering with every scan fully unrolled (the timed
 program is the ordinary one). Workloads:
 
@@ -34,6 +34,7 @@ from absl import app, flags
 
 import learned_opt
 from benchmarks import peak
+from learned_opt.kernels import fused_gates
 from train import meta_step, trainer
 from train.config import MetaTrainConfig
 
@@ -45,6 +46,12 @@ flags.DEFINE_list(
 flags.DEFINE_string("json", None, "Also write every result to this JSON file.")
 flags.DEFINE_string("one", None, "Run this single workload in this process (used internally).")
 flags.DEFINE_integer("repeats", 10, "Timed calls per workload after the first.")
+flags.DEFINE_list(
+  "gates",
+  ["auto"],
+  "LSTM gate implementations to run each workload with ($LEARNED_OPT_GATES in its subprocess): "
+  "auto (the fused CPU kernels where they build), xla; e.g. --gates=xla,auto for before/after.",
+)
 FLAGS = flags.FLAGS
 
 MNIST_OPTIMIZER = {"preprocess": "log_sign", "output_scale": 0.1}
@@ -67,22 +74,36 @@ def fully_unrolled_scans():
 
 
 def flops_of(fn, *args) -> float:
-  """FLOPs of one call of ``fn(*args)`` by XLA's cost analysis, scans unrolled."""
-  with fully_unrolled_scans():
-    return peak.flops(jax.jit(fn).lower(*args).cost_analysis())
+  """FLOPs of one call of ``fn(*args)`` by XLA's cost analysis, scans unrolled, gates in XLA
+  (cost analysis counts none in a custom call), so every --gates mode is credited the same work.
+  """
+  saved = os.environ.get(fused_gates.ENV_VAR)
+  os.environ[fused_gates.ENV_VAR] = "xla"
+  try:
+    with fully_unrolled_scans():
+      # A fresh function: jit caches traces per function, and the timed one must not reuse this.
+      return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis())
+  finally:
+    if saved is None:
+      os.environ.pop(fused_gates.ENV_VAR)
+    else:
+      os.environ[fused_gates.ENV_VAR] = saved
 
 
 def time_threaded(compiled, state, extra, repeats):
-  """Median seconds per call of ``state, out = compiled(state, *extra)``, state threaded."""
+  """Median wall and CPU seconds (this process, all threads) per call of ``state, out =
+  compiled(state, *extra)``, state threaded. CPU time is the steadier figure on a shared machine.
+  """
   state, out = compiled(state, *extra)
   jax.block_until_ready(out)
-  times = []
+  walls, cpus = [], []
   for _ in range(repeats):
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     state, out = compiled(state, *extra)
     jax.block_until_ready(out)
-    times.append(time.perf_counter() - tic)
-  return sorted(times)[len(times) // 2]
+    walls.append(time.perf_counter() - tic)
+    cpus.append(time.process_time() - cpu)
+  return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
 
 
 def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
@@ -93,10 +114,11 @@ def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
   tic = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state, task.data).compile()
   compile_s = time.perf_counter() - tic
-  seconds = time_threaded(compiled, state, (task.data,), repeats)
+  seconds, cpu_seconds = time_threaded(compiled, state, (task.data,), repeats)
   inner_steps = config.num_problems * config.unroll
   return {
     "seconds": seconds,
+    "cpu_seconds": cpu_seconds,
     "compile_s": compile_s,
     "flops": flops,
     "optimizee_steps_per_s": inner_steps / seconds,
@@ -123,8 +145,13 @@ def update_workload(size: int, repeats: int) -> dict:
     tic = time.perf_counter()
     compiled = jax.jit(update, donate_argnums=0).lower(state, grads).compile()
     compile_s = time.perf_counter() - tic
-    seconds = time_threaded(compiled, state, (grads,), repeats)
-    results[name] = {"seconds": seconds, "compile_s": compile_s, "flops": flops}
+    seconds, cpu_seconds = time_threaded(compiled, state, (grads,), repeats)
+    results[name] = {
+      "seconds": seconds,
+      "cpu_seconds": cpu_seconds,
+      "compile_s": compile_s,
+      "flops": flops,
+    }
   learned = results.pop("learned")
   return {**learned, "adam_seconds": results["adam"]["seconds"], "params": size}
 
@@ -149,6 +176,7 @@ def run_one(name: str, repeats: int) -> dict:
   achieved = result["flops"] / result["seconds"]
   return {
     "workload": name,
+    "gates": fused_gates.mode(),
     **result,
     "achieved_flops_per_s": achieved,
     "matmul_peak_flops_per_s": matmul,
@@ -164,7 +192,9 @@ def format_row(r: dict) -> str:
   elif "adam_seconds" in r:
     extra = f"  adam {1e3 * r['adam_seconds']:.3f} ms"
   return (
-    f"{r['workload']:<10}{1e3 * r['seconds']:>10.1f} ms{r['compile_s']:>8.1f} s compile"
+    f"{r['workload']:<10}{r['gates']:<6}{1e3 * r['seconds']:>10.1f} ms"
+    f"{1e3 * r['cpu_seconds']:>10.1f} ms CPU"
+    f"{r['compile_s']:>8.1f} s compile"
     f"{r['achieved_flops_per_s'] / 1e9:>8.1f} GFLOP/s{100 * r['fraction_of_peak']:>6.1f}% of "
     f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}{r['peak_rss_gb']:>7.2f} GB{extra}"
   )
@@ -176,21 +206,26 @@ def main(argv):
     print(json.dumps(run_one(FLAGS.one, FLAGS.repeats)))
     return
   print(f"devices: {jax.devices()}, jax {jax.__version__}")
+  for gates in FLAGS.gates:
+    if gates not in fused_gates.MODES:
+      raise app.UsageError(f"--gates takes {fused_gates.MODES}, got {gates!r}.")
   results = []
   for name in FLAGS.workloads:
-    command = [
-      sys.executable,
-      "-m",
-      "benchmarks.perf",
-      f"--one={name}",
-      f"--repeats={FLAGS.repeats}",
-    ]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode:
-      print(f"{name}: failed\n{out.stderr[-2000:]}")
-      continue
-    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(format_row(results[-1]), flush=True)
+    for gates in FLAGS.gates:
+      command = [
+        sys.executable,
+        "-m",
+        "benchmarks.perf",
+        f"--one={name}",
+        f"--repeats={FLAGS.repeats}",
+      ]
+      env = {**os.environ, fused_gates.ENV_VAR: gates}
+      out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+      if out.returncode:
+        print(f"{name} ({gates}): failed\n{out.stderr[-2000:]}")
+        continue
+      results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+      print(format_row(results[-1]), flush=True)
   if FLAGS.json:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
     record = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
