@@ -69,28 +69,30 @@ def _unflatten(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
   return [s.reshape(x.shape[:-1] + s.shape[-1:]) for s, x in zip(splits, like, strict=True)]
 
 
-def dense_write_read(memory, left, right, reads):
-  """``M + sum_w a_w b_w^T``, then ``M r_h`` per read head.
+def dense_write_read(memory, left, right, reads, scale=1.0):
+  """``M + scale sum_w a_w b_w^T``, then ``M r_h`` per read head.
 
   Args:
     memory: ``(N, N)``.
     left, right: per leaf ``leaf.shape + (write_heads,)``.
     reads: per leaf ``leaf.shape + (read_heads,)``.
+    scale: factor on every write (``1 / N`` with ``normalize_writes``).
 
   Returns:
     ``(results, memory)``: results per leaf ``leaf.shape + (read_heads,)``; the new memory.
   """
-  memory = memory + _flatten(left) @ _flatten(right).T
+  memory = memory + scale * (_flatten(left) @ _flatten(right).T)
   return _unflatten(memory @ _flatten(reads), reads), memory
 
 
-def window_write_read(memory, left, right, reads):
-  """Slides this step's writes into the window, then ``r_h + sum_k a_k (b_k . r_h)``.
+def window_write_read(memory, left, right, reads, scale=1.0):
+  """Slides this step's writes into the window, then ``r_h + scale sum_k a_k (b_k . r_h)``.
 
   Args:
     memory: a ``WindowMemory``, its trees shaped like the parameters.
     left, right: per leaf ``leaf.shape + (write_heads,)``.
     reads: per leaf ``leaf.shape + (read_heads,)``.
+    scale: factor on every write, as in ``dense_write_read``.
 
   Returns:
     ``(results, memory)`` like ``dense_write_read``; the window keeps its size.
@@ -100,7 +102,9 @@ def window_write_read(memory, left, right, reads):
   lefts = [slide(m, a) for m, a in zip(jax.tree.leaves(memory.left), left, strict=True)]
   rights = [slide(m, b) for m, b in zip(jax.tree.leaves(memory.right), right, strict=True)]
   # b_k . r_h sums over every coordinate of every leaf: (window, write_heads, read_heads).
-  dots = sum(jnp.einsum("...kw,...h->kwh", b, r) for b, r in zip(rights, reads, strict=True))
+  dots = scale * sum(
+    jnp.einsum("...kw,...h->kwh", b, r) for b, r in zip(rights, reads, strict=True)
+  )
   results = [r + jnp.einsum("...kw,kwh->...h", a, dots) for a, r in zip(lefts, reads, strict=True)]
   return results, WindowMemory(treedef.unflatten(lefts), treedef.unflatten(rights))
 
@@ -116,6 +120,7 @@ def _ntm_optimizer(
   global_cells: int,
   read_heads: int,
   write_heads: int,
+  normalize_writes: bool,
   extra_config: dict,
   init_memory,
   write_read,
@@ -147,6 +152,7 @@ def _ntm_optimizer(
     "global_cells": global_cells,
     "read_heads": read_heads,
     "write_heads": write_heads,
+    "normalize_writes": normalize_writes,
     **extra_config,
   }
 
@@ -185,7 +191,9 @@ def _ntm_optimizer(
     reads = [o[..., :read_heads] for o in heads]
     left = [o[..., read_heads : read_heads + write_heads] for o in heads]
     right = [o[..., read_heads + write_heads :] for o in heads]
-    results, memory = write_read(state.memory, left, right, reads)
+    # With normalize_writes a write is a_w b_w^T / N, so b . r is a mean over the coordinates.
+    scale = 1.0 / sum(r[..., 0].size for r in reads) if normalize_writes else 1.0
+    results, memory = write_read(state.memory, left, right, reads, scale)
     updates = [
       (output_scale * i[..., 0]).astype(jnp.result_type(g))
       for i, g in zip(results, leaves, strict=True)
@@ -206,6 +214,7 @@ def ntm_bfgs_optimizer(
   global_cells: int = 5,
   read_heads: int = 1,
   write_heads: int = 3,
+  normalize_writes: bool = False,
   max_params: int = MAX_DENSE_PARAMS,
 ) -> LearnedOptimizer:
   """NTM-BFGS (Appendix B): LSTM+GAC controller with a dense ``(N, N)`` memory, ``M_0 = I``.
@@ -219,6 +228,12 @@ def ntm_bfgs_optimizer(
     global_cells: global averaging cells per controller layer (the paper: 5 of 20).
     read_heads: read heads; the first one's result is the update (the paper: 1).
     write_heads: rank-one writes per step (the paper: 3, enough to simulate BFGS).
+    normalize_writes: divide every write ``a b^T`` by the number of coordinates N, so a read's
+      memory term ``a (b . r) / N`` averages over the coordinates instead of summing, and keeps
+      its size as N grows (a reparametrization: ``b' = b / N`` writes the same memory). Off in
+      the paper's quadratics; without it, on the 15,910-parameter MNIST net the summed term
+      swamped the gradient and meta-training collapsed to a gradient-blind update
+      (``docs/ntm_bfgs.md``).
     max_params: largest N accepted for the dense memory.
 
   Example:
@@ -234,7 +249,7 @@ def ntm_bfgs_optimizer(
       raise ValueError(
         f"ntm_bfgs keeps a dense {n} x {n} memory over all parameters, more than max_params="
         f"{max_params} allows; use ntm_lbfgs (learned_opt.ntm_lbfgs_optimizer, or "
-        "--optimizer=ntm_lbfgs --memory_window=10), whose memory is linear in the parameters."
+        "--optimizer=ntm_lbfgs), whose memory is linear in the parameters."
       )
     return jnp.eye(n, dtype=jnp.float32)
 
@@ -249,6 +264,7 @@ def ntm_bfgs_optimizer(
     global_cells,
     read_heads,
     write_heads,
+    normalize_writes,
     {"max_params": max_params},
     init_memory,
     dense_write_read,
@@ -265,6 +281,7 @@ def ntm_lbfgs_optimizer(
   global_cells: int = 5,
   read_heads: int = 1,
   write_heads: int = 3,
+  normalize_writes: bool = False,
   memory_window: int = 10,
 ) -> LearnedOptimizer:
   """NTM-L-BFGS (Appendix B): NTM-BFGS keeping only the writes of the last steps.
@@ -299,6 +316,7 @@ def ntm_lbfgs_optimizer(
     global_cells,
     read_heads,
     write_heads,
+    normalize_writes,
     {"memory_window": memory_window},
     init_memory,
     window_write_read,

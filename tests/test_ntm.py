@@ -54,6 +54,29 @@ def test_window_holding_the_whole_history_reads_like_the_dense_memory():
   assert np.linalg.matrix_rank(np.asarray(dense_state.memory - jnp.eye(N)), tol=1e-4) <= 3 * 6
 
 
+@pytest.mark.parametrize("kind", ["ntm_bfgs", "ntm_lbfgs"])
+def test_normalized_writes_are_the_plain_ones_with_right_vectors_over_n(kind):
+  """normalize_writes writes a b^T / N: the same as the plain memory with b scaled by 1 / N."""
+  normalized = learned_opt.build({"kind": kind, "normalize_writes": True})
+  plain = learned_opt.build({"kind": kind})
+  assert normalized.config["normalize_writes"] and not plain.config["normalize_writes"]
+  phi = _loud_phi(plain)
+  # Read-out columns: read_heads (1), then left (3), then right (3) write vectors.
+  right = jnp.arange(phi["out"]["b"].shape[0]) >= 4
+  scaled = {
+    **phi,
+    "out": {k: jnp.where(right, v / N, v) for k, v in phi["out"].items()},
+  }
+  grads = [_grads(t) for t in range(5)]
+  got, _ = _run(normalized, phi, grads)
+  expected, _ = _run(plain, scaled, grads)
+  unscaled, _ = _run(plain, phi, grads)
+  for g, e in zip(got, expected, strict=True):
+    for key in g:
+      np.testing.assert_allclose(g[key], e[key], rtol=2e-4, atol=1e-6)
+  assert float(jnp.max(jnp.abs(got[-1]["a"] - unscaled[-1]["a"]))) > 1e-4
+
+
 def test_window_state_does_not_grow_with_steps():
   opt = learned_opt.ntm_lbfgs_optimizer(memory_window=4, write_heads=3)
   phi = opt.init_meta_params(jax.random.key(0))
