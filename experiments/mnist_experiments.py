@@ -140,9 +140,10 @@ def verdict(results: dict) -> str:
     outcome = "ties (paired difference within two stderrs) with"
   else:
     outcome = "beats" if margin < 0 else "does NOT beat"
+  name = learned["name"]  # its kind: lstm, ntm_lbfgs, ...
   return (
-    f"LSTM {outcome} the best tuned baseline ({best['name']}, lr {best['learning_rate']:.3g}): "
-    f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (paired difference LSTM - "
+    f"{name} {outcome} the best tuned baseline ({best['name']}, lr {best['learning_rate']:.3g}): "
+    f"{learned['final_mean']:.4f} vs {best['final_mean']:.4f} (paired difference {name} - "
     f"{best['name']} {margin:+.4f} ± {stderr:.4f} over {len(learned['finals'])} shared test "
     "problems)."
   )

@@ -60,9 +60,13 @@ def test_verdict_pairs_the_shared_test_problems():
   worse = {"optimizers": [_summary("lstm", "learned", hard + 0.01 + wobble), adam, sgd]}
   assert "does NOT beat the best tuned baseline (adam, lr 0.03)" in mnist_experiments.verdict(worse)
   better = {"optimizers": [_summary("lstm", "learned", hard - 0.01 + wobble), adam, sgd]}
-  assert "LSTM beats the best tuned baseline (adam" in mnist_experiments.verdict(better)
+  assert "lstm beats the best tuned baseline (adam" in mnist_experiments.verdict(better)
   level = {"optimizers": [_summary("lstm", "learned", hard + 10 * wobble), adam, sgd]}
-  assert "LSTM ties" in mnist_experiments.verdict(level)
+  assert "lstm ties" in mnist_experiments.verdict(level)
+  # A learned optimizer of another kind is named as such, not as "LSTM".
+  ntm = {"optimizers": [_summary("ntm_lbfgs", "learned", hard + 0.01 + wobble), adam, sgd]}
+  assert mnist_experiments.verdict(ntm).startswith("ntm_lbfgs does NOT beat")
+  assert "paired difference ntm_lbfgs - adam" in mnist_experiments.verdict(ntm)
 
 
 _FAKE_RUN = """
