@@ -27,7 +27,9 @@ RTOL, ATOL = 1e-5, 5e-6
 @pytest.fixture(scope="module")
 def names():
   """The kernels' FFI targets, built (or found in the cache) once for the module."""
-  return fused_gates.available(jnp.float32)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv(fused_gates.ENV_VAR, "fused")  # the suite has 8 devices, where auto is XLA
+    return fused_gates.available(jnp.float32)
 
 
 def _xla_gates(monkeypatch, z, c):
@@ -102,13 +104,26 @@ def _update_jaxpr(global_cells=0):
 
 @pytest.mark.parametrize("global_cells", [0, 5])  # LSTM+GAC's gates are the same kernel
 def test_the_env_var_chooses(monkeypatch, global_cells):
-  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
+  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
+  assert "ffi_call" in _update_jaxpr(global_cells)
+  monkeypatch.setattr(jax, "device_count", lambda *args: 1)
+  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")  # one device: the kernels
   assert "ffi_call" in _update_jaxpr(global_cells)
   monkeypatch.setenv(fused_gates.ENV_VAR, "xla")
   assert "ffi_call" not in _update_jaxpr(global_cells)
   monkeypatch.setenv(fused_gates.ENV_VAR, "sometimes")
   with pytest.raises(ValueError, match=r"LEARNED_OPT_GATES='sometimes' is not one of"):
     _update_jaxpr(global_cells)
+
+
+def test_auto_leaves_the_gates_to_xla_with_several_devices(monkeypatch, names):
+  """XLA's partitioner would replicate the custom call on every device; fused insists anyway."""
+  monkeypatch.setattr(jax, "device_count", lambda *args: 2)
+  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
+  assert fused_gates.available(jnp.float32) is None
+  assert "ffi_call" not in _update_jaxpr()
+  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
+  assert fused_gates.available(jnp.float32) == names
 
 
 def test_without_a_compiler_xla_computes_the_gates_with_one_warning(monkeypatch):
@@ -134,12 +149,12 @@ def test_a_meta_step_agrees_with_xla(monkeypatch, names):
   config = MetaTrainConfig(output_dir="/tmp/unused", num_problems=32, unroll=5, horizon=10)
   task, optimizer = trainer.build(config)
   results = {}
-  for mode in ("xla", "auto"):
+  for mode in ("xla", "fused"):
     monkeypatch.setenv(fused_gates.ENV_VAR, mode)
     state = meta_step.init_state(config, task, optimizer)
     step = jax.jit(meta_step.make_train_step(config, task, optimizer))
     results[mode] = step(state, task.data)
-  xla_state, auto_state = results["xla"][0], results["auto"][0]
+  xla_state, auto_state = results["xla"][0], results["fused"][0]
   for a, b in zip(
     jax.tree.leaves(auto_state.meta_params), jax.tree.leaves(xla_state.meta_params), strict=True
   ):

@@ -10,8 +10,12 @@ results match the XLA path to float tolerance, not bit for bit; the kernels are 
 so a run and its resume still agree bit for bit.
 
 ``$LEARNED_OPT_GATES`` chooses, when a computation is traced: ``auto`` (default: the kernels on
-a CPU backend, XLA elsewhere or where they cannot be built, with one warning saying why),
-``xla`` (never build or use them) or ``fused`` (as ``auto``, and a warning on a non-CPU backend).
+a CPU backend with a single device, XLA elsewhere or where they cannot be built, with one warning
+saying why), ``xla`` (never build or use them) or ``fused`` (the kernels on any number of CPU
+devices, and a warning on a non-CPU backend). ``auto`` leaves the gates to XLA when the process
+has several devices: XLA's partitioner knows nothing of a custom call and runs it on every
+device over all rows, gathered, which made a quadratic meta-step split over two CPU devices
+about 1.5x slower (BUILD.md).
 Set it before the process traces anything: ``jax.jit`` caches a function's trace, so changing it
 later does not change an already traced function.
 Being a ``custom_vjp``, the kernel path has no forward-mode derivative (``jax.jvp``); set
@@ -47,6 +51,8 @@ def available(dtype) -> tuple[str, str] | None:
   """The kernels' FFI targets if this trace should use them for ``dtype`` gates, else None."""
   chosen = mode()
   if chosen == "xla" or jnp.dtype(dtype) != jnp.float32:
+    return None
+  if chosen == "auto" and jax.device_count() > 1:
     return None
   if jax.default_backend() != "cpu":
     if chosen == "fused":
