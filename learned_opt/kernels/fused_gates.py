@@ -2,12 +2,12 @@
 
 ``learned_opt.lstm`` computes every layer as a matmul, which XLA does well, and then the gates
 ``(z (..., 4 hidden), c (..., hidden)) -> (h', c')``, which XLA:CPU runs as many element-wise
-passes; differentiated (meta-training, every step of every unroll) they took about 2.7x the
-layer's matmul forward and backward (BUILD.md, issue 11). On a CPU backend the gates run as one
-fused pass forward and one backward (which recomputes the gates from z and c), under ``jax.jit``,
-``jax.vmap`` and ``jax.grad`` alike. They agree with XLA's to ~1e-7 (a polynomial exp), so
-results match the XLA path to float tolerance, not bit for bit; the kernels are deterministic,
-so a run and its resume still agree bit for bit.
+passes; differentiated (meta-training, every step of every unroll) they cost 1.0-1.7x the
+layer's matmul forward and backward (``benchmarks/gates.py``, BUILD.md, issue 11). On a CPU
+backend the gates run as one fused pass forward and one backward (which recomputes the gates
+from z and c), under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` alike. They agree with XLA's to
+~1e-6 (a polynomial exp), so results match the XLA path to float tolerance, not bit for bit; the
+kernels are deterministic, so a run and its resume still agree bit for bit.
 
 ``$LEARNED_OPT_GATES`` chooses, when a computation is traced: ``auto`` (default: the kernels on
 a CPU backend with a single device, XLA elsewhere or where they cannot be built, with one warning
@@ -15,10 +15,9 @@ saying why), ``xla`` (never build or use them) or ``fused`` (the kernels on any 
 devices, and a warning on a non-CPU backend). ``auto`` leaves the gates to XLA when the process
 has several devices: XLA's partitioner knows nothing of a custom call and runs it on every
 device over all rows, gathered, which made a quadratic meta-step split over two CPU devices
-about 1.5x slower (BUILD.md).
-Set it before the process traces anything: ``jax.jit`` caches a function's trace, so changing it
-later does not change an already traced function.
-Being a ``custom_vjp``, the kernel path has no forward-mode derivative (``jax.jvp``); set
+about 1.5x slower (BUILD.md). Set it before the process traces anything: ``jax.jit`` caches a
+function's trace, so changing it later does not change an already traced function. Being a
+``custom_vjp``, the kernel path has no forward-mode derivative (``jax.jvp``); set
 ``LEARNED_OPT_GATES=xla`` for that.
 """
 
@@ -65,9 +64,9 @@ def available(dtype) -> tuple[str, str] | None:
     forward, backward = build.targets(SOURCE, HANDLERS)
   except KernelUnavailable as e:
     build.warn_once(
-      f"The fused LSTM gate kernels are unavailable: {e}. XLA computes the gates instead "
-      f"(meta-training about 2x slower on CPU); install g++ or set $CXX, or set {ENV_VAR}=xla "
-      "to silence this."
+      f"The fused LSTM gate kernels are unavailable: {e}. XLA computes the gates instead (an "
+      "MNIST meta-step takes about 1.3x the CPU time); install g++ or set $CXX, or set "
+      f"{ENV_VAR}=xla to silence this."
     )
     return None
   return forward, backward
