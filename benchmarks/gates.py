@@ -10,7 +10,6 @@ VJP with a 2 x hidden fan-in (the second layer's). CPU time (all threads, ``time
 is what a call costs when other jobs share the cores; wall time is printed beside it.
 """
 
-import os
 import time
 
 import jax
@@ -42,11 +41,10 @@ def main(argv):
   w = 0.1 * jax.random.normal(keys[5], (2 * hidden, 4 * hidden))
   parts = {}
   for mode, label in (("xla", "xla"), ("auto", "fused")):
-    os.environ[fused_gates.ENV_VAR] = mode  # read when traced: trace and compile now
-    call = _pullback(lambda z, c: lstm._gates(z, c))
-    jax.block_until_ready(call((z, c), (dh, dc)))
+    with fused_gates.using(mode):  # read when traced: trace and compile inside
+      call = _pullback(lambda z, c: lstm._gates(z, c))
+      jax.block_until_ready(call((z, c), (dh, dc)))
     parts[f"gates fwd+bwd ({label})"] = (call, ((z, c), (dh, dc)))
-  os.environ.pop(fused_gates.ENV_VAR)
   parts["matmul fwd+bwd (xla)"] = (_pullback(lambda a, b: a @ b), ((xh, w), z))
   results = {name: [] for name in parts}
   for _ in range(FLAGS.rounds):

@@ -111,15 +111,8 @@ def forward_flops_per_coordinate(hidden=20, layers=2, features=1, outputs=1) -> 
 def compiled_flops(fn, *args) -> float:
   """XLA's count for ``fn`` with the gates in XLA (it counts nothing inside a custom call), from
   a fresh trace (jit caches traces per function, and the timed one must not reuse this)."""
-  saved = os.environ.get(fused_gates.ENV_VAR)
-  os.environ[fused_gates.ENV_VAR] = "xla"
-  try:
+  with fused_gates.using("xla"):
     return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis())
-  finally:
-    if saved is None:
-      os.environ.pop(fused_gates.ENV_VAR)
-    else:
-      os.environ[fused_gates.ENV_VAR] = saved
 
 
 def time_threaded(fn, state, rest, repeats, donate):

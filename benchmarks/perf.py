@@ -77,17 +77,9 @@ def flops_of(fn, *args) -> float:
   """FLOPs of one call of ``fn(*args)`` by XLA's cost analysis, scans unrolled, gates in XLA
   (cost analysis counts none in a custom call), so every --gates mode is credited the same work.
   """
-  saved = os.environ.get(fused_gates.ENV_VAR)
-  os.environ[fused_gates.ENV_VAR] = "xla"
-  try:
-    with fully_unrolled_scans():
-      # A fresh function: jit caches traces per function, and the timed one must not reuse this.
-      return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis())
-  finally:
-    if saved is None:
-      os.environ.pop(fused_gates.ENV_VAR)
-    else:
-      os.environ[fused_gates.ENV_VAR] = saved
+  with fused_gates.using("xla"), fully_unrolled_scans():
+    # A fresh function: jit caches traces per function, and the timed one must not reuse this.
+    return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis())
 
 
 def time_threaded(compiled, state, extra, repeats):

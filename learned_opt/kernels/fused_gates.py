@@ -21,6 +21,8 @@ function's trace, so changing it later does not change an already traced functio
 ``LEARNED_OPT_GATES=xla`` for that.
 """
 
+import contextlib
+import functools
 import os
 
 import jax
@@ -44,6 +46,22 @@ def mode() -> str:
       f"kernels where they build) or set {ENV_VAR}=xla."
     )
   return value
+
+
+@contextlib.contextmanager
+def using(chosen: str):
+  """``$LEARNED_OPT_GATES=chosen`` inside the block (for what is traced there), restored after."""
+  if chosen not in MODES:
+    raise ValueError(f"{ENV_VAR} takes {MODES}, got {chosen!r}.")
+  saved = os.environ.get(ENV_VAR)
+  os.environ[ENV_VAR] = chosen
+  try:
+    yield
+  finally:
+    if saved is None:
+      os.environ.pop(ENV_VAR)
+    else:
+      os.environ[ENV_VAR] = saved
 
 
 def available(dtype) -> tuple[str, str] | None:
@@ -72,6 +90,7 @@ def available(dtype) -> tuple[str, str] | None:
   return forward, backward
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def gates(names: tuple[str, str], z: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``lstm._gates(z, c)`` by the kernels ``names = available(...)``: the new ``(h, c)``.
 
@@ -80,21 +99,20 @@ def gates(names: tuple[str, str], z: jax.Array, c: jax.Array) -> tuple[jax.Array
     z: pre-activations (..., 4 hidden), gates in order i, f, g, o; float32.
     c: the old cell (..., hidden), float32.
   """
-  forward, backward = names
   state = jax.ShapeDtypeStruct(c.shape, jnp.float32)
+  return jax.ffi.ffi_call(names[0], (state, state), vmap_method="broadcast_all")(z, c)
 
-  @jax.custom_vjp
-  def op(z, c):
-    return jax.ffi.ffi_call(forward, (state, state), vmap_method="broadcast_all")(z, c)
 
-  def op_forward(z, c):
-    return op(z, c), (z, c)
+def _gates_forward(names, z, c):
+  return gates(names, z, c), (z, c)
 
-  def op_backward(saved, cotangents):
-    z, c = saved
-    dh, dc = cotangents
-    out = (jax.ShapeDtypeStruct(z.shape, jnp.float32), jax.ShapeDtypeStruct(c.shape, jnp.float32))
-    return tuple(jax.ffi.ffi_call(backward, out, vmap_method="broadcast_all")(z, c, dh, dc))
 
-  op.defvjp(op_forward, op_backward)
-  return op(z, c)
+def _gates_backward(names, saved, cotangents):
+  """The backward kernel recomputes the gates from the saved z and c: ``(dz, dc)``."""
+  z, c = saved
+  dh, dc = cotangents
+  out = (jax.ShapeDtypeStruct(z.shape, jnp.float32), jax.ShapeDtypeStruct(c.shape, jnp.float32))
+  return tuple(jax.ffi.ffi_call(names[1], out, vmap_method="broadcast_all")(z, c, dh, dc))
+
+
+gates.defvjp(_gates_forward, _gates_backward)

@@ -46,7 +46,7 @@ constexpr int64_t kChunkRows = 1024;  // rows a thread takes at a time
 // One thread's tile buffers: the four gate blocks and up to four (rows, hidden) operands or
 // results, each kTileRows * hidden floats plus a vector of padding.
 struct Tiles {
-  explicit Tiles(int hidden) : stride(kTileRows * hidden + kLanes), buffer(9 * stride) {}
+  explicit Tiles(int hidden) : stride(kTileRows * hidden + kLanes), buffer(8 * stride) {}
   float* operator[](int k) { return buffer.data + k * stride; }
   int stride;
   AlignedFloats buffer;
