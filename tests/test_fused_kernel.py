@@ -139,6 +139,26 @@ def test_as_optax_fused_follows_the_xla_trajectory(kernel_cache):
   assert fused_loss < start  # the optimizer does something on this problem
 
 
+def test_the_in_place_state_update_leaves_an_undonated_state_intact(kernel_cache):
+  # The kernel writes the new state over its input (input_output_aliases): with the state
+  # donated XLA hands it the donated buffers; without, it must copy first, never clobber.
+  opt = learned_opt.lstm_optimizer()
+  phi = _phi(opt)
+  tx = learned_opt.as_optax(opt, phi, kernel="fused")
+  grads = _grads(jax.random.key(4))
+  state = tx.update(grads, tx.init(grads))[1]  # a nonzero LSTM state
+  before = [np.array(a) for a in jax.tree.leaves(state)]
+  step = lambda s, g: tx.update(g, s)
+  kept = jax.jit(step)(state, grads)
+  for a, b in zip(jax.tree.leaves(state), before, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  donated = jax.jit(step, donate_argnums=(0,))(jax.tree.map(jnp.copy, state), grads)
+  for a, b in zip(jax.tree.leaves(donated), jax.tree.leaves(kept), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  xla = learned_opt.as_optax(opt, phi)
+  _assert_trees_close(kept, jax.jit(lambda s, g: xla.update(g, s))(state, grads))
+
+
 def test_kernel_xla_never_builds(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("kernel='xla' must not build or load the fused kernel")

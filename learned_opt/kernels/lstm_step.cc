@@ -296,9 +296,11 @@ ffi::Error LstmStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad, ffi::Buffe
                     float threshold, float p, float exp_p, float output_scale, int64_t threads,
                     int32_t spawn) {
   const auto dims = hidden.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("hidden must be (rows, layers, units)");
-  const int64_t rows = dims[0];
-  const int layers = static_cast<int>(dims[1]), units = static_cast<int>(dims[2]);
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("hidden must be (..., layers, units)");
+  const int layers = static_cast<int>(dims[dims.size() - 2]);
+  const int units = static_cast<int>(dims[dims.size() - 1]);
+  if (layers * units == 0) return ffi::Error::InvalidArgument("no hidden units");
+  const int64_t rows = static_cast<int64_t>(hidden.element_count()) / (layers * units);
   const int features = preprocess == 2 ? 2 : 1;
   if (grad.element_count() != static_cast<size_t>(rows) ||
       cell.element_count() != hidden.element_count() ||
