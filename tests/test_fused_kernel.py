@@ -1,5 +1,6 @@
 """The fused CPU kernel of the LSTM's forward step (learned_opt/kernels) against the XLA update."""
 
+import functools
 import os
 import shutil
 import warnings
@@ -210,14 +211,25 @@ def test_fused_refuses_what_it_does_not_cover():
   )
 
 
-def test_differentiating_the_fused_update_is_a_clear_error(kernel_cache):
-  opt = learned_opt.lstm_optimizer()
-  phi = opt.init_meta_params(jax.random.key(0))
-  tx = learned_opt.as_optax(opt, phi, kernel="fused")
-  params = {"w": jnp.ones((5,))}
-  state = tx.init(params)
-  with pytest.raises(ValueError, match="no derivative.*kernel='xla'"):
-    jax.grad(lambda g: jnp.sum(tx.update({"w": g}, state)[0]["w"]))(params["w"])
+def test_differentiating_the_fused_update_is_differentiating_xlas(kernel_cache):
+  # The kernel has no derivative: under jax.grad (meta-training) the update is XLA's, values
+  # and gradients alike, w.r.t. phi and the optimizee gradient.
+  opt = learned_opt.lstm_optimizer(preprocess="log_sign")
+  phi = _phi(opt)
+  grads = _grads(jax.random.key(6))
+  fused = learned_opt.as_optax(opt, phi, kernel="fused")
+  state = fused.init(grads)
+
+  def loss(kind, phi, g):
+    updates, new_state = learned_opt.as_optax(opt, phi, kernel=kind).update(g, state)
+    squares = sum(jnp.sum(u**2) for u in jax.tree.leaves(updates))
+    return squares + 0.1 * sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(new_state))
+
+  for argnum in (0, 1):  # phi, the optimizee gradient
+    expected = jax.jit(jax.grad(functools.partial(loss, "xla"), argnum))(phi, grads)
+    actual = jax.jit(jax.grad(functools.partial(loss, "fused"), argnum))(phi, grads)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
 def test_fused_update_under_vmap_equals_xla(kernel_cache):

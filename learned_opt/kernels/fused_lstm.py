@@ -1,12 +1,14 @@
 """The coordinatewise LSTM's forward step as one fused CPU kernel (``lstm_step.cc``).
 
-``as_optax(..., kernel="auto")`` runs a plain coordinatewise LSTM (``kind "lstm"``, no global
-averaging cells, any preprocessing, size and depth) through this kernel on a CPU backend: one
-``jax.ffi.ffi_call`` per parameter leaf, each coordinate's preprocessing, layers, read-out and
-output scale in one pass while its state is in L1, on both cores. XLA runs the same math as
-separate matmul and element-wise passes over all coordinates, at about 1.5x the CPU time on a
-1M-parameter update (BUILD.md, issue 11). The meta-training path (``LearnedOptimizer.update``
-under vmap and grad, and ``as_optax``'s default ``kernel="xla"``) never uses it.
+``as_optax`` (its default ``kernel="auto"``) runs a plain coordinatewise LSTM (``kind
+"lstm"``, no global averaging cells, any preprocessing, size and depth) through this kernel on a
+CPU backend with one device: one ``jax.ffi.ffi_call`` per parameter leaf, each coordinate's
+preprocessing, layers, read-out and output scale in one pass while its state is in L1, on both
+cores, the state updated in place. XLA runs the same math as separate matmul and element-wise
+passes over all coordinates, at about 3x the CPU time on a 1M-parameter update (BUILD.md,
+issue 11). Under ``jax.vmap`` the mapped axis becomes more rows of one call. Differentiated
+(meta-training through ``as_optax``), the update is XLA's, values and derivatives alike, so the
+kernel never changes a meta-gradient.
 
 The kernel is compiled on first use and cached (``learned_opt.kernels.build``). Without a
 compiler, after a failed build or on another backend the update falls back to XLA's, with one
@@ -54,28 +56,49 @@ def target() -> str:
   return build.targets(SOURCE, (HANDLER,))[0]
 
 
-def _leaf_step(name, layers, out, grad, state, attributes):
-  """The kernel on one leaf: ``(update shaped like grad, CoordinateState)``."""
-  shape = jnp.shape(grad)
-  rows = math.prod(shape)
-  if rows == 0:
-    return jnp.zeros(shape, jnp.result_type(grad)), state
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  h, c = f32(state.hidden), f32(state.cell)
-  weights = [f32(a) for layer in layers for a in (layer["w"], layer["b"])]
-  # The state is passed in its own shape and updated in place (input_output_aliases): any
-  # reshape between a donated state and the call made XLA copy it in and out of the call.
-  call = jax.ffi.ffi_call(
+def _kernel_call(name, attributes):
+  """``(grad, h, c, out_w, out_b, *weights) -> (update, h, c)`` by the kernel, batchable.
+
+  The kernel treats every leading axis of ``grad`` (``h``, ``c``: the same axes, then layers and
+  units) as rows, so under ``jax.vmap`` with phi unmapped the batch axis simply becomes more
+  rows: one call over every problem, not one per problem. A mapped phi (a different optimizer
+  per element) runs one element at a time.
+  """
+  raw = lambda grad, h, c, *phi: jax.ffi.ffi_call(
     name,
     (
-      jax.ShapeDtypeStruct(shape, jnp.float32),
+      jax.ShapeDtypeStruct(grad.shape, jnp.float32),
       jax.ShapeDtypeStruct(h.shape, jnp.float32),
       jax.ShapeDtypeStruct(c.shape, jnp.float32),
     ),
     vmap_method="sequential",
+    # The new state overwrites the old: with a donated state no copy and no fresh buffer. Any
+    # reshape between a donated state and the call made XLA copy it in and out, so none is done.
     input_output_aliases={1: 1, 2: 2},
+  )(grad, h, c, *phi, **attributes)
+  call = jax.custom_batching.custom_vmap(raw)
+
+  @call.def_vmap
+  def _batched(axis_size, in_batched, grad, h, c, *phi):
+    to_front = lambda a, mapped: a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
+    grad, h, c = (to_front(a, m) for a, m in zip((grad, h, c), in_batched[:3], strict=True))
+    if not any(in_batched[3:]):
+      return call(grad, h, c, *phi), (True, True, True)
+    phi = [to_front(a, m) for a, m in zip(phi, in_batched[3:], strict=True)]
+    return jax.lax.map(lambda a: call(*a), (grad, h, c, *phi)), (True, True, True)
+
+  return call
+
+
+def _leaf_step(name, layers, out, grad, state, attributes):
+  """The kernel on one leaf: ``(update shaped like grad, CoordinateState)``."""
+  if math.prod(jnp.shape(grad)) == 0:
+    return jnp.zeros(jnp.shape(grad), jnp.result_type(grad)), state
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  weights = [f32(a) for layer in layers for a in (layer["w"], layer["b"])]
+  update, h, c = _kernel_call(name, attributes)(
+    f32(grad), f32(state.hidden), f32(state.cell), f32(out["w"]), f32(out["b"]), *weights
   )
-  update, h, c = call(f32(grad), h, c, f32(out["w"]), f32(out["b"]), *weights, **attributes)
   return update.astype(jnp.result_type(grad)), CoordinateState(h, c)
 
 
@@ -117,19 +140,15 @@ def fused_update(config, name: str, meta_params, grads, state, threads: int = 0,
   return treedef.unflatten([u for u, _ in steps]), treedef.unflatten([s for _, s in steps])
 
 
-def _not_differentiable(fused):
-  """``fused`` that raises a clear error when differentiated (the kernel has no derivative)."""
-  update = jax.custom_jvp(fused)
+def _differentiated_by_xla(fused, xla_update):
+  """``fused``, whose reverse-mode derivative (``jax.grad``, ``jax.vjp``) is ``xla_update``'s.
 
-  @update.defjvp
-  def jvp(primals, tangents):
-    del primals, tangents
-    raise ValueError(
-      "as_optax(..., kernel='auto' or 'fused') runs the fused LSTM kernel, which has no "
-      "derivative; differentiate through as_optax(..., kernel='xla') (the default), as "
-      "meta-training does."
-    )
-
+  The kernel has no derivative of its own; differentiated, the whole update (values included)
+  is XLA's, so meta-training through ``as_optax`` sees exactly the XLA path. Like that path (its
+  gates are a ``custom_vjp``), it has no forward-mode derivative.
+  """
+  update = jax.custom_vjp(fused)
+  update.defvjp(lambda *primals: jax.vjp(xla_update, *primals), lambda vjp, ct: vjp(ct))
   return update
 
 
@@ -140,9 +159,10 @@ def make_update(optimizer, kernel: str = "auto"):
     optimizer: a ``LearnedOptimizer``.
     kernel: ``"xla"`` (``optimizer.update`` itself, nothing built), ``"fused"`` (the kernel;
       falls back to XLA with a warning where it cannot be built, or off CPU) or ``"auto"``
-      (the kernel for an optimizer it covers on a CPU backend, silently XLA otherwise; a
-      warning if it cannot be built). The kernel's update is not differentiable (a clear
-      error under ``jax.grad``); under ``jax.vmap`` it runs one mapped element at a time.
+      (the kernel for an optimizer it covers on a CPU backend with a single device, silently
+      XLA otherwise; a warning if it cannot be built). Differentiated (reverse mode), the
+      update is XLA's; under ``jax.vmap`` (phi unmapped) the kernel runs once over every
+      mapped element.
 
   Raises:
     ValueError: an unknown ``kernel``, or ``"fused"`` for an optimizer the kernel does not cover.
@@ -162,6 +182,9 @@ def make_update(optimizer, kernel: str = "auto"):
   config = dict(optimizer.config)
 
   def update(meta_params, grads, state):
+    if kernel == "auto" and jax.device_count() > 1:
+      # XLA's partitioner would gather sharded rows and run the call on every device.
+      return optimizer.update(meta_params, grads, state)
     if jax.default_backend() != "cpu":
       if kernel == "fused":
         build.warn_once(
@@ -174,11 +197,11 @@ def make_update(optimizer, kernel: str = "auto"):
     except KernelUnavailable as e:
       build.warn_once(
         f"The fused LSTM kernel is unavailable: {e}. Running the XLA update instead (about "
-        "1.5x the CPU time on large models); install g++ or set $CXX, or pass kernel='xla' "
+        "3x the CPU time on large models); install g++ or set $CXX, or pass kernel='xla' "
         "to silence this."
       )
       return optimizer.update(meta_params, grads, state)
     fused = functools.partial(fused_update, config, name)
-    return _not_differentiable(fused)(meta_params, grads, state)
+    return _differentiated_by_xla(fused, optimizer.update)(meta_params, grads, state)
 
   return update
