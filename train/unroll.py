@@ -57,7 +57,10 @@ def unroll(
     ``(losses, inner)``: ``losses`` shaped (num_steps,) holds f(theta_1) ... f(theta_T), each
     a differentiable function of phi; ``inner`` is the state after the last step.
   """
-  tx = learned_opt.as_optax(optimizer, meta_params)
+  # Differentiated w.r.t. phi under vmap: XLA's update itself. (The default kernel="auto" would
+  # give the same values and gradients through a custom_vjp, whose batching computes the weight
+  # gradient once per problem and sums: ~8% slower on the 128-problem quadratic meta-step.)
+  tx = learned_opt.as_optax(optimizer, meta_params, kernel="xla")
   losses, inner = inner_lib.run(task, tx, data, inner, num_steps, second_order)
   # losses[0] is f(theta_0), fixed before this truncation; the objective is f(theta_1..T).
   return losses[1:], inner
