@@ -18,6 +18,8 @@ How a step is computed (the math is the paper's; benchmarks/lstm_update.py measu
   ``(problems, coordinates, hidden)``: XLA:CPU's loops over that 3-d shape, with 10 coordinates
   per quadratic, are ~3x slower than over ``(problems * coordinates, hidden)``; ~2x on the
   quadratic meta-step with 128 problems.
+* On CPU each layer without GAC is one fused kernel, matmul and gates forward and backward
+  (``kernels.fused_gates.layer``); with GAC the gates alone are (``kernels.fused_gates.gates``).
 * A step over more than ``BLOCK_ROWS`` coordinates runs layer by layer in blocks of rows, so the
   ``(R, 4 hidden)`` pre-activations are not a fresh, page-faulted buffer of R x 320 bytes: ~1.4x
   on a 1M-coordinate update.
@@ -189,6 +191,9 @@ def _blockwise(fn, *rows):
 
 def _layer_rows(layer, x, h, c, global_cells):
   """One layer (+GAC) on rows: x (R, in), h and c (R, hidden) -> new (h, c)."""
+  kernels = fused_gates.available(jnp.result_type(x, h, c, layer["w"], layer["b"]))
+  if kernels is not None and global_cells == 0:  # matmul and gates in one kernel, any R
+    return fused_gates.layer(kernels, jnp.concatenate([x, h], axis=-1), c, **layer)
   if x.shape[0] > BLOCK_ROWS:
     h, c = _blockwise(functools.partial(lstm_cell, layer), x, h, c)
     return _segment_average(h, global_cells, 1), c  # outside the fold: one problem's rows

@@ -1,5 +1,6 @@
 """The fused CPU kernels of the LSTM gates (learned_opt/kernels/fused_gates) against XLA's."""
 
+import functools
 import shutil
 import warnings
 
@@ -92,6 +93,87 @@ def test_vmap_grad_and_grad_vmap_agree_with_xla(monkeypatch, names):
       got = per_problem
   for a, b in zip(got, per_problem, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+
+
+def _assert_sums_close(actual, expected):
+  """Elementwise to RTOL, and to 1e-5 of the largest entry: the weight cotangents are sums over
+  hundreds of rows, in another order than XLA's."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  scale = np.nanmax(np.abs(expected), initial=0.0)
+  np.testing.assert_allclose(
+    actual, expected, rtol=RTOL, atol=max(ATOL, 1e-5 * scale), equal_nan=True
+  )
+
+
+def _xla_layer(monkeypatch, a, c, w, b):
+  with monkeypatch.context() as patch:
+    patch.setenv(fused_gates.ENV_VAR, "xla")
+    return lstm._gates(a @ w + b, c)
+
+
+def _layer_inputs(key, shape, fan_in, hidden):
+  k = jax.random.split(key, 6)
+  a = 2.0 * jax.random.normal(k[0], shape + (fan_in,))
+  c = 2.0 * jax.random.normal(k[1], shape + (hidden,))
+  w = jax.random.normal(k[2], (fan_in, 4 * hidden)) / np.sqrt(fan_in)
+  b = jax.random.normal(k[3], (4 * hidden,))
+  dh, dc = (jax.random.normal(kk, shape + (hidden,)) for kk in k[4:])
+  return (a, c, w, b), (dh, dc)
+
+
+@pytest.mark.parametrize(
+  "shape, fan_in, hidden",
+  # The paper's two layers (fan-in 21 and 40); one row; a partial 16-row tile; fan-in and
+  # hidden not multiples of 4 or of a vector, leading axes; 1031 rows (five 256-row chunks
+  # whose weight cotangents are summed, the last partial); no rows.
+  [((37,), 21, 20), ((1,), 40, 20), ((3, 5), 7, 9), ((1031,), 22, 20), ((0,), 21, 20)],
+)
+def test_layer_forward_and_backward_agree_with_xla(monkeypatch, names, shape, fan_in, hidden):
+  inputs, cotangents = _layer_inputs(jax.random.key(fan_in), shape, fan_in, hidden)
+  got, pullback = jax.vjp(jax.jit(lambda *x: fused_gates.layer(names, *x)), *inputs)
+  expected, expected_pullback = jax.vjp(lambda *x: _xla_layer(monkeypatch, *x), *inputs)
+  got_all = got + pullback(cotangents)
+  for a, b in zip(got_all, expected + expected_pullback(cotangents), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    _assert_sums_close(a, b)
+  again = jax.vjp(jax.jit(lambda *x: fused_gates.layer(names, *x)), *inputs)
+  for a, b in zip(got_all, again[0] + again[1](cotangents), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
+
+
+@pytest.mark.parametrize("weights_mapped", [False, True])
+def test_layer_under_vmap_sums_the_weight_cotangents(monkeypatch, names, weights_mapped):
+  """Shared weights: one call over every problem's rows, dW summed over all of them; weights
+  mapped too (one optimizer per problem): one call per problem. Both as XLA computes them."""
+  (a, c, w, b), _ = _layer_inputs(jax.random.key(5), (3, 50), 21, 20)
+  if weights_mapped:
+    w, b = w + jnp.arange(3.0)[:, None, None] / 10, jnp.stack([b, -b, 2 * b])
+  axes = (0, 0, 0 if weights_mapped else None, 0 if weights_mapped else None)
+
+  def loss(layer, w, b, a, c):
+    h, c_new = jax.vmap(layer, axes)(a, c, w, b)
+    return jnp.sum(jnp.sin(h) * c_new)
+
+  fused = jax.jit(
+    jax.grad(functools.partial(loss, lambda *x: fused_gates.layer(names, *x)), argnums=(0, 1, 2, 3))
+  )
+  xla = jax.grad(
+    functools.partial(loss, lambda *x: _xla_layer(monkeypatch, *x)), argnums=(0, 1, 2, 3)
+  )
+  for got, expected in zip(fused(w, b, a, c), xla(w, b, a, c), strict=True):
+    assert got.shape == expected.shape
+    _assert_sums_close(got, expected)
+
+
+def test_layer_nan_stays_in_its_row(monkeypatch, names):
+  (a, c, w, b), (dh, dc) = _layer_inputs(jax.random.key(7), (37,), 21, 20)
+  a = a.at[5, 3].set(jnp.nan)
+  got, pullback = jax.vjp(lambda *x: fused_gates.layer(names, *x), a, c, w, b)
+  expected, expected_pullback = jax.vjp(lambda *x: _xla_layer(monkeypatch, *x), a, c, w, b)
+  h = np.asarray(got[0])
+  assert np.isnan(h[5]).all() and np.isfinite(np.delete(h, 5, axis=0)).all()
+  for x, y in zip(got + pullback((dh, dc)), expected + expected_pullback((dh, dc)), strict=True):
+    _assert_sums_close(x, y)
 
 
 def _update_jaxpr(global_cells=0):

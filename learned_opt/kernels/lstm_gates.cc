@@ -1,4 +1,5 @@
-// The LSTM cell's element-wise part, forward and backward, as two fused CPU kernels.
+// The LSTM cell's element-wise part, and a whole layer (matmul and gates), forward and backward,
+// as fused CPU kernels (the layer kernels are at the end of this file).
 //
 // learned_opt/lstm.py computes each layer as z = [x, h] @ W + b (a matmul XLA does well) and then
 // the gates from z (rows, 4 hidden), in order i, f, g, o, and the old cell c (rows, hidden):
@@ -52,11 +53,11 @@ struct Tiles {
   AlignedFloats buffer;
 };
 
-// Gathers gate k of rows [row, row + count) of z (rows, 4 hidden) into tiles[k], k = 0..3.
-void GatherGates(const float* z, int64_t row, int count, int hidden, Tiles& tiles) {
+// Gathers gate k of a tile's count rows of z (rows at z_stride floats) into tiles[k], k = 0..3.
+void GatherGates(const float* z, int z_stride, int count, int hidden, Tiles& tiles) {
   for (int k = 0; k < 4; ++k) {
     for (int m = 0; m < count; ++m) {
-      CopyRow(tiles[k] + m * hidden, z + (row + m) * 4 * hidden + k * hidden, hidden);
+      CopyRow(tiles[k] + m * hidden, z + m * z_stride + k * hidden, hidden);
     }
   }
 }
@@ -70,52 +71,86 @@ inline Gates Activate(Tiles& t, int j) {
           Sigmoid(Load(t[3] + j))};
 }
 
+// The tile's (count, hidden) operands are read, and its results written, in place when they
+// are whole vectors (n a multiple of kLanes: always for a full tile); else through the tiles.
+inline const float* Operand(const float* p, int n, float* tile) {
+  if (n % kLanes == 0) return p;
+  std::memcpy(tile, p, n * sizeof(float));
+  return tile;
+}
+
+inline float* Result(float* p, int n, float* tile) { return n % kLanes == 0 ? p : tile; }
+
+inline void Flush(float* p, int n, const float* result) {
+  if (result != p) std::memcpy(p, result, n * sizeof(float));
+}
+
+// The gates of one tile of count <= kTileRows rows: z's rows at z_stride, c, h_out, c_out
+// contiguous (count, hidden).
+void ForwardTile(const float* z, int z_stride, const float* c, float* h_out, float* c_out,
+                 int hidden, int count, Tiles& t) {
+  const int n = count * hidden;
+  GatherGates(z, z_stride, count, hidden, t);
+  const float* c_old = Operand(c, n, t[4]);
+  float* c_new = Result(c_out, n, t[5]);
+  float* h_new = Result(h_out, n, t[6]);
+  for (int j = 0; j < n; j += kLanes) {
+    const Gates a = Activate(t, j);
+    const Vec c_j = a.f * Load(c_old + j) + a.i * a.g;
+    Store(c_new + j, c_j);
+    Store(h_new + j, a.o * Tanh(c_j));
+  }
+  Flush(c_out, n, c_new);
+  Flush(h_out, n, h_new);
+}
+
+// The gates' derivative on one tile: dz's rows at dz_stride, the rest contiguous (count, hidden).
+void BackwardTile(const float* z, int z_stride, const float* c, const float* dh,
+                  const float* dc_new, float* dz, int dz_stride, float* dc, int hidden, int count,
+                  Tiles& t) {
+  const Vec one = Splat(1.0f);
+  const int n = count * hidden;
+  GatherGates(z, z_stride, count, hidden, t);
+  const float* c_in = Operand(c, n, t[4]);
+  const float* dh_in = Operand(dh, n, t[5]);
+  const float* dc_in = Operand(dc_new, n, t[6]);
+  float* dc_out = Result(dc, n, t[7]);
+  for (int j = 0; j < n; j += kLanes) {
+    const Gates a = Activate(t, j);
+    const Vec c_old = Load(c_in + j), dh_j = Load(dh_in + j);
+    const Vec tanh_c = Tanh(a.f * c_old + a.i * a.g);
+    const Vec total = Load(dc_in + j) + dh_j * a.o * (one - tanh_c * tanh_c);
+    Store(dc_out + j, total * a.f);
+    // The gate cotangents overwrite the gates' own tiles, read above for this j only.
+    Store(t[0] + j, total * a.g * a.i * (one - a.i));
+    Store(t[1] + j, total * c_old * a.f * (one - a.f));
+    Store(t[2] + j, total * a.i * (one - a.g * a.g));
+    Store(t[3] + j, dh_j * tanh_c * a.o * (one - a.o));
+  }
+  for (int m = 0; m < count; ++m) {
+    for (int k = 0; k < 4; ++k) {
+      CopyRow(dz + m * dz_stride + k * hidden, t[k] + m * hidden, hidden);
+    }
+  }
+  Flush(dc, n, dc_out);
+}
+
 void ForwardRows(const float* z, const float* c, float* h_out, float* c_out, int hidden,
                  int64_t begin, int64_t end, Tiles& t) {
   for (int64_t row = begin; row < end; row += kTileRows) {
     const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
-    const int n = count * hidden;
-    GatherGates(z, row, count, hidden, t);
-    std::memcpy(t[4], c + row * hidden, n * sizeof(float));
-    for (int j = 0; j < n; j += kLanes) {
-      const Gates a = Activate(t, j);
-      const Vec c_new = a.f * Load(t[4] + j) + a.i * a.g;
-      Store(t[5] + j, c_new);
-      Store(t[6] + j, a.o * Tanh(c_new));
-    }
-    std::memcpy(c_out + row * hidden, t[5], n * sizeof(float));
-    std::memcpy(h_out + row * hidden, t[6], n * sizeof(float));
+    const int64_t at = row * hidden;
+    ForwardTile(z + 4 * at, 4 * hidden, c + at, h_out + at, c_out + at, hidden, count, t);
   }
 }
 
 void BackwardRows(const float* z, const float* c, const float* dh, const float* dc_new,
                   float* dz, float* dc, int hidden, int64_t begin, int64_t end, Tiles& t) {
-  const Vec one = Splat(1.0f);
   for (int64_t row = begin; row < end; row += kTileRows) {
     const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
-    const int n = count * hidden;
-    GatherGates(z, row, count, hidden, t);
-    std::memcpy(t[4], c + row * hidden, n * sizeof(float));
-    std::memcpy(t[5], dh + row * hidden, n * sizeof(float));
-    std::memcpy(t[6], dc_new + row * hidden, n * sizeof(float));
-    for (int j = 0; j < n; j += kLanes) {
-      const Gates a = Activate(t, j);
-      const Vec c_old = Load(t[4] + j), dh_j = Load(t[5] + j);
-      const Vec tanh_c = Tanh(a.f * c_old + a.i * a.g);
-      const Vec total = Load(t[6] + j) + dh_j * a.o * (one - tanh_c * tanh_c);
-      Store(t[7] + j, total * a.f);
-      // The gate cotangents overwrite the gates' own tiles, read above for this j only.
-      Store(t[0] + j, total * a.g * a.i * (one - a.i));
-      Store(t[1] + j, total * c_old * a.f * (one - a.f));
-      Store(t[2] + j, total * a.i * (one - a.g * a.g));
-      Store(t[3] + j, dh_j * tanh_c * a.o * (one - a.o));
-    }
-    for (int m = 0; m < count; ++m) {
-      for (int k = 0; k < 4; ++k) {
-        CopyRow(dz + (row + m) * 4 * hidden + k * hidden, t[k] + m * hidden, hidden);
-      }
-    }
-    std::memcpy(dc + row * hidden, t[7], n * sizeof(float));
+    const int64_t at = row * hidden;
+    BackwardTile(z + 4 * at, 4 * hidden, c + at, dh + at, dc_new + at, dz + 4 * at, 4 * hidden,
+                 dc + at, hidden, count, t);
   }
 }
 
@@ -177,6 +212,283 @@ ffi::Error GatesBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buf
   return ffi::Error::Success();
 }
 
+// ---- A whole layer: the matmul z = a @ W + b and the gates, forward and backward. ----
+//
+// a (rows, fan_in) is the layer's [input, old hidden state]. Tile by tile (kTileRows rows) the
+// pre-activations are computed into an L1 scratch and used there, never written to memory; the
+// backward pass recomputes them and returns da = dz W^T, dc, dW = a^T dz and db = sum dz. Weight
+// cotangents are summed per chunk of kLayerChunkRows rows into the chunk's own slot, then the slots in
+// chunk order, so the result does not depend on which thread took which chunk.
+
+// Register tile: 4 rows, up to kMaxPanel column vectors (4 x 6 zmm accumulators with AVX-512,
+// 4 x 3 ymm otherwise).
+constexpr int kMaxPanel = kLanes == 16 ? 6 : 3;
+
+// Rows a thread takes at a time in the layer kernels: ~3x the work a row of the gates alone, and
+// the quadratic meta-step's 1,280 rows must still split between two threads.
+constexpr int64_t kLayerChunkRows = 256;
+
+inline int RoundUp(int n, int m) { return (n + m - 1) / m * m; }
+
+// out[0:kRows, 0:kVectors vectors] = (accumulate ? out : bias or 0) + A @ w[0:inner, :], where
+// A[m, k] = a[m * a_stride + k * a_inner] (a_inner = 1: rows of a; a_stride = 1: columns, so A
+// is a^T without a transposed copy).
+template <int kRows, int kVectors>
+inline void MatPanel(const float* a, int a_stride, int a_inner, int inner, const float* w,
+                     int w_stride, const float* bias, bool accumulate, float* out,
+                     int out_stride) {
+  Vec acc[kRows][kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const Vec init = bias != nullptr ? Load(bias + v * kLanes) : Splat(0.0f);
+    for (int m = 0; m < kRows; ++m) {
+      acc[m][v] = accumulate ? Load(out + m * out_stride + v * kLanes) : init;
+    }
+  }
+  for (int k = 0; k < inner; ++k, w += w_stride, a += a_inner) {
+    Vec wk[kVectors];
+    for (int v = 0; v < kVectors; ++v) wk[v] = Load(w + v * kLanes);
+    for (int m = 0; m < kRows; ++m) {
+      const Vec x = Splat(a[m * a_stride]);
+      for (int v = 0; v < kVectors; ++v) acc[m][v] += x * wk[v];
+    }
+  }
+  for (int m = 0; m < kRows; ++m) {
+    for (int v = 0; v < kVectors; ++v) Store(out + m * out_stride + v * kLanes, acc[m][v]);
+  }
+}
+
+// out (rows, vectors column vectors) = [out +] A @ w for rows a multiple of 4 (see MatPanel):
+// register tiles of 8 rows when at most 3 vectors are left, else of 4.
+void TileMatmul(int rows, int vectors, const float* a, int a_stride, int a_inner, int inner,
+                const float* w, int w_stride, const float* bias, bool accumulate, float* out,
+                int out_stride) {
+  for (int first = 0; first < vectors; first += kMaxPanel) {
+    const int n = std::min(kMaxPanel, vectors - first);
+    const float* wf = w + first * kLanes;
+    const float* bf = bias != nullptr ? bias + first * kLanes : nullptr;
+    int r = 0;
+    if (n <= kMaxPanel / 2) {
+      for (; r + 8 <= rows; r += 8) {
+        const float* ar = a + r * a_stride;
+        float* of = out + r * out_stride + first * kLanes;
+        switch (n) {
+#define LO_MAT8_CASE(V)                                                                         \
+  case V:                                                                                        \
+    if constexpr (V <= kMaxPanel / 2)                                                            \
+      MatPanel<8, V>(ar, a_stride, a_inner, inner, wf, w_stride, bf, accumulate, of, out_stride); \
+    break;
+          LO_MAT8_CASE(1)
+          LO_MAT8_CASE(2)
+          LO_MAT8_CASE(3)
+#undef LO_MAT8_CASE
+          default:
+            break;
+        }
+      }
+    }
+    for (; r < rows; r += 4) {
+      const float* ar = a + r * a_stride;
+      float* of = out + r * out_stride + first * kLanes;
+      switch (n) {
+#define LO_MAT_CASE(V)                                                                          \
+  case V:                                                                                        \
+    if constexpr (V <= kMaxPanel)                                                                \
+      MatPanel<4, V>(ar, a_stride, a_inner, inner, wf, w_stride, bf, accumulate, of, out_stride); \
+    break;
+        LO_MAT_CASE(1)
+        LO_MAT_CASE(2)
+        LO_MAT_CASE(3)
+        LO_MAT_CASE(4)
+        LO_MAT_CASE(5)
+        LO_MAT_CASE(6)
+#undef LO_MAT_CASE
+        default:
+          break;
+      }
+    }
+  }
+}
+
+// A layer's sizes and its weights in the kernels' layout: W (fan_in, n_pad) and b (n_pad) with
+// zero columns up to whole vectors, and W^T (n, fan_in_pad) likewise.
+struct Layer {
+  int64_t rows = 0;
+  int hidden = 0, fan_in = 0, n = 0, n_pad = 0, fan_in_pad = 0, fan_in_4 = 0;
+  std::unique_ptr<AlignedFloats> w, b, wt;
+};
+
+ffi::Error PackLayer(const ffi::Buffer<ffi::F32>& a, const ffi::Buffer<ffi::F32>& c,
+                     const ffi::Buffer<ffi::F32>& w, const ffi::Buffer<ffi::F32>& b, Layer& l) {
+  const auto c_dims = c.dimensions();
+  const auto w_dims = w.dimensions();
+  if (c_dims.size() == 0 || c_dims.back() == 0) {
+    return ffi::Error::InvalidArgument("c must be (..., hidden) with hidden > 0");
+  }
+  l.hidden = static_cast<int>(c_dims.back());
+  l.rows = static_cast<int64_t>(c.element_count()) / l.hidden;
+  l.n = 4 * l.hidden;
+  if (w_dims.size() != 2 || w_dims[1] != l.n || w_dims[0] == 0) {
+    return ffi::Error::InvalidArgument("w must be (fan_in, 4 hidden)");
+  }
+  l.fan_in = static_cast<int>(w_dims[0]);
+  if (a.element_count() != static_cast<size_t>(l.rows) * l.fan_in ||
+      b.element_count() != static_cast<size_t>(l.n)) {
+    return ffi::Error::InvalidArgument("a must be (..., fan_in) with c's rows, b (4 hidden,)");
+  }
+  l.n_pad = RoundUp(l.n, kLanes);
+  l.fan_in_pad = RoundUp(l.fan_in, kLanes);
+  l.fan_in_4 = RoundUp(l.fan_in, 4);
+  l.w = std::make_unique<AlignedFloats>(static_cast<size_t>(l.fan_in) * l.n_pad);
+  l.b = std::make_unique<AlignedFloats>(l.n_pad);
+  l.wt = std::make_unique<AlignedFloats>(static_cast<size_t>(l.n) * l.fan_in_pad);
+  const float* wp = w.typed_data();
+  for (int k = 0; k < l.fan_in; ++k) {
+    std::memcpy(l.w->data + k * l.n_pad, wp + k * l.n, l.n * sizeof(float));
+    for (int j = 0; j < l.n; ++j) l.wt->data[j * l.fan_in_pad + k] = wp[k * l.n + j];
+  }
+  std::memcpy(l.b->data, b.typed_data(), l.n * sizeof(float));
+  return ffi::Error::Success();
+}
+
+// One thread's scratch for whole-layer tiles.
+struct LayerScratch {
+  explicit LayerScratch(const Layer& l)
+      : tiles(l.hidden),
+        a(kTileRows * l.fan_in_4),
+        z(kTileRows * l.n_pad),
+        dz(kTileRows * l.n_pad),
+        da(kTileRows * l.fan_in_pad) {}
+  Tiles tiles;
+  AlignedFloats a, z, dz, da;
+};
+
+// The tile's rows of a and z = a @ W + b for them. Returns the rows of a used, at stride
+// l.a_stride(): a itself for a full tile when fan_in is a multiple of 4; else a copy at stride
+// fan_in_4 whose padding columns and rows after count are zero (so that dW's A^T read below
+// stays inside the tile, and rows past the end add nothing).
+struct TileRows {
+  const float* a;
+  int stride;
+};
+
+TileRows TilePreactivations(const Layer& l, const float* a, int64_t row, int count,
+                            LayerScratch& s) {
+  TileRows tile{a + row * l.fan_in, l.fan_in};
+  if (count < kTileRows || l.fan_in != l.fan_in_4) {
+    std::memset(s.a.data, 0, kTileRows * l.fan_in_4 * sizeof(float));
+    for (int m = 0; m < count; ++m) CopyRow(s.a.data + m * l.fan_in_4, tile.a + m * l.fan_in, l.fan_in);
+    tile = {s.a.data, l.fan_in_4};
+  }
+  TileMatmul(kTileRows, l.n_pad / kLanes, tile.a, tile.stride, 1, l.fan_in, l.w->data, l.n_pad,
+             l.b->data, false, s.z.data, l.n_pad);
+  return tile;
+}
+
+void LayerForwardRows(const Layer& l, const float* a, const float* c, float* h_out, float* c_out,
+                      int64_t begin, int64_t end, LayerScratch& s) {
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+    TilePreactivations(l, a, row, count, s);
+    const int64_t at = row * l.hidden;
+    ForwardTile(s.z.data, l.n_pad, c + at, h_out + at, c_out + at, l.hidden, count, s.tiles);
+  }
+}
+
+struct LayerGrads {
+  const float *dh, *dc_new;
+  float *da, *dc;
+  float* slots;  // per chunk: dW (fan_in_4, n_pad) then db (n_pad)
+  int64_t slot_size;
+};
+
+void LayerBackwardRows(const Layer& l, const float* a, const float* c, const LayerGrads& g,
+                       int64_t begin, int64_t end, LayerScratch& s) {
+  float* dw = g.slots + (begin / kLayerChunkRows) * g.slot_size;
+  float* db = dw + l.fan_in_4 * l.n_pad;
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+    const TileRows tile = TilePreactivations(l, a, row, count, s);
+    const int64_t at = row * l.hidden;
+    if (count < kTileRows) {  // rows past the end must add nothing to dW and db
+      std::memset(s.dz.data + count * l.n_pad, 0,
+                  (kTileRows - count) * l.n_pad * sizeof(float));
+    }
+    BackwardTile(s.z.data, l.n_pad, c + at, g.dh + at, g.dc_new + at, s.dz.data, l.n_pad,
+                 g.dc + at, l.hidden, count, s.tiles);
+    // da = dz @ W^T for the tile's rows.
+    TileMatmul(kTileRows, l.fan_in_pad / kLanes, s.dz.data, l.n_pad, 1, l.n, l.wt->data,
+               l.fan_in_pad, nullptr, false, s.da.data, l.fan_in_pad);
+    for (int m = 0; m < count; ++m) {
+      CopyRow(g.da + (row + m) * l.fan_in, s.da.data + m * l.fan_in_pad, l.fan_in);
+    }
+    // dW += a^T dz, a^T read in place: A[k, m] = tile.a[m * stride + k], k < fan_in_4.
+    TileMatmul(l.fan_in_4, l.n_pad / kLanes, tile.a, 1, tile.stride, kTileRows, s.dz.data,
+               l.n_pad, nullptr, true, dw, l.n_pad);
+    for (int m = 0; m < kTileRows; ++m) {
+      for (int j = 0; j < l.n_pad; j += kLanes) {
+        Store(db + j, Load(db + j) + Load(s.dz.data + m * l.n_pad + j));
+      }
+    }
+  }
+}
+
+std::function<std::function<void(int64_t, int64_t)>()> WithLayerScratch(
+    const Layer& l, std::function<void(int64_t, int64_t, LayerScratch&)> body) {
+  return [&l, body] {
+    auto scratch = std::make_shared<LayerScratch>(l);
+    return [scratch, body](int64_t begin, int64_t end) { body(begin, end, *scratch); };
+  };
+}
+
+ffi::Error LayerForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
+                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                        ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
+  Layer l;
+  if (ffi::Error e = PackLayer(a, c, w, b, l); !e.success()) return e;
+  const float *ap = a.typed_data(), *cp = c.typed_data();
+  float *hp = h_out->typed_data(), *op = c_out->typed_data();
+  learned_opt_simd::ParallelRows(
+      pool, 0, false, l.rows, kLayerChunkRows,
+      WithLayerScratch(l, [&l, ap, cp, hp, op](int64_t begin, int64_t end, LayerScratch& s) {
+        LayerForwardRows(l, ap, cp, hp, op, begin, end, s);
+      }));
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
+                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                         ffi::Buffer<ffi::F32> dh, ffi::Buffer<ffi::F32> dc_new,
+                         ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> dc,
+                         ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db) {
+  Layer l;
+  if (ffi::Error e = PackLayer(a, c, w, b, l); !e.success()) return e;
+  if (dh.element_count() != c.element_count() || dc_new.element_count() != c.element_count()) {
+    return ffi::Error::InvalidArgument("dh and dc must be shaped like c");
+  }
+  const int64_t chunks = (l.rows + kLayerChunkRows - 1) / kLayerChunkRows;
+  const int64_t slot_size = static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * slot_size);
+  const LayerGrads g{dh.typed_data(), dc_new.typed_data(), da->typed_data(), dc->typed_data(),
+                     slots.data, slot_size};
+  const float *ap = a.typed_data(), *cp = c.typed_data();
+  learned_opt_simd::ParallelRows(
+      pool, 0, false, l.rows, kLayerChunkRows,
+      WithLayerScratch(l, [&l, &g, ap, cp](int64_t begin, int64_t end, LayerScratch& s) {
+        LayerBackwardRows(l, ap, cp, g, begin, end, s);
+      }));
+  float *dwp = dw->typed_data(), *dbp = db->typed_data();
+  std::memset(dwp, 0, static_cast<size_t>(l.fan_in) * l.n * sizeof(float));
+  std::memset(dbp, 0, l.n * sizeof(float));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* slot = slots.data + chunk * slot_size;
+    for (int k = 0; k < l.fan_in; ++k) {
+      for (int j = 0; j < l.n; ++j) dwp[k * l.n + j] += slot[k * l.n_pad + j];
+    }
+    for (int j = 0; j < l.n; ++j) dbp[j] += slot[l.fan_in_4 * l.n_pad + j];
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptGatesForward, GatesForward,
@@ -196,3 +508,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptGatesBackward, GatesBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dc' (..., hidden)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dz (..., 4 hidden)
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dc (..., hidden)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptLayerForward, LayerForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // a (..., fan_in)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w (fan_in, 4 hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b (4 hidden,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h' (..., hidden)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c' (..., hidden)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptLayerBackward, LayerBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // a (..., fan_in)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w (fan_in, 4 hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b (4 hidden,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dh' (..., hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dc' (..., hidden)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // da (..., fan_in)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc (..., hidden)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw (fan_in, 4 hidden)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // db (4 hidden,)
