@@ -18,8 +18,9 @@ How a step is computed (the math is the paper's; benchmarks/lstm_update.py measu
   ``(problems, coordinates, hidden)``: XLA:CPU's loops over that 3-d shape, with 10 coordinates
   per quadratic, are ~3x slower than over ``(problems * coordinates, hidden)``; ~2x on the
   quadratic meta-step with 128 problems.
-* On CPU each layer without GAC is one fused kernel, matmul and gates forward and backward
-  (``kernels.fused_gates.layer``); with GAC the gates alone are (``kernels.fused_gates.gates``).
+* On CPU a step without GAC is one fused kernel per leaf, every layer forward and backward on
+  the state in its own layout (``kernels.fused_gates.stack``); with GAC the gates alone are
+  (``kernels.fused_gates.gates``).
 * A step over more than ``BLOCK_ROWS`` coordinates runs layer by layer in blocks of rows, so the
   ``(R, 4 hidden)`` pre-activations are not a fresh, page-faulted buffer of R x 320 bytes: ~1.4x
   on a 1M-coordinate update.
@@ -191,9 +192,6 @@ def _blockwise(fn, *rows):
 
 def _layer_rows(layer, x, h, c, global_cells):
   """One layer (+GAC) on rows: x (R, in), h and c (R, hidden) -> new (h, c)."""
-  kernels = fused_gates.available(jnp.result_type(x, h, c, layer["w"], layer["b"]))
-  if kernels is not None and global_cells == 0:  # matmul and gates in one kernel, any R
-    return fused_gates.layer(kernels, jnp.concatenate([x, h], axis=-1), c, **layer)
   if x.shape[0] > BLOCK_ROWS:
     h, c = _blockwise(functools.partial(lstm_cell, layer), x, h, c)
     return _segment_average(h, global_cells, 1), c  # outside the fold: one problem's rows
@@ -274,6 +272,13 @@ def _split_states(hidden, cell, shapes) -> list[CoordinateState]:
   ]
 
 
+def _stack_kernels(global_cells, *trees) -> tuple[str, ...] | None:
+  """The stack kernels if this trace should run a step with them (no GAC, float32), else None."""
+  if global_cells:
+    return None
+  return fused_gates.available(jnp.result_type(*jax.tree.leaves(trees)))
+
+
 def stacked_lstm(
   layers: list[dict], xs: list[jax.Array], states: list[CoordinateState], global_cells: int
 ) -> tuple[list[jax.Array], list[CoordinateState]]:
@@ -291,6 +296,15 @@ def stacked_lstm(
   """
   if not xs:
     return [], []
+  kernels = _stack_kernels(global_cells, layers, xs, states)
+  if kernels is not None:  # CPU: each leaf's whole step in one kernel, no rows concatenated
+    weights = [a for layer in layers for a in (layer["w"], layer["b"])]
+    tops, new_states = [], []
+    for x, s in zip(xs, states, strict=True):
+      hidden, cell = fused_gates.stack(kernels, x, s.hidden, s.cell, *weights)
+      tops.append(hidden[..., -1, :])
+      new_states.append(CoordinateState(hidden, cell))
+    return tops, new_states
   top, hidden, cell = _lstm_rows(layers, _rows(xs, 1), states, global_cells)
   shapes = [x.shape[:-1] for x in xs]
   return _split_rows(top, shapes), _split_states(hidden, cell, shapes)
@@ -364,9 +378,18 @@ def lstm_optimizer(
     leaves, treedef = jax.tree.flatten(grads)
     if not leaves:
       return treedef.unflatten([]), treedef.unflatten([])
+    states = treedef.flatten_up_to(state)
+    if _stack_kernels(global_cells, meta_params, states) is not None:  # one kernel per leaf
+      xs = [preprocess_fn(jnp.asarray(g, jnp.float32)) for g in leaves]
+      tops, new_states = stacked_lstm(meta_params["layers"], xs, states, global_cells)
+      outputs = linear_readout(meta_params["out"], tops)
+      updates = [
+        (output_scale * o[..., 0]).astype(jnp.result_type(g))
+        for o, g in zip(outputs, leaves, strict=True)
+      ]
+      return treedef.unflatten(updates), treedef.unflatten(new_states)
     # Preprocessing is element-wise, so it runs once on all coordinates: (R,) -> (R, features).
     x = preprocess_fn(_rows([jnp.asarray(g, jnp.float32) for g in leaves], 0))
-    states = treedef.flatten_up_to(state)
     top, hidden, cell = _lstm_rows(meta_params["layers"], x, states, global_cells)
     (outputs,) = linear_readout(meta_params["out"], [top])
     shapes = [jnp.shape(g) for g in leaves]

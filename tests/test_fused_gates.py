@@ -105,75 +105,87 @@ def _assert_sums_close(actual, expected):
   )
 
 
-def _xla_layer(monkeypatch, a, c, w, b):
+def _xla_stack(monkeypatch, x, h, c, *weights):
+  """The stacked LSTM step by XLA (lstm._stacked_rows on the rows): the new (h, c)."""
+  layers = [{"w": w, "b": b} for w, b in zip(weights[::2], weights[1::2], strict=True)]
   with monkeypatch.context() as patch:
     patch.setenv(fused_gates.ENV_VAR, "xla")
-    return lstm._gates(a @ w + b, c)
+    rows = lambda a, trailing: a.reshape((-1,) + a.shape[a.ndim - trailing :])
+    _, hidden, cell = lstm._stacked_rows(layers, rows(x, 1), rows(h, 2), rows(c, 2), 0)
+    return hidden.reshape(h.shape), cell.reshape(c.shape)
 
 
-def _layer_inputs(key, shape, fan_in, hidden):
-  k = jax.random.split(key, 6)
-  a = 2.0 * jax.random.normal(k[0], shape + (fan_in,))
-  c = 2.0 * jax.random.normal(k[1], shape + (hidden,))
-  w = jax.random.normal(k[2], (fan_in, 4 * hidden)) / np.sqrt(fan_in)
-  b = jax.random.normal(k[3], (4 * hidden,))
-  dh, dc = (jax.random.normal(kk, shape + (hidden,)) for kk in k[4:])
-  return (a, c, w, b), (dh, dc)
+def _stack_inputs(key, shape, features, hidden, layers):
+  """x, h, c, then w_0, b_0, ...; and cotangents for the new (h, c)."""
+  k = jax.random.split(key, 5 + 2 * layers)
+  x = 2.0 * jax.random.normal(k[0], shape + (features,))
+  h = jax.random.normal(k[1], shape + (layers, hidden))
+  c = 2.0 * jax.random.normal(k[2], shape + (layers, hidden))
+  weights = []
+  for i in range(layers):
+    fan_in = (features if i == 0 else hidden) + hidden
+    weights.append(jax.random.normal(k[5 + 2 * i], (fan_in, 4 * hidden)) / np.sqrt(fan_in))
+    weights.append(jax.random.normal(k[6 + 2 * i], (4 * hidden,)))
+  dh, dc = (jax.random.normal(kk, shape + (layers, hidden)) for kk in k[3:5])
+  return (x, h, c, *weights), (dh, dc)
 
 
 @pytest.mark.parametrize(
-  "shape, fan_in, hidden",
-  # The paper's two layers (fan-in 21 and 40); one row; a partial 16-row tile; fan-in and
-  # hidden not multiples of 4 or of a vector, leading axes; 1031 rows (five 256-row chunks
+  "shape, features, hidden, layers",
+  # The paper's optimizer (log-sign features); one row; a partial 16-row tile; hidden not a
+  # multiple of 4 or of a vector, three layers, leading axes; 1031 rows (nine 128-row chunks
   # whose weight cotangents are summed, the last partial); no rows.
-  [((37,), 21, 20), ((1,), 40, 20), ((3, 5), 7, 9), ((1031,), 22, 20), ((0,), 21, 20)],
+  [((37,), 2, 20, 2), ((1,), 1, 20, 2), ((3, 5), 2, 7, 3), ((1031,), 1, 20, 2), ((0,), 2, 20, 2)],
 )
-def test_layer_forward_and_backward_agree_with_xla(monkeypatch, names, shape, fan_in, hidden):
-  inputs, cotangents = _layer_inputs(jax.random.key(fan_in), shape, fan_in, hidden)
-  got, pullback = jax.vjp(jax.jit(lambda *x: fused_gates.layer(names, *x)), *inputs)
-  expected, expected_pullback = jax.vjp(lambda *x: _xla_layer(monkeypatch, *x), *inputs)
+def test_stack_forward_and_backward_agree_with_xla(
+  monkeypatch, names, shape, features, hidden, layers
+):
+  inputs, cotangents = _stack_inputs(jax.random.key(hidden), shape, features, hidden, layers)
+  fused = jax.jit(lambda *a: fused_gates.stack(names, *a))
+  got, pullback = jax.vjp(fused, *inputs)
+  expected, expected_pullback = jax.vjp(lambda *a: _xla_stack(monkeypatch, *a), *inputs)
   got_all = got + pullback(cotangents)
   for a, b in zip(got_all, expected + expected_pullback(cotangents), strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype
     _assert_sums_close(a, b)
-  again = jax.vjp(jax.jit(lambda *x: fused_gates.layer(names, *x)), *inputs)
+  again = jax.vjp(fused, *inputs)
   for a, b in zip(got_all, again[0] + again[1](cotangents), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
 
 
 @pytest.mark.parametrize("weights_mapped", [False, True])
-def test_layer_under_vmap_sums_the_weight_cotangents(monkeypatch, names, weights_mapped):
+def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, weights_mapped):
   """Shared weights: one call over every problem's rows, dW summed over all of them; weights
   mapped too (one optimizer per problem): one call per problem. Both as XLA computes them."""
-  (a, c, w, b), _ = _layer_inputs(jax.random.key(5), (3, 50), 21, 20)
+  (x, h, c, *weights), _ = _stack_inputs(jax.random.key(5), (3, 50), 2, 20, 2)
   if weights_mapped:
-    w, b = w + jnp.arange(3.0)[:, None, None] / 10, jnp.stack([b, -b, 2 * b])
-  axes = (0, 0, 0 if weights_mapped else None, 0 if weights_mapped else None)
+    weights = [jnp.stack([a, -a, 0.5 * a]) for a in weights]
+  axes = (0, 0, 0) + (0 if weights_mapped else None,) * len(weights)
 
-  def loss(layer, w, b, a, c):
-    h, c_new = jax.vmap(layer, axes)(a, c, w, b)
-    return jnp.sum(jnp.sin(h) * c_new)
+  def loss(step, weights, x, h, c):
+    h_new, c_new = jax.vmap(step, axes)(x, h, c, *weights)
+    return jnp.sum(jnp.sin(h_new) * c_new)
 
-  fused = jax.jit(
-    jax.grad(functools.partial(loss, lambda *x: fused_gates.layer(names, *x)), argnums=(0, 1, 2, 3))
-  )
-  xla = jax.grad(
-    functools.partial(loss, lambda *x: _xla_layer(monkeypatch, *x)), argnums=(0, 1, 2, 3)
-  )
-  for got, expected in zip(fused(w, b, a, c), xla(w, b, a, c), strict=True):
-    assert got.shape == expected.shape
-    _assert_sums_close(got, expected)
+  fused = lambda *a: fused_gates.stack(names, *a)
+  xla = lambda *a: _xla_stack(monkeypatch, *a)
+  got = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2, 3)))(weights, x, h, c)
+  expected = jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2, 3))(weights, x, h, c)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    assert a.shape == b.shape
+    _assert_sums_close(a, b)
 
 
-def test_layer_nan_stays_in_its_row(monkeypatch, names):
-  (a, c, w, b), (dh, dc) = _layer_inputs(jax.random.key(7), (37,), 21, 20)
-  a = a.at[5, 3].set(jnp.nan)
-  got, pullback = jax.vjp(lambda *x: fused_gates.layer(names, *x), a, c, w, b)
-  expected, expected_pullback = jax.vjp(lambda *x: _xla_layer(monkeypatch, *x), a, c, w, b)
+def test_stack_nan_stays_in_its_row(monkeypatch, names):
+  inputs, cotangents = _stack_inputs(jax.random.key(7), (37,), 2, 20, 2)
+  inputs = (inputs[0].at[5, 1].set(jnp.nan),) + inputs[1:]
+  got, pullback = jax.vjp(lambda *a: fused_gates.stack(names, *a), *inputs)
+  expected, expected_pullback = jax.vjp(lambda *a: _xla_stack(monkeypatch, *a), *inputs)
   h = np.asarray(got[0])
   assert np.isnan(h[5]).all() and np.isfinite(np.delete(h, 5, axis=0)).all()
-  for x, y in zip(got + pullback((dh, dc)), expected + expected_pullback((dh, dc)), strict=True):
-    _assert_sums_close(x, y)
+  for a, b in zip(
+    got + pullback(cotangents), expected + expected_pullback(cotangents), strict=True
+  ):
+    _assert_sums_close(a, b)
 
 
 def _update_jaxpr(global_cells=0):

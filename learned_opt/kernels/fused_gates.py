@@ -1,4 +1,4 @@
-"""The LSTM layer's gates, or the whole layer, and their derivatives as fused CPU kernels.
+"""The LSTM's gates, or a whole stacked LSTM step, and their derivatives as fused CPU kernels.
 
 ``learned_opt.lstm`` computes every layer as a matmul ``z = [x, h] @ W + b`` and then the gates
 ``(z (..., 4 hidden), c (..., hidden)) -> (h', c')``, which XLA:CPU runs as many element-wise
@@ -6,14 +6,15 @@ passes; differentiated (meta-training, every step of every unroll) they cost 1.0
 layer's matmul forward and backward (``benchmarks/gates.py``, BUILD.md, issue 11). On a CPU
 backend (``lstm_gates.cc``):
 
-* ``layer``: a whole coordinatewise layer (no global averaging cells) in one pass over tiles of
-  16 rows, forward and backward: the tile's ``z`` is computed in L1 and used there, never
-  written to memory, and the backward pass recomputes it and returns the cotangents of the
-  layer's input, cell, weights and bias. Under ``jax.vmap`` with shared weights the mapped
-  problems are more rows of one call and the weight cotangents come out summed over them.
-  About 2x on the MNIST meta-step over XLA's layer, 1.25x on the quadratic one (BUILD.md).
+* ``stack``: a whole step of a stacked coordinatewise LSTM (no global averaging cells) on one
+  parameter leaf, every layer, forward and backward, in one pass over tiles of 16 rows: each
+  layer's ``[input, h]`` and ``z`` live in L1 and are recomputed by the backward pass, which
+  returns the cotangents of the input, the state and every layer's weights. Under ``jax.vmap``
+  with shared weights the mapped problems are more rows of one call and the weight cotangents
+  come out summed over them.
 * ``gates``: the gates alone, for LSTM+GAC (whose averaging sits between the gates and the
-  next layer), forward and backward (recomputing the gates from z and c).
+  next layer, so XLA computes its matmuls), forward and backward (recomputing the gates from z
+  and c).
 
 Both work under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` alike. They agree with XLA's to
 ~1e-6 (a polynomial exp), so results match the XLA path to float tolerance, not bit for bit;
@@ -49,8 +50,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_gates.cc
 HANDLERS = (
   "LearnedOptGatesForward",
   "LearnedOptGatesBackward",
-  "LearnedOptLayerForward",
-  "LearnedOptLayerBackward",
+  "LearnedOptStackForward",
+  "LearnedOptStackBackward",
 )
 
 
@@ -142,72 +143,75 @@ def _rows_first(axis_size, in_batched, arrays):
   ]
 
 
-def _layer_forward(names):
-  """``(a, c, w, b) -> (h', c')`` by the forward kernel; under vmap (w, b unmapped) the mapped
-  axis is more rows of one call, a mapped w or b runs one element at a time."""
+def _stack_forward(names):
+  """``(x, h, c, *weights) -> (h', c')`` by the forward kernel; under vmap (weights unmapped)
+  the mapped axis is more rows of one call, mapped weights run one element at a time."""
 
   @custom_batching.custom_vmap
-  def forward(a, c, w, b):
-    state = jax.ShapeDtypeStruct(c.shape, jnp.float32)
-    return tuple(jax.ffi.ffi_call(names[2], (state, state))(a, c, w, b))
+  def forward(x, h, c, *weights):
+    state = jax.ShapeDtypeStruct(h.shape, jnp.float32)
+    return tuple(jax.ffi.ffi_call(names[2], (state, state))(x, h, c, *weights))
 
   @forward.def_vmap
-  def _(axis_size, in_batched, a, c, w, b):
-    a, c = _rows_first(axis_size, in_batched[:2], (a, c))
-    if any(in_batched[2:]):
-      w, b = _rows_first(axis_size, in_batched[2:], (w, b))
-      return jax.lax.map(lambda x: forward(*x), (a, c, w, b)), (True, True)
-    return forward(a, c, w, b), (True, True)
+  def _(axis_size, in_batched, x, h, c, *weights):
+    x, h, c = _rows_first(axis_size, in_batched[:3], (x, h, c))
+    if any(in_batched[3:]):
+      weights = _rows_first(axis_size, in_batched[3:], weights)
+      return jax.lax.map(lambda a: forward(*a), (x, h, c, *weights)), (True, True)
+    return forward(x, h, c, *weights), (True, True)
 
   return forward
 
 
-def _layer_backward(names):
-  """``(a, c, w, b, dh', dc') -> (da, dc, dw, db)`` by the backward kernel; under vmap with w
-  and b unmapped, dw and db come out summed over the mapped axis (unmapped), as w's and b's
-  cotangents must."""
+def _stack_backward(names):
+  """``(x, h, c, *weights, dh', dc') -> (dx, dh, dc, *dweights)``; under vmap with the weights
+  unmapped their cotangents come out summed over the mapped axis."""
 
   @custom_batching.custom_vmap
-  def backward(a, c, w, b, dh, dc):
-    like = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    out = (like(a), like(c), like(w), like(b))
-    return tuple(jax.ffi.ffi_call(names[3], out)(a, c, w, b, dh, dc))
+  def backward(x, h, c, *rest):
+    like = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    out = tuple(like(a) for a in (x, h, c, *rest[:-2]))
+    return tuple(jax.ffi.ffi_call(names[3], out)(x, h, c, *rest))
 
   @backward.def_vmap
-  def _(axis_size, in_batched, a, c, w, b, dh, dc):
-    a, c, dh, dc = _rows_first(axis_size, in_batched[:2] + in_batched[4:], (a, c, dh, dc))
-    if any(in_batched[2:4]):
-      w, b = _rows_first(axis_size, in_batched[2:4], (w, b))
-      return jax.lax.map(lambda x: backward(*x), (a, c, w, b, dh, dc)), (True,) * 4
-    return backward(a, c, w, b, dh, dc), (True, True, False, False)
+  def _(axis_size, in_batched, x, h, c, *rest):
+    weights, cotangents = rest[:-2], rest[-2:]
+    x, h, c, dh, dc = _rows_first(
+      axis_size, in_batched[:3] + in_batched[-2:], (x, h, c, *cotangents)
+    )
+    if any(in_batched[3:-2]):
+      weights = _rows_first(axis_size, in_batched[3:-2], weights)
+      out = jax.lax.map(lambda a: backward(*a), (x, h, c, *weights, dh, dc))
+      return out, (True,) * len(out)
+    out = backward(x, h, c, *weights, dh, dc)
+    return out, (True, True, True) + (False,) * len(weights)
 
   return backward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def layer(names: tuple[str, ...], a: jax.Array, c: jax.Array, w: jax.Array, b: jax.Array):
-  """One LSTM layer ``_gates(a @ w + b, c)`` by the layer kernels: the new ``(h, c)``.
+def stack(names: tuple[str, ...], x: jax.Array, h: jax.Array, c: jax.Array, *weights):
+  """One step of a stacked coordinatewise LSTM (no GAC) by the stack kernels: ``(h', c')``.
 
-  The pre-activations ``a @ w + b`` live in an L1 tile inside the kernel and are recomputed by
-  the backward kernel, so neither pass writes them to memory, and the backward pass returns the
-  weight cotangents summed over every row (and, under ``jax.vmap``, every mapped problem).
+  Every layer of every row in one pass, forward and backward, on the state in its own layout:
+  no per-layer slicing, concatenation or stacking in XLA, and no per-layer values saved.
 
   Args:
     names: the FFI targets, ``available(...)``.
-    a: the layer's ``[input, old hidden state]`` (..., fan_in), float32.
-    c: the old cell (..., hidden), float32.
-    w, b: the layer's weights (fan_in, 4 hidden) and bias (4 hidden,), gates i, f, g, o.
+    x: the preprocessed gradients (..., features), float32.
+    h, c: the state (..., layers, hidden), float32.
+    *weights: ``w_0, b_0, w_1, b_1, ...``, ``w_l`` (in_l + hidden, 4 hidden) with ``in_0 =
+      features`` and ``in_l = hidden`` above, ``b_l`` (4 hidden,).
   """
-  return _layer_forward(names)(a, c, w, b)
+  return _stack_forward(names)(x, h, c, *weights)
 
 
-def _layer_vjp_forward(names, a, c, w, b):
-  return layer(names, a, c, w, b), (a, c, w, b)
+def _stack_vjp_forward(names, x, h, c, *weights):
+  return stack(names, x, h, c, *weights), (x, h, c, *weights)
 
 
-def _layer_vjp_backward(names, saved, cotangents):
-  dh, dc = cotangents
-  return _layer_backward(names)(*saved, dh, dc)
+def _stack_vjp_backward(names, saved, cotangents):
+  return _stack_backward(names)(*saved, *cotangents)
 
 
-layer.defvjp(_layer_vjp_forward, _layer_vjp_backward)
+stack.defvjp(_stack_vjp_forward, _stack_vjp_backward)

@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
@@ -212,21 +214,15 @@ ffi::Error GatesBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buf
   return ffi::Error::Success();
 }
 
-// ---- A whole layer: the matmul z = a @ W + b and the gates, forward and backward. ----
-//
-// a (rows, fan_in) is the layer's [input, old hidden state]. Tile by tile (kTileRows rows) the
-// pre-activations are computed into an L1 scratch and used there, never written to memory; the
-// backward pass recomputes them and returns da = dz W^T, dc, dW = a^T dz and db = sum dz. Weight
-// cotangents are summed per chunk of kLayerChunkRows rows into the chunk's own slot, then the slots in
-// chunk order, so the result does not depend on which thread took which chunk.
+// ---- Matmuls on tiles, for the stack kernels below. ----
 
 // Register tile: 4 rows, up to kMaxPanel column vectors (4 x 6 zmm accumulators with AVX-512,
 // 4 x 3 ymm otherwise).
 constexpr int kMaxPanel = kLanes == 16 ? 6 : 3;
 
-// Rows a thread takes at a time in the layer kernels: ~3x the work a row of the gates alone, and
-// the quadratic meta-step's 1,280 rows must still split between two threads.
-constexpr int64_t kLayerChunkRows = 256;
+// Rows a thread takes at a time in the stack kernels: several times a row of the gates alone, and
+// the quadratic meta-step's 1,280 rows must still split evenly between two threads.
+constexpr int64_t kLayerChunkRows = 128;
 
 inline int RoundUp(int n, int m) { return (n + m - 1) / m * m; }
 
@@ -317,174 +313,296 @@ struct Layer {
   std::unique_ptr<AlignedFloats> w, b, wt;
 };
 
-ffi::Error PackLayer(const ffi::Buffer<ffi::F32>& a, const ffi::Buffer<ffi::F32>& c,
-                     const ffi::Buffer<ffi::F32>& w, const ffi::Buffer<ffi::F32>& b, Layer& l) {
-  const auto c_dims = c.dimensions();
-  const auto w_dims = w.dimensions();
-  if (c_dims.size() == 0 || c_dims.back() == 0) {
-    return ffi::Error::InvalidArgument("c must be (..., hidden) with hidden > 0");
-  }
-  l.hidden = static_cast<int>(c_dims.back());
-  l.rows = static_cast<int64_t>(c.element_count()) / l.hidden;
-  l.n = 4 * l.hidden;
-  if (w_dims.size() != 2 || w_dims[1] != l.n || w_dims[0] == 0) {
-    return ffi::Error::InvalidArgument("w must be (fan_in, 4 hidden)");
-  }
-  l.fan_in = static_cast<int>(w_dims[0]);
-  if (a.element_count() != static_cast<size_t>(l.rows) * l.fan_in ||
-      b.element_count() != static_cast<size_t>(l.n)) {
-    return ffi::Error::InvalidArgument("a must be (..., fan_in) with c's rows, b (4 hidden,)");
-  }
+// Fills l's padded sizes and packed weights from w (fan_in, n) and b (n,), row-major.
+void PackWeights(const float* wp, const float* bp, Layer& l) {
   l.n_pad = RoundUp(l.n, kLanes);
   l.fan_in_pad = RoundUp(l.fan_in, kLanes);
   l.fan_in_4 = RoundUp(l.fan_in, 4);
   l.w = std::make_unique<AlignedFloats>(static_cast<size_t>(l.fan_in) * l.n_pad);
   l.b = std::make_unique<AlignedFloats>(l.n_pad);
   l.wt = std::make_unique<AlignedFloats>(static_cast<size_t>(l.n) * l.fan_in_pad);
-  const float* wp = w.typed_data();
   for (int k = 0; k < l.fan_in; ++k) {
     std::memcpy(l.w->data + k * l.n_pad, wp + k * l.n, l.n * sizeof(float));
     for (int j = 0; j < l.n; ++j) l.wt->data[j * l.fan_in_pad + k] = wp[k * l.n + j];
   }
-  std::memcpy(l.b->data, b.typed_data(), l.n * sizeof(float));
+  std::memcpy(l.b->data, bp, l.n * sizeof(float));
+}
+
+// ---- The whole stacked LSTM step of one leaf: every layer, forward and backward. ----
+//
+// x (rows, features), h and c (rows, layers, hidden) in the optimizer state's own layout, weights
+// per layer. Per tile of kTileRows rows, layer after layer, the operand a = [input, h_l] and the
+// pre-activations z = a W + b are built in L1 and used there; nothing per layer is written to
+// memory but the new state, so XLA neither slices the state per layer nor stacks it again, and
+// saves only the step's inputs for the backward pass. The backward kernel recomputes a and z for
+// every layer, then walks the layers down: dz from the gates' derivative, da = dz W^T (split into
+// the input's cotangent, which is the layer below's dh', and dh), dW += a^T dz, db += sum dz.
+// Weight cotangents are summed per chunk of kLayerChunkRows rows into the chunk's own slot, then
+// the slots in chunk order, so the result does not depend on which thread took which chunk.
+
+struct Stack {
+  int64_t rows = 0;
+  int layers = 0, hidden = 0, features = 0;
+  std::vector<Layer> l;
+};
+
+ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& h,
+                     const ffi::Buffer<ffi::F32>& c, const ffi::RemainingArgs& weights,
+                     size_t first_weight, Stack& s) {
+  const auto dims = h.dimensions();
+  if (dims.size() < 2 || dims[dims.size() - 1] == 0 || dims[dims.size() - 2] == 0) {
+    return ffi::Error::InvalidArgument("h must be (..., layers, hidden) with both > 0");
+  }
+  s.layers = static_cast<int>(dims[dims.size() - 2]);
+  s.hidden = static_cast<int>(dims[dims.size() - 1]);
+  s.rows = static_cast<int64_t>(h.element_count()) / (s.layers * s.hidden);
+  if (c.element_count() != h.element_count()) {
+    return ffi::Error::InvalidArgument("c must be shaped like h");
+  }
+  if (weights.size() < first_weight + 2 * s.layers) {
+    return ffi::Error::InvalidArgument("expected a w and a b per layer");
+  }
+  s.l.resize(s.layers);
+  for (int i = 0; i < s.layers; ++i) {
+    auto w = weights.get<ffi::Buffer<ffi::F32>>(first_weight + 2 * i);
+    auto b = weights.get<ffi::Buffer<ffi::F32>>(first_weight + 2 * i + 1);
+    if (!w.has_value() || !b.has_value()) return ffi::Error::InvalidArgument("weights not f32");
+    Layer& l = s.l[i];
+    l.rows = s.rows;
+    l.hidden = s.hidden;
+    l.n = 4 * s.hidden;
+    const auto w_dims = w->dimensions();
+    if (w_dims.size() != 2 || w_dims[1] != l.n || w_dims[0] <= s.hidden ||
+        b->element_count() != static_cast<size_t>(l.n)) {
+      return ffi::Error::InvalidArgument("layer " + std::to_string(i) +
+                                         ": w must be (in + hidden, 4 hidden), b (4 hidden,)");
+    }
+    l.fan_in = static_cast<int>(w_dims[0]);
+    if (i > 0 && l.fan_in != 2 * s.hidden) {
+      return ffi::Error::InvalidArgument("layers above the first take the hidden state below");
+    }
+    PackWeights(w->typed_data(), b->typed_data(), l);
+  }
+  s.features = s.l[0].fan_in - s.hidden;
+  if (x.element_count() != static_cast<size_t>(s.rows) * s.features) {
+    return ffi::Error::InvalidArgument("x must be (..., features) with h's rows");
+  }
   return ffi::Error::Success();
 }
 
-// One thread's scratch for whole-layer tiles.
-struct LayerScratch {
-  explicit LayerScratch(const Layer& l)
-      : tiles(l.hidden),
-        a(kTileRows * l.fan_in_4),
-        z(kTileRows * l.n_pad),
-        dz(kTileRows * l.n_pad),
-        da(kTileRows * l.fan_in_pad) {}
+// One thread's scratch: per layer the tile's operand, z and old cell (kept for the backward
+// pass), and tiles for the chain between layers and the cotangents.
+struct StackScratch {
+  explicit StackScratch(const Stack& s) : tiles(s.hidden) {
+    for (const Layer& l : s.l) {
+      a.push_back(std::make_unique<AlignedFloats>(kTileRows * l.fan_in_4));
+      z.push_back(std::make_unique<AlignedFloats>(kTileRows * l.n_pad));
+      c.push_back(std::make_unique<AlignedFloats>(kTileRows * s.hidden + kLanes));
+    }
+    const int tile = kTileRows * s.hidden + kLanes;
+    for (auto* t : {&h_new, &c_new, &dh, &dc, &dc_old, &carry}) {
+      t->reset(new AlignedFloats(tile));
+    }
+    dz.reset(new AlignedFloats(kTileRows * s.l[0].n_pad));
+    int widest = 0;
+    for (const Layer& l : s.l) widest = std::max(widest, l.fan_in_pad);
+    da.reset(new AlignedFloats(kTileRows * widest));
+  }
   Tiles tiles;
-  AlignedFloats a, z, dz, da;
+  std::vector<std::unique_ptr<AlignedFloats>> a, z, c;
+  std::unique_ptr<AlignedFloats> h_new, c_new, dh, dc, dc_old, carry, dz, da;
 };
 
-// The tile's rows of a and z = a @ W + b for them. Returns the rows of a used, at stride
-// l.a_stride(): a itself for a full tile when fan_in is a multiple of 4; else a copy at stride
-// fan_in_4 whose padding columns and rows after count are zero (so that dW's A^T read below
-// stays inside the tile, and rows past the end add nothing).
-struct TileRows {
-  const float* a;
-  int stride;
-};
-
-TileRows TilePreactivations(const Layer& l, const float* a, int64_t row, int count,
-                            LayerScratch& s) {
-  TileRows tile{a + row * l.fan_in, l.fan_in};
-  if (count < kTileRows || l.fan_in != l.fan_in_4) {
-    std::memset(s.a.data, 0, kTileRows * l.fan_in_4 * sizeof(float));
-    for (int m = 0; m < count; ++m) CopyRow(s.a.data + m * l.fan_in_4, tile.a + m * l.fan_in, l.fan_in);
-    tile = {s.a.data, l.fan_in_4};
-  }
-  TileMatmul(kTileRows, l.n_pad / kLanes, tile.a, tile.stride, 1, l.fan_in, l.w->data, l.n_pad,
-             l.b->data, false, s.z.data, l.n_pad);
-  return tile;
-}
-
-void LayerForwardRows(const Layer& l, const float* a, const float* c, float* h_out, float* c_out,
-                      int64_t begin, int64_t end, LayerScratch& s) {
-  for (int64_t row = begin; row < end; row += kTileRows) {
-    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
-    TilePreactivations(l, a, row, count, s);
-    const int64_t at = row * l.hidden;
-    ForwardTile(s.z.data, l.n_pad, c + at, h_out + at, c_out + at, l.hidden, count, s.tiles);
-  }
-}
-
-struct LayerGrads {
-  const float *dh, *dc_new;
-  float *da, *dc;
-  float* slots;  // per chunk: dW (fan_in_4, n_pad) then db (n_pad)
-  int64_t slot_size;
-};
-
-void LayerBackwardRows(const Layer& l, const float* a, const float* c, const LayerGrads& g,
-                       int64_t begin, int64_t end, LayerScratch& s) {
-  float* dw = g.slots + (begin / kLayerChunkRows) * g.slot_size;
-  float* db = dw + l.fan_in_4 * l.n_pad;
-  for (int64_t row = begin; row < end; row += kTileRows) {
-    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
-    const TileRows tile = TilePreactivations(l, a, row, count, s);
-    const int64_t at = row * l.hidden;
-    if (count < kTileRows) {  // rows past the end must add nothing to dW and db
-      std::memset(s.dz.data + count * l.n_pad, 0,
-                  (kTileRows - count) * l.n_pad * sizeof(float));
-    }
-    BackwardTile(s.z.data, l.n_pad, c + at, g.dh + at, g.dc_new + at, s.dz.data, l.n_pad,
-                 g.dc + at, l.hidden, count, s.tiles);
-    // da = dz @ W^T for the tile's rows.
-    TileMatmul(kTileRows, l.fan_in_pad / kLanes, s.dz.data, l.n_pad, 1, l.n, l.wt->data,
-               l.fan_in_pad, nullptr, false, s.da.data, l.fan_in_pad);
+// The tile's forward pass, layer by layer; per layer a, z and the old cell stay in the scratch.
+// With h_out and c_out the new states are written out (the forward kernel); without, not (the
+// backward pass's recomputation).
+void StackForwardTile(const Stack& st, const float* x, const float* h, const float* c,
+                      int64_t row, int count, float* h_out, float* c_out, StackScratch& s) {
+  const int hidden = st.hidden, state_row = st.layers * hidden;
+  for (int i = 0; i < st.layers; ++i) {
+    const Layer& l = st.l[i];
+    float* a = s.a[i]->data;
+    const int in = l.fan_in - hidden;
+    std::memset(a, 0, kTileRows * l.fan_in_4 * sizeof(float));
     for (int m = 0; m < count; ++m) {
-      CopyRow(g.da + (row + m) * l.fan_in, s.da.data + m * l.fan_in_pad, l.fan_in);
+      const float* input = i == 0 ? x + (row + m) * in : s.h_new->data + m * hidden;
+      CopyRow(a + m * l.fan_in_4, input, in);
+      CopyRow(a + m * l.fan_in_4 + in, h + (row + m) * state_row + i * hidden, hidden);
+      CopyRow(s.c[i]->data + m * hidden, c + (row + m) * state_row + i * hidden, hidden);
     }
-    // dW += a^T dz, a^T read in place: A[k, m] = tile.a[m * stride + k], k < fan_in_4.
-    TileMatmul(l.fan_in_4, l.n_pad / kLanes, tile.a, 1, tile.stride, kTileRows, s.dz.data,
-               l.n_pad, nullptr, true, dw, l.n_pad);
-    for (int m = 0; m < kTileRows; ++m) {
-      for (int j = 0; j < l.n_pad; j += kLanes) {
-        Store(db + j, Load(db + j) + Load(s.dz.data + m * l.n_pad + j));
+    TileMatmul(kTileRows, l.n_pad / kLanes, a, l.fan_in_4, 1, l.fan_in, l.w->data, l.n_pad,
+               l.b->data, false, s.z[i]->data, l.n_pad);
+    if (h_out == nullptr && i == st.layers - 1) break;  // the backward pass needs z only
+    ForwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.h_new->data, s.c_new->data, hidden, count,
+                s.tiles);
+    if (h_out != nullptr) {
+      for (int m = 0; m < count; ++m) {
+        const int64_t at = (row + m) * state_row + i * hidden;
+        CopyRow(h_out + at, s.h_new->data + m * hidden, hidden);
+        CopyRow(c_out + at, s.c_new->data + m * hidden, hidden);
       }
     }
   }
 }
 
-std::function<std::function<void(int64_t, int64_t)>()> WithLayerScratch(
-    const Layer& l, std::function<void(int64_t, int64_t, LayerScratch&)> body) {
-  return [&l, body] {
-    auto scratch = std::make_shared<LayerScratch>(l);
+struct StackIo {
+  const float *x, *h, *c;
+  float *h_out, *c_out;                    // forward
+  const float *dh_new, *dc_new;            // backward: cotangents of the new states
+  float *dx, *dh, *dc;                     // backward: cotangents of x and the old states
+  float* slots;                            // backward: per chunk, per layer dW then db
+  int64_t slot_size;
+};
+
+void StackForwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
+                      StackScratch& s) {
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+    StackForwardTile(st, io.x, io.h, io.c, row, count, io.h_out, io.c_out, s);
+  }
+}
+
+void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
+                       StackScratch& s) {
+  const int hidden = st.hidden, state_row = st.layers * hidden;
+  float* slot = io.slots + (begin / kLayerChunkRows) * io.slot_size;
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+    StackForwardTile(st, io.x, io.h, io.c, row, count, nullptr, nullptr, s);
+    for (int i = st.layers - 1; i >= 0; --i) {
+      const Layer& l = st.l[i];
+      const int in = l.fan_in - hidden;
+      for (int m = 0; m < count; ++m) {
+        const int64_t at = (row + m) * state_row + i * hidden;
+        CopyRow(s.dh->data + m * hidden, io.dh_new + at, hidden);
+        CopyRow(s.dc->data + m * hidden, io.dc_new + at, hidden);
+      }
+      if (i < st.layers - 1) {  // the layer above took this layer's new h as its input
+        for (int j = 0; j < count * hidden; j += kLanes) {
+          Store(s.dh->data + j, Load(s.dh->data + j) + Load(s.carry->data + j));
+        }
+      }
+      float* dz = s.dz->data;
+      if (count < kTileRows) {
+        std::memset(dz + count * l.n_pad, 0, (kTileRows - count) * l.n_pad * sizeof(float));
+      }
+      BackwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.dh->data, s.dc->data, dz, l.n_pad,
+                   s.dc_old->data, hidden, count, s.tiles);
+      TileMatmul(kTileRows, l.fan_in_pad / kLanes, dz, l.n_pad, 1, l.n, l.wt->data, l.fan_in_pad,
+                 nullptr, false, s.da->data, l.fan_in_pad);
+      for (int m = 0; m < count; ++m) {
+        const float* da = s.da->data + m * l.fan_in_pad;
+        const int64_t at = (row + m) * state_row + i * hidden;
+        CopyRow(io.dc + at, s.dc_old->data + m * hidden, hidden);
+        CopyRow(io.dh + at, da + in, hidden);
+        if (i > 0) {
+          CopyRow(s.carry->data + m * hidden, da, hidden);
+        } else {
+          CopyRow(io.dx + (row + m) * in, da, in);
+        }
+      }
+      // In the slot: layer i's dW (fan_in_4, n_pad) then db (n_pad), after the layers below.
+      float* layer_dw = slot;
+      for (int k = 0; k < i; ++k) layer_dw += (st.l[k].fan_in_4 + 1) * st.l[k].n_pad;
+      float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
+      TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[i]->data, 1, l.fan_in_4, kTileRows, dz,
+                 l.n_pad, nullptr, true, layer_dw, l.n_pad);
+      for (int m = 0; m < kTileRows; ++m) {
+        for (int j = 0; j < l.n_pad; j += kLanes) {
+          Store(layer_db + j, Load(layer_db + j) + Load(dz + m * l.n_pad + j));
+        }
+      }
+    }
+  }
+}
+
+std::function<std::function<void(int64_t, int64_t)>()> WithStackScratch(
+    const Stack& st, std::function<void(int64_t, int64_t, StackScratch&)> body) {
+  return [&st, body] {
+    auto scratch = std::make_shared<StackScratch>(st);
     return [scratch, body](int64_t begin, int64_t end) { body(begin, end, *scratch); };
   };
 }
 
-ffi::Error LayerForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
-                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+ffi::Error StackForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                        ffi::Buffer<ffi::F32> c, ffi::RemainingArgs weights,
                         ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
-  Layer l;
-  if (ffi::Error e = PackLayer(a, c, w, b, l); !e.success()) return e;
-  const float *ap = a.typed_data(), *cp = c.typed_data();
-  float *hp = h_out->typed_data(), *op = c_out->typed_data();
+  Stack st;
+  if (ffi::Error e = PackStack(x, h, c, weights, 0, st); !e.success()) return e;
+  StackIo io{};
+  io.x = x.typed_data();
+  io.h = h.typed_data();
+  io.c = c.typed_data();
+  io.h_out = h_out->typed_data();
+  io.c_out = c_out->typed_data();
   learned_opt_simd::ParallelRows(
-      pool, 0, false, l.rows, kLayerChunkRows,
-      WithLayerScratch(l, [&l, ap, cp, hp, op](int64_t begin, int64_t end, LayerScratch& s) {
-        LayerForwardRows(l, ap, cp, hp, op, begin, end, s);
+      pool, 0, false, st.rows, kLayerChunkRows,
+      WithStackScratch(st, [&st, &io](int64_t begin, int64_t end, StackScratch& s) {
+        StackForwardRows(st, io, begin, end, s);
       }));
   return ffi::Error::Success();
 }
 
-ffi::Error LayerBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
-                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-                         ffi::Buffer<ffi::F32> dh, ffi::Buffer<ffi::F32> dc_new,
-                         ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> dc,
-                         ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db) {
-  Layer l;
-  if (ffi::Error e = PackLayer(a, c, w, b, l); !e.success()) return e;
-  if (dh.element_count() != c.element_count() || dc_new.element_count() != c.element_count()) {
-    return ffi::Error::InvalidArgument("dh and dc must be shaped like c");
+// Arguments x, h, c, w_0, b_0, ..., dh', dc'; results dx, dh, dc, dw_0, db_0, ...
+ffi::Error StackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                         ffi::Buffer<ffi::F32> c, ffi::RemainingArgs rest,
+                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh,
+                         ffi::ResultBuffer<ffi::F32> dc, ffi::RemainingRets weight_grads) {
+  Stack st;
+  if (ffi::Error e = PackStack(x, h, c, rest, 0, st); !e.success()) return e;
+  if (rest.size() != static_cast<size_t>(2 * st.layers + 2) ||
+      weight_grads.size() != static_cast<size_t>(2 * st.layers)) {
+    return ffi::Error::InvalidArgument("expected w, b per layer, then dh', dc'; dw, db per layer");
   }
-  const int64_t chunks = (l.rows + kLayerChunkRows - 1) / kLayerChunkRows;
-  const int64_t slot_size = static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  auto dh_new = rest.get<ffi::Buffer<ffi::F32>>(2 * st.layers);
+  auto dc_new = rest.get<ffi::Buffer<ffi::F32>>(2 * st.layers + 1);
+  if (!dh_new.has_value() || !dc_new.has_value() ||
+      dh_new->element_count() != h.element_count() ||
+      dc_new->element_count() != h.element_count()) {
+    return ffi::Error::InvalidArgument("dh' and dc' must be f32, shaped like h");
+  }
+  int64_t slot_size = 0;
+  for (const Layer& l : st.l) slot_size += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  const int64_t chunks = (st.rows + kLayerChunkRows - 1) / kLayerChunkRows;
   AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * slot_size);
-  const LayerGrads g{dh.typed_data(), dc_new.typed_data(), da->typed_data(), dc->typed_data(),
-                     slots.data, slot_size};
-  const float *ap = a.typed_data(), *cp = c.typed_data();
+  StackIo io{};
+  io.x = x.typed_data();
+  io.h = h.typed_data();
+  io.c = c.typed_data();
+  io.dh_new = dh_new->typed_data();
+  io.dc_new = dc_new->typed_data();
+  io.dx = dx->typed_data();
+  io.dh = dh->typed_data();
+  io.dc = dc->typed_data();
+  io.slots = slots.data;
+  io.slot_size = slot_size;
   learned_opt_simd::ParallelRows(
-      pool, 0, false, l.rows, kLayerChunkRows,
-      WithLayerScratch(l, [&l, &g, ap, cp](int64_t begin, int64_t end, LayerScratch& s) {
-        LayerBackwardRows(l, ap, cp, g, begin, end, s);
+      pool, 0, false, st.rows, kLayerChunkRows,
+      WithStackScratch(st, [&st, &io](int64_t begin, int64_t end, StackScratch& s) {
+        StackBackwardRows(st, io, begin, end, s);
       }));
-  float *dwp = dw->typed_data(), *dbp = db->typed_data();
-  std::memset(dwp, 0, static_cast<size_t>(l.fan_in) * l.n * sizeof(float));
-  std::memset(dbp, 0, l.n * sizeof(float));
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* slot = slots.data + chunk * slot_size;
-    for (int k = 0; k < l.fan_in; ++k) {
-      for (int j = 0; j < l.n; ++j) dwp[k * l.n + j] += slot[k * l.n_pad + j];
+  // Sum the chunks' slots in chunk order into each layer's dW and db.
+  int64_t offset = 0;
+  for (int i = 0; i < st.layers; ++i) {
+    const Layer& l = st.l[i];
+    auto dw = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * i);
+    auto db = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    if (!dw.has_value() || !db.has_value() ||
+        (*dw)->element_count() != static_cast<size_t>(l.fan_in) * l.n ||
+        (*db)->element_count() != static_cast<size_t>(l.n)) {
+      return ffi::Error::InvalidArgument("dw and db must be f32, shaped like w and b");
     }
-    for (int j = 0; j < l.n; ++j) dbp[j] += slot[l.fan_in_4 * l.n_pad + j];
+    float *dwp = (*dw)->typed_data(), *dbp = (*db)->typed_data();
+    std::memset(dwp, 0, static_cast<size_t>(l.fan_in) * l.n * sizeof(float));
+    std::memset(dbp, 0, l.n * sizeof(float));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* slot = slots.data + chunk * slot_size + offset;
+      for (int k = 0; k < l.fan_in; ++k) {
+        for (int j = 0; j < l.n; ++j) dwp[k * l.n + j] += slot[k * l.n_pad + j];
+      }
+      for (int j = 0; j < l.n; ++j) dbp[j] += slot[l.fan_in_4 * l.n_pad + j];
+    }
+    offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
   }
   return ffi::Error::Success();
 }
@@ -509,26 +627,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptGatesBackward, GatesBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dz (..., 4 hidden)
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dc (..., hidden)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptLayerForward, LayerForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackForward, StackForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // a (..., fan_in)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., hidden)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w (fan_in, 4 hidden)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // b (4 hidden,)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // h' (..., hidden)
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // c' (..., hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h (..., layers, hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., layers, hidden)
+                                  .RemainingArgs()                // w_0, b_0, w_1, b_1, ...
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h'
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c'
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptLayerBackward, LayerBackward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackBackward, StackBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // a (..., fan_in)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., hidden)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w (fan_in, 4 hidden)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // b (4 hidden,)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // dh' (..., hidden)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // dc' (..., hidden)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // da (..., fan_in)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc (..., hidden)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw (fan_in, 4 hidden)
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // db (4 hidden,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h (..., layers, hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., layers, hidden)
+                                  .RemainingArgs()                // w_0, b_0, ..., dh', dc'
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dh
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc
+                                  .RemainingRets());              // dw_0, db_0, ...
