@@ -50,6 +50,13 @@ def test_package_data_ships_every_kernel_source():
   patterns = [p.strip() for p in parser["options.package_data"]["learned_opt"].split(",")]
   kernels = os.path.join(os.path.dirname(learned_opt.__file__), "kernels")
   sources = [n for n in os.listdir(kernels) if n.endswith((".cc", ".h"))]
-  assert {"lstm_step.cc", "lstm_gates.cc", "simd.h"} <= set(sources)
+  assert {
+    "lstm_step.cc",
+    "lstm_gates.cc",
+    "lstm_stack.cc",
+    "simd.h",
+    "gates.h",
+    "tile_matmul.h",
+  } <= set(sources)
   for name in sources:
     assert any(fnmatch.fnmatch(f"kernels/{name}", p) for p in patterns), name

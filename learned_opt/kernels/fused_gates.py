@@ -4,17 +4,17 @@
 ``(z (..., 4 hidden), c (..., hidden)) -> (h', c')``, which XLA:CPU runs as many element-wise
 passes; differentiated (meta-training, every step of every unroll) they cost 1.0-1.7x the
 layer's matmul forward and backward (``benchmarks/gates.py``, BUILD.md, issue 11). On a CPU
-backend (``lstm_gates.cc``):
+backend:
 
-* ``stack``: a whole step of a stacked coordinatewise LSTM (no global averaging cells) on one
-  parameter leaf, every layer, forward and backward, in one pass over tiles of 16 rows: each
-  layer's ``[input, h]`` and ``z`` live in L1 and are recomputed by the backward pass, which
-  returns the cotangents of the input, the state and every layer's weights. Under ``jax.vmap``
-  with shared weights the mapped problems are more rows of one call and the weight cotangents
-  come out summed over them.
-* ``gates``: the gates alone, for LSTM+GAC (whose averaging sits between the gates and the
-  next layer, so XLA computes its matmuls), forward and backward (recomputing the gates from z
-  and c).
+* ``stack`` (``lstm_stack.cc``): a whole step of a stacked coordinatewise LSTM (no global
+  averaging cells) on one parameter leaf, every layer, forward and backward, in one pass over
+  tiles of 16 rows: each layer's ``[input, h]`` and ``z`` live in L1 and are recomputed by the
+  backward pass, which returns the cotangents of the input, the state and every layer's
+  weights. Under ``jax.vmap`` with shared weights the mapped problems are more rows of one call
+  and the weight cotangents come out summed over them.
+* ``gates`` (``lstm_gates.cc``): the gates alone, for LSTM+GAC (whose averaging sits between
+  the gates and the next layer, so XLA computes its matmuls), forward and backward
+  (recomputing the gates from z and c).
 
 Both work under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` alike. They agree with XLA's to
 ~1e-6 (a polynomial exp), so results match the XLA path to float tolerance, not bit for bit;
@@ -46,12 +46,11 @@ from learned_opt.kernels.build import KernelUnavailable
 
 ENV_VAR = "LEARNED_OPT_GATES"
 MODES = ("auto", "xla", "fused")
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_gates.cc")
-HANDLERS = (
-  "LearnedOptGatesForward",
-  "LearnedOptGatesBackward",
-  "LearnedOptStackForward",
-  "LearnedOptStackBackward",
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Each source with the FFI handlers it exports; available() returns the targets in this order.
+SOURCES = (
+  (os.path.join(_HERE, "lstm_gates.cc"), ("LearnedOptGatesForward", "LearnedOptGatesBackward")),
+  (os.path.join(_HERE, "lstm_stack.cc"), ("LearnedOptStackForward", "LearnedOptStackBackward")),
 )
 
 
@@ -83,7 +82,7 @@ def using(chosen: str):
 
 
 def available(dtype) -> tuple[str, ...] | None:
-  """The kernels' FFI targets (``HANDLERS``' order) if this trace should use them, else None."""
+  """The kernels' FFI targets (``SOURCES``' order) if this trace should use them, else None."""
   chosen = mode()
   if chosen == "xla" or jnp.dtype(dtype) != jnp.float32:
     return None
@@ -97,7 +96,7 @@ def available(dtype) -> tuple[str, ...] | None:
       )
     return None
   try:
-    return build.targets(SOURCE, HANDLERS)
+    return tuple(name for source, handlers in SOURCES for name in build.targets(source, handlers))
   except KernelUnavailable as e:
     build.warn_once(
       f"The fused LSTM gate kernels are unavailable: {e}. XLA computes the gates instead (an "

@@ -1,0 +1,360 @@
+// One step of a stacked coordinatewise LSTM on every coordinate of one parameter leaf, forward
+// and backward, as two fused CPU kernels (``stack`` in learned_opt/kernels/fused_gates.py).
+//
+// x (rows, features), h and c (rows, layers, hidden) in the optimizer state's own layout, weights
+// per layer. Per tile of kTileRows rows, layer after layer, the operand a = [input, h_l] and the
+// pre-activations z = a W + b are built in L1 and used there; nothing per layer is written to
+// memory but the new state, so XLA neither slices the state per layer nor stacks it again, and
+// saves only the step's inputs for the backward pass. The backward kernel recomputes a and z for
+// every layer, then walks the layers down: dz from the gates' derivative (gates.h), da = dz W^T
+// (split into the input's cotangent, which is the layer below's dh', and dh), dW += a^T dz,
+// db += sum dz. Weight cotangents are summed per chunk of kChunkRows rows into the chunk's own
+// slot, then the slots in chunk order, so the result does not depend on which thread took which
+// chunk. Built on first use by fused_gates.py (flags in build.py).
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gates.h"
+#include "simd.h"
+#include "tile_matmul.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using learned_opt_gates::BackwardTile;
+using learned_opt_gates::ForwardTile;
+using learned_opt_gates::kTileRows;
+using learned_opt_gates::Tiles;
+using learned_opt_simd::AlignedFloats;
+using learned_opt_simd::CopyRow;
+using learned_opt_simd::kLanes;
+using learned_opt_simd::Load;
+using learned_opt_simd::Store;
+using learned_opt_tile_matmul::RoundUp;
+using learned_opt_tile_matmul::TileMatmul;
+
+// Rows a thread takes at a time: several times a row of the gates alone, and the quadratic
+// meta-step's 1,280 rows must still split evenly between two threads.
+constexpr int64_t kChunkRows = 128;
+
+// A layer's sizes and its weights in the kernels' layout: W (fan_in, n_pad) and b (n_pad) with
+// zero columns up to whole vectors, and W^T (n, fan_in_pad) likewise.
+struct Layer {
+  int64_t rows = 0;
+  int hidden = 0, fan_in = 0, n = 0, n_pad = 0, fan_in_pad = 0, fan_in_4 = 0;
+  std::unique_ptr<AlignedFloats> w, b, wt;
+};
+
+// Fills l's padded sizes and packed weights from w (fan_in, n) and b (n,), row-major.
+void PackWeights(const float* wp, const float* bp, Layer& l) {
+  l.n_pad = RoundUp(l.n, kLanes);
+  l.fan_in_pad = RoundUp(l.fan_in, kLanes);
+  l.fan_in_4 = RoundUp(l.fan_in, 4);
+  l.w = std::make_unique<AlignedFloats>(static_cast<size_t>(l.fan_in) * l.n_pad);
+  l.b = std::make_unique<AlignedFloats>(l.n_pad);
+  l.wt = std::make_unique<AlignedFloats>(static_cast<size_t>(l.n) * l.fan_in_pad);
+  for (int k = 0; k < l.fan_in; ++k) {
+    std::memcpy(l.w->data + k * l.n_pad, wp + k * l.n, l.n * sizeof(float));
+    for (int j = 0; j < l.n; ++j) l.wt->data[j * l.fan_in_pad + k] = wp[k * l.n + j];
+  }
+  std::memcpy(l.b->data, bp, l.n * sizeof(float));
+}
+
+struct Stack {
+  int64_t rows = 0;
+  int layers = 0, hidden = 0, features = 0;
+  std::vector<Layer> l;
+};
+
+ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& h,
+                     const ffi::Buffer<ffi::F32>& c, const ffi::RemainingArgs& weights,
+                     size_t first_weight, Stack& s) {
+  const auto dims = h.dimensions();
+  if (dims.size() < 2 || dims[dims.size() - 1] == 0 || dims[dims.size() - 2] == 0) {
+    return ffi::Error::InvalidArgument("h must be (..., layers, hidden) with both > 0");
+  }
+  s.layers = static_cast<int>(dims[dims.size() - 2]);
+  s.hidden = static_cast<int>(dims[dims.size() - 1]);
+  s.rows = static_cast<int64_t>(h.element_count()) / (s.layers * s.hidden);
+  if (c.element_count() != h.element_count()) {
+    return ffi::Error::InvalidArgument("c must be shaped like h");
+  }
+  if (weights.size() < first_weight + 2 * s.layers) {
+    return ffi::Error::InvalidArgument("expected a w and a b per layer");
+  }
+  s.l.resize(s.layers);
+  for (int i = 0; i < s.layers; ++i) {
+    auto w = weights.get<ffi::Buffer<ffi::F32>>(first_weight + 2 * i);
+    auto b = weights.get<ffi::Buffer<ffi::F32>>(first_weight + 2 * i + 1);
+    if (!w.has_value() || !b.has_value()) return ffi::Error::InvalidArgument("weights not f32");
+    Layer& l = s.l[i];
+    l.rows = s.rows;
+    l.hidden = s.hidden;
+    l.n = 4 * s.hidden;
+    const auto w_dims = w->dimensions();
+    if (w_dims.size() != 2 || w_dims[1] != l.n || w_dims[0] <= s.hidden ||
+        b->element_count() != static_cast<size_t>(l.n)) {
+      return ffi::Error::InvalidArgument("layer " + std::to_string(i) +
+                                         ": w must be (in + hidden, 4 hidden), b (4 hidden,)");
+    }
+    l.fan_in = static_cast<int>(w_dims[0]);
+    if (i > 0 && l.fan_in != 2 * s.hidden) {
+      return ffi::Error::InvalidArgument("layers above the first take the hidden state below");
+    }
+    PackWeights(w->typed_data(), b->typed_data(), l);
+  }
+  s.features = s.l[0].fan_in - s.hidden;
+  if (x.element_count() != static_cast<size_t>(s.rows) * s.features) {
+    return ffi::Error::InvalidArgument("x must be (..., features) with h's rows");
+  }
+  return ffi::Error::Success();
+}
+
+// One thread's scratch: per layer the tile's operand, z and old cell (kept for the backward
+// pass), and tiles for the chain between layers and the cotangents.
+struct StackScratch {
+  explicit StackScratch(const Stack& s) : tiles(s.hidden) {
+    for (const Layer& l : s.l) {
+      a.push_back(std::make_unique<AlignedFloats>(kTileRows * l.fan_in_4));
+      z.push_back(std::make_unique<AlignedFloats>(kTileRows * l.n_pad));
+      c.push_back(std::make_unique<AlignedFloats>(kTileRows * s.hidden + kLanes));
+    }
+    const int tile = kTileRows * s.hidden + kLanes;
+    for (auto* t : {&h_new, &c_new, &dh, &dc, &dc_old, &carry}) {
+      t->reset(new AlignedFloats(tile));
+    }
+    dz.reset(new AlignedFloats(kTileRows * s.l[0].n_pad));
+    int widest = 0;
+    for (const Layer& l : s.l) widest = std::max(widest, l.fan_in_pad);
+    da.reset(new AlignedFloats(kTileRows * widest));
+  }
+  Tiles tiles;
+  std::vector<std::unique_ptr<AlignedFloats>> a, z, c;
+  std::unique_ptr<AlignedFloats> h_new, c_new, dh, dc, dc_old, carry, dz, da;
+};
+
+// The tile's forward pass, layer by layer; per layer a, z and the old cell stay in the scratch.
+// With h_out and c_out the new states are written out (the forward kernel); without, not (the
+// backward pass's recomputation).
+void StackForwardTile(const Stack& st, const float* x, const float* h, const float* c,
+                      int64_t row, int count, float* h_out, float* c_out, StackScratch& s) {
+  const int hidden = st.hidden, state_row = st.layers * hidden;
+  for (int i = 0; i < st.layers; ++i) {
+    const Layer& l = st.l[i];
+    float* a = s.a[i]->data;
+    const int in = l.fan_in - hidden;
+    std::memset(a, 0, kTileRows * l.fan_in_4 * sizeof(float));
+    for (int m = 0; m < count; ++m) {
+      const float* input = i == 0 ? x + (row + m) * in : s.h_new->data + m * hidden;
+      CopyRow(a + m * l.fan_in_4, input, in);
+      CopyRow(a + m * l.fan_in_4 + in, h + (row + m) * state_row + i * hidden, hidden);
+      CopyRow(s.c[i]->data + m * hidden, c + (row + m) * state_row + i * hidden, hidden);
+    }
+    TileMatmul(kTileRows, l.n_pad / kLanes, a, l.fan_in_4, 1, l.fan_in, l.w->data, l.n_pad,
+               l.b->data, false, s.z[i]->data, l.n_pad);
+    if (h_out == nullptr && i == st.layers - 1) break;  // the backward pass needs z only
+    ForwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.h_new->data, s.c_new->data, hidden, count,
+                s.tiles);
+    if (h_out != nullptr) {
+      for (int m = 0; m < count; ++m) {
+        const int64_t at = (row + m) * state_row + i * hidden;
+        CopyRow(h_out + at, s.h_new->data + m * hidden, hidden);
+        CopyRow(c_out + at, s.c_new->data + m * hidden, hidden);
+      }
+    }
+  }
+}
+
+struct StackIo {
+  const float *x, *h, *c;
+  float *h_out, *c_out;                    // forward
+  const float *dh_new, *dc_new;            // backward: cotangents of the new states
+  float *dx, *dh, *dc;                     // backward: cotangents of x and the old states
+  float* slots;                            // backward: per chunk, per layer dW then db
+  int64_t slot_size;
+};
+
+void StackForwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
+                      StackScratch& s) {
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+    StackForwardTile(st, io.x, io.h, io.c, row, count, io.h_out, io.c_out, s);
+  }
+}
+
+void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
+                       StackScratch& s) {
+  const int hidden = st.hidden, state_row = st.layers * hidden;
+  float* slot = io.slots + (begin / kChunkRows) * io.slot_size;
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+    StackForwardTile(st, io.x, io.h, io.c, row, count, nullptr, nullptr, s);
+    for (int i = st.layers - 1; i >= 0; --i) {
+      const Layer& l = st.l[i];
+      const int in = l.fan_in - hidden;
+      for (int m = 0; m < count; ++m) {
+        const int64_t at = (row + m) * state_row + i * hidden;
+        CopyRow(s.dh->data + m * hidden, io.dh_new + at, hidden);
+        CopyRow(s.dc->data + m * hidden, io.dc_new + at, hidden);
+      }
+      if (i < st.layers - 1) {  // the layer above took this layer's new h as its input
+        for (int j = 0; j < count * hidden; j += kLanes) {
+          Store(s.dh->data + j, Load(s.dh->data + j) + Load(s.carry->data + j));
+        }
+      }
+      float* dz = s.dz->data;
+      if (count < kTileRows) {
+        std::memset(dz + count * l.n_pad, 0, (kTileRows - count) * l.n_pad * sizeof(float));
+      }
+      BackwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.dh->data, s.dc->data, dz, l.n_pad,
+                   s.dc_old->data, hidden, count, s.tiles);
+      TileMatmul(kTileRows, l.fan_in_pad / kLanes, dz, l.n_pad, 1, l.n, l.wt->data, l.fan_in_pad,
+                 nullptr, false, s.da->data, l.fan_in_pad);
+      for (int m = 0; m < count; ++m) {
+        const float* da = s.da->data + m * l.fan_in_pad;
+        const int64_t at = (row + m) * state_row + i * hidden;
+        CopyRow(io.dc + at, s.dc_old->data + m * hidden, hidden);
+        CopyRow(io.dh + at, da + in, hidden);
+        if (i > 0) {
+          CopyRow(s.carry->data + m * hidden, da, hidden);
+        } else {
+          CopyRow(io.dx + (row + m) * in, da, in);
+        }
+      }
+      // In the slot: layer i's dW (fan_in_4, n_pad) then db (n_pad), after the layers below.
+      float* layer_dw = slot;
+      for (int k = 0; k < i; ++k) layer_dw += (st.l[k].fan_in_4 + 1) * st.l[k].n_pad;
+      float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
+      TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[i]->data, 1, l.fan_in_4, kTileRows, dz,
+                 l.n_pad, nullptr, true, layer_dw, l.n_pad);
+      for (int m = 0; m < kTileRows; ++m) {
+        for (int j = 0; j < l.n_pad; j += kLanes) {
+          Store(layer_db + j, Load(layer_db + j) + Load(dz + m * l.n_pad + j));
+        }
+      }
+    }
+  }
+}
+
+std::function<std::function<void(int64_t, int64_t)>()> WithStackScratch(
+    const Stack& st, std::function<void(int64_t, int64_t, StackScratch&)> body) {
+  return [&st, body] {
+    auto scratch = std::make_shared<StackScratch>(st);
+    return [scratch, body](int64_t begin, int64_t end) { body(begin, end, *scratch); };
+  };
+}
+
+ffi::Error StackForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                        ffi::Buffer<ffi::F32> c, ffi::RemainingArgs weights,
+                        ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
+  Stack st;
+  if (ffi::Error e = PackStack(x, h, c, weights, 0, st); !e.success()) return e;
+  StackIo io{};
+  io.x = x.typed_data();
+  io.h = h.typed_data();
+  io.c = c.typed_data();
+  io.h_out = h_out->typed_data();
+  io.c_out = c_out->typed_data();
+  learned_opt_simd::ParallelRows(
+      pool, 0, false, st.rows, kChunkRows,
+      WithStackScratch(st, [&st, &io](int64_t begin, int64_t end, StackScratch& s) {
+        StackForwardRows(st, io, begin, end, s);
+      }));
+  return ffi::Error::Success();
+}
+
+// Arguments x, h, c, w_0, b_0, ..., dh', dc'; results dx, dh, dc, dw_0, db_0, ...
+ffi::Error StackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                         ffi::Buffer<ffi::F32> c, ffi::RemainingArgs rest,
+                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh,
+                         ffi::ResultBuffer<ffi::F32> dc, ffi::RemainingRets weight_grads) {
+  Stack st;
+  if (ffi::Error e = PackStack(x, h, c, rest, 0, st); !e.success()) return e;
+  if (rest.size() != static_cast<size_t>(2 * st.layers + 2) ||
+      weight_grads.size() != static_cast<size_t>(2 * st.layers)) {
+    return ffi::Error::InvalidArgument("expected w, b per layer, then dh', dc'; dw, db per layer");
+  }
+  auto dh_new = rest.get<ffi::Buffer<ffi::F32>>(2 * st.layers);
+  auto dc_new = rest.get<ffi::Buffer<ffi::F32>>(2 * st.layers + 1);
+  if (!dh_new.has_value() || !dc_new.has_value() ||
+      dh_new->element_count() != h.element_count() ||
+      dc_new->element_count() != h.element_count()) {
+    return ffi::Error::InvalidArgument("dh' and dc' must be f32, shaped like h");
+  }
+  int64_t slot_size = 0;
+  for (const Layer& l : st.l) slot_size += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  const int64_t chunks = (st.rows + kChunkRows - 1) / kChunkRows;
+  AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * slot_size);
+  StackIo io{};
+  io.x = x.typed_data();
+  io.h = h.typed_data();
+  io.c = c.typed_data();
+  io.dh_new = dh_new->typed_data();
+  io.dc_new = dc_new->typed_data();
+  io.dx = dx->typed_data();
+  io.dh = dh->typed_data();
+  io.dc = dc->typed_data();
+  io.slots = slots.data;
+  io.slot_size = slot_size;
+  learned_opt_simd::ParallelRows(
+      pool, 0, false, st.rows, kChunkRows,
+      WithStackScratch(st, [&st, &io](int64_t begin, int64_t end, StackScratch& s) {
+        StackBackwardRows(st, io, begin, end, s);
+      }));
+  // Sum the chunks' slots in chunk order into each layer's dW and db.
+  int64_t offset = 0;
+  for (int i = 0; i < st.layers; ++i) {
+    const Layer& l = st.l[i];
+    auto dw = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * i);
+    auto db = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    if (!dw.has_value() || !db.has_value() ||
+        (*dw)->element_count() != static_cast<size_t>(l.fan_in) * l.n ||
+        (*db)->element_count() != static_cast<size_t>(l.n)) {
+      return ffi::Error::InvalidArgument("dw and db must be f32, shaped like w and b");
+    }
+    float *dwp = (*dw)->typed_data(), *dbp = (*db)->typed_data();
+    std::memset(dwp, 0, static_cast<size_t>(l.fan_in) * l.n * sizeof(float));
+    std::memset(dbp, 0, l.n * sizeof(float));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* slot = slots.data + chunk * slot_size + offset;
+      for (int k = 0; k < l.fan_in; ++k) {
+        for (int j = 0; j < l.n; ++j) dwp[k * l.n + j] += slot[k * l.n_pad + j];
+      }
+      for (int j = 0; j < l.n; ++j) dbp[j] += slot[l.fan_in_4 * l.n_pad + j];
+    }
+    offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackForward, StackForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h (..., layers, hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., layers, hidden)
+                                  .RemainingArgs()                // w_0, b_0, w_1, b_1, ...
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h'
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c'
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackBackward, StackBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h (..., layers, hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., layers, hidden)
+                                  .RemainingArgs()                // w_0, b_0, ..., dh', dc'
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dh
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc
+                                  .RemainingRets());              // dw_0, db_0, ...
