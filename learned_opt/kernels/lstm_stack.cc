@@ -48,7 +48,6 @@ constexpr int64_t kChunkRows = 128;
 // A layer's sizes and its weights in the kernels' layout: W (fan_in, n_pad) and b (n_pad) with
 // zero columns up to whole vectors, and W^T (n, fan_in_pad) likewise.
 struct Layer {
-  int64_t rows = 0;
   int hidden = 0, fan_in = 0, n = 0, n_pad = 0, fan_in_pad = 0, fan_in_4 = 0;
   std::unique_ptr<AlignedFloats> w, b, wt;
 };
@@ -74,9 +73,10 @@ struct Stack {
   std::vector<Layer> l;
 };
 
+// The step's sizes from h (..., layers, hidden) and its weights, the first 2 x layers of `args`
+// (w_0, b_0, w_1, b_1, ...), packed; or an error naming the mismatch.
 ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& h,
-                     const ffi::Buffer<ffi::F32>& c, const ffi::RemainingArgs& weights,
-                     size_t first_weight, Stack& s) {
+                     const ffi::Buffer<ffi::F32>& c, const ffi::RemainingArgs& args, Stack& s) {
   const auto dims = h.dimensions();
   if (dims.size() < 2 || dims[dims.size() - 1] == 0 || dims[dims.size() - 2] == 0) {
     return ffi::Error::InvalidArgument("h must be (..., layers, hidden) with both > 0");
@@ -87,16 +87,15 @@ ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>
   if (c.element_count() != h.element_count()) {
     return ffi::Error::InvalidArgument("c must be shaped like h");
   }
-  if (weights.size() < first_weight + 2 * s.layers) {
+  if (args.size() < static_cast<size_t>(2 * s.layers)) {
     return ffi::Error::InvalidArgument("expected a w and a b per layer");
   }
   s.l.resize(s.layers);
   for (int i = 0; i < s.layers; ++i) {
-    auto w = weights.get<ffi::Buffer<ffi::F32>>(first_weight + 2 * i);
-    auto b = weights.get<ffi::Buffer<ffi::F32>>(first_weight + 2 * i + 1);
+    auto w = args.get<ffi::Buffer<ffi::F32>>(2 * i);
+    auto b = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
     if (!w.has_value() || !b.has_value()) return ffi::Error::InvalidArgument("weights not f32");
     Layer& l = s.l[i];
-    l.rows = s.rows;
     l.hidden = s.hidden;
     l.n = 4 * s.hidden;
     const auto w_dims = w->dimensions();
@@ -256,7 +255,10 @@ ffi::Error StackForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                         ffi::Buffer<ffi::F32> c, ffi::RemainingArgs weights,
                         ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
   Stack st;
-  if (ffi::Error e = PackStack(x, h, c, weights, 0, st); !e.success()) return e;
+  if (ffi::Error e = PackStack(x, h, c, weights, st); !e.success()) return e;
+  if (weights.size() != static_cast<size_t>(2 * st.layers)) {
+    return ffi::Error::InvalidArgument("expected a w and a b per layer, nothing else");
+  }
   StackIo io{};
   io.x = x.typed_data();
   io.h = h.typed_data();
@@ -277,7 +279,7 @@ ffi::Error StackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
                          ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh,
                          ffi::ResultBuffer<ffi::F32> dc, ffi::RemainingRets weight_grads) {
   Stack st;
-  if (ffi::Error e = PackStack(x, h, c, rest, 0, st); !e.success()) return e;
+  if (ffi::Error e = PackStack(x, h, c, rest, st); !e.success()) return e;
   if (rest.size() != static_cast<size_t>(2 * st.layers + 2) ||
       weight_grads.size() != static_cast<size_t>(2 * st.layers)) {
     return ffi::Error::InvalidArgument("expected w, b per layer, then dh', dc'; dw, db per layer");
