@@ -259,3 +259,36 @@ def test_a_meta_step_agrees_with_xla(monkeypatch, names):
       jax.tree.leaves(auto_state.meta_params), jax.tree.leaves(xla_state.meta_params), strict=True
     )
   ), "the two modes ran the same code"
+
+
+def test_an_update_on_a_tree_agrees_with_xla_values_and_meta_gradient(monkeypatch, names):
+  """The optimizer's update on leaves of every shape (scalar, vector, matrix, empty), vmapped
+  over 3 problems, and the gradient of a loss of it w.r.t. phi: one kernel call per leaf."""
+  assert names is not None
+  opt = learned_opt.lstm_optimizer(preprocess="log_sign", output_scale=0.1)
+  phi = opt.init_meta_params(jax.random.key(0))
+  keys = jax.random.split(jax.random.key(1), 3)
+  grads = {
+    "s": jax.random.normal(keys[0], (3,)),
+    "v": jax.random.normal(keys[1], (3, 7)),
+    "m": jax.random.normal(keys[2], (3, 4, 5)),
+    "e": jnp.zeros((3, 0)),
+  }
+  states = jax.vmap(lambda g: opt.update(phi, g, opt.init_state(phi, g))[1])(grads)
+
+  def loss(phi):
+    updates, new = jax.vmap(opt.update, (None, 0, 0))(phi, grads, states)
+    total = sum(jnp.sum(jnp.sin(3 * u)) for u in jax.tree.leaves(updates))
+    return total + sum(0.1 * jnp.sum(a**2) for a in jax.tree.leaves(new))
+
+  results = {}
+  for mode in ("xla", "fused"):
+    monkeypatch.setenv(fused_gates.ENV_VAR, mode)
+    fn = lambda phi: loss(phi)  # a fresh function: jit caches traces per function
+    assert (names[2] in str(jax.make_jaxpr(jax.grad(fn))(phi))) == (mode == "fused")
+    results[mode] = jax.jit(jax.value_and_grad(fn))(phi)
+  np.testing.assert_allclose(results["fused"][0], results["xla"][0], rtol=1e-5)
+  for a, b in zip(
+    jax.tree.leaves(results["fused"][1]), jax.tree.leaves(results["xla"][1]), strict=True
+  ):
+    _assert_sums_close(a, b)
