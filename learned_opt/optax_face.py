@@ -115,7 +115,8 @@ def as_optax(
       XLA's update elsewhere), ``"xla"`` (always the optimizer's own update) or ``"fused"``
       (the kernel, a ``ValueError`` for an optimizer it does not cover). Results agree with
       XLA's to ~1e-6; differentiated (``jax.grad`` through the update, as meta-training does)
-      the update is XLA's, values and derivatives alike. See ``learned_opt.kernels.fused_lstm``.
+      the update is ``"xla"``'s, values and derivatives alike. See
+      ``learned_opt.kernels.fused_lstm``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a ``LearnedOptaxState``.

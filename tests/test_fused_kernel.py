@@ -212,7 +212,7 @@ def test_fused_refuses_what_it_does_not_cover():
 
 
 def test_differentiating_the_fused_update_is_differentiating_xlas(kernel_cache):
-  # The kernel has no derivative: under jax.grad (meta-training) the update is XLA's, values
+  # The kernel has no derivative: under jax.grad the update is kernel='xla''s, values
   # and gradients alike, w.r.t. phi and the optimizee gradient.
   opt = learned_opt.lstm_optimizer(preprocess="log_sign")
   phi = _phi(opt)

@@ -7,7 +7,8 @@ preprocessing, layers, read-out and output scale in one pass while its state is 
 cores, the state updated in place. XLA runs the same math as separate matmul and element-wise
 passes over all coordinates, at about 3x the CPU time on a 1M-parameter update (BUILD.md,
 issue 11). Under ``jax.vmap`` the mapped axis becomes more rows of one call. Differentiated
-(meta-training through ``as_optax``), the update is XLA's, values and derivatives alike, so the
+(meta-training through ``as_optax``), the update is the optimizer's own (``kernel="xla"``'s),
+values and derivatives alike, so the
 kernel never changes a meta-gradient.
 
 The kernel is compiled on first use and cached (``learned_opt.kernels.build``). Without a
@@ -144,8 +145,8 @@ def _differentiated_by_xla(fused, xla_update):
   """``fused``, whose reverse-mode derivative (``jax.grad``, ``jax.vjp``) is ``xla_update``'s.
 
   The kernel has no derivative of its own; differentiated, the whole update (values included)
-  is XLA's, so meta-training through ``as_optax`` sees exactly the XLA path. Like that path (its
-  gates are a ``custom_vjp``), it has no forward-mode derivative.
+  is ``xla_update``'s, so meta-training through ``as_optax`` sees exactly that path. Like it
+  (its fused step and gates are ``custom_vjp`` s), it has no forward-mode derivative.
   """
   update = jax.custom_vjp(fused)
   update.defvjp(lambda *primals: jax.vjp(xla_update, *primals), lambda vjp, ct: vjp(ct))
@@ -161,8 +162,8 @@ def make_update(optimizer, kernel: str = "auto"):
       falls back to XLA with a warning where it cannot be built, or off CPU) or ``"auto"``
       (the kernel for an optimizer it covers on a CPU backend with a single device, silently
       XLA otherwise; a warning if it cannot be built). Differentiated (reverse mode), the
-      update is XLA's; under ``jax.vmap`` (phi unmapped) the kernel runs once over every
-      mapped element.
+      update is ``optimizer.update``'s; under ``jax.vmap`` (phi unmapped) the kernel runs once
+      over every mapped element.
 
   Raises:
     ValueError: an unknown ``kernel``, or ``"fused"`` for an optimizer the kernel does not cover.
