@@ -142,6 +142,7 @@ def _rows_first(axis_size, in_batched, arrays):
   ]
 
 
+@functools.cache  # one custom_vmap function per set of targets, not one per trace
 def _stack_forward(names):
   """``(x, h, c, *weights) -> (h', c')`` by the forward kernel; under vmap (weights unmapped)
   the mapped axis is more rows of one call, mapped weights run one element at a time."""
@@ -162,6 +163,7 @@ def _stack_forward(names):
   return forward
 
 
+@functools.cache
 def _stack_backward(names):
   """``(x, h, c, *weights, dh', dc') -> (dx, dh, dc, *dweights)``; under vmap with the weights
   unmapped their cotangents come out summed over the mapped axis."""
