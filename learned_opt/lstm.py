@@ -112,8 +112,7 @@ def _segment_average(h: jax.Array, num_cells: int, segments: int) -> jax.Array:
 def _fold(axis_size: int, batched, arrays) -> list[jax.Array]:
   """``(axis_size, R, ...)`` arrays (broadcast first where unbatched) to ``(axis_size R, ...)``."""
   return [
-    (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)).reshape((-1,) + a.shape[1 + b :])
-    for a, b in zip(arrays, batched, strict=True)
+    a.reshape((-1,) + a.shape[2:]) for a in fused_gates.mapped_first(axis_size, batched, arrays)
   ]
 
 
@@ -279,6 +278,18 @@ def _stack_kernels(global_cells, *trees) -> tuple[str, ...] | None:
   return fused_gates.available(jnp.result_type(*jax.tree.leaves(trees)))
 
 
+def _fused_stack(kernels, layers, xs, states):
+  """``stacked_lstm`` without GAC by the stack kernel: each leaf's whole step in one call, on
+  its state as stored (no rows concatenated). Returns ``(tops, states)`` per leaf."""
+  weights = [a for layer in layers for a in (layer["w"], layer["b"])]
+  tops, new_states = [], []
+  for x, s in zip(xs, states, strict=True):
+    hidden, cell = fused_gates.stack(kernels, x, s.hidden, s.cell, *weights)
+    tops.append(hidden[..., -1, :])
+    new_states.append(CoordinateState(hidden, cell))
+  return tops, new_states
+
+
 def stacked_lstm(
   layers: list[dict], xs: list[jax.Array], states: list[CoordinateState], global_cells: int
 ) -> tuple[list[jax.Array], list[CoordinateState]]:
@@ -297,14 +308,8 @@ def stacked_lstm(
   if not xs:
     return [], []
   kernels = _stack_kernels(global_cells, layers, xs, states)
-  if kernels is not None:  # CPU: each leaf's whole step in one kernel, no rows concatenated
-    weights = [a for layer in layers for a in (layer["w"], layer["b"])]
-    tops, new_states = [], []
-    for x, s in zip(xs, states, strict=True):
-      hidden, cell = fused_gates.stack(kernels, x, s.hidden, s.cell, *weights)
-      tops.append(hidden[..., -1, :])
-      new_states.append(CoordinateState(hidden, cell))
-    return tops, new_states
+  if kernels is not None:
+    return _fused_stack(kernels, layers, xs, states)
   top, hidden, cell = _lstm_rows(layers, _rows(xs, 1), states, global_cells)
   shapes = [x.shape[:-1] for x in xs]
   return _split_rows(top, shapes), _split_states(hidden, cell, shapes)
@@ -379,9 +384,10 @@ def lstm_optimizer(
     if not leaves:
       return treedef.unflatten([]), treedef.unflatten([])
     states = treedef.flatten_up_to(state)
-    if _stack_kernels(global_cells, meta_params, states) is not None:  # one kernel per leaf
+    kernels = _stack_kernels(global_cells, meta_params, states)
+    if kernels is not None:  # one kernel per leaf
       xs = [preprocess_fn(jnp.asarray(g, jnp.float32)) for g in leaves]
-      tops, new_states = stacked_lstm(meta_params["layers"], xs, states, global_cells)
+      tops, new_states = _fused_stack(kernels, meta_params["layers"], xs, states)
       outputs = linear_readout(meta_params["out"], tops)
       updates = [
         (output_scale * o[..., 0]).astype(jnp.result_type(g))

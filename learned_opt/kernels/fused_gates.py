@@ -134,8 +134,9 @@ def _gates_backward(names, saved, cotangents):
 gates.defvjp(_gates_forward, _gates_backward)
 
 
-def _rows_first(axis_size, in_batched, arrays):
-  """Arrays with the mapped axis in front, broadcast where they were not mapped."""
+def mapped_first(axis_size: int, in_batched, arrays) -> list[jax.Array]:
+  """For a ``custom_vmap`` rule: every array with the mapped axis in front, broadcast to
+  ``axis_size`` where it was not mapped (``in_batched`` False)."""
   return [
     a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
     for a, mapped in zip(arrays, in_batched, strict=True)
@@ -154,9 +155,9 @@ def _stack_forward(names):
 
   @forward.def_vmap
   def _(axis_size, in_batched, x, h, c, *weights):
-    x, h, c = _rows_first(axis_size, in_batched[:3], (x, h, c))
+    x, h, c = mapped_first(axis_size, in_batched[:3], (x, h, c))
     if any(in_batched[3:]):
-      weights = _rows_first(axis_size, in_batched[3:], weights)
+      weights = mapped_first(axis_size, in_batched[3:], weights)
       return jax.lax.map(lambda a: forward(*a), (x, h, c, *weights)), (True, True)
     return forward(x, h, c, *weights), (True, True)
 
@@ -177,11 +178,11 @@ def _stack_backward(names):
   @backward.def_vmap
   def _(axis_size, in_batched, x, h, c, *rest):
     weights, cotangents = rest[:-2], rest[-2:]
-    x, h, c, dh, dc = _rows_first(
+    x, h, c, dh, dc = mapped_first(
       axis_size, in_batched[:3] + in_batched[-2:], (x, h, c, *cotangents)
     )
     if any(in_batched[3:-2]):
-      weights = _rows_first(axis_size, in_batched[3:-2], weights)
+      weights = mapped_first(axis_size, in_batched[3:-2], weights)
       out = jax.lax.map(lambda a: backward(*a), (x, h, c, *weights, dh, dc))
       return out, (True,) * len(out)
     out = backward(x, h, c, *weights, dh, dc)

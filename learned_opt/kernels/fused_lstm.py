@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learned_opt.kernels import build
+from learned_opt.kernels import build, fused_gates
 from learned_opt.kernels.build import KernelUnavailable
 from learned_opt.lstm import CoordinateState
 
@@ -81,11 +81,10 @@ def _kernel_call(name, attributes):
 
   @call.def_vmap
   def _batched(axis_size, in_batched, grad, h, c, *phi):
-    to_front = lambda a, mapped: a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
-    grad, h, c = (to_front(a, m) for a, m in zip((grad, h, c), in_batched[:3], strict=True))
+    grad, h, c = fused_gates.mapped_first(axis_size, in_batched[:3], (grad, h, c))
     if not any(in_batched[3:]):
       return call(grad, h, c, *phi), (True, True, True)
-    phi = [to_front(a, m) for a, m in zip(phi, in_batched[3:], strict=True)]
+    phi = fused_gates.mapped_first(axis_size, in_batched[3:], phi)
     return jax.lax.map(lambda a: call(*a), (grad, h, c, *phi)), (True, True, True)
 
   return call
@@ -141,15 +140,15 @@ def fused_update(config, name: str, meta_params, grads, state, threads: int = 0,
   return treedef.unflatten([u for u, _ in steps]), treedef.unflatten([s for _, s in steps])
 
 
-def _differentiated_by_xla(fused, xla_update):
-  """``fused``, whose reverse-mode derivative (``jax.grad``, ``jax.vjp``) is ``xla_update``'s.
+def _differentiated_as(fused, reference):
+  """``fused``, whose reverse-mode derivative (``jax.grad``, ``jax.vjp``) is ``reference``'s.
 
   The kernel has no derivative of its own; differentiated, the whole update (values included)
-  is ``xla_update``'s, so meta-training through ``as_optax`` sees exactly that path. Like it
+  is ``reference``'s, so meta-training through ``as_optax`` sees exactly that path. Like it
   (its fused step and gates are ``custom_vjp`` s), it has no forward-mode derivative.
   """
   update = jax.custom_vjp(fused)
-  update.defvjp(lambda *primals: jax.vjp(xla_update, *primals), lambda vjp, ct: vjp(ct))
+  update.defvjp(lambda *primals: jax.vjp(reference, *primals), lambda vjp, ct: vjp(ct))
   return update
 
 
@@ -203,6 +202,6 @@ def make_update(optimizer, kernel: str = "auto"):
       )
       return optimizer.update(meta_params, grads, state)
     fused = functools.partial(fused_update, config, name)
-    return _differentiated_by_xla(fused, optimizer.update)(meta_params, grads, state)
+    return _differentiated_as(fused, optimizer.update)(meta_params, grads, state)
 
   return update

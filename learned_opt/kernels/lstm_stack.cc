@@ -48,7 +48,7 @@ constexpr int64_t kChunkRows = 128;
 // A layer's sizes and its weights in the kernels' layout: W (fan_in, n_pad) and b (n_pad) with
 // zero columns up to whole vectors, and W^T (n, fan_in_pad) likewise.
 struct Layer {
-  int hidden = 0, fan_in = 0, n = 0, n_pad = 0, fan_in_pad = 0, fan_in_4 = 0;
+  int fan_in = 0, n = 0, n_pad = 0, fan_in_pad = 0, fan_in_4 = 0;
   std::unique_ptr<AlignedFloats> w, b, wt;
 };
 
@@ -96,7 +96,6 @@ ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>
     auto b = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
     if (!w.has_value() || !b.has_value()) return ffi::Error::InvalidArgument("weights not f32");
     Layer& l = s.l[i];
-    l.hidden = s.hidden;
     l.n = 4 * s.hidden;
     const auto w_dims = w->dimensions();
     if (w_dims.size() != 2 || w_dims[1] != l.n || w_dims[0] <= s.hidden ||
