@@ -13,14 +13,8 @@ import learned_opt
 from tasks import registry as task_registry
 from train import config as config_lib
 
-PRETRAINED = "pretrained:"
-
-
-def resolve(spec_path: str) -> str:
-  """The directory of ``DIR`` or ``pretrained:NAME``; raises ValueError for an unknown name."""
-  if spec_path.startswith(PRETRAINED):
-    return learned_opt.shipped.directory(spec_path[len(PRETRAINED) :])
-  return spec_path
+# The directory of ``DIR`` or ``pretrained:NAME``; raises ValueError for an unknown name.
+resolve = learned_opt.shipped.resolve
 
 
 def parse_checkpoint_specs(specs) -> list[tuple[str | None, str]]:

@@ -16,6 +16,7 @@ from learned_opt import serialization
 
 _PACKAGE = "learned_opt"
 _FOLDER = "pretrained"
+PREFIX = "pretrained:"  # a spec naming a shipped optimizer, e.g. "pretrained:mnist_mlp"
 
 
 def _root() -> str:
@@ -51,6 +52,13 @@ def directory(name: str) -> str:
       "Train one with `python -m train.meta_train` and load it with learned_opt.load(dir)."
     )
   return os.path.join(_root(), name)
+
+
+def resolve(spec: str) -> str:
+  """The directory of a saved-optimizer spec: ``pretrained:NAME`` or a directory as given."""
+  if spec.startswith(PREFIX):
+    return directory(spec[len(PREFIX) :])
+  return spec
 
 
 def pretrained(name: str) -> serialization.SavedOptimizer:

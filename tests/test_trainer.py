@@ -409,3 +409,48 @@ def test_validation_draws_from_valid_task_kwargs(tmp_path):
   np.testing.assert_allclose(progress.valid_history[-1], float(jnp.mean(curves[:, -1])), rtol=1e-6)
   with pytest.raises(ValueError, match="--valid_task_kwargs: task 'quadratic' has no setting"):
     tiny_config(tmp_path, valid_task_kwargs={"split": "valid"})
+
+
+def test_init_from_starts_phi_from_a_saved_optimizer_and_resumes_without_it(finished, tmp_path):
+  """--init_from: a fresh run's phi is the saved optimizer's (whatever the seed), training goes
+  on from there, and a resume reads its own checkpoint, not the source (gone by then)."""
+  source = tmp_path / "source"
+  shutil.copytree(finished[0].output_dir, source)
+  _, saved_phi = learned_opt.load(str(source))
+  run = tmp_path / "fine_tuned"
+  config = tiny_config(run, init_from=str(source), seed=3, num_epochs=1)
+  task, opt = trainer.build(config)
+  state, _ = run_dir.resume_or_start(config, task, opt, str(run / "checkpoints"), lambda s: None)
+  assert leaves_equal(state.meta_params, saved_phi)
+  assert leaves_equal(state.best_meta_params, saved_phi)
+  assert not leaves_equal(meta_step.init_state(config, task, opt).meta_params, saved_phi)
+  tuned, _ = trainer.train(config, log=lambda s: None)
+  assert not leaves_equal(tuned.meta_params, saved_phi)
+  shutil.rmtree(source)
+  logs = []
+  resumed, _ = trainer.train(tiny_config(run, init_from=str(source), seed=3), log=logs.append)
+  assert "Resumed from meta-step 4" in logs[0] and int(resumed.step) == 8
+  # The shipped optimizers are sources too, by name.
+  quadratic = learned_opt.pretrained("quadratic")
+  shipped = dict(quadratic.optimizer.config)
+  kwargs = {k: v for k, v in shipped.items() if k != "kind"}
+  named = tiny_config(tmp_path / "x", init_from="pretrained:quadratic", optimizer_kwargs=kwargs)
+  phi = meta_step.initial_meta_params(named, trainer.build(named)[1])
+  assert leaves_equal(phi, quadratic.meta_params)
+
+
+def test_init_from_refuses_a_missing_source_or_another_architecture(finished, tmp_path):
+  missing = tiny_config(tmp_path / "a", init_from=str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match=r"--init_from=.*names no usable saved optimizer"):
+    trainer.train(missing, log=lambda s: None)
+  with pytest.raises(ValueError, match=r"No pretrained optimizer named 'nope'"):
+    trainer.train(tiny_config(tmp_path / "b", init_from="pretrained:nope"), log=lambda s: None)
+  other = tiny_config(
+    tmp_path / "c", init_from=finished[0].output_dir, optimizer_kwargs={"hidden_size": 7}
+  )
+  mismatch = r"holds an optimizer with config .*'hidden_size': 6.*--preset"
+  with pytest.raises(ValueError, match=mismatch):
+    trainer.train(other, log=lambda s: None)
+  assert not os.path.exists(tmp_path / "c" / "checkpoints") or not os.listdir(
+    tmp_path / "c" / "checkpoints"
+  )

@@ -84,6 +84,12 @@ class MetaTrainConfig:
     "ramp (sum_t (t / horizon) f, weighted toward the end of a run).",
   )
   seed: int = _setting(0, "Seed of phi's init, training problems and validation problems.")
+  init_from: str = _setting(
+    "",
+    "Start phi from a saved optimizer instead of the seed's random init: a directory written by "
+    "learned_opt.save or train.meta_train, or pretrained:NAME; it must have this run's optimizer "
+    "config. Empty: random init.",
+  )
   log_every: int = _setting(50, "Meta-steps between progress lines.")
   checkpoint_every: int = _setting(100, "Meta-steps between checkpoints (and at every epoch end).")
   keep_checkpoints: int = _setting(3, "Checkpoints kept.")

@@ -101,12 +101,49 @@ def fresh_problems(config, task, optimizer, meta_params, data, step, attempt=0):
   return unroll_lib.init_inner_batch(task, optimizer, meta_params, data, key, config.num_problems)
 
 
+def _seeded_init(config: MetaTrainConfig, optimizer: LearnedOptimizer) -> MetaParams:
+  return optimizer.init_meta_params(jax.random.fold_in(jax.random.key(config.seed), 0))
+
+
+def initial_meta_params(config: MetaTrainConfig, optimizer: LearnedOptimizer) -> MetaParams:
+  """phi at meta-step 0: the saved optimizer ``config.init_from`` names, else the seed's init.
+
+  Raises:
+    ValueError: naming the source and the fix, if it holds no saved optimizer or one whose
+      config is not ``optimizer``'s.
+  """
+  if not config.init_from:
+    return _seeded_init(config, optimizer)
+  try:
+    saved = learned_opt.load(learned_opt.shipped.resolve(config.init_from))
+  except (OSError, ValueError) as e:
+    raise ValueError(
+      f"--init_from={config.init_from!r} names no usable saved optimizer: {e} Name a directory "
+      "written by learned_opt.save or train.meta_train, or pretrained:NAME "
+      f"({', '.join(learned_opt.pretrained_names())})."
+    ) from e
+  if dict(saved.optimizer.config) != dict(optimizer.config):
+    raise ValueError(
+      f"--init_from={config.init_from!r} holds an optimizer with config "
+      f"{dict(saved.optimizer.config)}, but this run trains {dict(optimizer.config)}; pass the "
+      "--optimizer and --optimizer_kwargs (or the --preset) it was trained with."
+    )
+  return saved.meta_params
+
+
 def init_state(
-  config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOptimizer, data: Data = None
+  config: MetaTrainConfig,
+  task: TaskFamily,
+  optimizer: LearnedOptimizer,
+  data: Data = None,
+  meta_params: MetaParams | None = None,
 ) -> TrainState:
-  """The state before the first meta-step; ``data`` defaults to ``task.data``."""
+  """The state before the first meta-step; ``data`` defaults to ``task.data``, ``meta_params``
+  to the seed's random init (``initial_meta_params`` also reads ``--init_from``; shapes only
+  need this default, so templates of a run's state never read its source)."""
   data = task.data if data is None else data
-  meta_params = optimizer.init_meta_params(jax.random.fold_in(jax.random.key(config.seed), 0))
+  if meta_params is None:
+    meta_params = _seeded_init(config, optimizer)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     meta_params=meta_params,
@@ -137,9 +174,10 @@ def init_sharded_state(config, task, optimizer, data, mesh) -> TrainState:
   Args:
     data: ``task.data`` replicated on the mesh (``distributed.put``).
   """
-  build = lambda d: init_state(config, task, optimizer, d)
-  shardings = state_shardings(jax.eval_shape(build, data), mesh)
-  return jax.jit(build, out_shardings=shardings)(data)
+  build = lambda d, phi: init_state(config, task, optimizer, d, phi)
+  phi = initial_meta_params(config, optimizer) if config.init_from else None  # None: in the jit
+  shardings = state_shardings(jax.eval_shape(build, data, phi), mesh)
+  return jax.jit(build, out_shardings=shardings)(data, phi)
 
 
 def meta_loss_fn(config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOptimizer):
