@@ -12,7 +12,7 @@ import pytest
 import learned_opt
 from tasks import quadratic
 from tasks.base import TaskFamily
-from train import checkpoint, meta_step, run_dir, trainer, unroll
+from train import checkpoint, distributed, meta_step, run_dir, trainer, unroll
 from train.config import MetaTrainConfig
 
 
@@ -424,6 +424,10 @@ def test_init_from_starts_phi_from_a_saved_optimizer_and_resumes_without_it(fini
   assert leaves_equal(state.meta_params, saved_phi)
   assert leaves_equal(state.best_meta_params, saved_phi)
   assert not leaves_equal(meta_step.init_state(config, task, opt).meta_params, saved_phi)
+  mesh = distributed.global_mesh(jax.devices()[:2])  # several devices: drawn on the mesh
+  data = distributed.put(task.data, distributed.replicated(mesh))
+  on_mesh = meta_step.init_sharded_state(config, task, opt, data, mesh)
+  assert leaves_equal(on_mesh.meta_params, saved_phi)
   tuned, _ = trainer.train(config, log=lambda s: None)
   assert not leaves_equal(tuned.meta_params, saved_phi)
   shutil.rmtree(source)
