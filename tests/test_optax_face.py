@@ -40,7 +40,7 @@ def test_pretrained_trains_flax_model_in_chain_under_jit(saved):
     return optax.apply_updates(params, updates), state, loss
 
   first = float(loss_fn(params))
-  for _ in range(50):
+  for _ in range(100):  # the horizon it was trained for (slow early, fast late: docs/mnist.md)
     params, state, loss = train_step(params, state)
   assert float(loss_fn(params)) < 0.1 * first
 
