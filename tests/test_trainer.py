@@ -439,7 +439,7 @@ def test_init_from_starts_phi_from_a_saved_optimizer_and_resumes_without_it(fini
   shipped = dict(quadratic.optimizer.config)
   kwargs = {k: v for k, v in shipped.items() if k != "kind"}
   named = tiny_config(tmp_path / "x", init_from="pretrained:quadratic", optimizer_kwargs=kwargs)
-  phi = meta_step.initial_meta_params(named, trainer.build(named)[1])
+  phi = meta_step.saved_start(named, trainer.build(named)[1])
   assert leaves_equal(phi, quadratic.meta_params)
 
 

@@ -101,19 +101,16 @@ def fresh_problems(config, task, optimizer, meta_params, data, step, attempt=0):
   return unroll_lib.init_inner_batch(task, optimizer, meta_params, data, key, config.num_problems)
 
 
-def _seeded_init(config: MetaTrainConfig, optimizer: LearnedOptimizer) -> MetaParams:
-  return optimizer.init_meta_params(jax.random.fold_in(jax.random.key(config.seed), 0))
-
-
-def initial_meta_params(config: MetaTrainConfig, optimizer: LearnedOptimizer) -> MetaParams:
-  """phi at meta-step 0: the saved optimizer ``config.init_from`` names, else the seed's init.
+def saved_start(config: MetaTrainConfig, optimizer: LearnedOptimizer) -> MetaParams | None:
+  """phi of the saved optimizer ``config.init_from`` names; None without one (``init_state``
+  then draws the seed's init where it builds the state).
 
   Raises:
     ValueError: naming the source and the fix, if it holds no saved optimizer or one whose
       config is not ``optimizer``'s.
   """
   if not config.init_from:
-    return _seeded_init(config, optimizer)
+    return None
   try:
     saved = learned_opt.load(learned_opt.shipped.resolve(config.init_from))
   except (OSError, ValueError) as e:
@@ -139,11 +136,11 @@ def init_state(
   meta_params: MetaParams | None = None,
 ) -> TrainState:
   """The state before the first meta-step; ``data`` defaults to ``task.data``, ``meta_params``
-  to the seed's random init (``initial_meta_params`` also reads ``--init_from``; shapes only
-  need this default, so templates of a run's state never read its source)."""
+  to the seed's random init (a fresh run passes ``saved_start``'s; templates of a run's state
+  need only shapes, so they never read ``--init_from``)."""
   data = task.data if data is None else data
   if meta_params is None:
-    meta_params = _seeded_init(config, optimizer)
+    meta_params = optimizer.init_meta_params(jax.random.fold_in(jax.random.key(config.seed), 0))
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     meta_params=meta_params,
@@ -175,7 +172,7 @@ def init_sharded_state(config, task, optimizer, data, mesh) -> TrainState:
     data: ``task.data`` replicated on the mesh (``distributed.put``).
   """
   build = lambda d, phi: init_state(config, task, optimizer, d, phi)
-  phi = initial_meta_params(config, optimizer) if config.init_from else None  # None: in the jit
+  phi = saved_start(config, optimizer)
   shardings = state_shardings(jax.eval_shape(build, data, phi), mesh)
   return jax.jit(build, out_shardings=shardings)(data, phi)
 

@@ -193,7 +193,7 @@ def resume_or_start(
   checkpoint.prune(ckpt_dir, config.keep_checkpoints)  # an earlier prune may have been killed
   rewind_metrics(os.path.join(config.output_dir, METRICS_FILE), found.host, found.step or 0)
   if found.step is None:
-    phi = lambda: meta_step.initial_meta_params(config, optimizer)
+    phi = lambda: meta_step.saved_start(config, optimizer)
     start = start or (lambda: meta_step.init_state(config, task, optimizer, meta_params=phi()))
     return start(), Progress()
   log(f"Resumed from meta-step {int(found.state.step)} in {ckpt_dir}.")
