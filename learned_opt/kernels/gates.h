@@ -8,7 +8,7 @@
 //
 // A tile's four gate blocks are gathered into contiguous scratch, so every vector operation is
 // full whatever hidden is; the backward recomputes the gates from z (nothing but z and c is
-// needed between the passes).
+// needed between the passes), unless the caller kept ForwardTile's activations.
 
 #ifndef LEARNED_OPT_KERNELS_GATES_H_
 #define LEARNED_OPT_KERNELS_GATES_H_
@@ -54,6 +54,8 @@ struct Gates {
   Vec i, f, g, o;
 };
 
+constexpr int kActivations = 5;  // i, f, g, o, tanh(c')
+
 inline Gates Activate(Tiles& t, int j) {
   return {Sigmoid(Load(t[0] + j)), Sigmoid(Load(t[1] + j)), Tanh(Load(t[2] + j)),
           Sigmoid(Load(t[3] + j))};
@@ -75,8 +77,10 @@ inline void Flush(float* p, int n, const float* result) {
 
 // The gates of one tile of count <= kTileRows rows: z's rows at z_stride, c, h_out, c_out
 // contiguous (count, hidden).
+// With act, the activations i, f, g, o and tanh(c') are kept there too (kActivations blocks of
+// act_stride floats), for a backward pass that then need not recompute them.
 inline void ForwardTile(const float* z, int z_stride, const float* c, float* h_out, float* c_out,
-                 int hidden, int count, Tiles& t) {
+                 int hidden, int count, Tiles& t, float* act = nullptr, int act_stride = 0) {
   const int n = count * hidden;
   GatherGates(z, z_stride, count, hidden, t);
   const float* c_old = Operand(c, n, t[4]);
@@ -85,28 +89,45 @@ inline void ForwardTile(const float* z, int z_stride, const float* c, float* h_o
   for (int j = 0; j < n; j += kLanes) {
     const Gates a = Activate(t, j);
     const Vec c_j = a.f * Load(c_old + j) + a.i * a.g;
+    const Vec tanh_c = Tanh(c_j);
     Store(c_new + j, c_j);
-    Store(h_new + j, a.o * Tanh(c_j));
+    Store(h_new + j, a.o * tanh_c);
+    if (act != nullptr) {
+      Store(act + j, a.i);
+      Store(act + act_stride + j, a.f);
+      Store(act + 2 * act_stride + j, a.g);
+      Store(act + 3 * act_stride + j, a.o);
+      Store(act + 4 * act_stride + j, tanh_c);
+    }
   }
   Flush(c_out, n, c_new);
   Flush(h_out, n, h_new);
 }
 
 // The gates' derivative on one tile: dz's rows at dz_stride, the rest contiguous (count, hidden).
+// With act (ForwardTile's), the activations are read from there instead of recomputed from z.
 inline void BackwardTile(const float* z, int z_stride, const float* c, const float* dh,
                   const float* dc_new, float* dz, int dz_stride, float* dc, int hidden, int count,
-                  Tiles& t) {
+                  Tiles& t, const float* act = nullptr, int act_stride = 0) {
   const Vec one = Splat(1.0f);
   const int n = count * hidden;
-  GatherGates(z, z_stride, count, hidden, t);
+  if (act == nullptr) GatherGates(z, z_stride, count, hidden, t);
   const float* c_in = Operand(c, n, t[4]);
   const float* dh_in = Operand(dh, n, t[5]);
   const float* dc_in = Operand(dc_new, n, t[6]);
   float* dc_out = Result(dc, n, t[7]);
   for (int j = 0; j < n; j += kLanes) {
-    const Gates a = Activate(t, j);
     const Vec c_old = Load(c_in + j), dh_j = Load(dh_in + j);
-    const Vec tanh_c = Tanh(a.f * c_old + a.i * a.g);
+    Gates a;
+    Vec tanh_c;
+    if (act != nullptr) {
+      a = {Load(act + j), Load(act + act_stride + j), Load(act + 2 * act_stride + j),
+           Load(act + 3 * act_stride + j)};
+      tanh_c = Load(act + 4 * act_stride + j);
+    } else {
+      a = Activate(t, j);
+      tanh_c = Tanh(a.f * c_old + a.i * a.g);
+    }
     const Vec total = Load(dc_in + j) + dh_j * a.o * (one - tanh_c * tanh_c);
     Store(dc_out + j, total * a.f);
     // The gate cotangents overwrite the gates' own tiles, read above for this j only.

@@ -6,7 +6,8 @@
 // pre-activations z = a W + b are built in L1 and used there; nothing per layer is written to
 // memory but the new state, so XLA neither slices the state per layer nor stacks it again, and
 // saves only the step's inputs for the backward pass. The backward kernel recomputes a and z for
-// every layer, then walks the layers down: dz from the gates' derivative (gates.h), da = dz W^T
+// every layer (and keeps the gates' activations of the layers below the top, which the
+// recomputation had to evaluate anyway to feed the layer above), then walks the layers down: dz from the gates' derivative (gates.h), da = dz W^T
 // (split into the input's cotangent, which is the layer below's dh', and dh), dW += a^T dz,
 // db += sum dz. Weight cotangents are summed per chunk of kChunkRows rows into the chunk's own
 // slot, then the slots in chunk order, so the result does not depend on which thread took which
@@ -31,6 +32,7 @@ namespace {
 
 using learned_opt_gates::BackwardTile;
 using learned_opt_gates::ForwardTile;
+using learned_opt_gates::kActivations;
 using learned_opt_gates::kTileRows;
 using learned_opt_gates::Tiles;
 using learned_opt_simd::AlignedFloats;
@@ -116,16 +118,17 @@ ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
-// One thread's scratch: per layer the tile's operand, z and old cell (kept for the backward
-// pass), and tiles for the chain between layers and the cotangents.
+// One thread's scratch: per layer the tile's operand, z, old cell and, below the top, the
+// gates' activations (kept for the backward pass), and tiles for the chain between layers and
+// the cotangents.
 struct StackScratch {
-  explicit StackScratch(const Stack& s) : tiles(s.hidden) {
+  explicit StackScratch(const Stack& s) : tiles(s.hidden), tile(kTileRows * s.hidden + kLanes) {
     for (const Layer& l : s.l) {
       a.push_back(std::make_unique<AlignedFloats>(kTileRows * l.fan_in_4));
       z.push_back(std::make_unique<AlignedFloats>(kTileRows * l.n_pad));
-      c.push_back(std::make_unique<AlignedFloats>(kTileRows * s.hidden + kLanes));
+      c.push_back(std::make_unique<AlignedFloats>(tile));
+      act.push_back(std::make_unique<AlignedFloats>(kActivations * tile));
     }
-    const int tile = kTileRows * s.hidden + kLanes;
     for (auto* t : {&h_new, &c_new, &dh, &dc, &dc_old, &carry}) {
       t->reset(new AlignedFloats(tile));
     }
@@ -135,13 +138,14 @@ struct StackScratch {
     da.reset(new AlignedFloats(kTileRows * widest));
   }
   Tiles tiles;
-  std::vector<std::unique_ptr<AlignedFloats>> a, z, c;
+  int tile;  // floats in a (kTileRows, hidden) tile, plus a vector of padding
+  std::vector<std::unique_ptr<AlignedFloats>> a, z, c, act;
   std::unique_ptr<AlignedFloats> h_new, c_new, dh, dc, dc_old, carry, dz, da;
 };
 
 // The tile's forward pass, layer by layer; per layer a, z and the old cell stay in the scratch.
 // With h_out and c_out the new states are written out (the forward kernel); without, not (the
-// backward pass's recomputation).
+// backward pass's recomputation, which keeps the activations of the layers below the top).
 void StackForwardTile(const Stack& st, const float* x, const float* h, const float* c,
                       int64_t row, int count, float* h_out, float* c_out, StackScratch& s) {
   const int hidden = st.hidden, state_row = st.layers * hidden;
@@ -160,7 +164,7 @@ void StackForwardTile(const Stack& st, const float* x, const float* h, const flo
                l.b->data, false, s.z[i]->data, l.n_pad);
     if (h_out == nullptr && i == st.layers - 1) break;  // the backward pass needs z only
     ForwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.h_new->data, s.c_new->data, hidden, count,
-                s.tiles);
+                s.tiles, h_out == nullptr ? s.act[i]->data : nullptr, s.tile);
     if (h_out != nullptr) {
       for (int m = 0; m < count; ++m) {
         const int64_t at = (row + m) * state_row + i * hidden;
@@ -212,8 +216,10 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
       if (count < kTileRows) {
         std::memset(dz + count * l.n_pad, 0, (kTileRows - count) * l.n_pad * sizeof(float));
       }
+      // Below the top, the recomputation kept the activations; the top layer's come from z.
       BackwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.dh->data, s.dc->data, dz, l.n_pad,
-                   s.dc_old->data, hidden, count, s.tiles);
+                   s.dc_old->data, hidden, count, s.tiles,
+                   i < st.layers - 1 ? s.act[i]->data : nullptr, s.tile);
       TileMatmul(kTileRows, l.fan_in_pad / kLanes, dz, l.n_pad, 1, l.n, l.wt->data, l.fan_in_pad,
                  nullptr, false, s.da->data, l.fan_in_pad);
       for (int m = 0; m < count; ++m) {
