@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"meta_lr_schedule": "step"}, r"--meta_lr_schedule='step' is unknown.*cosine"),
     ({"meta_lr_final_ratio": 1.5}, r"--meta_lr_final_ratio=1.5 must lie in \[0, 1\]"),
     ({"output_dir": ""}, r"--output_dir is required"),
+    ({"valid_seed": -2}, r"--valid_seed=-2 is not a seed.*-1 to validate on --seed's"),
   ],
 )
 def test_bad_settings_are_named(overrides, message, tmp_path):

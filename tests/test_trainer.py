@@ -177,6 +177,25 @@ def test_learned_optimizer_learns(tmp_path):
   assert progress.best_valid < before / 5, (before, progress.best_valid)
 
 
+def test_valid_seed_sets_the_validation_problems_alone(tmp_path):
+  """Runs of different seeds given one --valid_seed validate on the same problems, and nothing
+  else they draw moves; -1 (the default) keeps --seed's validation problems."""
+  config = lambda **kw: MetaTrainConfig(output_dir=str(tmp_path), task="quadratic", **kw)
+  task, opt = trainer.build(config(valid_problems=4))
+  draw = lambda c: meta_step.sample_valid_problems(c, task)[0]["w"]
+  shared = config(seed=1, valid_seed=0, valid_problems=4)
+  np.testing.assert_array_equal(draw(shared), draw(config(seed=0, valid_problems=4)))
+  assert not np.allclose(draw(shared), draw(config(seed=1, valid_problems=4)))
+  np.testing.assert_array_equal(
+    draw(config(seed=1, valid_seed=-1, valid_problems=4)), draw(config(seed=1, valid_problems=4))
+  )
+  same_key = lambda a, b: np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
+  assert same_key(meta_step.problem_key(shared, 3), meta_step.problem_key(config(seed=1), 3))
+  assert not same_key(meta_step.problem_key(shared, 3), meta_step.problem_key(config(seed=0), 3))
+  first = lambda c: meta_step.init_state(c, task, opt).meta_params
+  jax.tree.map(np.testing.assert_array_equal, first(shared), first(config(seed=1)))
+
+
 def tagged_quadratic(poisoned_tags=()):
   """A quadratic whose loss is NaN on problems whose random tag is in ``poisoned_tags``."""
   base = quadratic(dim=4)

@@ -84,6 +84,11 @@ class MetaTrainConfig:
     "ramp (sum_t (t / horizon) f, weighted toward the end of a run).",
   )
   seed: int = _setting(0, "Seed of phi's init, training problems and validation problems.")
+  valid_seed: int = _setting(
+    -1,
+    "Seed of the validation problems alone; -1: --seed's. Give runs of different --seed the "
+    "same --valid_seed and their validation losses are on the same problems.",
+  )
   init_from: str = _setting(
     "",
     "Start phi from a saved optimizer instead of the seed's random init: a directory written by "
@@ -223,6 +228,11 @@ def validate(config: MetaTrainConfig) -> None:
     "keep_checkpoints",
     "max_consecutive_skips",
   )
+  if config.valid_seed < -1:
+    raise ValueError(
+      f"--valid_seed={config.valid_seed} is not a seed; give one >= 0, or -1 to validate on "
+      "--seed's problems."
+    )
   if config.unroll > config.horizon:
     raise ValueError(
       f"--unroll={config.unroll} is longer than --horizon={config.horizon}; an unroll must fit "

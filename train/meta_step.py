@@ -68,8 +68,12 @@ def problem_key(config: MetaTrainConfig, step, attempt=0) -> jax.Array:
 
 
 def valid_key(config: MetaTrainConfig) -> jax.Array:
-  """Key of the fixed validation problems; disjoint from every training and test stream."""
-  return jax.random.fold_in(jax.random.key(config.seed), 2)
+  """Key of the fixed validation problems (``--valid_seed``'s, else ``--seed``'s).
+
+  Disjoint from every training stream of any seed, and from the test streams.
+  """
+  seed = config.seed if config.valid_seed == -1 else config.valid_seed
+  return jax.random.fold_in(jax.random.key(seed), 2)
 
 
 def meta_learning_rate(config: MetaTrainConfig) -> float | optax.Schedule:
