@@ -1,7 +1,7 @@
 r"""Performance against the machine's limit (run by hand, not a test).
 
   python -m benchmarks.perf [--workloads=quad128,quad1024,mnist2,mnist8,update16k,update1m]
-      [--gates=xla,auto] [--json=runs/perf.json]
+      [--gates=xla,auto] [--mallocs=system,tcmalloc] [--json=runs/perf.json]
 
 For each workload, in a subprocess of its own (so the peak resident memory is that workload's):
 wall and CPU time per call after compile (medians, the donated state threaded from call to call
@@ -20,6 +20,7 @@ program is the ordinary one). Workloads:
 """
 
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -35,7 +36,7 @@ from absl import app, flags
 import learned_opt
 from benchmarks import peak
 from learned_opt.kernels import fused_gates
-from train import meta_step, trainer
+from train import allocator, meta_step, trainer
 from train.config import MetaTrainConfig
 
 flags.DEFINE_list(
@@ -51,6 +52,13 @@ flags.DEFINE_list(
   ["auto"],
   "LSTM gate implementations to run each workload with ($LEARNED_OPT_GATES in its subprocess): "
   "auto (the fused CPU kernels where they build), xla; e.g. --gates=xla,auto for before/after.",
+)
+flags.DEFINE_list(
+  "mallocs",
+  ["system"],
+  "malloc libraries to run each workload with ($LEARNED_OPT_MALLOC in its subprocess, see "
+  "train/allocator.py): system, tcmalloc, or a library's path; e.g. --mallocs=system,tcmalloc "
+  "to compare.",
 )
 FLAGS = flags.FLAGS
 
@@ -178,12 +186,19 @@ def run_one(name: str, repeats: int) -> dict:
   return {
     "workload": name,
     "gates": fused_gates.mode(),
+    "malloc": allocator.active(),
     **result,
     "achieved_flops_per_s": achieved,
     "matmul_peak_flops_per_s": matmul,
     "fraction_of_peak": achieved / matmul,
     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
   }
+
+
+def _malloc_name(r: dict) -> str:
+  """``system`` or the preloaded library's short name (``tcmalloc_minimal``)."""
+  name = os.path.basename(r.get("malloc", "system"))
+  return name.removeprefix("lib").split(".so")[0]
 
 
 def format_row(r: dict) -> str:
@@ -193,7 +208,7 @@ def format_row(r: dict) -> str:
   elif "adam_seconds" in r:
     extra = f"  adam {1e3 * r['adam_seconds']:.3f} ms"
   return (
-    f"{r['workload']:<10}{r['gates']:<6}{1e3 * r['seconds']:>10.1f} ms"
+    f"{r['workload']:<10}{r['gates']:<6}{_malloc_name(r):<18}{1e3 * r['seconds']:>10.1f} ms"
     f"{1e3 * r['cpu_seconds']:>10.1f} ms CPU"
     f"{r['compile_s']:>8.1f} s compile"
     f"{r['achieved_flops_per_s'] / 1e9:>8.1f} GFLOP/s{100 * r['fraction_of_peak']:>6.1f}% of "
@@ -212,7 +227,7 @@ def main(argv):
       raise app.UsageError(f"--gates takes {fused_gates.MODES}, got {gates!r}.")
   results = []
   for name in FLAGS.workloads:
-    for gates in FLAGS.gates:
+    for gates, malloc in itertools.product(FLAGS.gates, FLAGS.mallocs):
       command = [
         sys.executable,
         "-m",
@@ -220,10 +235,14 @@ def main(argv):
         f"--one={name}",
         f"--repeats={FLAGS.repeats}",
       ]
-      env = {**os.environ, fused_gates.ENV_VAR: gates}
+      env = {**os.environ, fused_gates.ENV_VAR: gates, allocator.ENV: malloc}
+      try:
+        env = allocator.preload_env(env) or env
+      except ValueError as e:
+        raise app.UsageError(str(e)) from e
       out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
       if out.returncode:
-        print(f"{name} ({gates}): failed\n{out.stderr[-2000:]}")
+        print(f"{name} ({gates}, malloc {malloc}): failed\n{out.stderr[-2000:]}")
         continue
       results.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(format_row(results[-1]), flush=True)

@@ -21,8 +21,8 @@ import jax
 from absl import app, flags
 
 from learned_opt import serialization
+from train import allocator, distributed, memory, presets, run_dir, saved_config, trainer
 from train import config as config_lib
-from train import distributed, memory, presets, run_dir, saved_config, trainer
 
 _FIELDS = {field.name: field for field in dataclasses.fields(config_lib.MetaTrainConfig)}
 _DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
@@ -131,7 +131,8 @@ def main(argv):
 
 
 def run():
-  """The console script's entry point (``learned-opt-train`` / ``learned-opt-eval``)."""
+  """The console script's entry point (``learned-opt-train``)."""
+  allocator.rerun_with_preferred_malloc()  # $LEARNED_OPT_MALLOC=tcmalloc: faster, more memory
   jax.config.parse_flags_with_absl()
   app.run(main)
 
