@@ -54,7 +54,7 @@ def test_the_process_reruns_with_the_library_mapped():
   """A real rerun, with libm (harmless to preload) standing in for tcmalloc."""
   libm = _mapped("libm.so.6")
   code = (
-    "import os; from train import allocator; allocator.rerun_with_preferred_malloc(); "
+    "import os; from train import allocator; allocator.rerun_with_chosen_malloc(); "
     "print(allocator.active()); print(os.environ['LD_PRELOAD'])"
   )
   env = {**os.environ, allocator.ENV: libm, "LD_PRELOAD": ""}

@@ -63,8 +63,8 @@ def preload_env(environ: Mapping[str, str], find=find_tcmalloc) -> dict[str, str
   return {**environ, "LD_PRELOAD": f"{library} {preloaded}".strip()}
 
 
-def rerun_with_preferred_malloc() -> None:
-  """Replaces this process by itself with tcmalloc preloaded, if ``preload_env`` says so.
+def rerun_with_chosen_malloc() -> None:
+  """Replaces this process by itself with the chosen malloc preloaded, if ``preload_env`` says so.
 
   Call first thing in a command-line entry point, never in a library function: the process
   restarts with the same command line.

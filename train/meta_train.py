@@ -132,7 +132,7 @@ def main(argv):
 
 def run():
   """The console script's entry point (``learned-opt-train``)."""
-  allocator.rerun_with_preferred_malloc()  # $LEARNED_OPT_MALLOC=tcmalloc: faster, more memory
+  allocator.rerun_with_chosen_malloc()  # $LEARNED_OPT_MALLOC=tcmalloc: faster, more memory
   jax.config.parse_flags_with_absl()
   app.run(main)
 
