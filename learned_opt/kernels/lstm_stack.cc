@@ -7,11 +7,12 @@
 // memory but the new state, so XLA neither slices the state per layer nor stacks it again, and
 // saves only the step's inputs for the backward pass. The backward kernel recomputes a and z for
 // every layer (and keeps the gates' activations of the layers below the top, which the
-// recomputation had to evaluate anyway to feed the layer above), then walks the layers down: dz from the gates' derivative (gates.h), da = dz W^T
-// (split into the input's cotangent, which is the layer below's dh', and dh), dW += a^T dz,
-// db += sum dz. Weight cotangents are summed per chunk of kChunkRows rows into the chunk's own
-// slot, then the slots in chunk order, so the result does not depend on which thread took which
-// chunk. Built on first use by fused_gates.py (flags in build.py).
+// recomputation had to evaluate anyway to feed the layer above), then walks the layers down: dz
+// from the gates' derivative (gates.h), da = dz W^T (split into the input's cotangent, which is
+// the layer below's dh', and dh), dW += a^T dz, db += sum dz. Weight cotangents are summed per
+// chunk of kChunkRows rows into the chunk's own slot, then the slots in chunk order, so the
+// result does not depend on which thread took which chunk. Built on first use by fused_gates.py
+// (flags in build.py).
 
 #include <algorithm>
 #include <cstdint>
