@@ -19,7 +19,8 @@ How a step is computed (the math is the paper's; benchmarks/lstm_update.py measu
   per quadratic, are ~3x slower than over ``(problems * coordinates, hidden)``; ~2x on the
   quadratic meta-step with 128 problems.
 * On CPU a step without GAC is one fused kernel per leaf, every layer forward and backward on
-  the state in its own layout (``kernels.fused_gates.stack``); with GAC the gates alone are
+  the state in its own layout, the optimizer's read-out included
+  (``kernels.fused_gates.stack_readout``); with GAC the gates alone are
   (``kernels.fused_gates.gates``).
 * A step over more than ``BLOCK_ROWS`` coordinates runs layer by layer in blocks of rows, so the
   ``(R, 4 hidden)`` pre-activations are not a fresh, page-faulted buffer of R x 320 bytes: ~1.4x
@@ -290,6 +291,19 @@ def _fused_stack(kernels, layers, xs, states):
   return tops, new_states
 
 
+def _fused_update(kernels, meta_params, xs, states):
+  """The step and the read-out by the stack kernel, per leaf: ``(outputs, states)``, each
+  output shaped like its leaf (the one read-out output)."""
+  layers, out = meta_params["layers"], meta_params["out"]
+  weights = [a for layer in layers for a in (layer["w"], layer["b"])] + [out["w"], out["b"]]
+  outputs, new_states = [], []
+  for x, s in zip(xs, states, strict=True):
+    hidden, cell, u = fused_gates.stack_readout(kernels, x, s.hidden, s.cell, *weights)
+    outputs.append(u)
+    new_states.append(CoordinateState(hidden, cell))
+  return outputs, new_states
+
+
 def stacked_lstm(
   layers: list[dict], xs: list[jax.Array], states: list[CoordinateState], global_cells: int
 ) -> tuple[list[jax.Array], list[CoordinateState]]:
@@ -385,13 +399,11 @@ def lstm_optimizer(
       return treedef.unflatten([]), treedef.unflatten([])
     states = treedef.flatten_up_to(state)
     kernels = _stack_kernels(global_cells, meta_params, states)
-    if kernels is not None:  # one kernel per leaf
+    if kernels is not None:  # one kernel per leaf, the read-out in it
       xs = [preprocess_fn(jnp.asarray(g, jnp.float32)) for g in leaves]
-      tops, new_states = _fused_stack(kernels, meta_params["layers"], xs, states)
-      outputs = linear_readout(meta_params["out"], tops)
+      updates, new_states = _fused_update(kernels, meta_params, xs, states)
       updates = [
-        (output_scale * o[..., 0]).astype(jnp.result_type(g))
-        for o, g in zip(outputs, leaves, strict=True)
+        (output_scale * u).astype(jnp.result_type(g)) for u, g in zip(updates, leaves, strict=True)
       ]
       return treedef.unflatten(updates), treedef.unflatten(new_states)
     # Preprocessing is element-wise, so it runs once on all coordinates: (R,) -> (R, features).

@@ -175,6 +175,62 @@ def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, weights
     _assert_sums_close(a, b)
 
 
+def _xla_stack_readout(monkeypatch, x, h, c, *weights):
+  """``_xla_stack`` and the read-out of its top layer: the new (h, c) and u."""
+  hidden, cell = _xla_stack(monkeypatch, x, h, c, *weights[:-2])
+  return hidden, cell, (hidden[..., -1, :] @ weights[-2] + weights[-1])[..., 0]
+
+
+def _readout_inputs(key, shape, features, hidden, layers):
+  """``_stack_inputs`` with w_out (hidden, 1) and b_out (1,) after the weights, and du."""
+  inputs, (dh, dc) = _stack_inputs(key, shape, features, hidden, layers)
+  k = jax.random.split(jax.random.fold_in(key, 1), 3)
+  w_out = jax.random.normal(k[0], (hidden, 1)) / np.sqrt(hidden)
+  b_out = jax.random.normal(k[1], (1,))
+  return (*inputs, w_out, b_out), (dh, dc, jax.random.normal(k[2], shape))
+
+
+@pytest.mark.parametrize(
+  "shape, features, hidden, layers",
+  # As for the stack alone: the paper's optimizer, a partial tile, three layers of an odd
+  # hidden size with leading axes, nine chunks, no rows.
+  [((37,), 2, 20, 2), ((3, 5), 2, 7, 3), ((1031,), 1, 20, 2), ((0,), 2, 20, 2)],
+)
+def test_stack_with_readout_agrees_with_xla(monkeypatch, names, shape, features, hidden, layers):
+  inputs, cotangents = _readout_inputs(jax.random.key(hidden), shape, features, hidden, layers)
+  fused = jax.jit(lambda *a: fused_gates.stack_readout(names, *a))
+  got, pullback = jax.vjp(fused, *inputs)
+  expected, expected_pullback = jax.vjp(lambda *a: _xla_stack_readout(monkeypatch, *a), *inputs)
+  got_all = got + pullback(cotangents)
+  for a, b in zip(got_all, expected + expected_pullback(cotangents), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    _assert_sums_close(a, b)
+  again = jax.vjp(fused, *inputs)
+  for a, b in zip(got_all, again[0] + again[1](cotangents), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
+
+
+@pytest.mark.parametrize("weights_mapped", [False, True])
+def test_stack_with_readout_under_vmap(monkeypatch, names, weights_mapped):
+  """As ``test_stack_under_vmap_sums_the_weight_cotangents``, with the read-out's weights."""
+  (x, h, c, *weights), _ = _readout_inputs(jax.random.key(6), (3, 50), 2, 20, 2)
+  if weights_mapped:
+    weights = [jnp.stack([a, -a, 0.5 * a]) for a in weights]
+  axes = (0, 0, 0) + (0 if weights_mapped else None,) * len(weights)
+
+  def loss(step, weights, x, h, c):
+    h_new, c_new, u = jax.vmap(step, axes)(x, h, c, *weights)
+    return jnp.sum(jnp.sin(h_new) * c_new) + jnp.sum(jnp.cos(u))
+
+  fused = lambda *a: fused_gates.stack_readout(names, *a)
+  xla = lambda *a: _xla_stack_readout(monkeypatch, *a)
+  got = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2, 3)))(weights, x, h, c)
+  expected = jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2, 3))(weights, x, h, c)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    assert a.shape == b.shape
+    _assert_sums_close(a, b)
+
+
 def test_stack_nan_stays_in_its_row(monkeypatch, names):
   inputs, cotangents = _stack_inputs(jax.random.key(7), (37,), 2, 20, 2)
   inputs = (inputs[0].at[5, 1].set(jnp.nan),) + inputs[1:]
@@ -263,7 +319,8 @@ def test_a_meta_step_agrees_with_xla(monkeypatch, names):
 
 def test_an_update_on_a_tree_agrees_with_xla_values_and_meta_gradient(monkeypatch, names):
   """The optimizer's update on leaves of every shape (scalar, vector, matrix, empty), vmapped
-  over 3 problems, and the gradient of a loss of it w.r.t. phi: one kernel call per leaf."""
+  over 3 problems, and the gradient of a loss of it w.r.t. phi: one kernel call per leaf, the
+  read-out in it."""
   assert names is not None
   opt = learned_opt.lstm_optimizer(preprocess="log_sign", output_scale=0.1)
   phi = opt.init_meta_params(jax.random.key(0))
@@ -285,7 +342,7 @@ def test_an_update_on_a_tree_agrees_with_xla_values_and_meta_gradient(monkeypatc
   for mode in ("xla", "fused"):
     monkeypatch.setenv(fused_gates.ENV_VAR, mode)
     fn = lambda phi: loss(phi)  # a fresh function: jit caches traces per function
-    assert (names[2] in str(jax.make_jaxpr(jax.grad(fn))(phi))) == (mode == "fused")
+    assert (names[4] in str(jax.make_jaxpr(jax.grad(fn))(phi))) == (mode == "fused")
     results[mode] = jax.jit(jax.value_and_grad(fn))(phi)
   np.testing.assert_allclose(results["fused"][0], results["xla"][0], rtol=1e-5)
   for a, b in zip(

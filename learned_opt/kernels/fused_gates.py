@@ -11,7 +11,8 @@ backend:
   tiles of 16 rows: each layer's ``[input, h]`` and ``z`` live in L1 and are recomputed by the
   backward pass, which returns the cotangents of the input, the state and every layer's
   weights. Under ``jax.vmap`` with shared weights the mapped problems are more rows of one call
-  and the weight cotangents come out summed over them.
+  and the weight cotangents come out summed over them. ``stack_readout`` adds the optimizer's
+  linear read-out of the top layer to the same kernels.
 * ``gates`` (``lstm_gates.cc``): the gates alone, for LSTM+GAC (whose averaging sits between
   the gates and the next layer, so XLA computes its matmuls), forward and backward
   (recomputing the gates from z and c).
@@ -50,7 +51,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # Each source with the FFI handlers it exports; available() returns the targets in this order.
 SOURCES = (
   (os.path.join(_HERE, "lstm_gates.cc"), ("LearnedOptGatesForward", "LearnedOptGatesBackward")),
-  (os.path.join(_HERE, "lstm_stack.cc"), ("LearnedOptStackForward", "LearnedOptStackBackward")),
+  (
+    os.path.join(_HERE, "lstm_stack.cc"),
+    (
+      "LearnedOptStackForward",
+      "LearnedOptStackBackward",
+      "LearnedOptStackReadoutForward",
+      "LearnedOptStackReadoutBackward",
+    ),
+  ),
 )
 
 
@@ -144,48 +153,54 @@ def mapped_first(axis_size: int, in_batched, arrays) -> list[jax.Array]:
 
 
 @functools.cache  # one custom_vmap function per set of targets, not one per trace
-def _stack_forward(names):
-  """``(x, h, c, *weights) -> (h', c')`` by the forward kernel; under vmap (weights unmapped)
-  the mapped axis is more rows of one call, mapped weights run one element at a time."""
+def _stack_forward(names, readout: bool = False):
+  """``(x, h, c, *weights) -> (h', c'[, u])`` by the forward kernel; under vmap (weights
+  unmapped) the mapped axis is more rows of one call, mapped weights run one element at a time.
+  With ``readout`` the last two weights are ``w_out, b_out`` and ``u = h'_top @ w_out + b_out``."""
 
   @custom_batching.custom_vmap
   def forward(x, h, c, *weights):
     state = jax.ShapeDtypeStruct(h.shape, jnp.float32)
-    return tuple(jax.ffi.ffi_call(names[2], (state, state))(x, h, c, *weights))
+    if not readout:
+      return tuple(jax.ffi.ffi_call(names[2], (state, state))(x, h, c, *weights))
+    u = jax.ShapeDtypeStruct(h.shape[:-2], jnp.float32)
+    return tuple(jax.ffi.ffi_call(names[4], (state, state, u))(x, h, c, *weights))
 
   @forward.def_vmap
   def _(axis_size, in_batched, x, h, c, *weights):
     x, h, c = mapped_first(axis_size, in_batched[:3], (x, h, c))
+    mapped = (True,) * (3 if readout else 2)
     if any(in_batched[3:]):
       weights = mapped_first(axis_size, in_batched[3:], weights)
-      return jax.lax.map(lambda a: forward(*a), (x, h, c, *weights)), (True, True)
-    return forward(x, h, c, *weights), (True, True)
+      return jax.lax.map(lambda a: forward(*a), (x, h, c, *weights)), mapped
+    return forward(x, h, c, *weights), mapped
 
   return forward
 
 
 @functools.cache
-def _stack_backward(names):
-  """``(x, h, c, *weights, dh', dc') -> (dx, dh, dc, *dweights)``; under vmap with the weights
-  unmapped their cotangents come out summed over the mapped axis."""
+def _stack_backward(names, readout: bool = False):
+  """``(x, h, c, *weights, dh', dc'[, du]) -> (dx, dh, dc, *dweights)``; under vmap with the
+  weights unmapped their cotangents come out summed over the mapped axis."""
+  cotangent_count = 3 if readout else 2
 
   @custom_batching.custom_vmap
   def backward(x, h, c, *rest):
     like = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)
-    out = tuple(like(a) for a in (x, h, c, *rest[:-2]))
-    return tuple(jax.ffi.ffi_call(names[3], out)(x, h, c, *rest))
+    out = tuple(like(a) for a in (x, h, c, *rest[:-cotangent_count]))
+    return tuple(jax.ffi.ffi_call(names[5 if readout else 3], out)(x, h, c, *rest))
 
   @backward.def_vmap
   def _(axis_size, in_batched, x, h, c, *rest):
-    weights, cotangents = rest[:-2], rest[-2:]
-    x, h, c, dh, dc = mapped_first(
-      axis_size, in_batched[:3] + in_batched[-2:], (x, h, c, *cotangents)
+    weights, cotangents = rest[:-cotangent_count], rest[-cotangent_count:]
+    x, h, c, *cotangents = mapped_first(
+      axis_size, in_batched[:3] + in_batched[-cotangent_count:], (x, h, c, *cotangents)
     )
-    if any(in_batched[3:-2]):
-      weights = mapped_first(axis_size, in_batched[3:-2], weights)
-      out = jax.lax.map(lambda a: backward(*a), (x, h, c, *weights, dh, dc))
+    if any(in_batched[3:-cotangent_count]):
+      weights = mapped_first(axis_size, in_batched[3:-cotangent_count], weights)
+      out = jax.lax.map(lambda a: backward(*a), (x, h, c, *weights, *cotangents))
       return out, (True,) * len(out)
-    out = backward(x, h, c, *weights, dh, dc)
+    out = backward(x, h, c, *weights, *cotangents)
     return out, (True, True, True) + (False,) * len(weights)
 
   return backward
@@ -217,3 +232,26 @@ def _stack_vjp_backward(names, saved, cotangents):
 
 
 stack.defvjp(_stack_vjp_forward, _stack_vjp_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def stack_readout(names: tuple[str, ...], x: jax.Array, h: jax.Array, c: jax.Array, *weights):
+  """``stack`` and a linear read-out of the top layer in the same kernels: ``(h', c', u)``.
+
+  ``u = h'[..., -1, :] @ w_out + b_out`` (shaped ``h.shape[:-2]``), with ``w_out`` (hidden, 1)
+  and ``b_out`` (1,) the last two of ``weights``. The backward kernel recomputes the top h, so
+  XLA neither keeps a copy of it for the read-out's derivative nor adds the read-out's cotangent
+  into dh'.
+  """
+  return _stack_forward(names, True)(x, h, c, *weights)
+
+
+def _stack_readout_vjp_forward(names, x, h, c, *weights):
+  return stack_readout(names, x, h, c, *weights), (x, h, c, *weights)
+
+
+def _stack_readout_vjp_backward(names, saved, cotangents):
+  return _stack_backward(names, True)(*saved, *cotangents)
+
+
+stack_readout.defvjp(_stack_readout_vjp_forward, _stack_readout_vjp_backward)

@@ -11,8 +11,10 @@
 // from the gates' derivative (gates.h), da = dz W^T (split into the input's cotangent, which is
 // the layer below's dh', and dh), dW += a^T dz, db += sum dz. Weight cotangents are summed per
 // chunk of kChunkRows rows into the chunk's own slot, then the slots in chunk order, so the
-// result does not depend on which thread took which chunk. Built on first use by fused_gates.py
-// (flags in build.py).
+// result does not depend on which thread took which chunk. The Readout handlers add the
+// optimizer's read-out u = h'_top w_out + b_out per row, from the top layer's h' in the tile;
+// their backward pass also runs the top layer's gates in its recomputation, for h'_top, and adds
+// du w_out into the top layer's dh'. Built on first use by fused_gates.py (flags in build.py).
 
 #include <algorithm>
 #include <cstdint>
@@ -146,9 +148,11 @@ struct StackScratch {
 
 // The tile's forward pass, layer by layer; per layer a, z and the old cell stay in the scratch.
 // With h_out and c_out the new states are written out (the forward kernel); without, not (the
-// backward pass's recomputation, which keeps the activations of the layers below the top).
+// backward pass's recomputation, which keeps the activations of the layers below the top, and
+// with top_gates the top layer's too and its h' in s.h_new).
 void StackForwardTile(const Stack& st, const float* x, const float* h, const float* c,
-                      int64_t row, int count, float* h_out, float* c_out, StackScratch& s) {
+                      int64_t row, int count, float* h_out, float* c_out, bool top_gates,
+                      StackScratch& s) {
   const int hidden = st.hidden, state_row = st.layers * hidden;
   for (int i = 0; i < st.layers; ++i) {
     const Layer& l = st.l[i];
@@ -163,7 +167,8 @@ void StackForwardTile(const Stack& st, const float* x, const float* h, const flo
     }
     TileMatmul(kTileRows, l.n_pad / kLanes, a, l.fan_in_4, 1, l.fan_in, l.w->data, l.n_pad,
                l.b->data, false, s.z[i]->data, l.n_pad);
-    if (h_out == nullptr && i == st.layers - 1) break;  // the backward pass needs z only
+    // The backward pass needs the top layer's z only, unless a read-out needs its h.
+    if (h_out == nullptr && i == st.layers - 1 && !top_gates) break;
     ForwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.h_new->data, s.c_new->data, hidden, count,
                 s.tiles, h_out == nullptr ? s.act[i]->data : nullptr, s.tile);
     if (h_out != nullptr) {
@@ -183,13 +188,28 @@ struct StackIo {
   float *dx, *dh, *dc;                     // backward: cotangents of x and the old states
   float* slots;                            // backward: per chunk, per layer dW then db
   int64_t slot_size;
+  // With a read-out u = h'_top . w_out + b_out (nullptr without): u (rows) forward; du (rows)
+  // backward, whose dw_out and db_out follow the layers' in each slot.
+  const float* w_out = nullptr;
+  float b_out = 0.0f;
+  float* out = nullptr;
+  const float* d_out = nullptr;
 };
+
+// The read-out's slot part: dw_out padded to whole vectors, then db_out (a vector, lane 0).
+int64_t ReadoutSlot(int hidden) { return RoundUp(hidden, kLanes) + kLanes; }
 
 void StackForwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
                       StackScratch& s) {
   for (int64_t row = begin; row < end; row += kTileRows) {
     const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
-    StackForwardTile(st, io.x, io.h, io.c, row, count, io.h_out, io.c_out, s);
+    StackForwardTile(st, io.x, io.h, io.c, row, count, io.h_out, io.c_out, true, s);
+    if (io.out == nullptr) continue;
+    for (int m = 0; m < count; ++m) {  // s.h_new holds the top layer's h'
+      float u = io.b_out;
+      for (int j = 0; j < st.hidden; ++j) u += s.h_new->data[m * st.hidden + j] * io.w_out[j];
+      io.out[row + m] = u;
+    }
   }
 }
 
@@ -197,9 +217,10 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
                        StackScratch& s) {
   const int hidden = st.hidden, state_row = st.layers * hidden;
   float* slot = io.slots + (begin / kChunkRows) * io.slot_size;
+  const bool readout = io.d_out != nullptr;
   for (int64_t row = begin; row < end; row += kTileRows) {
     const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
-    StackForwardTile(st, io.x, io.h, io.c, row, count, nullptr, nullptr, s);
+    StackForwardTile(st, io.x, io.h, io.c, row, count, nullptr, nullptr, readout, s);
     for (int i = st.layers - 1; i >= 0; --i) {
       const Layer& l = st.l[i];
       const int in = l.fan_in - hidden;
@@ -212,15 +233,26 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
         for (int j = 0; j < count * hidden; j += kLanes) {
           Store(s.dh->data + j, Load(s.dh->data + j) + Load(s.carry->data + j));
         }
+      } else if (readout) {  // u = h' . w_out + b_out read the top layer's new h
+        float* readout_slot = slot + io.slot_size - ReadoutSlot(hidden);
+        for (int m = 0; m < count; ++m) {
+          const float du = io.d_out[row + m];
+          for (int j = 0; j < hidden; ++j) {
+            s.dh->data[m * hidden + j] += du * io.w_out[j];
+            readout_slot[j] += du * s.h_new->data[m * hidden + j];
+          }
+          readout_slot[RoundUp(hidden, kLanes)] += du;
+        }
       }
       float* dz = s.dz->data;
       if (count < kTileRows) {
         std::memset(dz + count * l.n_pad, 0, (kTileRows - count) * l.n_pad * sizeof(float));
       }
-      // Below the top, the recomputation kept the activations; the top layer's come from z.
+      // Below the top (and at the top with a read-out) the recomputation kept the activations;
+      // else the top layer's come from z.
       BackwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.dh->data, s.dc->data, dz, l.n_pad,
                    s.dc_old->data, hidden, count, s.tiles,
-                   i < st.layers - 1 ? s.act[i]->data : nullptr, s.tile);
+                   i < st.layers - 1 || readout ? s.act[i]->data : nullptr, s.tile);
       TileMatmul(kTileRows, l.fan_in_pad / kLanes, dz, l.n_pad, 1, l.n, l.wt->data, l.fan_in_pad,
                  nullptr, false, s.da->data, l.fan_in_pad);
       for (int m = 0; m < count; ++m) {
@@ -257,20 +289,44 @@ std::function<std::function<void(int64_t, int64_t)>()> WithStackScratch(
   };
 }
 
-ffi::Error StackForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
-                        ffi::Buffer<ffi::F32> c, ffi::RemainingArgs weights,
-                        ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
+// The read-out's w_out (hidden, 1) and b_out (1,) at args[at], args[at + 1], into io; or an
+// error naming the mismatch.
+ffi::Error PackReadout(const Stack& st, const ffi::RemainingArgs& args, size_t at, StackIo& io) {
+  auto w = args.get<ffi::Buffer<ffi::F32>>(at);
+  auto b = args.get<ffi::Buffer<ffi::F32>>(at + 1);
+  if (!w.has_value() || !b.has_value() || w->element_count() != static_cast<size_t>(st.hidden) ||
+      b->element_count() != 1) {
+    return ffi::Error::InvalidArgument("the read-out must be f32 w_out (hidden, 1), b_out (1,)");
+  }
+  io.w_out = w->typed_data();
+  io.b_out = b->typed_data()[0];
+  return ffi::Error::Success();
+}
+
+// Arguments x, h, c, w_0, b_0, ..., [w_out, b_out]; results h', c', [u].
+ffi::Error RunStackForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                           ffi::Buffer<ffi::F32> c, const ffi::RemainingArgs& rest, float* h_out,
+                           float* c_out, float* out, size_t out_count) {
   Stack st;
-  if (ffi::Error e = PackStack(x, h, c, weights, st); !e.success()) return e;
-  if (weights.size() != static_cast<size_t>(2 * st.layers)) {
-    return ffi::Error::InvalidArgument("expected a w and a b per layer, nothing else");
+  if (ffi::Error e = PackStack(x, h, c, rest, st); !e.success()) return e;
+  const bool readout = out != nullptr;
+  if (rest.size() != static_cast<size_t>(2 * st.layers + (readout ? 2 : 0))) {
+    return ffi::Error::InvalidArgument(readout ? "expected a w and a b per layer, w_out, b_out"
+                                               : "expected a w and a b per layer, nothing else");
   }
   StackIo io{};
+  if (readout) {
+    if (ffi::Error e = PackReadout(st, rest, 2 * st.layers, io); !e.success()) return e;
+    if (out_count != static_cast<size_t>(st.rows)) {
+      return ffi::Error::InvalidArgument("the read-out's result must have h's rows");
+    }
+    io.out = out;
+  }
   io.x = x.typed_data();
   io.h = h.typed_data();
   io.c = c.typed_data();
-  io.h_out = h_out->typed_data();
-  io.c_out = c_out->typed_data();
+  io.h_out = h_out;
+  io.c_out = c_out;
   learned_opt_simd::ParallelRows(
       pool, 0, false, st.rows, kChunkRows,
       WithStackScratch(st, [&st, &io](int64_t begin, int64_t end, StackScratch& s) {
@@ -279,29 +335,57 @@ ffi::Error StackForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-// Arguments x, h, c, w_0, b_0, ..., dh', dc'; results dx, dh, dc, dw_0, db_0, ...
-ffi::Error StackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
-                         ffi::Buffer<ffi::F32> c, ffi::RemainingArgs rest,
-                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh,
-                         ffi::ResultBuffer<ffi::F32> dc, ffi::RemainingRets weight_grads) {
+ffi::Error StackForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                        ffi::Buffer<ffi::F32> c, ffi::RemainingArgs weights,
+                        ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
+  return RunStackForward(pool, x, h, c, weights, h_out->typed_data(), c_out->typed_data(),
+                         nullptr, 0);
+}
+
+ffi::Error StackReadoutForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> c,
+                               ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> h_out,
+                               ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::F32> out) {
+  return RunStackForward(pool, x, h, c, weights, h_out->typed_data(), c_out->typed_data(),
+                         out->typed_data(), out->element_count());
+}
+
+// Arguments x, h, c, w_0, b_0, ..., [w_out, b_out], dh', dc', [du]; results dx, dh, dc, dw_0,
+// db_0, ..., [dw_out, db_out].
+ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                            ffi::Buffer<ffi::F32> c, const ffi::RemainingArgs& rest,
+                            ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh,
+                            ffi::ResultBuffer<ffi::F32> dc, ffi::RemainingRets weight_grads,
+                            bool readout) {
   Stack st;
   if (ffi::Error e = PackStack(x, h, c, rest, st); !e.success()) return e;
-  if (rest.size() != static_cast<size_t>(2 * st.layers + 2) ||
-      weight_grads.size() != static_cast<size_t>(2 * st.layers)) {
-    return ffi::Error::InvalidArgument("expected w, b per layer, then dh', dc'; dw, db per layer");
+  const size_t weights = 2 * st.layers + (readout ? 2 : 0);
+  if (rest.size() != weights + (readout ? 3 : 2) || weight_grads.size() != weights) {
+    return ffi::Error::InvalidArgument(
+        "expected w, b per layer, [w_out, b_out], then dh', dc', [du]; dw, db per layer, "
+        "[dw_out, db_out]");
   }
-  auto dh_new = rest.get<ffi::Buffer<ffi::F32>>(2 * st.layers);
-  auto dc_new = rest.get<ffi::Buffer<ffi::F32>>(2 * st.layers + 1);
+  auto dh_new = rest.get<ffi::Buffer<ffi::F32>>(weights);
+  auto dc_new = rest.get<ffi::Buffer<ffi::F32>>(weights + 1);
   if (!dh_new.has_value() || !dc_new.has_value() ||
       dh_new->element_count() != h.element_count() ||
       dc_new->element_count() != h.element_count()) {
     return ffi::Error::InvalidArgument("dh' and dc' must be f32, shaped like h");
   }
+  StackIo io{};
   int64_t slot_size = 0;
   for (const Layer& l : st.l) slot_size += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  if (readout) {
+    if (ffi::Error e = PackReadout(st, rest, 2 * st.layers, io); !e.success()) return e;
+    auto d_out = rest.get<ffi::Buffer<ffi::F32>>(weights + 2);
+    if (!d_out.has_value() || d_out->element_count() != static_cast<size_t>(st.rows)) {
+      return ffi::Error::InvalidArgument("du must be f32 with h's rows");
+    }
+    io.d_out = d_out->typed_data();
+    slot_size += ReadoutSlot(st.hidden);
+  }
   const int64_t chunks = (st.rows + kChunkRows - 1) / kChunkRows;
   AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * slot_size);
-  StackIo io{};
   io.x = x.typed_data();
   io.h = h.typed_data();
   io.c = c.typed_data();
@@ -340,7 +424,39 @@ ffi::Error StackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     }
     offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
   }
+  if (readout) {  // the same for dw_out and db_out, the slot's last part
+    auto dw = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * st.layers);
+    auto db = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * st.layers + 1);
+    if (!dw.has_value() || !db.has_value() ||
+        (*dw)->element_count() != static_cast<size_t>(st.hidden) || (*db)->element_count() != 1) {
+      return ffi::Error::InvalidArgument("dw_out and db_out must be f32, shaped like w_out, b_out");
+    }
+    float *dwp = (*dw)->typed_data(), *dbp = (*db)->typed_data();
+    std::memset(dwp, 0, st.hidden * sizeof(float));
+    dbp[0] = 0.0f;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* slot = slots.data + chunk * slot_size + offset;
+      for (int j = 0; j < st.hidden; ++j) dwp[j] += slot[j];
+      dbp[0] += slot[RoundUp(st.hidden, kLanes)];
+    }
+  }
   return ffi::Error::Success();
+}
+
+// Arguments x, h, c, w_0, b_0, ..., dh', dc'; results dx, dh, dc, dw_0, db_0, ...
+ffi::Error StackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
+                         ffi::Buffer<ffi::F32> c, ffi::RemainingArgs rest,
+                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh,
+                         ffi::ResultBuffer<ffi::F32> dc, ffi::RemainingRets weight_grads) {
+  return RunStackBackward(pool, x, h, c, rest, dx, dh, dc, weight_grads, false);
+}
+
+ffi::Error StackReadoutBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> c,
+                                ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> dx,
+                                ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dc,
+                                ffi::RemainingRets weight_grads) {
+  return RunStackBackward(pool, x, h, c, rest, dx, dh, dc, weight_grads, true);
 }
 
 }  // namespace
@@ -366,3 +482,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackBackward, StackBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dh
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dc
                                   .RemainingRets());              // dw_0, db_0, ...
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackReadoutForward, StackReadoutForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h (..., layers, hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., layers, hidden)
+                                  .RemainingArgs()                // w_0, b_0, ..., w_out, b_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h'
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // c'
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // u (...)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackReadoutBackward, StackReadoutBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h (..., layers, hidden)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (..., layers, hidden)
+                                  .RemainingArgs()  // w_0, b_0, ..., w_out, b_out, dh', dc', du
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dh
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc
+                                  .RemainingRets());  // dw_0, db_0, ..., dw_out, db_out
