@@ -401,9 +401,9 @@ def lstm_optimizer(
     kernels = _stack_kernels(global_cells, meta_params, states)
     if kernels is not None:  # one kernel per leaf, the read-out in it
       xs = [preprocess_fn(jnp.asarray(g, jnp.float32)) for g in leaves]
-      updates, new_states = _fused_update(kernels, meta_params, xs, states)
+      outputs, new_states = _fused_update(kernels, meta_params, xs, states)
       updates = [
-        (output_scale * u).astype(jnp.result_type(g)) for u, g in zip(updates, leaves, strict=True)
+        (output_scale * u).astype(jnp.result_type(g)) for u, g in zip(outputs, leaves, strict=True)
       ]
       return treedef.unflatten(updates), treedef.unflatten(new_states)
     # Preprocessing is element-wise, so it runs once on all coordinates: (R,) -> (R, features).

@@ -130,6 +130,28 @@ def _stack_inputs(key, shape, features, hidden, layers):
   return (x, h, c, *weights), (dh, dc)
 
 
+def _xla_stack_readout(monkeypatch, x, h, c, *weights):
+  """``_xla_stack`` and the read-out of its top layer: the new (h, c) and u."""
+  hidden, cell = _xla_stack(monkeypatch, x, h, c, *weights[:-2])
+  return hidden, cell, (hidden[..., -1, :] @ weights[-2] + weights[-1])[..., 0]
+
+
+def _case(monkeypatch, names, readout, key, shape, features, hidden, layers):
+  """The kernel, XLA's reference, inputs and cotangents: the stack alone, or with the read-out
+  (``w_out`` (hidden, 1) and ``b_out`` (1,) after the weights, u's cotangent last)."""
+  inputs, cotangents = _stack_inputs(key, shape, features, hidden, layers)
+  if not readout:
+    kernel = lambda *a: fused_gates.stack(names, *a)
+    return kernel, lambda *a: _xla_stack(monkeypatch, *a), inputs, cotangents
+  k = jax.random.split(jax.random.fold_in(key, 1), 3)
+  w_out = jax.random.normal(k[0], (hidden, 1)) / np.sqrt(hidden)
+  b_out = jax.random.normal(k[1], (1,))
+  kernel = lambda *a: fused_gates.stack_readout(names, *a)
+  reference = lambda *a: _xla_stack_readout(monkeypatch, *a)
+  return kernel, reference, (*inputs, w_out, b_out), (*cotangents, jax.random.normal(k[2], shape))
+
+
+@pytest.mark.parametrize("readout", [False, True])
 @pytest.mark.parametrize(
   "shape, features, hidden, layers",
   # The paper's optimizer (log-sign features); one row; a partial 16-row tile; hidden not a
@@ -138,12 +160,15 @@ def _stack_inputs(key, shape, features, hidden, layers):
   [((37,), 2, 20, 2), ((1,), 1, 20, 2), ((3, 5), 2, 7, 3), ((1031,), 1, 20, 2), ((0,), 2, 20, 2)],
 )
 def test_stack_forward_and_backward_agree_with_xla(
-  monkeypatch, names, shape, features, hidden, layers
+  monkeypatch, names, readout, shape, features, hidden, layers
 ):
-  inputs, cotangents = _stack_inputs(jax.random.key(hidden), shape, features, hidden, layers)
-  fused = jax.jit(lambda *a: fused_gates.stack(names, *a))
+  """The stack alone, and with the optimizer's read-out in it (``stack_readout``)."""
+  kernel, reference, inputs, cotangents = _case(
+    monkeypatch, names, readout, jax.random.key(hidden), shape, features, hidden, layers
+  )
+  fused = jax.jit(kernel)
   got, pullback = jax.vjp(fused, *inputs)
-  expected, expected_pullback = jax.vjp(lambda *a: _xla_stack(monkeypatch, *a), *inputs)
+  expected, expected_pullback = jax.vjp(reference, *inputs)
   got_all = got + pullback(cotangents)
   for a, b in zip(got_all, expected + expected_pullback(cotangents), strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype
@@ -153,79 +178,25 @@ def test_stack_forward_and_backward_agree_with_xla(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
 
 
+@pytest.mark.parametrize("readout", [False, True])
 @pytest.mark.parametrize("weights_mapped", [False, True])
-def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, weights_mapped):
+def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, readout, weights_mapped):
   """Shared weights: one call over every problem's rows, dW summed over all of them; weights
-  mapped too (one optimizer per problem): one call per problem. Both as XLA computes them."""
-  (x, h, c, *weights), _ = _stack_inputs(jax.random.key(5), (3, 50), 2, 20, 2)
+  mapped too (one optimizer per problem): one call per problem. Both as XLA computes them,
+  with and without the read-out."""
+  kernel, reference, (x, h, c, *weights), _ = _case(
+    monkeypatch, names, readout, jax.random.key(5), (3, 50), 2, 20, 2
+  )
   if weights_mapped:
     weights = [jnp.stack([a, -a, 0.5 * a]) for a in weights]
   axes = (0, 0, 0) + (0 if weights_mapped else None,) * len(weights)
 
   def loss(step, weights, x, h, c):
-    h_new, c_new = jax.vmap(step, axes)(x, h, c, *weights)
-    return jnp.sum(jnp.sin(h_new) * c_new)
+    h_new, c_new, *u = jax.vmap(step, axes)(x, h, c, *weights)
+    return jnp.sum(jnp.sin(h_new) * c_new) + sum(jnp.sum(jnp.cos(v)) for v in u)
 
-  fused = lambda *a: fused_gates.stack(names, *a)
-  xla = lambda *a: _xla_stack(monkeypatch, *a)
-  got = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2, 3)))(weights, x, h, c)
-  expected = jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2, 3))(weights, x, h, c)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-    assert a.shape == b.shape
-    _assert_sums_close(a, b)
-
-
-def _xla_stack_readout(monkeypatch, x, h, c, *weights):
-  """``_xla_stack`` and the read-out of its top layer: the new (h, c) and u."""
-  hidden, cell = _xla_stack(monkeypatch, x, h, c, *weights[:-2])
-  return hidden, cell, (hidden[..., -1, :] @ weights[-2] + weights[-1])[..., 0]
-
-
-def _readout_inputs(key, shape, features, hidden, layers):
-  """``_stack_inputs`` with w_out (hidden, 1) and b_out (1,) after the weights, and du."""
-  inputs, (dh, dc) = _stack_inputs(key, shape, features, hidden, layers)
-  k = jax.random.split(jax.random.fold_in(key, 1), 3)
-  w_out = jax.random.normal(k[0], (hidden, 1)) / np.sqrt(hidden)
-  b_out = jax.random.normal(k[1], (1,))
-  return (*inputs, w_out, b_out), (dh, dc, jax.random.normal(k[2], shape))
-
-
-@pytest.mark.parametrize(
-  "shape, features, hidden, layers",
-  # As for the stack alone: the paper's optimizer, a partial tile, three layers of an odd
-  # hidden size with leading axes, nine chunks, no rows.
-  [((37,), 2, 20, 2), ((3, 5), 2, 7, 3), ((1031,), 1, 20, 2), ((0,), 2, 20, 2)],
-)
-def test_stack_with_readout_agrees_with_xla(monkeypatch, names, shape, features, hidden, layers):
-  inputs, cotangents = _readout_inputs(jax.random.key(hidden), shape, features, hidden, layers)
-  fused = jax.jit(lambda *a: fused_gates.stack_readout(names, *a))
-  got, pullback = jax.vjp(fused, *inputs)
-  expected, expected_pullback = jax.vjp(lambda *a: _xla_stack_readout(monkeypatch, *a), *inputs)
-  got_all = got + pullback(cotangents)
-  for a, b in zip(got_all, expected + expected_pullback(cotangents), strict=True):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    _assert_sums_close(a, b)
-  again = jax.vjp(fused, *inputs)
-  for a, b in zip(got_all, again[0] + again[1](cotangents), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
-
-
-@pytest.mark.parametrize("weights_mapped", [False, True])
-def test_stack_with_readout_under_vmap(monkeypatch, names, weights_mapped):
-  """As ``test_stack_under_vmap_sums_the_weight_cotangents``, with the read-out's weights."""
-  (x, h, c, *weights), _ = _readout_inputs(jax.random.key(6), (3, 50), 2, 20, 2)
-  if weights_mapped:
-    weights = [jnp.stack([a, -a, 0.5 * a]) for a in weights]
-  axes = (0, 0, 0) + (0 if weights_mapped else None,) * len(weights)
-
-  def loss(step, weights, x, h, c):
-    h_new, c_new, u = jax.vmap(step, axes)(x, h, c, *weights)
-    return jnp.sum(jnp.sin(h_new) * c_new) + jnp.sum(jnp.cos(u))
-
-  fused = lambda *a: fused_gates.stack_readout(names, *a)
-  xla = lambda *a: _xla_stack_readout(monkeypatch, *a)
-  got = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2, 3)))(weights, x, h, c)
-  expected = jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2, 3))(weights, x, h, c)
+  got = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2, 3)))(weights, x, h, c)
+  expected = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2, 3))(weights, x, h, c)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
     assert a.shape == b.shape
     _assert_sums_close(a, b)
