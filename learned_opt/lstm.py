@@ -279,10 +279,15 @@ def _stack_kernels(global_cells, *trees) -> tuple[str, ...] | None:
   return fused_gates.available(jnp.result_type(*jax.tree.leaves(trees)))
 
 
+def _layer_weights(layers) -> list[jax.Array]:
+  """The stack kernels' weight arguments: ``w_0, b_0, w_1, b_1, ...``."""
+  return [a for layer in layers for a in (layer["w"], layer["b"])]
+
+
 def _fused_stack(kernels, layers, xs, states):
   """``stacked_lstm`` without GAC by the stack kernel: each leaf's whole step in one call, on
   its state as stored (no rows concatenated). Returns ``(tops, states)`` per leaf."""
-  weights = [a for layer in layers for a in (layer["w"], layer["b"])]
+  weights = _layer_weights(layers)
   tops, new_states = [], []
   for x, s in zip(xs, states, strict=True):
     hidden, cell = fused_gates.stack(kernels, x, s.hidden, s.cell, *weights)
@@ -295,7 +300,7 @@ def _fused_update(kernels, meta_params, xs, states):
   """The step and the read-out by the stack kernel, per leaf: ``(outputs, states)``, each
   output shaped like its leaf (the one read-out output)."""
   layers, out = meta_params["layers"], meta_params["out"]
-  weights = [a for layer in layers for a in (layer["w"], layer["b"])] + [out["w"], out["b"]]
+  weights = _layer_weights(layers) + [out["w"], out["b"]]
   outputs, new_states = [], []
   for x, s in zip(xs, states, strict=True):
     hidden, cell, u = fused_gates.stack_readout(kernels, x, s.hidden, s.cell, *weights)

@@ -9,7 +9,10 @@ import pytest
 from train import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
+linux_only = pytest.mark.skipif(
+  not sys.platform.startswith("linux"),
+  reason="the rerun is Linux's (LD_PRELOAD, /proc/self/maps); elsewhere it never happens",
+)
 
 
 @linux_only

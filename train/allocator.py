@@ -23,6 +23,11 @@ _NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
 
 
+def _preloaded(value: str) -> list[str]:
+  """The libraries an ``LD_PRELOAD`` value names (spaces or colons between them)."""
+  return value.replace(":", " ").split()
+
+
 def find_tcmalloc(dirs=_DIRS) -> str | None:
   """The path of an installed tcmalloc, or None."""
   for directory in dirs:
@@ -58,7 +63,7 @@ def preload_env(environ: Mapping[str, str], find=find_tcmalloc) -> dict[str, str
       f"{ENV}={choice!r} is not a file; give a malloc library's path, 'tcmalloc' or 'system'."
     )
   preloaded = environ.get("LD_PRELOAD", "")
-  if library in preloaded.replace(":", " ").split():
+  if library in _preloaded(preloaded):
     return None
   return {**environ, "LD_PRELOAD": f"{library} {preloaded}".strip()}
 
@@ -88,7 +93,7 @@ def active() -> str:
       mapped = {line.split()[-1] for line in f if len(line.split()) >= 6}
   except OSError:
     return "system"
-  for library in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+  for library in _preloaded(os.environ.get("LD_PRELOAD", "")):
     if os.path.realpath(library) in mapped:
       return library
   return "system"

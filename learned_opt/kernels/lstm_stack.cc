@@ -289,6 +289,19 @@ std::function<std::function<void(int64_t, int64_t)>()> WithStackScratch(
   };
 }
 
+// out (rows, cols) = the sum over the chunks' slots, in chunk order, of the (rows, cols) block at
+// offset in each (its rows stride floats apart): deterministic whatever thread took a chunk.
+void SumChunks(const float* slots, int64_t chunks, int64_t slot_size, int64_t offset, int rows,
+               int cols, int stride, float* out) {
+  std::memset(out, 0, static_cast<size_t>(rows) * cols * sizeof(float));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* block = slots + chunk * slot_size + offset;
+    for (int k = 0; k < rows; ++k) {
+      for (int j = 0; j < cols; ++j) out[k * cols + j] += block[k * stride + j];
+    }
+  }
+}
+
 // The read-out's w_out (hidden, 1) and b_out (1,) at args[at], args[at + 1], into io; or an
 // error naming the mismatch.
 ffi::Error PackReadout(const Stack& st, const ffi::RemainingArgs& args, size_t at, StackIo& io) {
@@ -412,16 +425,9 @@ ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
         (*db)->element_count() != static_cast<size_t>(l.n)) {
       return ffi::Error::InvalidArgument("dw and db must be f32, shaped like w and b");
     }
-    float *dwp = (*dw)->typed_data(), *dbp = (*db)->typed_data();
-    std::memset(dwp, 0, static_cast<size_t>(l.fan_in) * l.n * sizeof(float));
-    std::memset(dbp, 0, l.n * sizeof(float));
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const float* slot = slots.data + chunk * slot_size + offset;
-      for (int k = 0; k < l.fan_in; ++k) {
-        for (int j = 0; j < l.n; ++j) dwp[k * l.n + j] += slot[k * l.n_pad + j];
-      }
-      for (int j = 0; j < l.n; ++j) dbp[j] += slot[l.fan_in_4 * l.n_pad + j];
-    }
+    SumChunks(slots.data, chunks, slot_size, offset, l.fan_in, l.n, l.n_pad, (*dw)->typed_data());
+    SumChunks(slots.data, chunks, slot_size, offset + l.fan_in_4 * l.n_pad, 1, l.n, l.n_pad,
+              (*db)->typed_data());
     offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
   }
   if (readout) {  // the same for dw_out and db_out, the slot's last part
@@ -431,14 +437,9 @@ ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
         (*dw)->element_count() != static_cast<size_t>(st.hidden) || (*db)->element_count() != 1) {
       return ffi::Error::InvalidArgument("dw_out and db_out must be f32, shaped like w_out, b_out");
     }
-    float *dwp = (*dw)->typed_data(), *dbp = (*db)->typed_data();
-    std::memset(dwp, 0, st.hidden * sizeof(float));
-    dbp[0] = 0.0f;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const float* slot = slots.data + chunk * slot_size + offset;
-      for (int j = 0; j < st.hidden; ++j) dwp[j] += slot[j];
-      dbp[0] += slot[RoundUp(st.hidden, kLanes)];
-    }
+    SumChunks(slots.data, chunks, slot_size, offset, 1, st.hidden, 0, (*dw)->typed_data());
+    SumChunks(slots.data, chunks, slot_size, offset + RoundUp(st.hidden, kLanes), 1, 1, 0,
+              (*db)->typed_data());
   }
   return ffi::Error::Success();
 }
