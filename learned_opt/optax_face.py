@@ -105,8 +105,10 @@ def as_optax(
       a ``LearnedOptimizer`` whose weights come as ``meta_params``.
     meta_params: phi, only with a bare ``LearnedOptimizer``, e.g.
       ``optimizer.init_meta_params(key)``.
-    nan_policy: ``"propagate"`` (the default, like optax's own optimizers: a NaN gradient gives
-      a NaN update, so the failure is visible) or ``"zero"`` (non-finite gradient entries are
+    nan_policy: ``"propagate"`` (the default, like optax's own optimizers: a NaN or infinite
+      gradient entry gives a NaN update, so the failure is visible; an infinite entry is made
+      NaN first, since the LSTM's bounded read-out would otherwise turn it into a small finite
+      step, in the wrong direction for -inf) or ``"zero"`` (non-finite gradient entries are
       replaced by 0 before the optimizer sees them, so one bad coordinate does not spread
       through global averaging cells or shared memory).
     kernel: ``"auto"`` (the default: a fused CPU kernel, compiled on first use, where it
@@ -148,8 +150,8 @@ def as_optax(
         "transformation's init(params)."
       )
     _check_fits(optimizer, meta_params, updates, state.inner)
-    if nan_policy == "zero":
-      updates = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0), updates)
+    replacement = 0 if nan_policy == "zero" else jnp.nan
+    updates = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, replacement), updates)
     steps, inner = learned_update(meta_params, updates, state.inner)
     return steps, LearnedOptaxState(inner)
 
