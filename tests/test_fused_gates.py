@@ -247,11 +247,17 @@ def test_auto_leaves_the_gates_to_xla_with_several_devices(monkeypatch, names):
   assert fused_gates.available(jnp.float32) == names
 
 
-def test_without_a_compiler_xla_computes_the_gates_with_one_warning(monkeypatch):
+def test_without_a_compiler_auto_has_xla_compute_the_gates_with_one_warning(monkeypatch):
+  """Fused insists: it raises; auto warns once and falls back."""
   monkeypatch.setenv("CXX", "/nonexistent/c++")
   monkeypatch.setattr(build, "_WARNED", set())
   z = jnp.ones((3, 8))
   c = jnp.ones((3, 2))
+  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
+  with pytest.raises(build.KernelUnavailable, match=r"fused insists.*\$CXX='/nonexistent/c\+\+'"):
+    lstm._gates(z, c)
+  monkeypatch.setattr(jax, "device_count", lambda *args: 1)  # where auto uses the kernels
+  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
   with pytest.warns(RuntimeWarning, match=r"gate kernels are unavailable: the C\+\+ compiler"):
     got = lstm._gates(z, c)
   with warnings.catch_warnings():

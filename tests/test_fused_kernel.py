@@ -177,12 +177,14 @@ def test_kernel_xla_never_builds(monkeypatch):
 def test_without_a_compiler_auto_warns_once_and_equals_xla(monkeypatch):
   monkeypatch.setenv("CXX", "/nonexistent/c++")
   monkeypatch.setattr(build, "_WARNED", set())
+  monkeypatch.setattr(jax, "device_count", lambda *args: 1)  # where auto uses the kernel
+  monkeypatch.setenv("LEARNED_OPT_GATES", "xla")  # fused gates would raise without a compiler
   opt = learned_opt.lstm_optimizer()
   phi = _phi(opt)
   params = {"w": jnp.zeros((40,))}
   grads = {"w": jax.random.normal(jax.random.key(1), (40,))}
   fallback = learned_opt.as_optax(opt, phi, kernel="auto")
-  with pytest.warns(RuntimeWarning, match=r"\$CXX='/nonexistent/c\+\+' does not exist"):
+  with pytest.warns(RuntimeWarning, match=r"LSTM kernel is unavailable: .*\$CXX='/nonexistent/c"):
     got, _ = jax.jit(fallback.update)(grads, fallback.init(params))
   xla = learned_opt.as_optax(opt, phi, kernel="xla")
   expected, _ = jax.jit(xla.update)(grads, xla.init(params))
@@ -262,7 +264,8 @@ def test_build_is_cached_atomic_and_survives_an_unwritable_cache(tmp_path, monke
   assert path == str(tmp_path / "cache" / "lstm_step-test.so") and len(compiled) == 1
   again = build.library(fused_lstm.SOURCE, cxx, str(tmp_path / "cache"))
   assert again == path and len(compiled) == 1  # reused
-  assert os.listdir(tmp_path / "cache") == ["lstm_step-test.so"]  # no partial file left
+  # No partial file left; the library's SHA-256 beside it.
+  assert sorted(os.listdir(tmp_path / "cache")) == ["lstm_step-test.so", "lstm_step-test.so.sha256"]
   (tmp_path / "file").write_text("not a directory")
   elsewhere = build.library(fused_lstm.SOURCE, cxx, str(tmp_path / "file" / "cache"))
   assert os.path.isfile(elsewhere) and not elsewhere.startswith(str(tmp_path))

@@ -7,9 +7,15 @@ version and the CPU's feature flags (the build targets this CPU), so a cached bu
 only where it fits. Nothing is built at install time. ``register(path, symbol)`` loads a built
 library and registers one of its handlers as a CPU FFI target; ``targets(source, symbols)`` does
 both once per process.
+
+Loading a library runs its code, so the cache trusts only what no other user could have written
+(``learned_opt.kernels.cache_trust``): a library that is missing, truncated or does not match the
+SHA-256 recorded beside it is rebuilt; one whose owner or permissions are wrong, or a cache
+directory that is not private, is refused (``KernelUnavailable``, saying how to fix it).
 """
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -22,8 +28,20 @@ import warnings
 import jax
 import jaxlib.version
 
-CACHE_ENV_VAR = "LEARNED_OPT_CACHE"
+from learned_opt.kernels.cache_trust import (
+  CACHE_ENV_VAR,
+  READ_FLAGS,
+  SIDECAR_SUFFIX,
+  UntrustedCache,
+  checked,
+  digest,
+  private_directory,
+  verified,
+)
+
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "learned_opt")
+LIBRARY_MODE = 0o755
+SIDECAR_MODE = 0o644
 BUILD_FLAGS = (
   # Full optimization: register-tiled loops must be unrolled and kept in registers.
   "-O3",
@@ -43,7 +61,7 @@ BUILD_FLAGS = (
 BUILD_TIMEOUT_S = 600
 
 _REGISTERED: set[str] = set()
-_LIBRARIES: list[ctypes.CDLL] = []  # loaded libraries stay referenced for the process's life
+_LIBRARIES: dict[str, ctypes.CDLL] = {}  # SHA-256 -> loaded library, kept for the process's life
 _LOCK = threading.Lock()
 _TARGETS: dict[tuple, tuple[str, ...]] = {}  # (source, symbols, compiler, cache) -> targets
 _FAILURES: dict[tuple, str] = {}  # the same key -> why the kernel is unavailable
@@ -52,6 +70,19 @@ _WARNED: set[str] = set()
 
 class KernelUnavailable(RuntimeError):
   """A kernel cannot be built or loaded here; the message says why."""
+
+
+def _unavailable_if_untrusted(fn):
+  """``fn`` raising ``KernelUnavailable`` where the cache is not trusted (``UntrustedCache``)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except UntrustedCache as e:
+      raise KernelUnavailable(str(e)) from e
+
+  return wrapped
 
 
 def compiler() -> str | None:
@@ -117,12 +148,119 @@ def compile_library(cxx: str, source: str, output: str) -> None:
     )
 
 
+# --- Building --------------------------------------------------------------------------------
+
+
+def fsync_directory(directory: str) -> None:
+  """Makes renames in ``directory`` durable, where the system allows (best effort)."""
+  try:
+    handle = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(handle)
+  except OSError:
+    pass
+  finally:
+    os.close(handle)
+
+
+def synced(path: str, mode: int) -> bytes:
+  """The bytes of the file ``path`` we just wrote, flushed to disk, its mode set to ``mode``."""
+  handle = os.open(path, READ_FLAGS)
+  with os.fdopen(handle, "rb") as f:
+    os.fsync(f.fileno())
+    os.fchmod(f.fileno(), mode)
+    return f.read()
+
+
+def write_sidecar(directory: str, name: str, content: bytes) -> str:
+  """Writes ``content``'s SHA-256 to a new file beside ``name``, synced; its temporary path."""
+  handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{name}{SIDECAR_SUFFIX}.")
+  with os.fdopen(handle, "w") as f:
+    f.write(f"{digest(content)}  {name}\n")  # `sha256sum -c NAME.so.sha256` checks it
+    f.flush()
+    os.fsync(f.fileno())
+    os.fchmod(f.fileno(), SIDECAR_MODE)
+  return partial
+
+
+def install(directory: str, name: str, partial: str) -> bytes:
+  """Moves the built library ``partial`` to ``directory/name`` with its sidecar; its bytes.
+
+  Both are synced before they are renamed. The sidecar goes first and the library last: a
+  process killed between the two leaves a missing or a stale library, whose bytes do not match
+  the new sidecar, so the next process rebuilds it; a library is only ever loaded beside a
+  sidecar recording its own hash.
+  """
+  content = synced(partial, LIBRARY_MODE)
+  if not content:
+    raise KernelUnavailable(f"the compiler wrote an empty library for {name}")
+  path = os.path.join(directory, name)
+  sidecar = write_sidecar(directory, name, content)
+  try:
+    os.replace(sidecar, path + SIDECAR_SUFFIX)
+  finally:
+    if os.path.exists(sidecar):
+      os.remove(sidecar)
+  os.replace(partial, path)
+  fsync_directory(directory)
+  return content
+
+
+def build(cxx: str, source: str, directory: str, name: str) -> tuple[str, bytes]:
+  """Compiles ``source`` into ``directory/name``; its path and bytes.
+
+  A directory that cannot be written: built in a fresh temporary one (this process only).
+  """
+  try:
+    handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".partial")
+  except OSError:
+    directory = os.path.realpath(tempfile.mkdtemp(prefix="learned_opt_kernels_"))
+    handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".partial")
+  os.close(handle)
+  try:
+    compile_library(cxx, source, partial)
+    return os.path.join(directory, name), install(directory, name, partial)
+  except OSError as e:  # a full disk, say: as unavailable as a failed build
+    raise KernelUnavailable(f"installing the built kernel in {directory} failed ({e})") from e
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
+@_unavailable_if_untrusted
+def built(source: str, cxx: str | None = None, directory: str | None = None) -> tuple[str, bytes]:
+  """``source`` compiled: the library's path and its verified bytes, built unless cached.
+
+  Raises:
+    KernelUnavailable: no compiler, a failed build, a cache directory another user could write
+      into, or a cached library or sidecar that is not trusted.
+  """
+  cxx = cxx or compiler()
+  if cxx is None:
+    wanted = os.environ.get("CXX")
+    raise KernelUnavailable(
+      f"the C++ compiler $CXX={wanted!r} does not exist; set $CXX to an installed one"
+      if wanted
+      else "no C++ compiler (c++ or g++) is installed; install g++ or set $CXX to one"
+    )
+  name = library_name(cxx, source)
+  directory = private_directory(directory or cache_dir())
+  path = os.path.join(directory, name)
+  content = verified(path)
+  if content is not None:
+    return path, content
+  return build(cxx, source, directory, name)
+
+
 def library(source: str, cxx: str | None = None, directory: str | None = None) -> str:
   """The path of ``source`` compiled, compiling it unless the cache already holds it.
 
-  The library is written to a temporary file and renamed into place, so concurrent processes
-  never load a half-written one. A cache directory that cannot be written: built in a temporary
-  directory instead (for this process only).
+  The library is written to a temporary file, synced and renamed into place after its sidecar
+  (``install``), so no process loads a half-written one. A cache directory that cannot be
+  written: built in a temporary directory instead (for this process only). What the cache
+  trusts: the module's docstring.
 
   Args:
     source: the C++ file.
@@ -130,54 +268,89 @@ def library(source: str, cxx: str | None = None, directory: str | None = None) -
     directory: the cache; default ``cache_dir()``.
 
   Raises:
-    KernelUnavailable: no compiler, or the build failed.
+    KernelUnavailable: as ``built``.
   """
-  cxx = cxx or compiler()
-  if cxx is None:
-    wanted = os.environ.get("CXX")
-    raise KernelUnavailable(
-      f"the C++ compiler $CXX={wanted!r} does not exist"
-      if wanted
-      else "no C++ compiler (c++ or g++) is installed"
-    )
-  directory = directory or cache_dir()
-  name = library_name(cxx, source)
-  path = os.path.join(directory, name)
-  if os.path.isfile(path):
-    return path
-  try:
-    os.makedirs(directory, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=directory, prefix=name, suffix=".partial")
-    os.close(handle)
-  except OSError:
-    directory = tempfile.mkdtemp(prefix="learned_opt_kernels_")
-    path = os.path.join(directory, name)
-    partial = path + ".partial"
-  try:
-    compile_library(cxx, source, partial)
-    os.replace(partial, path)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
-  return path
+  return built(source, cxx, directory)[0]
 
 
-def register(path: str, symbol: str) -> str:
-  """Loads the library at ``path``, registers its handler ``symbol`` on CPU; the target's name.
+# --- Loading ---------------------------------------------------------------------------------
+
+
+def scratch(directory: str) -> str:
+  """A fresh private (0o700) directory to load a copy from: in ``directory`` (the cache, whose
+  disk already runs kernels, where ``/tmp`` may be mounted noexec), else the system's.
 
   Raises:
-    KernelUnavailable: the library does not load or has no ``symbol``.
+    UntrustedCache: it is not private (``checked``).
+  """
+  try:
+    made = tempfile.mkdtemp(prefix=".load-", dir=directory)
+  except OSError:
+    made = tempfile.mkdtemp(prefix="learned_opt_load_")
+  try:
+    return checked(made)
+  except UntrustedCache:
+    shutil.rmtree(made, ignore_errors=True)
+    raise
+
+
+@_unavailable_if_untrusted
+def load(path: str, content: bytes | None = None) -> ctypes.CDLL:
+  """The library at ``path`` loaded, once per process; ``content`` its verified bytes if known.
+
+  dlopen runs the bytes that were hashed, not whatever ``path`` holds by then: they are written
+  to a new file in a fresh private directory (``scratch``) that only this process writes,
+  loaded from there, and the copy removed. Simpler than loading ``/proc/self/fd/N`` of the
+  checked descriptor, which is Linux only, and which glibc would match by name against a
+  library already loaded from a since-reused descriptor number.
+
+  Raises:
+    KernelUnavailable: ``path``'s directory is not private, or the library is missing, does not
+      match its sidecar, is not trusted or does not load.
+  """
+  directory = checked(os.path.dirname(os.path.abspath(path)))
+  if content is None:
+    content = verified(path)
+    if content is None:
+      raise KernelUnavailable(
+        f"the cached kernel {path} is missing or does not match the SHA-256 in "
+        f"{path}{SIDECAR_SUFFIX}; build it first (library())"
+      )
+  key = digest(content)
+  if key in _LIBRARIES:
+    return _LIBRARIES[key]
+  private = scratch(directory)
+  copy = os.path.join(private, os.path.basename(path))
+  try:
+    handle = os.open(
+      copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o700
+    )
+    with os.fdopen(handle, "wb") as f:
+      f.write(content)
+    _LIBRARIES[key] = ctypes.CDLL(copy)
+  except OSError as e:
+    raise KernelUnavailable(f"loading the built kernel {path} failed ({e})") from e
+  finally:
+    shutil.rmtree(private, ignore_errors=True)
+  return _LIBRARIES[key]
+
+
+def register(path: str, symbol: str, content: bytes | None = None) -> str:
+  """Loads the library at ``path`` (``load``), registers its handler ``symbol`` on CPU; the
+  target's name.
+
+  Raises:
+    KernelUnavailable: the library does not verify or load (``load``), or has no ``symbol``.
   """
   library_id = os.path.basename(path).removesuffix(".so").replace("-", "_")
   target = f"learned_opt_{library_id}_{symbol}"
   if target not in _REGISTERED:
+    loaded = load(path, content)
     try:
-      loaded = ctypes.cdll.LoadLibrary(path)
       handler = getattr(loaded, symbol)
-    except (OSError, AttributeError) as e:
+    except AttributeError as e:
       raise KernelUnavailable(f"loading the built kernel {path} failed ({e})") from e
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    _LIBRARIES.append(loaded)
     _REGISTERED.add(target)
   return target
 
@@ -189,7 +362,8 @@ def targets(source: str, symbols: tuple[str, ...]) -> tuple[str, ...]:
   later are honoured), failures too: a failed build is not retried in this process.
 
   Raises:
-    KernelUnavailable: no compiler, a failed build, or a library that does not load.
+    KernelUnavailable: no compiler, a failed build, a cache that is not trusted, or a library
+      that does not load.
   """
   key = (source, symbols, os.environ.get("CXX"), cache_dir())
   with _LOCK:
@@ -198,8 +372,8 @@ def targets(source: str, symbols: tuple[str, ...]) -> tuple[str, ...]:
     if key in _FAILURES:
       raise KernelUnavailable(_FAILURES[key])
     try:
-      path = library(source)
-      _TARGETS[key] = tuple(register(path, symbol) for symbol in symbols)
+      path, content = built(source)
+      _TARGETS[key] = tuple(register(path, symbol, content) for symbol in symbols)
     except KernelUnavailable as e:
       _FAILURES[key] = str(e)
       raise

@@ -23,9 +23,10 @@ the kernels are deterministic (weight cotangents are summed per fixed chunk of r
 chunk order), so a run and its resume still agree bit for bit.
 
 ``$LEARNED_OPT_GATES`` chooses, when a computation is traced: ``auto`` (default: the kernels on
-a CPU backend with a single device, XLA elsewhere or where they cannot be built, with one warning
-saying why), ``xla`` (never build or use them) or ``fused`` (the kernels on any number of CPU
-devices, and a warning on a non-CPU backend). ``auto`` leaves the gates to XLA when the process
+a CPU backend with a single device, XLA elsewhere or where they cannot be built or loaded, with
+one warning saying why), ``xla`` (never build or use them) or ``fused`` (insists: the kernels on
+any number of CPU devices, ``KernelUnavailable`` where they cannot be built or loaded, and a
+warning on a non-CPU backend). ``auto`` leaves the gates to XLA when the process
 has several devices: XLA's partitioner knows nothing of a custom call and runs it on every
 device over all rows, gathered, which made a quadratic meta-step split over two CPU devices
 about 1.5x slower (BUILD.md). Set it before the process traces anything: ``jax.jit`` caches a
@@ -91,7 +92,11 @@ def using(chosen: str):
 
 
 def available(dtype) -> tuple[str, ...] | None:
-  """The kernels' FFI targets (``SOURCES``' order) if this trace should use them, else None."""
+  """The kernels' FFI targets (``SOURCES``' order) if this trace should use them, else None.
+
+  Raises:
+    KernelUnavailable: ``fused`` and the kernels cannot be built or loaded.
+  """
   chosen = mode()
   if chosen == "xla" or jnp.dtype(dtype) != jnp.float32:
     return None
@@ -107,10 +112,15 @@ def available(dtype) -> tuple[str, ...] | None:
   try:
     return tuple(name for source, handlers in SOURCES for name in build.targets(source, handlers))
   except KernelUnavailable as e:
+    if chosen == "fused":
+      raise KernelUnavailable(
+        f"{ENV_VAR}=fused insists on the fused LSTM gate kernels, which are unavailable: {e}. "
+        f"Fix that, or set {ENV_VAR}=auto (XLA, with a warning, where they are unavailable) or "
+        f"{ENV_VAR}=xla."
+      ) from e
     build.warn_once(
       f"The fused LSTM gate kernels are unavailable: {e}. XLA computes the gates instead (an "
-      "MNIST meta-step takes about 1.3x the CPU time); install g++ or set $CXX, or set "
-      f"{ENV_VAR}=xla to silence this."
+      f"MNIST meta-step takes about 1.3x the CPU time); set {ENV_VAR}=xla to silence this."
     )
     return None
 

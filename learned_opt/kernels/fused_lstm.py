@@ -11,9 +11,10 @@ issue 11). Under ``jax.vmap`` the mapped axis becomes more rows of one call. Dif
 values and derivatives alike, so the
 kernel never changes a meta-gradient.
 
-The kernel is compiled on first use and cached (``learned_opt.kernels.build``). Without a
-compiler, after a failed build or on another backend the update falls back to XLA's, with one
-warning saying why.
+The kernel is compiled on first use and cached (``learned_opt.kernels.build``, which loads only
+what this user built). Under ``"auto"``, without a compiler, after a failed build, with a cache
+it refuses or on another backend the update falls back to XLA's, with one warning saying why;
+``"fused"`` raises ``KernelUnavailable`` instead where the kernel cannot be built or loaded.
 """
 
 import functools
@@ -157,15 +158,17 @@ def make_update(optimizer, kernel: str = "auto"):
 
   Args:
     optimizer: a ``LearnedOptimizer``.
-    kernel: ``"xla"`` (``optimizer.update`` itself, nothing built), ``"fused"`` (the kernel;
-      falls back to XLA with a warning where it cannot be built, or off CPU) or ``"auto"``
-      (the kernel for an optimizer it covers on a CPU backend with a single device, silently
-      XLA otherwise; a warning if it cannot be built). Differentiated (reverse mode), the
-      update is ``optimizer.update``'s; under ``jax.vmap`` (phi unmapped) the kernel runs once
-      over every mapped element.
+    kernel: ``"xla"`` (``optimizer.update`` itself, nothing built), ``"fused"`` (insists on
+      the kernel: raises where it cannot be built or loaded; off CPU, XLA with a warning) or
+      ``"auto"`` (the kernel for an optimizer it covers on a CPU backend with a single device,
+      silently XLA otherwise; XLA with a warning if it cannot be built or loaded).
+      Differentiated (reverse mode), the update is ``optimizer.update``'s; under ``jax.vmap``
+      (phi unmapped) the kernel runs once over every mapped element.
 
   Raises:
     ValueError: an unknown ``kernel``, or ``"fused"`` for an optimizer the kernel does not cover.
+    KernelUnavailable: from the update, when traced, under ``"fused"`` where the kernel cannot
+      be built or loaded (the message says why and how to fix it).
   """
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
@@ -195,10 +198,15 @@ def make_update(optimizer, kernel: str = "auto"):
     try:
       name = target()
     except KernelUnavailable as e:
+      if kernel == "fused":
+        raise KernelUnavailable(
+          f"kernel='fused' insists on the fused LSTM kernel, which is unavailable: {e}. Fix "
+          "that, or pass kernel='auto' (the XLA update, with a warning, where the kernel is "
+          "unavailable) or kernel='xla'."
+        ) from e
       build.warn_once(
         f"The fused LSTM kernel is unavailable: {e}. Running the XLA update instead (about "
-        "3x the CPU time on large models); install g++ or set $CXX, or pass kernel='xla' "
-        "to silence this."
+        "3x the CPU time on large models); pass kernel='xla' to silence this."
       )
       return optimizer.update(meta_params, grads, state)
     fused = functools.partial(fused_update, config, name)
