@@ -92,8 +92,9 @@ def run_candidates(run: str, with_checkpoints: bool = True, log=print) -> list[C
         f"--run={run!r} has checkpoints but no {run_dir.CONFIG_FILE}, which is needed to read "
         f"them; rank its saved optimizer alone with --checkpoint={run}."
       )
-    with open(config_path) as f:
-      config = config_lib.MetaTrainConfig(**saved_config.upgrade(json.load(f)))
+    config = config_lib.MetaTrainConfig(
+      **saved_config.upgrade(saved_config.read_saved(config_path))
+    )
     task, optimizer = trainer.build(config)
     template = jax.eval_shape(lambda: meta_step.init_state(config, task, optimizer))
     for step in steps:
@@ -301,8 +302,7 @@ def task_of(runs, specs, task=None, task_kwargs=None) -> tuple[str, dict]:
   for run in runs:
     config_path = os.path.join(run, run_dir.CONFIG_FILE)
     if os.path.isfile(config_path):
-      with open(config_path) as f:
-        config = saved_config.upgrade(json.load(f))
+      config = saved_config.upgrade(saved_config.read_saved(config_path))
       name = task or config["task"]
       return name, json.loads(task_kwargs) if task_kwargs else config["task_kwargs"]
   paths = list(runs) + [path for _, path in run_config.parse_checkpoint_specs(specs)]

@@ -12,6 +12,7 @@ import os
 import learned_opt
 from tasks import registry as task_registry
 from train import config as config_lib
+from train import saved_config
 
 # The directory of ``DIR`` or ``pretrained:NAME``; raises ValueError for an unknown name.
 resolve = learned_opt.shipped.resolve
@@ -61,8 +62,7 @@ def trained_task(path: str) -> tuple[str | None, dict | None]:
     )
   config_path = os.path.join(path, "config.json")
   if os.path.isfile(config_path):
-    with open(config_path) as f:
-      run = json.load(f)
+    run = saved_config.read_saved(config_path)
     return run.get("task"), run.get("task_kwargs", {})
   metadata = learned_opt.load_metadata(path)
   run = metadata.get("run_config", {})

@@ -7,11 +7,18 @@ is atomic as a whole: the new weights go to a new file, then the record is repla
 step that switches from the old optimizer to the new), then the old weights are removed. A kill
 at any moment leaves a directory that loads, as the old optimizer or the new one. Format 1 (the
 weights always in ``meta_params.msgpack``) still loads.
+
+A reader of a directory that is being saved to (a live run's best optimizer) may read a record
+whose weights the next save removes before it opens them; ``load`` then rereads the record and
+loads the generation it names (``_LOAD_ATTEMPTS`` at most), so it returns the old optimizer or
+the new one, never a half. Keeping old weights longer would only narrow that window and leave
+two weights files behind, which a kill-and-resume could not reproduce byte for byte.
 """
 
 import json
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +32,10 @@ FORMAT_VERSION = 2  # 2: the record names its weights file (by hash); 1: meta_pa
 RECORD_FILE = "optimizer.json"
 WEIGHTS_FILE = "meta_params.msgpack"  # format 1's weights file
 _WEIGHTS_NAME = re.compile(r"meta_params(-[0-9a-f]{16})?\.msgpack")
+# A save replaces the record every few milliseconds at most; this many generations in a row
+# vanishing under a reader means the directory is being rewritten without pause.
+_LOAD_ATTEMPTS = 20
+_RETRY_SECONDS = 0.01
 
 
 def weights_file(digest: str) -> str:
@@ -72,16 +83,36 @@ def save(
       os.remove(os.path.join(directory, old))
 
 
+def stray_weights(directory: str) -> list[str]:
+  """Weights files in ``directory`` that its record does not name: what a killed ``save`` leaves
+  (all of them when there is no record yet; none when the record is unreadable, to be safe).
+
+  Removing them never changes what ``load`` returns; do it only where one process owns the
+  directory, as a concurrent save's new weights are stray until its record is replaced.
+  """
+  if not os.path.isdir(directory):
+    return []
+  try:
+    named = _read_record(directory).get("weights_file", WEIGHTS_FILE)
+  except FileNotFoundError:
+    named = None
+  except (OSError, ValueError):
+    return []
+  return [n for n in sorted(os.listdir(directory)) if _WEIGHTS_NAME.fullmatch(n) and n != named]
+
+
 def _read_record(directory: str) -> dict:
+  """The checked ``optimizer.json`` of ``directory``; FileNotFoundError or ValueError if bad."""
   path = os.path.join(directory, RECORD_FILE)
-  if not os.path.isfile(path):
+  try:
+    data = tree_files.read_regular(path)
+  except (FileNotFoundError, NotADirectoryError) as e:
     raise FileNotFoundError(
       f"No saved optimizer at {directory!r}: {RECORD_FILE} is missing. Point at a directory "
       "written by learned_opt.save or `python -m train.meta_train --output_dir=...`."
-    )
+    ) from e
   try:
-    with open(path, "rb") as f:
-      record = json.loads(f.read())
+    record = json.loads(data)
   except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
     raise ValueError(f"{path} is corrupt (not valid JSON: {e!r}).") from e
   if not isinstance(record, dict) or "format_version" not in record or "config" not in record:
@@ -113,6 +144,10 @@ def _read_record(directory: str) -> dict:
 def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOptimizer:
   """Loads a saved optimizer; checks integrity, architecture and shapes before returning.
 
+  Safe while another process saves to ``directory``: if what the record names has gone (or
+  changed) by the time it is read and the record was replaced meanwhile, the new record is
+  loaded instead (see the module docstring).
+
   Args:
     directory: a directory written by ``save``.
     optimizer: if given, the saved config must equal ``optimizer.config``.
@@ -124,6 +159,28 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
     >>> tx = learned_opt.as_optax(learned_opt.load("runs/quadratic"))
   """
   record = _read_record(directory)
+  for attempt in range(1, _LOAD_ATTEMPTS + 1):
+    try:
+      return _load_record(directory, record, optimizer)
+    except (OSError, ValueError) as e:
+      newer = _read_record(directory)
+      if newer == record:
+        raise  # nothing was saved meanwhile: the error is the directory's own
+      if attempt == _LOAD_ATTEMPTS:
+        raise ValueError(
+          f"{directory}/{RECORD_FILE} was replaced {attempt} times while loading it (a save in "
+          "progress removed each record's weights before they were read); load again when the "
+          "saves pause."
+        ) from e
+      record = newer
+      time.sleep(_RETRY_SECONDS)
+  raise AssertionError("unreachable")
+
+
+def _load_record(
+  directory: str, record: dict, optimizer: LearnedOptimizer | None
+) -> SavedOptimizer:
+  """The optimizer ``record`` (read from ``directory``'s ``optimizer.json``) describes."""
   config = record["config"]
   if optimizer is not None and dict(optimizer.config) != config:
     raise ValueError(
@@ -138,10 +195,10 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
     except ValueError as e:
       raise ValueError(f"{directory}/{RECORD_FILE}: field 'config' is not valid: {e}") from e
   weights_path = os.path.join(directory, record.get("weights_file", WEIGHTS_FILE))
-  if not os.path.isfile(weights_path):
-    raise FileNotFoundError(f"{weights_path} is missing; the saved optimizer is incomplete.")
-  with open(weights_path, "rb") as f:
-    weights = f.read()
+  try:
+    weights = tree_files.read_regular(weights_path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{weights_path} is missing; the saved optimizer is incomplete.") from e
   template = jax.eval_shape(optimizer.init_meta_params, jax.random.key(0))
   raw = tree_files.read(weights, record.get("weights_sha256"), weights_path, record=RECORD_FILE)
   meta_params = tree_files.restore(raw, template, weights_path, fits=f"config {config}")
@@ -155,5 +212,8 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
 
 
 def load_metadata(directory: str) -> dict:
-  """The free-form metadata saved with an optimizer (training command, results, ...)."""
+  """The free-form metadata saved with an optimizer (training command, results, ...).
+
+  It reads the record alone (one atomic file), so it is consistent under a concurrent save.
+  """
   return dict(_read_record(directory).get("metadata", {}))

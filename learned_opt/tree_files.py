@@ -7,9 +7,11 @@ bytes into the structure, shapes and dtypes of a template; both raise a ``ValueE
 the file.
 """
 
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +28,44 @@ def current_umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+class NotRegularFileError(OSError, ValueError):
+  """A file a reader expected is a FIFO, device, socket or directory (both an OSError and a
+  ValueError, so callers that turn either into "unusable" handle it)."""
+
+  def __str__(self) -> str:
+    return f"{self.filename} {self.strerror}"
+
+
+def _kind(mode: int) -> str:
+  kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+  kinds += ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+  return next((name for is_kind, name in kinds if is_kind(mode)), "not a regular file")
+
+
+def read_regular(path: str) -> bytes:
+  """The bytes of the regular file at ``path``.
+
+  Opened non-blocking and checked with ``fstat`` before reading: a FIFO (or device) planted
+  under a run's file name raises at once instead of blocking the reader forever, even when it
+  replaces the file between a check and the open.
+
+  Raises:
+    FileNotFoundError: if ``path`` is missing.
+    NotRegularFileError: if it is not a regular file (the message says what it is).
+  """
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      raise NotRegularFileError(
+        errno.EINVAL, f"is {_kind(mode)}, not a regular file; move it away", path
+      )
+    with os.fdopen(fd, "rb", closefd=False) as f:
+      return f.read()
+  finally:
+    os.close(fd)
 
 
 def _write_synced(path: str, data: bytes) -> None:

@@ -17,7 +17,8 @@ either
 child per job (no JAX backend exists before the fork, so forking is safe), so each job costs a
 trace and a compile-cache hit instead of a new interpreter. It runs the reference job in snapshot
 mode, resumes every snapshot in its own child, kills real jobs at the points ``kills`` names (to
-check that a snapshot is what a kill leaves), and prints a JSON summary of every mismatch.
+check that a snapshot is what a kill leaves), and prints a JSON summary of every mismatch. With
+``"mode": "export"`` in the spec it does the same for ``train.export`` (``main_export``).
 """
 
 import builtins
@@ -180,6 +181,8 @@ def _normalized(rel, data):
   name = os.path.basename(rel)
   if ".tmp-*" in rel:  # a write in progress, removed on resume; its bytes hold the run's path
     return "temporary"
+  if rel == ".lock":  # the run lock (train.run_dir.RunLock): its holder's pid, host, start time
+    return "lock"
   if name == "config.json":
     value = json.loads(data)
     value.pop("output_dir", None)
@@ -357,5 +360,126 @@ def main(spec_path):
   print(json.dumps({"events": events, "resumed": resumed, "failures": failures}))
 
 
+# ---- train.export under kills -------------------------------------------------------------------
+
+
+def main_export(spec):
+  """``train.export`` killed at every mutation of its ``--output`` and rerun.
+
+  Trains the run once, then for each scenario (``fresh``: into a new directory; ``overwrite``:
+  ``--overwrite`` of an export of the run's oldest checkpoint) records the uninterrupted export
+  in snapshot mode. At each kill point the output must load (as the old optimizer or the new)
+  once a record exists, and rerunning the same export must leave exactly the uninterrupted
+  export's bytes.
+  """
+  from train import checkpoint, trainer
+  from train.config import MetaTrainConfig
+
+  run = os.path.join(spec["work"], "run")
+  config = MetaTrainConfig(output_dir=run, **spec["config"])
+  if _child(lambda: trainer.train(config, log=lambda s: None)):
+    return {"kill_points": {}, "failures": ["the training run failed"]}
+  oldest = checkpoint.all_steps(os.path.join(run, "checkpoints"))[0]
+  summary = {"kill_points": {}, "failures": []}
+  for scenario in ("fresh", "overwrite"):
+    _export_scenario(spec, run, oldest, scenario, summary)
+  return summary
+
+
+def _export_scenario(spec, run, oldest, scenario, summary):
+  import learned_opt
+  from learned_opt import tree_files
+  from train import export
+
+  base, quiet = os.path.join(spec["work"], scenario), lambda s: None
+  overwrite = scenario == "overwrite"
+  reference = os.path.join(base, "reference", "out")
+  snapshots = os.path.join(base, "snapshots")
+  events_path = os.path.join(base, "events.json")
+
+  def prepare(out):
+    if overwrite:  # the optimizer the export replaces
+      export.export(run, out, step=oldest, log=quiet)
+
+  def job(out, hook=None):
+    if hook:
+      hook.install()
+    export.export(run, out, overwrite=overwrite, log=quiet)
+
+  def record():
+    prepare(reference)
+    hook = FaultHook(reference, "snapshot", snapshots=snapshots)
+    job(reference, hook)
+    with _REAL_OPEN(events_path, "w") as f:
+      json.dump(hook.events, f)
+
+  if _child(record) != 0:
+    summary["failures"].append(f"{scenario}: the reference export failed")
+    return
+  with _REAL_OPEN(events_path) as f:
+    events = json.load(f)
+  summary["kill_points"][scenario] = len(events)
+  want = _raw_tree(reference)
+  records = [os.path.join(reference, "optimizer.json")]  # the new optimizer's ...
+  if overwrite:  # ... and the one it replaces
+    records.append(os.path.join(snapshots, "0001", "out", "optimizer.json"))
+  digests = set()
+  for path in records:
+    with _REAL_OPEN(path) as f:
+      digests.add(json.load(f)["weights_sha256"])
+
+  def check_and_rerun(out, label):
+    def go():
+      if os.path.exists(os.path.join(out, "optimizer.json")):
+        loaded = learned_opt.load(out)  # whatever was in flight
+        assert tree_files.encode(loaded.meta_params)[1] in digests, "loaded another phi"
+      job(out)
+
+    status = _child(go)
+    if status != 0:
+      summary["failures"].append(f"{scenario} {label}: the rerun exited {status}")
+    elif _raw_tree(out) != want:
+      summary["failures"].append(f"{scenario} {label}: the rerun left other bytes")
+
+  snapshot_of = lambda k: os.path.join(snapshots, f"{k:04d}", "out")
+  kills = [k for k in spec.get("kills", []) if k <= len(events)]  # scenarios differ in length
+  kill_trees = {k: tree(snapshot_of(k)) for k in kills}  # before rerunning them
+  previous = False
+  for k in range(1, len(events) + 1):
+    out = snapshot_of(k)
+    raw = _raw_tree(out) if os.path.isdir(out) else None
+    if raw != previous:  # the same files as the kill point before rerun the same way
+      check_and_rerun(out, f"kill point {k} {events[k - 1]}")
+    previous = raw
+  for k in kills:
+    out = os.path.join(base, "kills", f"{k:04d}", "out")
+
+    def killed(out=out, k=k):
+      prepare(out)
+      job(out, FaultHook(out, "kill", at=k))
+
+    status = _child(killed)
+    if status != -signal.SIGKILL:
+      summary["failures"].append(f"{scenario} real kill at {k}: exited {status}, not SIGKILL")
+      continue
+    problems = differences(tree(out), kill_trees[k])
+    if problems:
+      summary["failures"].append(f"{scenario} real kill at {k} left other files: {problems}")
+    check_and_rerun(out, f"real kill at {k}")
+
+
+def _setup(spec):
+  import jax
+
+  for name, value in spec.get("jax_config", {}).items():
+    jax.config.update(name, value)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1])
+  with _REAL_OPEN(sys.argv[1]) as f:
+    _spec = json.load(f)
+  if _spec.get("mode") == "export":
+    _setup(_spec)
+    print(json.dumps(main_export(_spec)))
+  else:
+    main(sys.argv[1])

@@ -33,9 +33,10 @@ CONFIG = {
 }
 
 
-def sweep(tmp_path, config, kills=()):
+def sweep(tmp_path, config, kills=(), mode="train"):
   """Runs the fault-injection driver; returns its summary (events and failures)."""
   spec = {
+    "mode": mode,
     "work": str(tmp_path / "work"),
     "config": config,
     "kills": list(kills),
@@ -65,4 +66,15 @@ def test_every_kill_point_resumes_to_the_uninterrupted_outputs(tmp_path):
   kinds = {kind for kind, _ in summary["events"]}
   assert {"replace", "unlink", "rmdir", "write"} <= kinds, kinds
   assert any(path == "optimizer.json" for _, path in summary["events"])
+  assert not summary["failures"], "\n".join(summary["failures"]) + "\n" + log[-3000:]
+
+
+def test_every_kill_point_of_an_export_reruns_to_the_uninterrupted_export(tmp_path):
+  """train.export killed at each mutation of --output (into a new directory, and --overwrite of
+  an earlier export): the output loads whenever it holds a record, and the same command rerun
+  leaves exactly the bytes of an uninterrupted export."""
+  config = {**CONFIG, "num_epochs": 2, "keep_checkpoints": 2}  # checkpoints at steps 2 and 4
+  summary, log = sweep(tmp_path, config, kills=(3,), mode="export")
+  assert summary["kill_points"].get("fresh", 0) >= 5, summary
+  assert summary["kill_points"].get("overwrite", 0) >= 6, summary
   assert not summary["failures"], "\n".join(summary["failures"]) + "\n" + log[-3000:]

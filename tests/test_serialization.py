@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,77 @@ def test_deeply_nested_record_is_a_value_error(saved):
 def test_build_refuses_non_finite_settings():
   with pytest.raises(ValueError, match=r"'input_scale'.*finite number, got nan"):
     learned_opt.build({"kind": "lstm", "input_scale": float("nan")})
+
+
+def _tiny():
+  opt = learned_opt.build({"kind": "lstm", "hidden_size": 2, "num_layers": 1})
+  phi = opt.init_meta_params(jax.random.key(0))
+  return opt, phi, jax.tree.map(lambda x: x + 1.0, phi)
+
+
+def _digest(phi):
+  return learned_opt.tree_files.encode(phi)[1]
+
+
+def test_loads_during_continuous_saves_return_one_of_the_saved_optimizers(tmp_path):
+  """A reader of a live run's optimizer: each save removes the weights the previous record
+  named, possibly between a load reading that record and opening them; load rereads it."""
+  opt, phi_a, phi_b = _tiny()
+  path = str(tmp_path / "live")
+  learned_opt.save(path, opt, phi_a)
+  stop, saves = threading.Event(), []
+
+  def keep_saving():
+    while not stop.is_set():
+      learned_opt.save(path, opt, phi_b if len(saves) % 2 else phi_a)
+      saves.append(1)
+
+  saver = threading.Thread(target=keep_saving)
+  saver.start()
+  loaded, deadline = [], time.monotonic() + 4.0
+  try:
+    while len(loaded) < 400 and time.monotonic() < deadline:
+      loaded.append(_digest(learned_opt.load(path).meta_params))
+  finally:
+    stop.set()
+    saver.join()
+  assert len(loaded) >= 50 and len(saves) >= 10, (len(loaded), len(saves))  # they overlapped
+  assert set(loaded) <= {_digest(phi_a), _digest(phi_b)}
+
+
+def _save_before_reading_weights(monkeypatch, path, opt, phis):
+  """Makes every read of a weights file first save the next of ``phis`` (a save racing it)."""
+  real_read, queue = learned_opt.tree_files.read_regular, list(phis)
+
+  def racing_read(target):
+    if target.endswith(".msgpack") and queue:
+      learned_opt.save(path, opt, queue.pop(0))
+    return real_read(target)
+
+  monkeypatch.setattr(learned_opt.tree_files, "read_regular", racing_read)
+
+
+def test_a_save_between_record_and_weights_makes_load_read_the_new_record(tmp_path, monkeypatch):
+  opt, phi_a, phi_b = _tiny()
+  path = str(tmp_path / "opt")
+  learned_opt.save(path, opt, phi_a)
+  _save_before_reading_weights(monkeypatch, path, opt, [phi_b])
+  assert _digest(learned_opt.load(path).meta_params) == _digest(phi_b)
+
+
+def test_load_gives_up_clearly_when_every_record_is_replaced_before_its_weights_are_read(
+  tmp_path, monkeypatch
+):
+  opt, phi_a, phi_b = _tiny()
+  path = str(tmp_path / "opt")
+  learned_opt.save(path, opt, phi_a)
+  _save_before_reading_weights(monkeypatch, path, opt, [phi_b, phi_a] * 50)
+  with pytest.raises(ValueError, match=r"optimizer.json was replaced 20 times while loading it"):
+    learned_opt.load(path)
+
+
+def test_weights_missing_under_an_unchanged_record_is_named(saved):
+  path = saved[0]
+  os.remove(_weights(path))
+  with pytest.raises(FileNotFoundError, match=r"meta_params-[0-9a-f]{16}\.msgpack is missing"):
+    learned_opt.load(path)

@@ -63,13 +63,27 @@ def all_steps(directory: str) -> list[int]:
   return sorted(steps)
 
 
+def marked_steps(directory: str, key: str) -> list[int]:
+  """Steps of the checkpoints whose host record sets ``key``, oldest first (unreadable ones are
+  left out)."""
+  steps = []
+  for step in all_steps(directory):
+    try:
+      if _read_meta(path_of(directory, step))["host"].get(key):
+        steps.append(step)
+    except ValueError:
+      continue
+  return steps
+
+
 def _read_meta(path: str) -> dict:
   """``meta.json`` of checkpoint ``path``, checked for structure and (format 3 on) checksum."""
   meta_path = os.path.join(path, _META)
-  try:
-    with open(meta_path, "rb") as f:
-      meta = json.loads(f.read())
-  except (OSError, ValueError, RecursionError) as e:
+  try:  # read_regular: a FIFO named meta.json would block open() forever
+    meta = json.loads(tree_files.read_regular(meta_path))
+  except OSError as e:
+    raise ValueError(f"Checkpoint {path} is unreadable: {e}") from e
+  except (ValueError, RecursionError) as e:
     raise ValueError(f"Checkpoint {path} is unreadable: {e!r}") from e
   if not isinstance(meta, dict):
     raise ValueError(f"{meta_path} is not a checkpoint record (not a JSON object).")
@@ -108,8 +122,7 @@ def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[A
   meta = _read_meta(path)
   state_path = os.path.join(path, _STATE)
   try:
-    with open(state_path, "rb") as f:
-      data = f.read()
+    data = tree_files.read_regular(state_path)
   except OSError as e:
     raise ValueError(f"Checkpoint {path} is unreadable: {e}") from e
   version, host = meta["format_version"], meta["host"]

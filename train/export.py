@@ -16,6 +16,11 @@ newest checkpoint that reads cleanly is used; a corrupt newer one is skipped wit
 resuming does, and the run directory is left as it is. The run's task is built to know the
 checkpoint's shapes, so an MNIST or CIFAR-10 run needs its data set (``$MNIST_DIR``,
 ``$CIFAR10_DIR``) as resuming it would.
+
+An export killed at any moment leaves ``--output`` as it was (no optimizer, or the one
+``--overwrite`` was replacing, which loads) or holding the new optimizer; rerunning the same
+command then writes exactly what an uninterrupted export does (the temporaries and weights the
+killed one left are removed; ``tests/test_fault_injection.py`` checks every kill point).
 """
 
 import json
@@ -66,11 +71,27 @@ def _check_output(run: str, output: str, overwrite: bool) -> None:
     )
   if os.path.lexists(output) and not os.path.isdir(output):
     raise ExportError(f"--output={output!r} exists and is not a directory; name a directory.")
-  if os.path.isdir(output) and os.listdir(output) and not overwrite:
+  if os.path.isdir(output) and set(os.listdir(output)) - set(_leftovers(output)) and not overwrite:
     raise ExportError(
       f"--output={output!r} already exists and is not empty; choose a new directory or pass "
       "--overwrite (a saved optimizer there is then replaced atomically)."
     )
+
+
+def _leftovers(output: str) -> list[str]:
+  """What an export killed before its record was written leaves in ``output`` (temporaries and
+  weights no record names): a rerun of the same command removes them and carries on."""
+  temporaries = [n for n in os.listdir(output) if n.startswith(tree_files.TMP_PREFIX)]
+  return temporaries + learned_opt.serialization.stray_weights(output)
+
+
+def _clear_leftovers(output: str) -> None:
+  """Removes ``_leftovers``, so a rerun after a kill writes exactly what one export does."""
+  if not os.path.isdir(output):
+    return
+  tree_files.remove_temporaries(output)
+  for name in learned_opt.serialization.stray_weights(output):
+    os.remove(os.path.join(output, name))
 
 
 def _restore(config, ckpt_dir: str, step: int | None, log) -> tuple[int, Any, run_dir.Progress]:
@@ -183,7 +204,8 @@ def export(
 
   Args:
     run: a meta-training run's ``--output_dir``.
-    output: the directory to create; an existing non-empty one only with ``overwrite``.
+    output: the directory to create; an existing non-empty one only with ``overwrite`` (one
+      holding only what a killed export left counts as empty).
     step: the meta-step of the checkpoint; None: the newest usable one.
     extra: more metadata fields (JSON values); they may not replace the training record's.
 
@@ -202,8 +224,8 @@ def export(
   step, state, progress = _restore(config, ckpt_dir, step, log)
   path = checkpoint.path_of(ckpt_dir, step)
   _check_finite(state.meta_params, path)
-  with open(os.path.join(path, STATE_FILE), "rb") as f:
-    digest = tree_files.sha256(f.read())  # restore checked it against meta.json
+  # restore checked it against meta.json
+  digest = tree_files.sha256(tree_files.read_regular(os.path.join(path, STATE_FILE)))
   metadata = training_record(config, step, progress)
   metadata["exported_from"] = {
     "run_dir": os.path.abspath(run),
@@ -213,6 +235,7 @@ def export(
   }
   metadata.update(extra or {})
   optimizer = learned_opt.build(config.optimizer_config())
+  _clear_leftovers(output)  # of an earlier export of this output that was killed
   learned_opt.save(output, optimizer, state.meta_params, metadata=metadata)
   return metadata
 

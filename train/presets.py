@@ -98,6 +98,10 @@ def load_file(path: str) -> dict[str, Any]:
     raise ValueError(f"--preset={path}: cannot read it ({e.strerror}).") from e
   except json.JSONDecodeError as e:
     raise ValueError(f"--preset={path} is not valid JSON ({e}).") from e
+  except RecursionError as e:
+    raise ValueError(
+      f"--preset={path} is nested too deeply to be a JSON object of settings."
+    ) from e
   if not isinstance(settings, dict):
     raise ValueError(f'--preset={path} must hold a JSON object of settings, e.g. {{"unroll": 20}}.')
   if any(name in settings for name in saved_config.LEGACY_OPTIMIZER_FIELDS):

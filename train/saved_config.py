@@ -47,9 +47,20 @@ def _legacy_optimizer_config(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_saved(path: str) -> dict[str, Any]:
-  """A run's saved ``config.json`` as written (see ``upgrade``); ValueError if not an object."""
-  with open(path) as f:
-    saved = json.load(f)
+  """A run's saved ``config.json`` as written (see ``upgrade``).
+
+  Raises:
+    FileNotFoundError: if it is missing.
+    ValueError: if it is not a regular file (a FIFO would block the reader), not JSON, nested
+      too deeply for the parser, or not an object.
+  """
+  from learned_opt import tree_files  # Deferred, as in ``differences``.
+
+  data = tree_files.read_regular(path)
+  try:
+    saved = json.loads(data)
+  except RecursionError as e:  # a crafted or corrupt file; not a config
+    raise ValueError(f"{path} is nested too deeply to be a run's config") from e
   if not isinstance(saved, dict):
     raise ValueError("not a JSON object")
   return saved
