@@ -170,10 +170,14 @@ def check_task_kwargs(task: str, kwargs: dict, flag: str = "--task_kwargs") -> N
 
 
 def _positive(config, *names):
+  """Refuses a setting <= 0, suggesting the flag's own default (one example fits no two flags)."""
+  defaults = {field.name: field.default for field in dataclasses.fields(config)}
   for name in names:
     value = getattr(config, name)
     if not value > 0:
-      raise ValueError(f"--{name} must be positive, got {value!r} (e.g. --{name}=20).")
+      raise ValueError(
+        f"--{name} must be positive, got {value!r} (e.g. --{name}={defaults[name]!r}, the default)."
+      )
 
 
 def validate(config: MetaTrainConfig) -> None:

@@ -14,13 +14,16 @@ only starts the processes' runtime, builds the mesh, and moves trees between a h
 * ``put``: a host tree (the same on every process) as global arrays with a given sharding.
 * ``to_host``: global arrays as numpy on every process (an all-gather when they are sharded over
   processes).
+* ``gather_rows``: a small int32 row from every process on every process (whether to stop).
 * ``broadcast_bytes``: process 0's bytes on every process (for what only process 0 reads, such
   as the checkpoint a run resumes from); ``read_on_writer``: a file as process 0 reads it.
 """
 
 import contextlib
 import contextvars
+import functools
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -225,30 +228,40 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_divides(count: int, mesh: Mesh, flag: str, others: dict[str, int] | None = None) -> None:
+def check_divides(
+  count: int,
+  mesh: Mesh,
+  flag: str,
+  others: dict[str, int] | None = None,
+  fits: Callable[[int, int], bool] | None = None,
+) -> None:
   """Raises ``MeshError`` naming ``flag`` if ``count`` problems do not split evenly on ``mesh``.
 
   The message suggests counts that divide, and the ``--num_devices`` values under which
   ``count`` and the ``others`` counts (``{flag: count}``, e.g. the validation problems) all
-  divide.
+  divide. ``fits(count, devices)``, if given (``memory.problems_fit``), drops the suggestions the
+  memory check would refuse, so the two refusals never send a user back and forth.
   """
   size = mesh.devices.size
-  if count % size:
-    lower, upper = count // size * size, -(-count // size) * size
-    choices = f"--{flag}={upper}" + (f" or --{flag}={lower}" if lower else "")
-    counts = [count, *(others or {}).values()]
-    fits = lambda k: k < size and all(c % k == 0 for c in counts)
-    fewer = [k for k in reversed(fitting_device_counts()) if fits(k)]
-    devices = (
-      f", or run on fewer devices: --num_devices={' or --num_devices='.join(map(str, fewer[:3]))}"
-      if fewer
-      else ""  # several processes: no smaller multiple of their count divides every count
-    )
-    raise MeshError(
-      f"--{flag}={count} does not divide over the {size} devices of the mesh "
-      f"({jax.process_count()} process(es)); each device must hold as many problems. Use "
-      f"{choices}{devices}."
-    )
+  if count % size == 0:
+    return
+  fits = fits or (lambda count, devices: True)
+  lower, upper = count // size * size, -(-count // size) * size
+  counts = [count, *(others or {}).values()]
+  fewer = [
+    k
+    for k in reversed(fitting_device_counts())
+    if k < size and all(c % k == 0 for c in counts) and fits(count, k)
+  ]
+  choices = [" or ".join(f"--{flag}={c}" for c in (upper, lower) if c and fits(c, size))]
+  if fewer:  # none: several processes (no smaller multiple of their count divides every count)
+    choices.append("run on fewer devices: " + " or ".join(f"--num_devices={k}" for k in fewer[:3]))
+  advice = ", or ".join(c for c in choices if c)
+  raise MeshError(
+    f"--{flag}={count} does not divide over the {size} devices of the mesh "
+    f"({jax.process_count()} process(es)); each device must hold as many problems. "
+    + (f"Use {advice}." if advice else "No count that divides fits in memory: lower --unroll.")
+  )
 
 
 def fitting_device_counts(devices=None) -> list[int]:
@@ -309,6 +322,29 @@ def _key_data(leaf):
   if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(leaf)
   return leaf
+
+
+def gather_rows(row: np.ndarray, mesh: Mesh) -> np.ndarray:
+  """Every process's ``row`` (int32), one per process in process order, on every process.
+
+  A copy onto every device of ``mesh``, as ``to_host`` gathers: JAX's ``process_allgather``
+  between two meta-steps hung the next meta-step of a 2-process CPU (gloo) run. All processes
+  call it together; ``mesh`` must hold devices of every process.
+  """
+  row = np.asarray(row, np.int32)[None]
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  shape = (mesh.devices.size, row.shape[1])
+  rows = jax.make_array_from_single_device_arrays(
+    shape, problems_sharding(mesh), [jax.device_put(row, d) for d in local]
+  )
+  table = np.asarray(_copy_to_every_device(mesh)(rows))
+  owners = [d.process_index for d in mesh.devices.flat]
+  return np.stack([table[owners.index(p)] for p in range(jax.process_count())])
+
+
+@functools.lru_cache
+def _copy_to_every_device(mesh: Mesh):
+  return jax.jit(lambda x: x, out_shardings=replicated(mesh))
 
 
 def read_on_writer(path: str) -> bytes | None:

@@ -5,11 +5,16 @@ steps, the values the backward pass reads (the residuals): the LSTM's gates on e
 the optimizee's activations. They dominate a meta-step's memory and grow linearly in
 ``--num_problems`` and ``--unroll``. ``estimate`` traces the meta-loss's VJP with abstract
 inputs (``jax.make_jaxpr``: no compile, no allocation) and sums the residuals it returns; ``check``
-refuses a run whose estimate exceeds the memory available, naming the flag to lower.
+refuses a run whose estimate exceeds the memory available, naming what to shrink: the problems
+(the largest count that fits and divides over the mesh), the unroll, or the optimizer itself when
+its weights and Adam state alone do not fit. On the host, "available" honours the container's
+(cgroup's) memory limit, not only the machine's free memory.
 """
 
+import json
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -30,6 +35,9 @@ STEP_WORKSPACE = 2.5  # in residuals of one unroll step
 GIB = 2**30
 # Compiling a meta-step grew the process by 0.21-0.40 GiB (quadratics, MNIST MLP) before it ran.
 COMPILE_HEADROOM = GIB // 2
+CGROUP_ROOT = "/sys/fs/cgroup"
+# cgroup v1 writes "no limit" as the largest page-aligned int64; anything this large is none.
+_UNLIMITED = 2**60
 
 
 class MemoryEstimate(NamedTuple):
@@ -105,14 +113,21 @@ def in_words(num_bytes: int) -> str:
   return f"{num_bytes / 2**20:.0f} MiB"
 
 
-def available_bytes(device: jax.Device | None = None) -> int | None:
-  """Memory a run can still use: the accelerator's free memory, or the host's available RAM."""
+def available_bytes(device: jax.Device | None = None, cgroup_root: str = CGROUP_ROOT) -> int | None:
+  """Memory a run can still use: the accelerator's free memory, or on the host the lesser of its
+  available RAM and what its cgroup's limit leaves (``cgroup_available``): in a container the
+  kernel kills a process at the container's limit, however much the machine has free."""
   device = device or jax.devices()[0]
   if device.platform != "cpu":
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
       return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     return None
+  known = [b for b in (_host_available(), cgroup_available(cgroup_root)) if b is not None]
+  return min(known) if known else None
+
+
+def _host_available() -> int | None:
   try:
     with open("/proc/meminfo") as f:
       fields = dict(line.split(":", 1) for line in f)
@@ -120,6 +135,95 @@ def available_bytes(device: jax.Device | None = None) -> int | None:
   except (OSError, KeyError, ValueError):
     pages = getattr(os, "sysconf_names", {}).get("SC_AVPHYS_PAGES")
     return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE") if pages else None
+
+
+def cgroup_available(root: str = CGROUP_ROOT, membership: str = "/proc/self/cgroup") -> int | None:
+  """Bytes this process's cgroups let it still use: the least of limit - usage over its memory
+  cgroup and their ancestors (a parent's limit binds its children); None if no limit is known.
+
+  cgroup v2 (``memory.max``, ``memory.current``, ``memory.stat``) and v1 (under ``memory/``:
+  ``memory.limit_in_bytes``, ``memory.usage_in_bytes``). Usage counts the page cache, which the
+  kernel reclaims before it kills anything, so its inactive part (``inactive_file``) is not
+  counted as used, as container runtimes count a working set. Unreadable files (none, no
+  permission, "max": unlimited) leave that level unlimited.
+
+  Args:
+    root: where the cgroup file systems are mounted (tests point it at a fake tree).
+    membership: the process's cgroups, in ``/proc/self/cgroup``'s format.
+  """
+  paths = _cgroup_paths(membership)
+  levels = [
+    (root, paths.get("v2", "/"), "memory.max", "memory.current", "inactive_file"),
+    (os.path.join(root, "memory"), paths.get("v1", "/"), *_V1_FILES),
+  ]
+  known = [
+    room
+    for mount, path, *files in levels
+    for directory in _ancestors(mount, path)
+    if (room := _cgroup_room(directory, *files)) is not None
+  ]
+  return max(0, min(known)) if known else None
+
+
+_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _cgroup_paths(membership: str) -> dict[str, str]:
+  """``{"v2": path, "v1": path}``: the process's memory cgroups, as ``membership`` names them."""
+  try:
+    with open(membership) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return {}
+  paths = {}
+  for line in lines:
+    hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+    if hierarchy == "0" and not controllers:
+      paths["v2"] = path
+    elif "memory" in controllers.split(","):
+      paths["v1"] = path
+  return paths
+
+
+def _ancestors(mount: str, path: str) -> list[str]:
+  """The directories of cgroup ``path`` and of its ancestors under ``mount``, innermost first.
+
+  Without a cgroup namespace, a container sees its own cgroup mounted at ``mount`` while
+  ``/proc/self/cgroup`` names the host's path: then only ``mount`` itself is read.
+  """
+  parts = [p for p in path.split("/") if p]
+  if not os.path.isdir(os.path.join(mount, *parts)):
+    parts = []
+  return [os.path.join(mount, *parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _cgroup_room(directory: str, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+  """``limit - (usage - inactive page cache)`` of one cgroup; None if it has no readable limit."""
+  try:
+    with open(os.path.join(directory, limit_file)) as f:
+      limit = f.read().strip()
+    if limit == "max" or int(limit) >= _UNLIMITED:
+      return None
+    with open(os.path.join(directory, usage_file)) as f:
+      usage = int(f.read().strip())
+  except (OSError, ValueError):
+    return None
+  return int(limit) - usage + _stat(directory, inactive_key)
+
+
+def _stat(directory: str, key: str) -> int:
+  """One counter of the cgroup's ``memory.stat`` (v1's ``total_`` one, else the plain one); 0 if
+  unreadable."""
+  try:
+    with open(os.path.join(directory, "memory.stat")) as f:
+      fields = dict(line.split(None, 1) for line in f if line.strip())
+  except (OSError, ValueError):
+    return 0
+  value = fields.get(key, fields.get(key.removeprefix("total_"), "0"))
+  try:
+    return int(value)
+  except ValueError:
+    return 0
 
 
 def per_device_bytes(memory: MemoryEstimate, devices: int = 1) -> int:
@@ -135,33 +239,87 @@ def largest_fitting(
   return max(0, int((available - memory.fixed_bytes) // max(per_problem, 1)))
 
 
+def most_problems(
+  memory: MemoryEstimate, num_problems: int, available: int, devices: int = 1, multiple: int = 1
+) -> int:
+  """The largest problem count, a multiple of ``multiple`` (the mesh's devices), that ``check``
+  accepts with ``available`` bytes on each device; 0 if none does. The one count both the memory
+  and the divisibility refusals suggest."""
+  fits = largest_fitting(memory, num_problems, available - COMPILE_HEADROOM, devices)
+  return fits // multiple * multiple
+
+
+def problems_fit(
+  memory: MemoryEstimate,
+  num_problems: int,
+  available: int | None = None,
+  shared: bool = False,
+) -> Callable[[int, int], bool]:
+  """``fits(count, devices)``: whether ``count`` problems split over ``devices`` pass ``check``.
+
+  For ``distributed.check_divides``, so that it suggests no count or device number the memory
+  check would refuse. ``shared``: the devices share one memory (CPU devices share the host's).
+  Unknown available memory: everything fits, as ``check`` then checks nothing.
+  """
+  available = available_bytes() if available is None else available
+  if available is None:
+    return lambda count, devices: True
+
+  def fits(count: int, devices: int) -> bool:
+    devices = 1 if shared else devices
+    return count <= largest_fitting(memory, num_problems, available - COMPILE_HEADROOM, devices)
+
+  return fits
+
+
+def _advice(config, memory: MemoryEstimate, available: int, devices: int, multiple: int) -> str:
+  """What to shrink so the run fits: the part that alone does not fit, or the problem count."""
+  if memory.fixed_bytes + COMPILE_HEADROOM >= available:  # whatever --num_problems and --unroll
+    if 2 * memory.meta_bytes >= memory.data_bytes:
+      kwargs = json.dumps(config.optimizer_kwargs)
+      return (
+        f"the optimizer alone takes {in_words(2 * memory.meta_bytes)} (its weights, Adam's two "
+        "moments and the best weights, twice while a step runs), whatever --num_problems and "
+        "--unroll: use a smaller optimizer, e.g. a lower hidden_size or num_layers in "
+        f"--optimizer_kwargs (now --optimizer={config.optimizer} --optimizer_kwargs='{kwargs}')"
+      )
+    return (
+      f"the task's data set alone takes {in_words(memory.data_bytes)} on the device, whatever "
+      "--num_problems and --unroll: use a smaller data set (--task_kwargs) or task"
+    )
+  fits = most_problems(memory, config.num_problems, available, devices, multiple)
+  if fits >= 1:
+    preset = presets.PRESETS.get(config.task, {}).get("num_problems")
+    hint = f" (the {config.task} preset uses {preset})" if preset else ""
+    mesh = f", a multiple of the mesh's {multiple} devices" if multiple > 1 else ""
+    return f"lower --num_problems to {fits} or less{mesh}{hint}"
+  return (
+    f"lower --unroll (now {config.unroll}), or use a smaller optimizer (--optimizer_kwargs) or task"
+  )
+
+
 def check(
   config: MetaTrainConfig,
   task: TaskFamily,
   optimizer: LearnedOptimizer,
   available: int | None = None,
   devices: int = 1,
+  multiple: int = 1,
 ) -> MemoryEstimate:
-  """The estimate; raises ValueError naming ``--num_problems`` when it does not fit.
+  """The estimate; raises ValueError naming what to shrink when it does not fit.
 
   Args:
     available: bytes the run may use on each device; default ``available_bytes()`` (unknown:
       no check).
     devices: accelerators the problems are split among (CPU devices share the host's memory:
       pass 1 there).
+    multiple: the mesh's device count; a suggested ``--num_problems`` is a multiple of it.
   """
   memory = estimate(config, task, optimizer)
   available = available_bytes() if available is None else available
   needed = per_device_bytes(memory, devices)
   if available is not None and needed + COMPILE_HEADROOM > available:
-    fits = largest_fitting(memory, config.num_problems, available - COMPILE_HEADROOM, devices)
-    preset = presets.PRESETS.get(config.task, {}).get("num_problems")
-    hint = f" (the {config.task} preset uses {preset})" if preset else ""
-    advice = (
-      f"lower --num_problems to {fits} or less{hint}"
-      if fits >= 1
-      else f"lower --unroll (now {config.unroll}) or use a smaller task"
-    )
+    advice = _advice(config, memory, available, devices, multiple)
     where = f" on each of {devices} devices" if devices > 1 else ""
     raise ValueError(
       f"A meta-step of --num_problems={config.num_problems} (--unroll={config.unroll}) needs "

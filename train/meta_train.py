@@ -13,6 +13,7 @@ again with the same --output_dir resumes from the newest checkpoint there.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -21,7 +22,16 @@ import jax
 from absl import app, flags
 
 from learned_opt import serialization
-from train import allocator, distributed, memory, presets, run_dir, saved_config, trainer
+from train import (
+  allocator,
+  distributed,
+  memory,
+  preemption,
+  presets,
+  run_dir,
+  saved_config,
+  trainer,
+)
 from train import config as config_lib
 
 _FIELDS = {field.name: field for field in dataclasses.fields(config_lib.MetaTrainConfig)}
@@ -76,18 +86,59 @@ def config_from_flags() -> config_lib.MetaTrainConfig:
   return config_lib.MetaTrainConfig(**presets.resolve(settings, given))
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(error: OSError, output_dir: str) -> str:
+  return (
+    f"Disk full ({error.strerror}) writing to {output_dir}: free space and run the same command "
+    "to resume."
+  )
+
+
 def main(argv):
+  """The job; a signal, Ctrl-C or a full disk ends it with one line (stderr), not a traceback.
+
+  Exit status: ``preemption.EXIT_STATUS`` after a signal (checkpoint saved), 130 for Ctrl-C
+  before the handlers are installed, 1 for a full disk. Files stay consistent in every case
+  (atomic writes); the same command resumes.
+  """
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    distributed.initialize_from_flags()  # before any JAX computation
+    try:
+      distributed.initialize_from_flags()  # before any JAX computation
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    with preemption.watch():  # after initialize: it replaces JAX's SIGTERM handler
+      _meta_train()
+  except trainer.Preempted as e:
+    _exit(str(e), preemption.EXIT_STATUS)
+  except KeyboardInterrupt:
+    _exit("Interrupted (SIGINT) while starting; run the same command to start or resume.", 130)
+  except OSError as e:
+    if e.errno not in DISK_FULL:
+      raise
+    _exit(disk_full_message(e, FLAGS.output_dir), 1)
+
+
+def _exit(line: str, status: int) -> None:
+  sys.stdout.flush()
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _meta_train():
+  try:
     mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
     config = config_from_flags()
     with config_lib.removed_if_start_fails(config.output_dir):  # no empty folder left behind
       run_dir.check_output_tree(config)
       task, optimizer = trainer.build(config)  # Task settings (e.g. no data) fail here, early.
       accelerators = mesh.devices.size if jax.devices()[0].platform != "cpu" else 1
-      estimate = memory.check(config, task, optimizer, devices=accelerators)
+      available = memory.available_bytes()  # one reading for both refusals below
+      size = mesh.devices.size  # a --num_problems suggested must divide over it
+      estimate = memory.check(config, task, optimizer, available, accelerators, multiple=size)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   preset = FLAGS.preset or (config.task if config.task in presets.PRESETS else presets.NONE)
@@ -101,8 +152,9 @@ def main(argv):
     )
   try:
     counts = {"num_problems": config.num_problems, "valid_problems": config.valid_problems}
-    for flag, count in counts.items():
-      distributed.check_divides(count, mesh, flag, counts)
+    fits = memory.problems_fit(estimate, config.num_problems, available, accelerators == 1)
+    for flag, count in counts.items():  # suggesting no --num_problems the memory check refuses
+      distributed.check_divides(count, mesh, flag, counts, fits if flag == "num_problems" else None)
     with distributed.use_mesh(mesh):
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
   except (run_dir.RunDirError, distributed.MeshError) as e:  # before compiling

@@ -9,6 +9,9 @@ when it logs, validates or checkpoints.
 The run directory, the resume guard and resuming are ``train.run_dir``'s.
 """
 
+import contextlib
+import contextvars
+import functools
 import json
 import logging
 import math
@@ -27,9 +30,12 @@ from learned_opt import tree_files
 from learned_opt.base import LearnedOptimizer
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
-from train import checkpoint, distributed, meta_step, run_dir
+from train import checkpoint, distributed, meta_step, preemption, run_dir
 from train.config import MetaTrainConfig
 from train.meta_step import TrainState
+from train.preemption import Preempted
+
+PREEMPTED_KEY = "preempted"  # host record field of a checkpoint written on a signal
 
 
 class NonFiniteError(RuntimeError):
@@ -210,10 +216,35 @@ def end_epoch(
   return state, progress._replace(early_stopped=early_stopped)
 
 
+# The locks ``_open_run`` takes during a ``train`` call, released when it returns or raises.
+_RUN_LOCKS: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("run_locks")
+
+
+def _releasing_run_locks(train_fn):
+  """``train_fn`` with the run directory's lock (taken by ``_open_run``) held until it ends.
+
+  A decorator rather than a block in ``train``: process 0 takes the lock inside ``_open_run``,
+  whose errors reach every process of a multi-process run.
+  """
+
+  @functools.wraps(train_fn)
+  def wrapped(*args, **kwargs):
+    with contextlib.ExitStack() as locks:
+      token = _RUN_LOCKS.set(locks)
+      try:
+        return train_fn(*args, **kwargs)
+      finally:
+        _RUN_LOCKS.reset(token)
+
+  return wrapped
+
+
 def _open_run(config, task, optimizer, paths, log, start) -> tuple[TrainState, run_dir.Progress]:
-  """The file-system side of a start: checks, leftovers removed, config.json, what to resume."""
+  """The file-system side of a start: checks, the lock, leftovers removed, config.json, what to
+  resume. A second run on the directory is refused here, before it removes anything."""
   ckpt_dir, config_path = paths
-  run_dir.check_output_tree(config)
+  run_dir.check_output_tree(config)  # creates the directory
+  _RUN_LOCKS.get().enter_context(run_dir.RunLock(config.output_dir))  # until train() ends
   run_dir.check_resumable(config, config_path, ckpt_dir)
   for directory in (config.output_dir, ckpt_dir):  # left by a kill during an atomic write
     tree_files.remove_temporaries(directory)
@@ -254,6 +285,8 @@ def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data):
   return distributed.put(state, meta_step.state_shardings(template, mesh)), progress
 
 
+@preemption.watching
+@_releasing_run_locks
 def train(
   config: MetaTrainConfig,
   task: TaskFamily | None = None,
@@ -273,6 +306,8 @@ def train(
 
   Raises:
     distributed.MeshError: if --num_problems or --valid_problems does not divide over the mesh.
+    Preempted: after SIGTERM or SIGINT (``train.preemption``), once the checkpoint of the meta-step
+      all processes stopped after is written. The signal handlers are restored on return.
   """
   mesh = mesh if mesh is not None else distributed.current_mesh()
   if mesh is None and jax.process_count() > 1:
@@ -310,15 +345,28 @@ def train(
   validate = jax.jit(meta_step.make_validate(config, valid_task, optimizer))
   reporter = _Reporter(config, metrics_path, log, state, writer)
 
-  def save_checkpoint(state, progress):
+  def save_checkpoint(state, progress, preempted=False):
     host_state = state if mesh is None else distributed.to_host(state)  # all processes
     if writer:
       host = run_dir.host_record(progress, run_dir.metrics_lines(metrics_path))
-      checkpoint.save(ckpt_dir, int(state.step), host_state, host, config.keep_checkpoints)
+      host.update({PREEMPTED_KEY: True} if preempted else {})
+      _save_checkpoint(ckpt_dir, int(state.step), host_state, host, config.keep_checkpoints)
 
   first = int(state.step)
+  gather = functools.partial(distributed.gather_rows, mesh=mesh)  # several processes: a mesh
+  stop = preemption.StopCheck(jax.process_index(), jax.process_count(), gather)
+  signal_name = stop(first)  # a signal during start-up: stop before compiling
+  if signal_name and first < config.total_steps:
+    raise Preempted(first, signal_name, ckpt_dir)
+  noticed = False
+  # Several CPU processes: one meta-step in flight at a time. Two dispatched back to back
+  # deadlocked now and then at their collectives (gloo, 2 devices a process on 2 cores: 3 of 5
+  # runs hung before this, 0 of 10 after), as XLA:CPU's threads wait in one step's rendezvous.
+  one_at_a_time = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
   for step in range(first, config.total_steps):
     state, metrics = train_step(state, data)
+    if one_at_a_time:
+      jax.block_until_ready(state.step)
     done = step + 1
     if step == first:  # the first call compiles: time the rate and ETA from its end
       tic = reporter.tic
@@ -350,4 +398,30 @@ def train(
     elif done % config.checkpoint_every == 0:
       reporter.skips(state)
       save_checkpoint(state, progress)
+    if preemption.received() and not noticed:
+      noticed = True
+      log(
+        f"{preemption.signal_name(preemption.received())}: stopping after a meta-step and its "
+        "checkpoint (a second signal ends the job at once)."
+      )
+    signal_name = stop(done)
+    if signal_name and done < config.total_steps:
+      saved = epoch_end or done % config.checkpoint_every == 0
+      if not saved:
+        save_checkpoint(state, progress, preempted=True)
+      raise Preempted(done, signal_name, ckpt_dir)
   return state, progress
+
+
+def _save_checkpoint(ckpt_dir, step, state, host, keep) -> None:
+  """``checkpoint.save``, removing the older checkpoints written on a signal after it.
+
+  An uninterrupted run has none of these off-schedule checkpoints, so a resumed one drops them
+  once it has a newer checkpoint, and they never displace a scheduled one from ``keep``.
+  """
+  stale = [s for s in checkpoint.marked_steps(ckpt_dir, PREEMPTED_KEY) if s < step]
+  checkpoint.save(ckpt_dir, step, state, host, keep + len(stale))
+  for old in stale:
+    checkpoint.remove(ckpt_dir, old)
+  if stale:
+    checkpoint.prune(ckpt_dir, keep)
