@@ -181,7 +181,7 @@ def _normalized(rel, data):
   name = os.path.basename(rel)
   if ".tmp-*" in rel:  # a write in progress, removed on resume; its bytes hold the run's path
     return "temporary"
-  if rel == ".lock":  # the run lock (train.run_dir.RunLock): its holder's pid, host, start time
+  if rel == ".lock":  # the run lock (train.run_lock.RunLock): its holder's pid, host, start time
     return "lock"
   if name == "config.json":
     value = json.loads(data)

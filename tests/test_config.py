@@ -88,6 +88,28 @@ def test_command_line_rejects_bad_flag_before_compiling(tmp_path):
   assert result.returncode != 0 and "--task_kwargs is not valid JSON" in result.stderr
 
 
+def test_command_line_refuses_a_count_that_does_not_divide_and_leaves_no_folder(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "train.meta_train",
+      f"--output_dir={tmp_path}/new/run",
+      "--num_problems=12",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0
+  assert "--num_problems=12 does not divide over the 8 devices" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(tmp_path / "new")  # refused before anything was made
+
+
 def test_output_dir_that_cannot_be_created(tmp_path):
   path = tmp_path / "file"
   path.write_text("x")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from mnist_files import write_mnist
 
+from train import cgroup, distributed, memory, meta_step, trainer
 from train import config as config_lib
-from train import distributed, memory, meta_step, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,7 +217,7 @@ V2_STAT = "anon 100\nfile 300\ninactive_file {}\nactive_file 0\n"
 )
 def test_cgroup_limits_are_read(files, membership, want, tmp_path):
   root, proc = _cgroup_tree(tmp_path, files, membership)
-  assert memory.cgroup_available(root, proc) == want
+  assert cgroup.available(root, proc) == want
 
 
 def test_available_memory_is_at_most_what_the_cgroup_leaves(tmp_path):

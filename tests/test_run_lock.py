@@ -1,4 +1,4 @@
-"""One run per output directory: the writer's lock (``train.run_dir.RunLock``) refuses a second
+"""One run per output directory: the writer's lock (``train.run_lock.RunLock``) refuses a second
 run with a message naming the holder, is taken over from a killed run, and goes when a run ends."""
 
 import errno
@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from train import meta_step, run_dir, trainer
+from train import meta_step, run_dir, run_lock, trainer
 from train.config import MetaTrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A child process that takes the lock, says so, and holds it until its stdin closes.
 HOLDER = (
-  "import sys; from train import run_dir; lock = run_dir.RunLock(sys.argv[1]).acquire(); "
+  "import sys; from train import run_lock; lock = run_lock.RunLock(sys.argv[1]).acquire(); "
   "print('locked', flush=True); sys.stdin.read()"
 )
 
@@ -68,7 +68,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_pat
   assert f"pid {holder.pid} on host {socket.gethostname()}" in message
   assert "wait for it to finish or stop it, or choose another --output_dir" in message
   assert temporary.exists() and not (tmp_path / "run" / "config.json").exists()
-  with run_dir.RunLock(str(tmp_path / "run")):  # the holder ended: free again
+  with run_lock.RunLock(str(tmp_path / "run")):  # the holder ended: free again
     pass
 
 
@@ -77,15 +77,15 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
   holder.send_signal(signal.SIGKILL)
   holder.wait(timeout=60)
   holder.stdin.close()
-  lock_file = tmp_path / run_dir.LOCK_FILE
+  lock_file = tmp_path / run_lock.LOCK_FILE
   assert f'"pid": {holder.pid}' in lock_file.read_text()  # left behind, but not held
-  with run_dir.RunLock(str(tmp_path)):
+  with run_lock.RunLock(str(tmp_path)):
     assert f'"pid": {os.getpid()}' in lock_file.read_text()
   assert not lock_file.exists()
 
 
 def test_the_command_line_refuses_a_locked_directory_without_a_traceback(tmp_path):
-  with run_dir.RunLock(str(tmp_path)):  # this process is the other run
+  with run_lock.RunLock(str(tmp_path)):  # this process is the other run
     result = subprocess.run(
       [sys.executable, "-m", "train.meta_train", f"--output_dir={tmp_path}", "--num_problems=8"],
       cwd=ROOT,
@@ -100,9 +100,9 @@ def test_the_command_line_refuses_a_locked_directory_without_a_traceback(tmp_pat
 def test_the_lock_is_released_when_train_returns(tmp_path):
   config = tiny_config(tmp_path)
   trainer.train(config, log=lambda s: None)
-  assert not (tmp_path / run_dir.LOCK_FILE).exists()
+  assert not (tmp_path / run_lock.LOCK_FILE).exists()
   assert (tmp_path / "checkpoints").is_dir()
-  with run_dir.RunLock(str(tmp_path)):
+  with run_lock.RunLock(str(tmp_path)):
     pass
 
 
@@ -114,21 +114,21 @@ def test_the_lock_is_released_when_train_raises(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="no compiling"):
     trainer.train(tiny_config(tmp_path), log=lambda s: None)
   assert (tmp_path / "config.json").exists()  # it did open the run
-  assert not (tmp_path / run_dir.LOCK_FILE).exists()
-  with run_dir.RunLock(str(tmp_path)):
+  assert not (tmp_path / run_lock.LOCK_FILE).exists()
+  with run_lock.RunLock(str(tmp_path)):
     pass
 
 
 def test_a_lock_file_removed_and_retaken_while_held_is_not_removed_by_the_first_holder(tmp_path):
-  first = run_dir.RunLock(str(tmp_path)).acquire()
-  os.remove(tmp_path / run_dir.LOCK_FILE)  # say, by hand; a new run then takes a new file
-  second = run_dir.RunLock(str(tmp_path)).acquire()
+  first = run_lock.RunLock(str(tmp_path)).acquire()
+  os.remove(tmp_path / run_lock.LOCK_FILE)  # say, by hand; a new run then takes a new file
+  second = run_lock.RunLock(str(tmp_path)).acquire()
   first.release()
-  assert (tmp_path / run_dir.LOCK_FILE).exists()  # the second run's
+  assert (tmp_path / run_lock.LOCK_FILE).exists()  # the second run's
   with pytest.raises(run_dir.RunDirError, match="in use by another training run"):
-    run_dir.RunLock(str(tmp_path)).acquire()
+    run_lock.RunLock(str(tmp_path)).acquire()
   second.release()
-  assert not (tmp_path / run_dir.LOCK_FILE).exists()
+  assert not (tmp_path / run_lock.LOCK_FILE).exists()
 
 
 def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
@@ -136,7 +136,7 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
     raise OSError(errno.ENOLCK, "No locks available")
 
   monkeypatch.setattr(fcntl, "flock", no_locks)
-  with run_dir.RunLock(str(tmp_path)):
-    assert (tmp_path / run_dir.LOCK_FILE).exists()
+  with run_lock.RunLock(str(tmp_path)):
+    assert (tmp_path / run_lock.LOCK_FILE).exists()
   assert "cannot be locked" in caplog.text and "one run per --output_dir" in caplog.text
-  assert not (tmp_path / run_dir.LOCK_FILE).exists()
+  assert not (tmp_path / run_lock.LOCK_FILE).exists()

@@ -139,6 +139,13 @@ def _meta_train():
       available = memory.available_bytes()  # one reading for both refusals below
       size = mesh.devices.size  # a --num_problems suggested must divide over it
       estimate = memory.check(config, task, optimizer, available, accelerators, multiple=size)
+      counts = {"num_problems": config.num_problems, "valid_problems": config.valid_problems}
+      fits = memory.problems_fit(estimate, config.num_problems, available, accelerators == 1)
+      for flag, count in counts.items():  # suggesting no --num_problems the memory check refuses
+        limit = fits if flag == "num_problems" else None
+        distributed.check_divides(count, mesh, flag, counts, limit)
+  except distributed.MeshError as e:
+    raise app.UsageError(str(e) + saved_config.resume_hint(config)) from e
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   preset = FLAGS.preset or (config.task if config.task in presets.PRESETS else presets.NONE)
@@ -151,10 +158,6 @@ def _meta_train():
       flush=True,
     )
   try:
-    counts = {"num_problems": config.num_problems, "valid_problems": config.valid_problems}
-    fits = memory.problems_fit(estimate, config.num_problems, available, accelerators == 1)
-    for flag, count in counts.items():  # suggesting no --num_problems the memory check refuses
-      distributed.check_divides(count, mesh, flag, counts, fits if flag == "num_problems" else None)
     with distributed.use_mesh(mesh):
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
   except (run_dir.RunDirError, distributed.MeshError) as e:  # before compiling

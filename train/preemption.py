@@ -20,7 +20,6 @@ exists only with several processes and can be turned off (``jax_enable_preemptio
 """
 
 import contextlib
-import functools
 import signal
 import threading
 import time
@@ -93,17 +92,6 @@ def watch():
     _active = None
     for each, handler in previous.items():
       signal.signal(each, signal.SIG_DFL if handler is None else handler)
-
-
-def watching(fn):
-  """``fn`` run within ``watch`` (the trainer: tests call it in-process, handlers restored)."""
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with watch():
-      return fn(*args, **kwargs)
-
-  return wrapped
 
 
 def received() -> int:

@@ -10,7 +10,6 @@ The run directory, the resume guard and resuming are ``train.run_dir``'s.
 """
 
 import contextlib
-import contextvars
 import functools
 import json
 import logging
@@ -30,7 +29,7 @@ from learned_opt import tree_files
 from learned_opt.base import LearnedOptimizer
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
-from train import checkpoint, distributed, meta_step, preemption, run_dir
+from train import checkpoint, distributed, meta_step, preemption, run_dir, run_lock
 from train.config import MetaTrainConfig
 from train.meta_step import TrainState
 from train.preemption import Preempted
@@ -216,35 +215,18 @@ def end_epoch(
   return state, progress._replace(early_stopped=early_stopped)
 
 
-# The locks ``_open_run`` takes during a ``train`` call, released when it returns or raises.
-_RUN_LOCKS: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("run_locks")
-
-
-def _releasing_run_locks(train_fn):
-  """``train_fn`` with the run directory's lock (taken by ``_open_run``) held until it ends.
-
-  A decorator rather than a block in ``train``: process 0 takes the lock inside ``_open_run``,
-  whose errors reach every process of a multi-process run.
-  """
-
-  @functools.wraps(train_fn)
-  def wrapped(*args, **kwargs):
-    with contextlib.ExitStack() as locks:
-      token = _RUN_LOCKS.set(locks)
-      try:
-        return train_fn(*args, **kwargs)
-      finally:
-        _RUN_LOCKS.reset(token)
-
-  return wrapped
-
-
-def _open_run(config, task, optimizer, paths, log, start) -> tuple[TrainState, run_dir.Progress]:
+def _open_run(
+  config, task, optimizer, paths, log, start, held
+) -> tuple[TrainState, run_dir.Progress]:
   """The file-system side of a start: checks, the lock, leftovers removed, config.json, what to
-  resume. A second run on the directory is refused here, before it removes anything."""
+  resume. A second run on the directory is refused here, before it removes anything.
+
+  Args:
+    held: an ``ExitStack`` that holds the run directory's lock until ``train`` ends.
+  """
   ckpt_dir, config_path = paths
   run_dir.check_output_tree(config)  # creates the directory
-  _RUN_LOCKS.get().enter_context(run_dir.RunLock(config.output_dir))  # until train() ends
+  held.enter_context(run_lock.RunLock(config.output_dir))
   run_dir.check_resumable(config, config_path, ckpt_dir)
   for directory in (config.output_dir, ckpt_dir):  # left by a kill during an atomic write
     tree_files.remove_temporaries(directory)
@@ -252,7 +234,7 @@ def _open_run(config, task, optimizer, paths, log, start) -> tuple[TrainState, r
   return run_dir.resume_or_start(config, task, optimizer, ckpt_dir, log, start=start)
 
 
-def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data):
+def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data, held):
   """``_open_run`` by process 0 alone, its outcome (or error) sent to every process.
 
   Only process 0 touches the output directory, so the processes need no shared file system. A
@@ -263,7 +245,7 @@ def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data):
   reply = state_bytes = None
   if distributed.is_writer():
     try:
-      state, progress = _open_run(config, task, optimizer, paths, log, start=lambda: None)
+      state, progress = _open_run(config, task, optimizer, paths, log, lambda: None, held)
       if state is not None:
         state_bytes, digest = tree_files.encode(state)
       reply = {"progress": run_dir.host_record(progress, 0), "resumed": state is not None}
@@ -285,8 +267,6 @@ def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data):
   return distributed.put(state, meta_step.state_shardings(template, mesh)), progress
 
 
-@preemption.watching
-@_releasing_run_locks
 def train(
   config: MetaTrainConfig,
   task: TaskFamily | None = None,
@@ -309,6 +289,12 @@ def train(
     Preempted: after SIGTERM or SIGINT (``train.preemption``), once the checkpoint of the meta-step
       all processes stopped after is written. The signal handlers are restored on return.
   """
+  with preemption.watch(), contextlib.ExitStack() as held:  # held: the run lock, until the end
+    return _train(config, task, log, mesh, held)
+
+
+def _train(config, task, log, mesh, held) -> tuple[TrainState, run_dir.Progress]:
+  """``train``'s body, the run directory's lock held by ``held``."""
   mesh = mesh if mesh is not None else distributed.current_mesh()
   if mesh is None and jax.process_count() > 1:
     mesh = distributed.global_mesh()
@@ -328,14 +314,14 @@ def train(
   valid_task = validation_task(config, task)
   if mesh is None:
     data, valid_data = task.data, valid_task.data
-    state, progress = _open_run(config, task, optimizer, paths, log, start=None)
+    state, progress = _open_run(config, task, optimizer, paths, log, None, held)
     valid_problems = meta_step.sample_valid_problems(config, valid_task)
   else:
     data = distributed.put(task.data, distributed.replicated(mesh))
     valid_data = data
     if valid_task is not task:
       valid_data = distributed.put(valid_task.data, distributed.replicated(mesh))
-    state, progress = _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data)
+    state, progress = _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data, held)
     valid_problems = meta_step.sample_valid_problems(config, valid_task, mesh, valid_data)
   if progress.early_stopped:
     log("This run already stopped early; nothing to do.")
