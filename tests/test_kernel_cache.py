@@ -14,6 +14,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import learned_opt
@@ -279,3 +280,21 @@ def test_fused_without_a_compiler_raises_and_auto_falls_back(monkeypatch):
   auto = learned_opt.as_optax(opt, phi, kernel="auto")
   with pytest.warns(RuntimeWarning, match=f"LSTM kernel is unavailable: .*{no_compiler}"):
     assert "ffi_call" not in str(jax.make_jaxpr(auto.update)(grads, auto.init(grads)))
+
+
+def test_fused_off_cpu_raises_and_auto_runs_xla(monkeypatch):
+  """ "fused" insists on a CPU backend too; "auto" quietly runs XLA's update there."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  saved = learned_opt.pretrained("quadratic")
+  params = {"w": jnp.ones(3)}
+  with fused_gates.using("fused"):
+    with pytest.raises(build.KernelUnavailable, match="GATES=fused insists.*'gpu'"):
+      fused_gates.available(jnp.float32)
+  with fused_gates.using("xla"):  # the gates' own choice, apart from as_optax's
+    fused = learned_opt.as_optax(saved, kernel="fused")
+    with pytest.raises(build.KernelUnavailable, match="'fused' insists on a CPU kernel.*'gpu'"):
+      fused.update(params, fused.init(params))
+    auto, xla = (learned_opt.as_optax(saved, kernel=k) for k in ("auto", "xla"))
+    got, _ = auto.update(params, auto.init(params))
+    want, _ = xla.update(params, xla.init(params))
+  np.testing.assert_array_equal(got["w"], want["w"])

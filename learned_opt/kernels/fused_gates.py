@@ -25,8 +25,8 @@ chunk order), so a run and its resume still agree bit for bit.
 ``$LEARNED_OPT_GATES`` chooses, when a computation is traced: ``auto`` (default: the kernels on
 a CPU backend with a single device, XLA elsewhere or where they cannot be built or loaded, with
 one warning saying why), ``xla`` (never build or use them) or ``fused`` (insists: the kernels on
-any number of CPU devices, ``KernelUnavailable`` where they cannot be built or loaded, and a
-warning on a non-CPU backend). ``auto`` leaves the gates to XLA when the process
+any number of CPU devices, ``KernelUnavailable`` where they cannot be built or loaded or on a
+non-CPU backend). ``auto`` leaves the gates to XLA when the process
 has several devices: XLA's partitioner knows nothing of a custom call and runs it on every
 device over all rows, gathered, which made a quadratic meta-step split over two CPU devices
 about 1.5x slower (BUILD.md). Set it before the process traces anything: ``jax.jit`` caches a
@@ -104,9 +104,9 @@ def available(dtype) -> tuple[str, ...] | None:
     return None
   if jax.default_backend() != "cpu":
     if chosen == "fused":
-      build.warn_once(
-        f"{ENV_VAR}=fused: the fused gates are CPU kernels and the backend is "
-        f"{jax.default_backend()!r}; XLA computes the gates instead."
+      raise KernelUnavailable(
+        f"{ENV_VAR}=fused insists on the fused gates, CPU kernels, and the backend is "
+        f"{jax.default_backend()!r}; set {ENV_VAR}=auto (XLA off CPU) or {ENV_VAR}=xla."
       )
     return None
   try:

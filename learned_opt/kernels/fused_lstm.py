@@ -159,7 +159,7 @@ def make_update(optimizer, kernel: str = "auto"):
   Args:
     optimizer: a ``LearnedOptimizer``.
     kernel: ``"xla"`` (``optimizer.update`` itself, nothing built), ``"fused"`` (insists on
-      the kernel: raises where it cannot be built or loaded; off CPU, XLA with a warning) or
+      the kernel: raises where it cannot be built or loaded, or off CPU) or
       ``"auto"`` (the kernel for an optimizer it covers on a CPU backend with a single device,
       silently XLA otherwise; XLA with a warning if it cannot be built or loaded).
       Differentiated (reverse mode), the update is ``optimizer.update``'s; under ``jax.vmap``
@@ -190,9 +190,9 @@ def make_update(optimizer, kernel: str = "auto"):
       return optimizer.update(meta_params, grads, state)
     if jax.default_backend() != "cpu":
       if kernel == "fused":
-        build.warn_once(
-          f"kernel='fused' is a CPU kernel and the backend is {jax.default_backend()!r}; "
-          "running the XLA update instead. Pass kernel='auto' to choose silently."
+        raise KernelUnavailable(
+          f"kernel='fused' insists on a CPU kernel and the backend is "
+          f"{jax.default_backend()!r}; pass kernel='auto' (the XLA update off CPU) or 'xla'."
         )
       return optimizer.update(meta_params, grads, state)
     try:
