@@ -99,8 +99,9 @@ def disk_full_message(error: OSError, output_dir: str) -> str:
 def main(argv):
   """The job; a signal, Ctrl-C or a full disk ends it with one line (stderr), not a traceback.
 
-  Exit status: ``preemption.EXIT_STATUS`` after a signal (checkpoint saved), 130 for Ctrl-C
-  before the handlers are installed, 1 for a full disk. Files stay consistent in every case
+  Exit status: ``preemption.EXIT_STATUS`` (75) after a signal (checkpoint saved),
+  ``preemption.INTERRUPTED_STATUS`` (130) for Ctrl-C before the handlers are installed, 1 for a
+  full disk. Files stay consistent in every case
   (atomic writes); the same command resumes.
   """
   if len(argv) > 1:
@@ -115,7 +116,8 @@ def main(argv):
   except trainer.Preempted as e:
     _exit(str(e), preemption.EXIT_STATUS)
   except KeyboardInterrupt:
-    _exit("Interrupted (SIGINT) while starting; run the same command to start or resume.", 130)
+    message = "Interrupted (SIGINT) while starting; run the same command to start or resume."
+    _exit(message, preemption.INTERRUPTED_STATUS)
   except OSError as e:
     if e.errno not in DISK_FULL:
       raise
