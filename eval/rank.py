@@ -26,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -107,10 +107,23 @@ def run_candidates(run: str, with_checkpoints: bool = True, log=print) -> list[C
       saved = learned_opt.SavedOptimizer(optimizer, state.meta_params)
       found.append(Candidate(f"{label}/step_{step}", path, step, saved))
   if has_saved:
-    saved = learned_opt.load(run)
-    step = learned_opt.load_metadata(run).get("step")
+    saved, step = _load_with_step(run)
     found.append(Candidate(f"{label}/best", run, step, saved))
   return found
+
+
+def _load_with_step(path: str, attempts: int = 20) -> tuple[learned_opt.SavedOptimizer, Any]:
+  """The optimizer saved in ``path`` and the meta-step its metadata names, of one save.
+
+  A live run may save between reading the weights and reading the metadata; the metadata read
+  before and after the load agree only if no save came in between (each names a later step).
+  """
+  for _ in range(attempts):
+    before = learned_opt.load_metadata(path)
+    saved = learned_opt.load(path)
+    if learned_opt.load_metadata(path) == before:
+      return saved, before.get("step")
+  raise ValueError(f"{path} was saved to {attempts} times while reading it; rank it again.")
 
 
 def saved_candidates(specs: Sequence[str]) -> list[Candidate]:

@@ -57,6 +57,25 @@ def test_a_runs_candidates_are_its_checkpoints_and_its_best(run):
   assert _same(best.saved.meta_params, at_best.saved.meta_params)
 
 
+def test_a_save_during_ranking_gives_the_best_its_own_step(tmp_path, monkeypatch):
+  """A live run saving between the weights and the metadata read: the step is the weights'."""
+  optimizer = learned_opt.build({"kind": "lstm", "hidden_size": 2, "num_layers": 1})
+  phi = {step: optimizer.init_meta_params(jax.random.key(step)) for step in (10, 20)}
+  learned_opt.save(str(tmp_path), optimizer, phi[10], metadata={"step": 10})
+  load = learned_opt.load
+
+  def load_then_save(path):
+    saved = load(path)
+    if learned_opt.load_metadata(path)["step"] == 10:
+      learned_opt.save(str(tmp_path), optimizer, phi[20], metadata={"step": 20})
+    return saved
+
+  monkeypatch.setattr(learned_opt, "load", load_then_save)
+  (best,) = rank.run_candidates(str(tmp_path), with_checkpoints=False)
+  assert best.meta_step == 20
+  jax.tree.map(np.testing.assert_array_equal, best.saved.meta_params, phi[20])
+
+
 def test_ranking_problems_are_neither_training_nor_validation_problems(run):
   config, _ = run
   task = quadratic(dim=4)
