@@ -19,7 +19,7 @@ from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
-from train import distributed
+from train import command_line, distributed
 
 flags.DEFINE_multi_string(
   "checkpoint",
@@ -105,7 +105,7 @@ def main(argv):
 def run():
   """The console script's entry point (``learned-opt-train`` / ``learned-opt-eval``)."""
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from eval.stats import paired, stderr
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
-from train import checkpoint, distributed, meta_step, run_dir, saved_config, trainer
+from train import checkpoint, command_line, distributed, meta_step, run_dir, saved_config, trainer
 from train import config as config_lib
 from train import inner as inner_lib
 
@@ -474,7 +474,7 @@ def run():
   """The command line, ``python -m eval.rank``."""
   define_flags()
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 import learned_opt
 from tasks.base import TaskFamily
+from train import command_line
 from train import inner as inner_lib
 
 
@@ -212,4 +213,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)

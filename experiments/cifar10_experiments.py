@@ -57,7 +57,7 @@ from eval import compare, sharding
 from eval.stats import paired
 from learned_opt import tree_files
 from learned_opt.tree_files import atomic_write
-from train import distributed
+from train import command_line, distributed
 from train import inner as inner_lib
 
 HELD_OUT = (5, 6, 7, 8, 9)  # labels the "sub" optimizer (trained on 0..4) never saw
@@ -763,7 +763,7 @@ def run():
   """The command line: defines the flags, then runs ``main``."""
   define_flags()
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from eval import baselines as baselines_lib
 from eval import compare, plots, run_config
 from eval.stats import paired
 from learned_opt.tree_files import atomic_write
-from train import distributed
+from train import command_line, distributed
 
 
 class Experiment(NamedTuple):
@@ -348,7 +348,7 @@ def run():
   """The command line, ``python -m experiments.mnist_experiments``."""
   define_flags()
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

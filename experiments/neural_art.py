@@ -32,8 +32,8 @@ from eval import compare, plots, run_config, visualize
 from learned_opt.tree_files import atomic_write
 from tasks import neural_art
 from tasks.base import TaskFamily
+from train import command_line, distributed, run_dir, saved_config, trainer
 from train import config as config_lib
-from train import distributed, run_dir, saved_config, trainer
 from train import inner as inner_lib
 
 
@@ -540,7 +540,7 @@ def run():
   """The command line: defines the flags, then runs ``main``."""
   define_flags()
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from eval import compare, plots, run_config
 from eval.stats import paired
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
-from train import distributed
+from train import command_line, distributed
 
 FLAGS = flags.FLAGS
 
@@ -215,7 +215,7 @@ def run():
   """The command line: defines the flags, then runs ``main``."""
   define_flags()
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from absl import app, flags
 
 import learned_opt
 from learned_opt import tree_files
-from train import checkpoint, meta_step, run_dir, saved_config, trainer
+from train import checkpoint, command_line, meta_step, run_dir, saved_config, trainer
 from train import config as config_lib
 
 STATE_FILE = "state.msgpack"  # a checkpoint's state file (train.checkpoint)
@@ -279,7 +279,7 @@ def run():
   """The command line, ``python -m train.export``."""
   define_flags()
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from absl import app, flags
 from learned_opt import serialization
 from train import (
   allocator,
+  command_line,
   distributed,
   memory,
   preemption,
@@ -191,7 +192,7 @@ def run():
   """The console script's entry point (``learned-opt-train``)."""
   allocator.rerun_with_chosen_malloc()  # $LEARNED_OPT_MALLOC=tcmalloc: faster, more memory
   jax.config.parse_flags_with_absl()
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":
