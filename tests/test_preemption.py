@@ -17,9 +17,9 @@ import time
 
 import pytest
 import test_multihost as multihost
+import test_resume as resume
 
 from train import checkpoint, preemption, trainer
-from train.config import MetaTrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
@@ -208,19 +208,8 @@ def test_two_processes_stop_at_one_step_and_resume_bit_exact(two_process_runs, n
 
 
 def small_config(output_dir):
-  return MetaTrainConfig(
-    output_dir=str(output_dir),
-    task_kwargs={"dim": 4},
-    optimizer_kwargs={"hidden_size": 6},
-    unroll=5,
-    horizon=10,
-    num_problems=4,
-    num_epochs=1,
-    steps_per_epoch=6,
-    valid_problems=8,
-    checkpoint_every=4,
-    keep_checkpoints=1,
-  )
+  """test_resume's small run, checkpointed at step 4 only, so step 1's is off the schedule."""
+  return resume.small_config(output_dir, checkpoint_every=4, keep_checkpoints=1)
 
 
 def test_train_stops_after_the_signalled_step_and_restores_the_handlers(tmp_path):

@@ -78,7 +78,7 @@ def weights_bytes(output_dir):
 
 
 def small_config(output_dir, **overrides):
-  return MetaTrainConfig(
+  settings = dict(
     output_dir=str(output_dir),
     task_kwargs={"dim": 4},
     optimizer_kwargs={"hidden_size": 6},
@@ -90,8 +90,8 @@ def small_config(output_dir, **overrides):
     valid_problems=8,
     checkpoint_every=2,
     keep_checkpoints=5,
-    **overrides,
   )
+  return MetaTrainConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

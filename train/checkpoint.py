@@ -23,6 +23,7 @@ FORMAT_VERSION = 3  # 3: meta.json checksummed; 2: learned-optimizer state wrapp
 # (raw state dict, host dict, format version) -> the same in the current format.
 Upgrade = Callable[[dict, dict, int], tuple[dict, dict]]
 _PREFIX = "step_"
+PREEMPTED = "preempted"  # host field of a checkpoint written on a signal, off the schedule
 _STATE, _META = "state.msgpack", "meta.json"
 
 
@@ -181,15 +182,16 @@ def restore_latest(
   return None if found.step is None else (found.state, found.host)
 
 
-def _complete(path: str) -> bool:
-  """Whether a checkpoint directory has both files and a well-formed record (a cheap check)."""
+def _host_if_complete(path: str) -> dict | None:
+  """A checkpoint's host record if it has both files and a well-formed record (a cheap check),
+  else None; ``{}`` for another library version's checkpoint, which is kept."""
   try:
-    _read_meta(path)
+    meta = _read_meta(path)
   except NewerFormatError:
-    return True  # another library version's: kept
+    return {}
   except ValueError:
-    return False
-  return os.path.isfile(os.path.join(path, _STATE))
+    return None
+  return meta["host"] if os.path.isfile(os.path.join(path, _STATE)) else None
 
 
 def remove(directory: str, step: int) -> None:
@@ -199,11 +201,15 @@ def remove(directory: str, step: int) -> None:
 def prune(directory: str, keep: int) -> None:
   """Keeps the newest ``keep`` complete checkpoints; removes older and incomplete ones.
 
-  An incomplete checkpoint (a kill during an earlier prune, or junk) counts toward nothing.
+  An incomplete checkpoint (a kill during an earlier prune, or junk) counts toward nothing. One
+  written on a signal (host ``PREEMPTED``, off the ``--checkpoint_every`` schedule) is kept only
+  while it is the newest complete one: once the resumed run writes another it goes, so the run
+  ends with an uninterrupted run's checkpoints.
   """
   kept = 0
   for step in reversed(all_steps(directory)):
-    if kept < keep and _complete(path_of(directory, step)):
+    host = _host_if_complete(path_of(directory, step))
+    if kept < keep and host is not None and not (kept and host.get(PREEMPTED)):
       kept += 1
     else:
       remove(directory, step)

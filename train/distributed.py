@@ -314,8 +314,13 @@ def to_host(tree):
   if all(getattr(x, "is_fully_addressable", True) for x in leaves):
     return jax.tree.map(_host_leaf, tree)
   mesh = next(x.sharding.mesh for x in leaves if not x.is_fully_addressable)
-  gather = jax.jit(lambda t: jax.tree.map(_key_data, t), out_shardings=replicated(mesh))
-  return jax.tree.map(_host_leaf, gather(tree))
+  return jax.tree.map(_host_leaf, _copy_to_every_device(mesh)(tree))
+
+
+@functools.lru_cache
+def _copy_to_every_device(mesh: Mesh):
+  """One jitted copy of a tree onto every device of ``mesh`` (keys as their key data)."""
+  return jax.jit(lambda t: jax.tree.map(_key_data, t), out_shardings=replicated(mesh))
 
 
 def _key_data(leaf):
@@ -327,9 +332,9 @@ def _key_data(leaf):
 def gather_rows(row: np.ndarray, mesh: Mesh) -> np.ndarray:
   """Every process's ``row`` (int32), one per process in process order, on every process.
 
-  A copy onto every device of ``mesh``, as ``to_host`` gathers: JAX's ``process_allgather``
-  between two meta-steps hung the next meta-step of a 2-process CPU (gloo) run. All processes
-  call it together; ``mesh`` must hold devices of every process.
+  Gathered by ``to_host`` (JAX's ``process_allgather`` between two meta-steps hung the next
+  meta-step of a 2-process CPU (gloo) run, before the trainer ran them one at a time). All
+  processes call it together; ``mesh`` must hold devices of every process.
   """
   row = np.asarray(row, np.int32)[None]
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
@@ -337,14 +342,9 @@ def gather_rows(row: np.ndarray, mesh: Mesh) -> np.ndarray:
   rows = jax.make_array_from_single_device_arrays(
     shape, problems_sharding(mesh), [jax.device_put(row, d) for d in local]
   )
-  table = np.asarray(_copy_to_every_device(mesh)(rows))
+  table = to_host(rows)
   owners = [d.process_index for d in mesh.devices.flat]
   return np.stack([table[owners.index(p)] for p in range(jax.process_count())])
-
-
-@functools.lru_cache
-def _copy_to_every_device(mesh: Mesh):
-  return jax.jit(lambda x: x, out_shardings=replicated(mesh))
 
 
 def read_on_writer(path: str) -> bytes | None:

@@ -34,7 +34,7 @@ from train.config import MetaTrainConfig
 from train.meta_step import TrainState
 from train.preemption import Preempted
 
-PREEMPTED_KEY = "preempted"  # host record field of a checkpoint written on a signal
+PREEMPTED_KEY = checkpoint.PREEMPTED  # host record field of a checkpoint written on a signal
 
 
 class NonFiniteError(RuntimeError):
@@ -335,8 +335,9 @@ def _train(config, task, log, mesh, held) -> tuple[TrainState, run_dir.Progress]
     host_state = state if mesh is None else distributed.to_host(state)  # all processes
     if writer:
       host = run_dir.host_record(progress, run_dir.metrics_lines(metrics_path))
-      host.update({PREEMPTED_KEY: True} if preempted else {})
-      _save_checkpoint(ckpt_dir, int(state.step), host_state, host, config.keep_checkpoints)
+      if preempted:
+        host[PREEMPTED_KEY] = True
+      checkpoint.save(ckpt_dir, int(state.step), host_state, host, config.keep_checkpoints)
 
   first = int(state.step)
   gather = functools.partial(distributed.gather_rows, mesh=mesh)  # several processes: a mesh
@@ -397,17 +398,3 @@ def _train(config, task, log, mesh, held) -> tuple[TrainState, run_dir.Progress]
         save_checkpoint(state, progress, preempted=True)
       raise Preempted(done, signal_name, ckpt_dir)
   return state, progress
-
-
-def _save_checkpoint(ckpt_dir, step, state, host, keep) -> None:
-  """``checkpoint.save``, removing the older checkpoints written on a signal after it.
-
-  An uninterrupted run has none of these off-schedule checkpoints, so a resumed one drops them
-  once it has a newer checkpoint, and they never displace a scheduled one from ``keep``.
-  """
-  stale = [s for s in checkpoint.marked_steps(ckpt_dir, PREEMPTED_KEY) if s < step]
-  checkpoint.save(ckpt_dir, step, state, host, keep + len(stale))
-  for old in stale:
-    checkpoint.remove(ckpt_dir, old)
-  if stale:
-    checkpoint.prune(ckpt_dir, keep)

@@ -28,13 +28,13 @@ import warnings
 import jax
 import jaxlib.version
 
+from learned_opt import tree_files
 from learned_opt.kernels.cache_trust import (
   CACHE_ENV_VAR,
   READ_FLAGS,
   SIDECAR_SUFFIX,
   UntrustedCache,
   checked,
-  digest,
   private_directory,
   verified,
 )
@@ -178,7 +178,7 @@ def write_sidecar(directory: str, name: str, content: bytes) -> str:
   """Writes ``content``'s SHA-256 to a new file beside ``name``, synced; its temporary path."""
   handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{name}{SIDECAR_SUFFIX}.")
   with os.fdopen(handle, "w") as f:
-    f.write(f"{digest(content)}  {name}\n")  # `sha256sum -c NAME.so.sha256` checks it
+    f.write(f"{tree_files.sha256(content)}  {name}\n")  # `sha256sum -c NAME.so.sha256` checks it
     f.flush()
     os.fsync(f.fileno())
     os.fchmod(f.fileno(), SIDECAR_MODE)
@@ -316,7 +316,7 @@ def load(path: str, content: bytes | None = None) -> ctypes.CDLL:
         f"the cached kernel {path} is missing or does not match the SHA-256 in "
         f"{path}{SIDECAR_SUFFIX}; build it first (library())"
       )
-  key = digest(content)
+  key = tree_files.sha256(content)
   if key in _LIBRARIES:
     return _LIBRARIES[key]
   private = scratch(directory)

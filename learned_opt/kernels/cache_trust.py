@@ -9,10 +9,11 @@ missing, truncated or mismatched library) reads as absent, so that it is rebuilt
 """
 
 import errno
-import hashlib
 import os
 import stat
 import tempfile
+
+from learned_opt import tree_files
 
 CACHE_ENV_VAR = "LEARNED_OPT_CACHE"
 SIDECAR_SUFFIX = ".sha256"  # NAME.so.sha256 beside NAME.so, in sha256sum's format
@@ -172,11 +173,6 @@ def untrusted(path: str, problem: str) -> str:
   )
 
 
-def digest(content: bytes) -> str:
-  """The SHA-256 of ``content``, in hex: what the sidecar records."""
-  return hashlib.sha256(content).hexdigest()
-
-
 def verified(path: str) -> bytes | None:
   """The library at ``path`` if its bytes match its trusted sidecar's SHA-256, else None.
 
@@ -191,4 +187,8 @@ def verified(path: str) -> bytes | None:
   if content is None or recorded is None:
     return None
   fields = recorded.split()
-  return content if fields and fields[0].decode("ascii", "replace") == digest(content) else None
+  return (
+    content
+    if fields and fields[0].decode("ascii", "replace") == tree_files.sha256(content)
+    else None
+  )
