@@ -4,8 +4,8 @@ r"""CPU time per row of one LSTM layer's parts, forward + backward (run by hand,
 
 Times, on ``--rows`` rows (default 31,820: the MNIST base net's 15,910 coordinates x 2 problems,
 one layer of one optimizee step of the ``mnist_mlp`` preset's meta-step), in one process and
-round by round: the gates ``lstm._gates(z, c)`` and their VJP with the gates in XLA and in the fused
-CPU kernels (``learned_opt.kernels.fused_gates``), and the layer's matmul ``[x, h] @ W`` and its
+round by round: the gates and their VJP in XLA (``lstm_rows.xla_gates``) and by the CPU kernels
+(``learned_opt.kernels.stack.gates``), and the layer's matmul ``[x, h] @ W`` and its
 VJP with a 2 x hidden fan-in (the second layer's). CPU time (all threads, ``time.process_time``)
 is what a call costs when other jobs share the cores; wall time is printed beside it.
 """
@@ -15,8 +15,8 @@ import time
 import jax
 from absl import app, flags
 
-from learned_opt import lstm
-from learned_opt.kernels import fused_gates
+from learned_opt import lstm_rows
+from learned_opt.kernels import stack
 
 flags.DEFINE_integer("rows", 31820, "Rows (coordinates x problems) of the layer.")
 flags.DEFINE_integer("hidden", 20, "LSTM units.")
@@ -40,10 +40,10 @@ def main(argv):
   xh = jax.random.normal(keys[4], (rows, 2 * hidden))
   w = 0.1 * jax.random.normal(keys[5], (2 * hidden, 4 * hidden))
   parts = {}
-  for mode, label in (("xla", "xla"), ("auto", "fused")):
-    with fused_gates.using(mode):  # read when traced: trace and compile inside
-      call = _pullback(lambda z, c: lstm._gates(z, c))
-      jax.block_until_ready(call((z, c), (dh, dc)))
+  names = stack.targets()  # built (or found in the cache) before the timing
+  for label, kernels in (("xla", None), ("cpu_kernels", names)):
+    call = _pullback(lambda z, c, kernels=kernels: lstm_rows.gates(z, c, kernels))
+    jax.block_until_ready(call((z, c), (dh, dc)))
     parts[f"gates fwd+bwd ({label})"] = (call, ((z, c), (dh, dc)))
   parts["matmul fwd+bwd (xla)"] = (_pullback(lambda a, b: a @ b), ((xh, w), z))
   results = {name: [] for name in parts}

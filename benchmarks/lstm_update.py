@@ -2,7 +2,7 @@ r"""Speed of the coordinatewise LSTM's update and of a meta-step through it (run
 
   python -m benchmarks.lstm_update [--workloads=update16k,update1m,update16k_tree,update1m_tree,
       update16k_fused,update1m_fused,update16k_tree_fused,update1m_tree_fused,meta128,meta1024]
-      [--policies=none,dots_saveable] [--reference=/tmp/lstm_orig.py] [--gates=xla,auto]
+      [--policies=none,dots_saveable] [--reference=/tmp/lstm_orig.py] [--gates=xla,cpu_kernels]
       [--rounds=3] [--repeats=10] [--json=runs/lstm_update.json]
 
 Workloads, each run in a subprocess of its own (so its peak resident memory is its own):
@@ -11,7 +11,7 @@ Workloads, each run in a subprocess of its own (so its peak resident memory is i
   of 16,384 / 1,048,576 float32 parameters in one ``(N // 64, 64)`` leaf, the returned state
   donated and threaded from call to call, beside ``optax.adam`` on the same tree;
   ``update16k_tree``, ``update1m_tree``: the same parameters spread over four leaves;
-  ``..._fused``: the same with ``as_optax(..., kernel="fused")``, the hand-written CPU kernel
+  ``..._fused``: the same with ``as_optax(..., backend="cpu_kernels")``, the CPU kernels
   (learned_opt/kernels), built before the run; its FLOPs are the hand count (XLA's cost
   analysis does not see inside a custom call);
 * ``meta128``, ``meta1024``: a quadratic meta-step assembled here as in
@@ -22,15 +22,15 @@ Workloads, each run in a subprocess of its own (so its peak resident memory is i
 
 ``--reference=PATH`` also runs every workload on the ``lstm_optimizer`` of the module at PATH
 (e.g. a copy of the committed ``learned_opt/lstm.py``), interleaved with the library's, round
-by round, since other jobs share the CPU; ``--gates=xla,auto`` likewise runs every workload with
-the LSTM gates in XLA and in the fused CPU kernels (``learned_opt.kernels.fused_gates``). Reported
+by round, since other jobs share the CPU; ``--gates=xla,cpu_kernels`` likewise runs every
+workload with each default backend (``$LEARNED_OPT_BACKEND`` of its subprocess). Reported
 per run: wall time per call after compile
 (median of ``--repeats``), lowering + compile time, FLOPs by XLA's cost analysis and the achieved
 FLOP/s as a fraction of a 2048^3 float32 matmul timed in the same subprocess just before, CPU
 time per call (user + system, ``getrusage``: what the call costs when other jobs share the
 cores), and peak resident memory. Cost analysis counts a ``lax.scan`` or ``lax.map`` body once,
 so FLOPs come from a program without loops: the meta-step with an unroll of 1, times 20; the
-update on 16,384 coordinates (one block, see ``lstm.BLOCK_ROWS``), times N / 16,384.
+update on 16,384 coordinates (one block, see ``lstm_rows.BLOCK_ROWS``), times N / 16,384.
 """
 
 import importlib.util
@@ -48,9 +48,9 @@ import optax
 from absl import app, flags
 
 import learned_opt
-import learned_opt.kernels.fused_lstm
 from benchmarks import peak
-from learned_opt.kernels import fused_gates
+from learned_opt import backend as backend_lib
+from learned_opt.kernels import stack
 
 flags.DEFINE_list(
   "workloads",
@@ -71,8 +71,8 @@ flags.DEFINE_string("reference", None, "A module file whose lstm_optimizer to ru
 flags.DEFINE_list(
   "gates",
   ["auto"],
-  "LSTM gate implementations ($LEARNED_OPT_GATES of each run): auto (the fused CPU kernels), "
-  "xla; --gates=xla,auto interleaves the two round by round.",
+  "Default backends ($LEARNED_OPT_BACKEND of each run): auto, xla, cpu_kernels; "
+  "--gates=xla,cpu_kernels interleaves the two round by round.",
 )
 flags.DEFINE_integer("rounds", 3, "Rounds; each runs every workload once per implementation.")
 flags.DEFINE_integer("repeats", 10, "Timed calls per run, after the compiled first call.")
@@ -111,8 +111,12 @@ def forward_flops_per_coordinate(hidden=20, layers=2, features=1, outputs=1) -> 
 def compiled_flops(fn, *args) -> float:
   """XLA's count for ``fn`` with the gates in XLA (it counts nothing inside a custom call), from
   a fresh trace (jit caches traces per function, and the timed one must not reuse this)."""
-  with fused_gates.using("xla"):
+  saved = backend_lib.kernel_targets
+  backend_lib.kernel_targets = lambda *a: None  # XLA's own ops, which cost analysis sees into
+  try:
     return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis())
+  finally:
+    backend_lib.kernel_targets = saved
 
 
 def time_threaded(fn, state, rest, repeats, donate):
@@ -154,20 +158,21 @@ def parameter_tree(size: int, tree: bool) -> dict:
   }
 
 
-def update_workload(impl: str, size: int, tree: bool, repeats: int, kernel: str = "xla") -> dict:
+def update_workload(impl: str, size: int, tree: bool, repeats: int, kernel: str = "") -> dict:
   params = parameter_tree(size, tree)
   keys = dict(zip(params, jax.random.split(jax.random.key(1), len(params)), strict=True))
   grads = {k: 0.01 * jax.random.normal(keys[k], p.shape) for k, p in params.items()}
   opt = lstm_optimizer(impl)()
   phi = opt.init_meta_params(jax.random.key(0))
-  if kernel == "fused":
-    learned_opt.kernels.fused_lstm.target()  # built (or found in the cache) before the timing
+  if kernel == "cpu_kernels":
+    stack.targets()  # built (or found in the cache) before the timing
   result = {}
-  lstm = learned_opt.as_optax(opt, phi, kernel=kernel)
+  chosen = {"backend": kernel} if kernel and impl == "library" else {}
+  lstm = learned_opt.as_optax(opt, phi, **chosen)
   for name, tx in (("lstm", lstm), ("adam", optax.adam(1e-3))):
     step = lambda state, g, tx=tx: tx.update(g, state)[::-1]  # (state, updates)
     seconds, compile_s, cpu_s = time_threaded(step, (tx.init(params),), (grads,), repeats, (0,))
-    if name == "lstm" and kernel == "fused":  # cost analysis cannot see inside the custom call
+    if name == "lstm" and kernel == "cpu_kernels":  # cost analysis cannot see inside a kernel
       flops = forward_flops_per_coordinate() * size
     else:
       small = {"w": jnp.ones((FLOPS_ROWS,), jnp.float32)}
@@ -246,7 +251,7 @@ def run_one(name: str) -> dict:
     fused = name.endswith("_fused")
     base = name.removesuffix("_fused")
     size = {"16k": 16384, "1m": 1048576}[base.removeprefix("update").removesuffix("_tree")]
-    kernel = "fused" if fused else "xla"
+    kernel = "cpu_kernels" if fused else ""
     result = update_workload(FLAGS.impl, size, base.endswith("_tree"), FLAGS.repeats, kernel)
     parts = [result["lstm"], result["adam"]]
   else:
@@ -304,8 +309,8 @@ def main(argv):
   if FLAGS.reference and not os.path.isfile(FLAGS.reference):
     raise ValueError(f"--reference={FLAGS.reference} is not a file; copy an lstm.py there.")
   for gates in FLAGS.gates:
-    if gates not in fused_gates.MODES:
-      raise ValueError(f"--gates takes {fused_gates.MODES}, got {gates!r}.")
+    if gates not in backend_lib.BACKENDS:
+      raise ValueError(f"--gates takes {backend_lib.BACKENDS}, got {gates!r}.")
   runs = []
   for round_index in range(FLAGS.rounds):
     for run in runs_to_do():
@@ -314,7 +319,7 @@ def main(argv):
       command += [f"--repeats={FLAGS.repeats}"]
       if FLAGS.reference:
         command.append(f"--reference={FLAGS.reference}")
-      env = {**os.environ, fused_gates.ENV_VAR: run["gates"]}
+      env = {**os.environ, backend_lib.ENV_VAR: run["gates"]}
       out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
       runs.append({**run, "round": round_index, **json.loads(out.strip().splitlines()[-1])})
       print(f"round {round_index}: {summary_line(tuple(run.values()), [runs[-1]])}", flush=True)

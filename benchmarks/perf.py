@@ -35,7 +35,7 @@ from absl import app, flags
 
 import learned_opt
 from benchmarks import peak
-from learned_opt.kernels import fused_gates
+from learned_opt import backend as backend_lib
 from train import allocator, meta_step, trainer
 from train.config import MetaTrainConfig
 
@@ -50,8 +50,8 @@ flags.DEFINE_integer("repeats", 10, "Timed calls per workload after the first.")
 flags.DEFINE_list(
   "gates",
   ["auto"],
-  "LSTM gate implementations to run each workload with ($LEARNED_OPT_GATES in its subprocess): "
-  "auto (the fused CPU kernels where they build), xla; e.g. --gates=xla,auto for before/after.",
+  "Backends to run each workload with ($LEARNED_OPT_BACKEND in its subprocess): auto (the CPU "
+  "kernels where they build), xla, cpu_kernels; e.g. --gates=xla,auto for before/after.",
 )
 flags.DEFINE_list(
   "mallocs",
@@ -85,9 +85,14 @@ def flops_of(fn, *args) -> float:
   """FLOPs of one call of ``fn(*args)`` by XLA's cost analysis, scans unrolled, gates in XLA
   (cost analysis counts none in a custom call), so every --gates mode is credited the same work.
   """
-  with fused_gates.using("xla"), fully_unrolled_scans():
-    # A fresh function: jit caches traces per function, and the timed one must not reuse this.
-    return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis())
+  saved = backend_lib.kernel_targets
+  backend_lib.kernel_targets = lambda *a: None  # XLA's own ops, which cost analysis sees into
+  try:
+    with fully_unrolled_scans():
+      # A fresh function: jit caches traces per function, and the timed one must not reuse this.
+      return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis())
+  finally:
+    backend_lib.kernel_targets = saved
 
 
 def time_threaded(compiled, state, extra, repeats):
@@ -131,23 +136,22 @@ def update_workload(size: int, repeats: int) -> dict:
   grads = jax.tree.map(lambda p: 0.01 * p, params)
   opt = learned_opt.lstm_optimizer()
   phi = opt.init_meta_params(jax.random.key(0))
-  # --gates=xla times XLA's update; otherwise as_optax's default (the fused update kernel on a
-  # one-device CPU). FLOPs are always counted on XLA's: cost analysis sees nothing in a kernel.
-  kernel = "xla" if fused_gates.mode() == "xla" else "auto"
+  # The optimizer runs on $LEARNED_OPT_BACKEND (--gates). FLOPs are always counted on XLA's:
+  # cost analysis sees nothing in a kernel.
   results = {}
   for name, tx, counted in (
     (
       "learned",
-      learned_opt.as_optax(opt, phi, kernel=kernel),
-      learned_opt.as_optax(opt, phi, kernel="xla"),
+      learned_opt.as_optax(opt, phi),
+      learned_opt.as_optax(opt, phi, backend="xla"),
     ),
     ("adam", optax.adam(1e-3), optax.adam(1e-3)),
   ):
     update = lambda s, g, tx=tx: tx.update(g, s)[::-1]  # (state, updates): state threaded
     state = tx.init(params)
-    # Above lstm.BLOCK_ROWS coordinates the update loops over blocks with lax.map, whose body
+    # Above lstm_rows.BLOCK_ROWS coordinates the update loops over blocks with lax.map, whose body
     # cost analysis counts once: count one block's worth of parameters and scale.
-    rows = min(size, learned_opt.lstm.BLOCK_ROWS)
+    rows = min(size, learned_opt.lstm_rows.BLOCK_ROWS)
     small = {"w": jnp.ones((rows // 64, 64), jnp.float32)}
     count = lambda s, g, tx=counted: tx.update(g, s)[::-1]
     flops = flops_of(count, counted.init(small), small) * size / rows
@@ -166,7 +170,8 @@ def update_workload(size: int, repeats: int) -> dict:
 
 
 def run_one(name: str, repeats: int) -> dict:
-  quadratic = dict(output_dir="/tmp/unused", unroll=20, horizon=100)
+  backend = backend_lib.default()  # --gates, through the subprocess's $LEARNED_OPT_BACKEND
+  quadratic = dict(output_dir="/tmp/unused", unroll=20, horizon=100, backend=backend)
   mnist = dict(quadratic, task="mnist_mlp", optimizer_kwargs=MNIST_OPTIMIZER)
   workloads = {
     "quad128": lambda: meta_step_workload(MetaTrainConfig(**quadratic, num_problems=128), repeats),
@@ -185,7 +190,7 @@ def run_one(name: str, repeats: int) -> dict:
   achieved = result["flops"] / result["seconds"]
   return {
     "workload": name,
-    "gates": fused_gates.mode(),
+    "gates": backend_lib.default(),
     "malloc": allocator.active(),
     **result,
     "achieved_flops_per_s": achieved,
@@ -223,8 +228,8 @@ def main(argv):
     return
   print(f"devices: {jax.devices()}, jax {jax.__version__}")
   for gates in FLAGS.gates:
-    if gates not in fused_gates.MODES:
-      raise app.UsageError(f"--gates takes {fused_gates.MODES}, got {gates!r}.")
+    if gates not in backend_lib.BACKENDS:
+      raise app.UsageError(f"--gates takes {backend_lib.BACKENDS}, got {gates!r}.")
   results = []
   for name in FLAGS.workloads:
     for gates, malloc in itertools.product(FLAGS.gates, FLAGS.mallocs):
@@ -235,7 +240,7 @@ def main(argv):
         f"--one={name}",
         f"--repeats={FLAGS.repeats}",
       ]
-      env = {**os.environ, fused_gates.ENV_VAR: gates, allocator.ENV: malloc}
+      env = {**os.environ, backend_lib.ENV_VAR: gates, allocator.ENV: malloc}
       try:
         env = allocator.preload_env(env) or env
       except ValueError as e:

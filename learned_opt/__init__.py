@@ -10,12 +10,14 @@ Example:
 
 import importlib.metadata
 
+from learned_opt.backend import BACKENDS, KernelUnavailable
 from learned_opt.base import LearnedOptimizer, SavedOptimizer, check_float_params
 from learned_opt.lstm import lstm_optimizer
 from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.optax_face import LearnedOptaxState, as_optax
 from learned_opt.parameter_groups import partition
-from learned_opt.registry import build, kinds, register, settings
+from learned_opt.per_param_mlp import per_param_mlp_optimizer
+from learned_opt.registry import build, kinds, register, settings, with_backend
 from learned_opt.serialization import load, load_metadata, save
 from learned_opt.shipped import names as pretrained_names
 from learned_opt.shipped import pretrained
@@ -27,6 +29,8 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that i
 
 __all__ = [
   "__version__",
+  "BACKENDS",
+  "KernelUnavailable",
   "LearnedOptaxState",
   "LearnedOptimizer",
   "SavedOptimizer",
@@ -40,9 +44,11 @@ __all__ = [
   "ntm_bfgs_optimizer",
   "ntm_lbfgs_optimizer",
   "partition",
+  "per_param_mlp_optimizer",
   "pretrained",
   "pretrained_names",
   "register",
   "save",
   "settings",
+  "with_backend",
 ]

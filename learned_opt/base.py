@@ -20,12 +20,23 @@ class LearnedOptimizer(NamedTuple):
     init_state: ``(phi, params) -> state``; per-coordinate state shaped ``leaf.shape + (...,)``.
     update: ``(phi, grads, state) -> (updates, state)``; updates are additive, like optax's.
     config: JSON-serializable settings; ``learned_opt.build(config)`` rebuilds the optimizer.
+    backend: how ``update`` executes (``learned_opt.backend``): ``"auto"``, ``"xla"`` or
+      ``"cpu_kernels"``; not part of ``config``, since it changes no math (results agree to
+      ~1e-6). ``learned_opt.with_backend(optimizer, backend)`` rebuilds it for another.
   """
 
   init_meta_params: Callable[[jax.Array], MetaParams]
   init_state: Callable[[MetaParams, Params], State]
   update: Callable[[MetaParams, Params, State], tuple[Params, State]]
   config: Mapping[str, Any]
+  backend: str = "auto"
+
+
+class CoordinateState(NamedTuple):
+  """LSTM state of every coordinate of one parameter leaf (the LSTM optimizers, NTM controllers)."""
+
+  hidden: jax.Array  # leaf.shape + (layers, hidden_size), float32
+  cell: jax.Array  # leaf.shape + (layers, hidden_size), float32
 
 
 class SavedOptimizer(NamedTuple):

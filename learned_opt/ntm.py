@@ -29,9 +29,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from learned_opt import lstm
+from learned_opt import backend as backend_lib
+from learned_opt import lstm, lstm_rows
 from learned_opt import preprocess as preprocess_lib
-from learned_opt.base import LearnedOptimizer, check_float_params
+from learned_opt.base import CoordinateState, LearnedOptimizer, check_float_params
 
 MAX_DENSE_PARAMS = 4096  # a dense memory of 4096^2 float32 is 64 MiB per problem.
 
@@ -39,7 +40,7 @@ MAX_DENSE_PARAMS = 4096  # a dense memory of 4096^2 float32 is 64 MiB per proble
 class ControllerState(NamedTuple):
   """The controller's state for every coordinate of one parameter leaf."""
 
-  lstm: lstm.CoordinateState  # hidden, cell: leaf.shape + (layers, hidden_size)
+  lstm: CoordinateState  # hidden, cell: leaf.shape + (layers, hidden_size)
   read: jax.Array  # leaf.shape + (read_heads,), read results i_{t-1} fed back as inputs
 
 
@@ -124,8 +125,10 @@ def _ntm_optimizer(
   extra_config: dict,
   init_memory,
   write_read,
+  backend: str | None = None,
 ) -> LearnedOptimizer:
-  """The shared controller; ``init_memory`` and ``write_read`` choose the memory."""
+  """The shared controller; ``init_memory`` and ``write_read`` choose the memory; ``backend``
+  how the controller's LSTM executes (``learned_opt.backend``)."""
   if hidden_size <= 0 or num_layers <= 0:
     raise ValueError(
       f"hidden_size and num_layers must be positive, got {hidden_size} and {num_layers}."
@@ -141,6 +144,7 @@ def _ntm_optimizer(
       "the paper uses 1 read head and 3 write heads."
     )
   preprocess_fn, num_features = preprocess_lib.make(preprocess, p=preprocess_p, factor=input_scale)
+  backend = backend_lib.resolve(backend)
   config = {
     "kind": kind,
     "hidden_size": hidden_size,
@@ -184,8 +188,10 @@ def _ntm_optimizer(
       jnp.concatenate([preprocess_fn(jnp.asarray(g, jnp.float32)), c.read], axis=-1)
       for g, c in zip(leaves, controller, strict=True)
     ]
-    tops, lstm_states = lstm.stacked_lstm(
-      meta_params["layers"], xs, [c.lstm for c in controller], global_cells
+    lstm_states = [c.lstm for c in controller]
+    kernels = backend_lib.kernel_targets(backend, meta_params["layers"], xs, lstm_states)
+    tops, lstm_states = lstm_rows.stacked_lstm(
+      meta_params["layers"], xs, lstm_states, global_cells, kernels
     )
     heads = lstm.linear_readout(meta_params["out"], tops)
     reads = [o[..., :read_heads] for o in heads]
@@ -201,7 +207,7 @@ def _ntm_optimizer(
     controller = [ControllerState(s, i) for s, i in zip(lstm_states, results, strict=True)]
     return treedef.unflatten(updates), NTMState(treedef.unflatten(controller), memory)
 
-  return LearnedOptimizer(init_meta_params, init_state, update, config)
+  return LearnedOptimizer(init_meta_params, init_state, update, config, backend)
 
 
 def ntm_bfgs_optimizer(
@@ -216,6 +222,8 @@ def ntm_bfgs_optimizer(
   write_heads: int = 3,
   normalize_writes: bool = False,
   max_params: int = MAX_DENSE_PARAMS,
+  *,
+  backend: str | None = None,
 ) -> LearnedOptimizer:
   """NTM-BFGS (Appendix B): LSTM+GAC controller with a dense ``(N, N)`` memory, ``M_0 = I``.
 
@@ -235,6 +243,8 @@ def ntm_bfgs_optimizer(
       swamped the gradient and meta-training collapsed to a gradient-blind update
       (``docs/ntm_bfgs.md``).
     max_params: largest N accepted for the dense memory.
+    backend: how the controller's LSTM executes (``learned_opt.backend``; as for
+      ``lstm_optimizer``).
 
   Example:
     >>> opt = ntm_bfgs_optimizer()
@@ -268,6 +278,7 @@ def ntm_bfgs_optimizer(
     {"max_params": max_params},
     init_memory,
     dense_write_read,
+    backend,
   )
 
 
@@ -283,6 +294,8 @@ def ntm_lbfgs_optimizer(
   write_heads: int = 3,
   normalize_writes: bool = False,
   memory_window: int = 10,
+  *,
+  backend: str | None = None,
 ) -> LearnedOptimizer:
   """NTM-L-BFGS (Appendix B): NTM-BFGS keeping only the writes of the last steps.
 
@@ -320,4 +333,5 @@ def ntm_lbfgs_optimizer(
     {"memory_window": memory_window},
     init_memory,
     window_write_read,
+    backend,
   )

@@ -1,6 +1,7 @@
 """The optax face of a learned optimizer: a ``GradientTransformationExtraArgs``."""
 
 import os
+import warnings
 from typing import NamedTuple
 
 import chex
@@ -8,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learned_opt import backend as backend_lib
+from learned_opt import registry
 from learned_opt.base import LearnedOptimizer, MetaParams, SavedOptimizer
-from learned_opt.kernels import fused_lstm
 
 NAN_POLICIES = ("propagate", "zero")
 
@@ -93,7 +95,8 @@ def as_optax(
   meta_params: MetaParams | None = None,
   *,
   nan_policy: str = "propagate",
-  kernel: str = "auto",
+  backend: str | None = None,
+  kernel: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a learned optimizer with fixed weights phi as an optax transformation.
 
@@ -111,22 +114,20 @@ def as_optax(
       step, in the wrong direction for -inf) or ``"zero"`` (non-finite gradient entries are
       replaced by 0 before the optimizer sees them, so one bad coordinate does not spread
       through global averaging cells or shared memory).
-    kernel: ``"auto"`` (the default: a fused CPU kernel, compiled on first use, where it
-      applies: a coordinatewise LSTM without global averaging cells on a CPU backend with a
-      single device, about a third of XLA's CPU time on a 1M-parameter update, BUILD.md;
-      XLA's update elsewhere), ``"xla"`` (always the optimizer's own update) or ``"fused"``
-      (the kernel, a ``ValueError`` for an optimizer it does not cover). Results agree with
-      XLA's to ~1e-6; differentiated (``jax.grad`` through the update, as meta-training does)
-      the update is ``"xla"``'s, values and derivatives alike. See
-      ``learned_opt.kernels.fused_lstm``.
+    backend: how the update executes (``learned_opt.backend``): ``"auto"`` (the CPU kernels,
+      compiled on first use, on a CPU backend with one device; XLA elsewhere), ``"xla"``
+      (nothing compiled; any device) or ``"cpu_kernels"`` (insists: ``KernelUnavailable`` from
+      the traced update where they cannot be had). None (the default): the optimizer's own
+      (``optimizer.backend``, chosen when it was built or loaded). Results agree to ~1e-6.
+    kernel: deprecated spelling of ``backend`` (``"fused"`` is ``"cpu_kernels"``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a ``LearnedOptaxState``.
 
   Raises:
     TypeError: for anything but the two forms above (e.g. a path, or an optimizer without phi).
-    ValueError: an unknown ``nan_policy`` or ``kernel``, or ``kernel="fused"`` for an optimizer
-      the fused kernel does not cover.
+    ValueError: an unknown ``nan_policy`` or ``backend``, or ``"cpu_kernels"`` for an optimizer
+      without a kernel path.
 
   Example:
     >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -137,7 +138,18 @@ def as_optax(
   optimizer, meta_params = _unpack(optimizer, meta_params)
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
-  learned_update = fused_lstm.make_update(optimizer, kernel)
+  if kernel is not None:
+    if backend is not None:
+      raise TypeError("as_optax got backend and its deprecated spelling kernel; pass backend.")
+    warnings.warn(
+      "as_optax(kernel=...) is deprecated; pass backend='auto', 'xla' or 'cpu_kernels'.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    backend = backend_lib.checked(kernel, "kernel")
+  if backend is not None:
+    optimizer = registry.with_backend(optimizer, backend)
+  learned_update = optimizer.update
 
   def init_fn(params):
     return LearnedOptaxState(optimizer.init_state(meta_params, params))

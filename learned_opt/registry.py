@@ -2,7 +2,9 @@
 
 A config is a JSON-able mapping ``{"kind": ..., **settings}``; the settings of a kind are the
 arguments of its factory, with the factory's defaults. ``LearnedOptimizer.config`` is such a
-config, so ``build(optimizer.config)`` rebuilds the optimizer (how saved optimizers load).
+config, so ``build(optimizer.config)`` rebuilds the optimizer (how saved optimizers load). A
+factory's ``backend`` argument is not a setting (it changes how, not what, the update computes):
+``build(config, backend=...)`` and ``with_backend`` pass it.
 """
 
 import functools
@@ -12,10 +14,12 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from learned_opt import backend as backend_lib
 from learned_opt.base import LearnedOptimizer
 from learned_opt.lstm import lstm_optimizer
 from learned_opt.ntm import ntm_bfgs_optimizer, ntm_lbfgs_optimizer
 from learned_opt.parameter_groups import partition
+from learned_opt.per_param_mlp import per_param_mlp_optimizer
 
 
 class _Required:
@@ -39,15 +43,16 @@ SIZE_LIMITS = {
 _TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", str: "a string"}
 
 
-def _partition(optimizers: Mapping[str, Mapping[str, Any]], rule: str = "conv_fc"):
-  """``partition`` from nested configs: ``{label: {"kind": ..., ...}}``, one per group."""
+def _partition(optimizers: Mapping[str, Mapping[str, Any]], rule: str = "conv_fc", *, backend=None):
+  """``partition`` from nested configs: ``{label: {"kind": ..., ...}}``, one per group, each
+  group on ``backend``."""
   groups = {}
   for label, config in optimizers.items():
     try:
-      groups[label] = build(config)
+      groups[label] = build(config, backend=backend)
     except ValueError as e:
       raise ValueError(f"partition group {label!r}: {e}") from e
-  return partition(groups, rule)
+  return partition(groups, rule)._replace(backend=backend_lib.resolve(backend))
 
 
 _FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
@@ -58,6 +63,7 @@ _FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
   "ntm_bfgs": ntm_bfgs_optimizer,
   "ntm_lbfgs": ntm_lbfgs_optimizer,
   "partition": _partition,
+  "per_param_mlp": per_param_mlp_optimizer,
 }
 
 
@@ -80,9 +86,18 @@ def _factory(kind: Any) -> Callable[..., LearnedOptimizer]:
 
 
 def _parameters(kind: str) -> dict[str, inspect.Parameter]:
-  """The factory's named arguments (not ``*args`` or ``**kwargs``)."""
+  """The factory's settings: its named arguments (not ``*args``, ``**kwargs`` or ``backend``)."""
   parameters = inspect.signature(_factory(kind), eval_str=True).parameters.values()
-  return {p.name: p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+  return {
+    p.name: p
+    for p in parameters
+    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "backend"
+  }
+
+
+def has_kernel_path(kind: str) -> bool:
+  """Whether ``kind``'s factory takes a ``backend`` (its step can run on the CPU kernels)."""
+  return kind in _FACTORIES and "backend" in inspect.signature(_FACTORIES[kind]).parameters
 
 
 def settings(kind: str) -> dict[str, Any]:
@@ -161,12 +176,14 @@ def _checked(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
-def build(config: Mapping[str, Any]) -> LearnedOptimizer:
+def build(config: Mapping[str, Any], *, backend: str | None = None) -> LearnedOptimizer:
   """Builds (or rebuilds, from ``optimizer.config``) a learned optimizer from its JSON config.
 
   Args:
     config: ``{"kind": one of kinds(), **settings}``; settings not given take the factory's
       defaults (``settings(kind)``).
+    backend: how its update executes (``learned_opt.backend``); None: ``$LEARNED_OPT_BACKEND``,
+      else ``"auto"``. A kind without a CPU-kernel path takes ``"auto"`` and ``"xla"`` only.
 
   Returns:
     The ``LearnedOptimizer``; its ``config`` spells out every setting.
@@ -193,7 +210,44 @@ def build(config: Mapping[str, Any]) -> LearnedOptimizer:
   kind = values.pop("kind")
   factory = _factory(kind)
   values = _checked(kind, values)
+  explicit, backend = backend is not None, backend_lib.resolve(backend)
+  if has_kernel_path(kind):
+    values["backend"] = backend
+  elif backend == "cpu_kernels" and explicit:
+    raise ValueError(
+      f"Learned optimizer kind {kind!r} has no CPU-kernel path; pass backend='auto' or 'xla'."
+    )
+  elif backend == "cpu_kernels":  # $LEARNED_OPT_BACKEND's default: for the kinds that have one
+    backend = "auto"
   try:
-    return factory(**values)
+    optimizer = factory(**values)
   except TypeError as e:
     raise ValueError(f"Config does not fit learned optimizer {kind!r}: {e}") from e
+  return optimizer._replace(backend=backend)
+
+
+def with_backend(optimizer: LearnedOptimizer, backend: str) -> LearnedOptimizer:
+  """``optimizer`` rebuilt (``build(optimizer.config, backend=backend)``) to run on ``backend``.
+
+  The same optimizer where it already does, or where it has no CPU-kernel path and ``backend``
+  is ``"auto"`` or ``"xla"`` (its update is XLA's either way).
+
+  Raises:
+    ValueError: an unknown ``backend``, or ``"cpu_kernels"`` for an optimizer without a kernel
+      path or whose config ``build`` does not know.
+
+  Example:
+    >>> opt = with_backend(learned_opt.lstm_optimizer(), "xla")
+  """
+  backend = backend_lib.checked(backend)
+  if optimizer.backend == backend:
+    return optimizer
+  kind = optimizer.config.get("kind")
+  if kind in _FACTORIES:
+    return build(optimizer.config, backend=backend)
+  if backend == "cpu_kernels":
+    raise ValueError(
+      f"backend='cpu_kernels' needs an optimizer that build() knows; kind {kind!r} is not "
+      "registered (learned_opt.register). Pass backend='auto' or 'xla'."
+    )
+  return optimizer._replace(backend=backend)

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from learned_opt import backend as backend_lib
 from learned_opt import registry, tree_files
 from learned_opt.base import LearnedOptimizer, MetaParams, SavedOptimizer
 
@@ -141,7 +142,9 @@ def _read_record(directory: str) -> dict:
   return record
 
 
-def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOptimizer:
+def load(
+  directory: str, optimizer: LearnedOptimizer | None = None, *, backend: str | None = None
+) -> SavedOptimizer:
   """Loads a saved optimizer; checks integrity, architecture and shapes before returning.
 
   Safe while another process saves to ``directory``: if what the record names has gone (or
@@ -151,6 +154,8 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
   Args:
     directory: a directory written by ``save``.
     optimizer: if given, the saved config must equal ``optimizer.config``.
+    backend: how the loaded optimizer's update executes (``learned_opt.backend``); None:
+      ``$LEARNED_OPT_BACKEND``, else ``"auto"``. Ignored with ``optimizer`` (it has its own).
 
   Returns:
     ``SavedOptimizer(optimizer, meta_params)``.
@@ -158,10 +163,12 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
   Example:
     >>> tx = learned_opt.as_optax(learned_opt.load("runs/quadratic"))
   """
+  if optimizer is None:
+    backend = backend_lib.resolve(backend)  # a bad one is the caller's error, not the file's
   record = _read_record(directory)
   for attempt in range(1, _LOAD_ATTEMPTS + 1):
     try:
-      return _load_record(directory, record, optimizer)
+      return _load_record(directory, record, optimizer, backend)
     except (OSError, ValueError) as e:
       newer = _read_record(directory)
       if newer == record:
@@ -178,7 +185,7 @@ def load(directory: str, optimizer: LearnedOptimizer | None = None) -> SavedOpti
 
 
 def _load_record(
-  directory: str, record: dict, optimizer: LearnedOptimizer | None
+  directory: str, record: dict, optimizer: LearnedOptimizer | None, backend: str | None = None
 ) -> SavedOptimizer:
   """The optimizer ``record`` (read from ``directory``'s ``optimizer.json``) describes."""
   config = record["config"]
@@ -189,7 +196,7 @@ def _load_record(
     )
   if optimizer is None:
     try:
-      optimizer = registry.build(config)
+      optimizer = registry.build(config, backend=backend)
     except RecursionError as e:
       raise ValueError(f"{directory}/{RECORD_FILE}: field 'config' is nested too deeply.") from e
     except ValueError as e:

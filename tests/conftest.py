@@ -1,13 +1,11 @@
 """Test setup: 8 faked CPU devices (as on a small pod slice) before JAX initializes; the learned
-optimizer variants and parameters that the contract suite runs every test over."""
+optimizer variants and parameters that the contract suite runs every test over, on every backend
+(XLA always; the CPU kernels where a C++ compiler exists)."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# With several devices "auto" leaves the LSTM gates to XLA; "fused" runs every test (and every
-# subprocess a test starts) through the fused gate kernels, as a one-device CPU user gets them.
-os.environ.setdefault("LEARNED_OPT_GATES", "fused")
 
 from collections.abc import Callable  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
@@ -18,6 +16,29 @@ import pytest  # noqa: E402
 
 import learned_opt  # noqa: E402
 from learned_opt import ntm, parameter_groups  # noqa: E402
+from learned_opt.kernels import build as kernel_build  # noqa: E402
+from learned_opt.kernels import cache_trust  # noqa: E402
+
+
+def _persistent_compilation_cache() -> None:
+  """JAX's persistent compilation cache for the tests, so a second run of the fast tier compiles
+  little: ~220 -> ~60 s of CPU on 2 cores. A cached executable is code that runs, so the cache
+  lives in a private directory beside the kernel cache, checked like it (``cache_trust``).
+  ``LEARNED_OPT_TEST_COMPILATION_CACHE=0`` turns it off."""
+  if os.environ.get("LEARNED_OPT_TEST_COMPILATION_CACHE", "1") == "0":
+    return
+  root = os.path.join(os.path.dirname(kernel_build.cache_dir()), "jax_tests")
+  try:
+    directory = cache_trust.private_directory(root)
+  except cache_trust.UntrustedCache as e:
+    print(f"conftest: no persistent compilation cache: {e}")
+    return
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+_persistent_compilation_cache()
 
 
 def _own_shape_states(state, params):
@@ -47,7 +68,7 @@ class Variant(NamedTuple):
 
   Attributes:
     name: the test id.
-    optimizer: the ``LearnedOptimizer``.
+    optimizer: the ``LearnedOptimizer``, built for the backend under test (``optimizer.backend``).
     meta_params: its (random) phi.
     coordinatewise: each coordinate's update depends on its own gradients only (section 2.1);
       False where GAC or a shared memory couples the coordinates.
@@ -96,14 +117,42 @@ _VARIANTS = {
     False,
     _partition_states,
   ),
+  # Per-leaf statistics (RMS of g and theta) couple the coordinates of a leaf.
+  "per_param_mlp": (
+    lambda: learned_opt.per_param_mlp_optimizer(hidden_size=8),
+    False,
+    _own_shape_states,
+  ),
 }
 
 
+# The backends every contract runs on: XLA, what every GPU and TPU user runs, and the CPU kernels.
+BACKENDS = ("xla", "cpu_kernels")
+
+
+def skip_without_kernels(backend: str) -> None:
+  """Skips the calling test on ``"cpu_kernels"`` where no C++ compiler can build them."""
+  if backend == "cpu_kernels" and kernel_build.compiler() is None:
+    pytest.skip("no C++ compiler (c++, g++ or $CXX) to build the CPU kernels")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+  """Each backend, skipped where it cannot run here."""
+  skip_without_kernels(request.param)
+  return request.param
+
+
 @pytest.fixture(params=sorted(_VARIANTS))
-def variant(request) -> Variant:
-  """Every learned optimizer variant, with random phi."""
+def variant(request, backend) -> Variant:
+  """Every learned optimizer variant on every backend, with random phi."""
   make, coordinatewise, leaf_states = _VARIANTS[request.param]
   optimizer = make()
+  if backend == "cpu_kernels" and not learned_opt.registry.has_kernel_path(
+    optimizer.config.get("kind")
+  ):
+    pytest.skip(f"{request.param} has no CPU-kernel path")
+  optimizer = learned_opt.with_backend(optimizer, backend)
   phi = optimizer.init_meta_params(jax.random.key(0))
   return Variant(request.param, optimizer, phi, coordinatewise, leaf_states)
 

@@ -1,8 +1,7 @@
-"""The fused CPU kernels of the LSTM gates (learned_opt/kernels/fused_gates) against XLA's."""
+"""The CPU kernels (learned_opt/kernels/stack.py): the gates and the stacked step against XLA's."""
 
 import functools
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +9,8 @@ import numpy as np
 import pytest
 
 import learned_opt
-from learned_opt import lstm
-from learned_opt.kernels import build, fused_gates
+from learned_opt import lstm_rows
+from learned_opt.kernels import stack
 from train import meta_step, trainer
 from train.config import MetaTrainConfig
 
@@ -28,15 +27,12 @@ RTOL, ATOL = 1e-5, 5e-6
 @pytest.fixture(scope="module")
 def names():
   """The kernels' FFI targets, built (or found in the cache) once for the module."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv(fused_gates.ENV_VAR, "fused")  # the suite has 8 devices, where auto is XLA
-    return fused_gates.available(jnp.float32)
+  return stack.targets()
 
 
 def _xla_gates(monkeypatch, z, c):
-  with monkeypatch.context() as patch:
-    patch.setenv(fused_gates.ENV_VAR, "xla")
-    return lstm._gates(z, c)
+  del monkeypatch
+  return lstm_rows.xla_gates(z, c)
 
 
 def _inputs(key, shape, hidden, scale=3.0):
@@ -53,10 +49,11 @@ def _inputs(key, shape, hidden, scale=3.0):
   # leading axes; 2100 rows (three 1024-row chunks, so both threads work, the last partial).
   [((1,), 20), ((37,), 20), ((3, 5), 7), ((2100,), 20), ((0,), 20)],
 )
+@pytest.mark.slow
 def test_forward_and_backward_agree_with_xla(monkeypatch, names, shape, hidden):
   assert names is not None
   z, c, dh, dc = _inputs(jax.random.key(hidden), shape, hidden)
-  got, pullback = jax.vjp(jax.jit(lambda z, c: fused_gates.gates(names, z, c)), z, c)
+  got, pullback = jax.vjp(jax.jit(lambda z, c: stack.gates(names, z, c)), z, c)
   expected, expected_pullback = jax.vjp(lambda z, c: _xla_gates(monkeypatch, z, c), z, c)
   for a, b in zip(got + pullback((dh, dc)), expected + expected_pullback((dh, dc)), strict=True):
     assert a.shape == b.shape
@@ -67,13 +64,14 @@ def test_saturated_gates_and_nan(names):
   """Far out on the sigmoid and tanh the values are exact 0/1/+-1; a NaN stays NaN."""
   z = jnp.array([[-200.0, 200.0, 200.0, 200.0], [200.0, -200.0, -200.0, 200.0]])
   c = jnp.array([[5.0], [jnp.nan]])
-  h, c_new = fused_gates.gates(names, z, c)
+  h, c_new = stack.gates(names, z, c)
   # i = 0, f = 1, g = 1, o = 1: c' = f c + i g = 5 exactly, h' = tanh(5).
   np.testing.assert_array_equal(np.asarray(c_new[0]), [5.0])
   np.testing.assert_allclose(np.asarray(h[0]), [np.tanh(5.0)], rtol=1e-6)
   assert np.isnan(np.asarray(c_new[1, 0])) and np.isnan(np.asarray(h[1, 0]))
 
 
+@pytest.mark.slow
 def test_vmap_grad_and_grad_vmap_agree_with_xla(monkeypatch, names):
   z, c, _, _ = _inputs(jax.random.key(3), (4, 50), 20)
 
@@ -81,7 +79,7 @@ def test_vmap_grad_and_grad_vmap_agree_with_xla(monkeypatch, names):
     h, c_new = gates(z, c)
     return jnp.sum(jnp.sin(h) * c_new)
 
-  fused = lambda z, c: fused_gates.gates(names, z, c)
+  fused = lambda z, c: stack.gates(names, z, c)
   xla = lambda z, c: _xla_gates(monkeypatch, z, c)
   for gates in (fused, xla):
     per_problem = jax.vmap(jax.grad(lambda z, c, g=gates: loss(g, z, c), argnums=(0, 1)))(z, c)
@@ -106,13 +104,12 @@ def _assert_sums_close(actual, expected):
 
 
 def _xla_stack(monkeypatch, x, h, c, *weights):
-  """The stacked LSTM step by XLA (lstm._stacked_rows on the rows): the new (h, c)."""
+  """The stacked LSTM step by XLA (lstm_rows.stacked_rows on the rows): the new (h, c)."""
+  del monkeypatch
   layers = [{"w": w, "b": b} for w, b in zip(weights[::2], weights[1::2], strict=True)]
-  with monkeypatch.context() as patch:
-    patch.setenv(fused_gates.ENV_VAR, "xla")
-    rows = lambda a, trailing: a.reshape((-1,) + a.shape[a.ndim - trailing :])
-    _, hidden, cell = lstm._stacked_rows(layers, rows(x, 1), rows(h, 2), rows(c, 2), 0)
-    return hidden.reshape(h.shape), cell.reshape(c.shape)
+  rows = lambda a, trailing: a.reshape((-1,) + a.shape[a.ndim - trailing :])
+  _, hidden, cell = lstm_rows.stacked_rows(layers, rows(x, 1), rows(h, 2), rows(c, 2), 0)
+  return hidden.reshape(h.shape), cell.reshape(c.shape)
 
 
 def _stack_inputs(key, shape, features, hidden, layers):
@@ -141,12 +138,12 @@ def _case(monkeypatch, names, readout, key, shape, features, hidden, layers):
   (``w_out`` (hidden, 1) and ``b_out`` (1,) after the weights, u's cotangent last)."""
   inputs, cotangents = _stack_inputs(key, shape, features, hidden, layers)
   if not readout:
-    kernel = lambda *a: fused_gates.stack(names, *a)
+    kernel = lambda *a: stack.stack(names, *a)
     return kernel, lambda *a: _xla_stack(monkeypatch, *a), inputs, cotangents
   k = jax.random.split(jax.random.fold_in(key, 1), 3)
   w_out = jax.random.normal(k[0], (hidden, 1)) / np.sqrt(hidden)
   b_out = jax.random.normal(k[1], (1,))
-  kernel = lambda *a: fused_gates.stack_readout(names, *a)
+  kernel = lambda *a: stack.stack_readout(names, *a)
   reference = lambda *a: _xla_stack_readout(monkeypatch, *a)
   return kernel, reference, (*inputs, w_out, b_out), (*cotangents, jax.random.normal(k[2], shape))
 
@@ -159,6 +156,7 @@ def _case(monkeypatch, names, readout, key, shape, features, hidden, layers):
   # whose weight cotangents are summed, the last partial); no rows.
   [((37,), 2, 20, 2), ((1,), 1, 20, 2), ((3, 5), 2, 7, 3), ((1031,), 1, 20, 2), ((0,), 2, 20, 2)],
 )
+@pytest.mark.slow
 def test_stack_forward_and_backward_agree_with_xla(
   monkeypatch, names, readout, shape, features, hidden, layers
 ):
@@ -180,6 +178,7 @@ def test_stack_forward_and_backward_agree_with_xla(
 
 @pytest.mark.parametrize("readout", [False, True])
 @pytest.mark.parametrize("weights_mapped", [False, True])
+@pytest.mark.slow
 def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, readout, weights_mapped):
   """Shared weights: one call over every problem's rows, dW summed over all of them; weights
   mapped too (one optimizer per problem): one call per problem. Both as XLA computes them,
@@ -205,7 +204,7 @@ def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, readout
 def test_stack_nan_stays_in_its_row(monkeypatch, names):
   inputs, cotangents = _stack_inputs(jax.random.key(7), (37,), 2, 20, 2)
   inputs = (inputs[0].at[5, 1].set(jnp.nan),) + inputs[1:]
-  got, pullback = jax.vjp(lambda *a: fused_gates.stack(names, *a), *inputs)
+  got, pullback = jax.vjp(lambda *a: stack.stack(names, *a), *inputs)
   expected, expected_pullback = jax.vjp(lambda *a: _xla_stack(monkeypatch, *a), *inputs)
   h = np.asarray(got[0])
   assert np.isnan(h[5]).all() and np.isfinite(np.delete(h, 5, axis=0)).all()
@@ -215,73 +214,42 @@ def test_stack_nan_stays_in_its_row(monkeypatch, names):
     _assert_sums_close(a, b)
 
 
-def _update_jaxpr(global_cells=0):
+def _update_jaxpr(global_cells=0, backend="auto"):
   """The jaxpr of one LSTM update, traced afresh (traces are cached per function)."""
-  opt = learned_opt.lstm_optimizer(global_cells=global_cells)
+  opt = learned_opt.lstm_optimizer(global_cells=global_cells, backend=backend)
   phi = opt.init_meta_params(jax.random.key(0))
   params = {"w": jnp.ones((6, 3))}
   return str(jax.make_jaxpr(lambda g: opt.update(phi, g, opt.init_state(phi, params)))(params))
 
 
 @pytest.mark.parametrize("global_cells", [0, 5])  # LSTM+GAC's gates are the same kernel
-def test_the_env_var_chooses(monkeypatch, global_cells):
-  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
-  assert "ffi_call" in _update_jaxpr(global_cells)
+def test_the_backend_chooses(monkeypatch, names, global_cells):
+  assert "ffi_call" in _update_jaxpr(global_cells, "cpu_kernels")
   monkeypatch.setattr(jax, "device_count", lambda *args: 1)
-  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")  # one device: the kernels
-  assert "ffi_call" in _update_jaxpr(global_cells)
-  monkeypatch.setenv(fused_gates.ENV_VAR, "xla")
-  assert "ffi_call" not in _update_jaxpr(global_cells)
-  monkeypatch.setenv(fused_gates.ENV_VAR, "sometimes")
-  with pytest.raises(ValueError, match=r"LEARNED_OPT_GATES='sometimes' is not one of"):
-    _update_jaxpr(global_cells)
+  assert "ffi_call" in _update_jaxpr(global_cells, "auto")  # one device: the kernels
+  assert "ffi_call" not in _update_jaxpr(global_cells, "xla")
 
 
 def test_auto_leaves_the_gates_to_xla_with_several_devices(monkeypatch, names):
-  """XLA's partitioner would replicate the custom call on every device; fused insists anyway."""
+  """XLA's partitioner would replicate the custom call on every device; cpu_kernels insists."""
   monkeypatch.setattr(jax, "device_count", lambda *args: 2)
-  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
-  assert fused_gates.available(jnp.float32) is None
-  assert "ffi_call" not in _update_jaxpr()
-  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
-  assert fused_gates.available(jnp.float32) == names
+  assert "ffi_call" not in _update_jaxpr(0, "auto")
+  assert "ffi_call" in _update_jaxpr(0, "cpu_kernels")
 
 
-def test_without_a_compiler_auto_has_xla_compute_the_gates_with_one_warning(monkeypatch):
-  """Fused insists: it raises; auto warns once and falls back."""
-  monkeypatch.setenv("CXX", "/nonexistent/c++")
-  monkeypatch.setattr(build, "_WARNED", set())
-  z = jnp.ones((3, 8))
-  c = jnp.ones((3, 2))
-  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
-  with pytest.raises(build.KernelUnavailable, match=r"fused insists.*\$CXX='/nonexistent/c\+\+'"):
-    lstm._gates(z, c)
-  monkeypatch.setattr(jax, "device_count", lambda *args: 1)  # where auto uses the kernels
-  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
-  with pytest.warns(RuntimeWarning, match=r"gate kernels are unavailable: the C\+\+ compiler"):
-    got = lstm._gates(z, c)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")  # once per process
-    again = lstm._gates(z, c)
-  monkeypatch.setenv(fused_gates.ENV_VAR, "xla")
-  expected = lstm._gates(z, c)
-  for a, b, e in zip(got, again, expected, strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
-    np.testing.assert_array_equal(np.asarray(b), np.asarray(e))
-
-
+@pytest.mark.slow
 def test_a_meta_step_agrees_with_xla(monkeypatch, names):
   """The quadratic meta-gradient (32 problems, unroll 5) through either gates, to tolerance."""
   assert names is not None
   config = MetaTrainConfig(output_dir="/tmp/unused", num_problems=32, unroll=5, horizon=10)
   task, optimizer = trainer.build(config)
   results = {}
-  for mode in ("xla", "fused"):
-    monkeypatch.setenv(fused_gates.ENV_VAR, mode)
+  for mode in ("xla", "cpu_kernels"):
+    optimizer = learned_opt.with_backend(optimizer, mode)
     state = meta_step.init_state(config, task, optimizer)
     step = jax.jit(meta_step.make_train_step(config, task, optimizer))
     results[mode] = step(state, task.data)
-  xla_state, auto_state = results["xla"][0], results["fused"][0]
+  xla_state, auto_state = results["xla"][0], results["cpu_kernels"][0]
   for a, b in zip(
     jax.tree.leaves(auto_state.meta_params), jax.tree.leaves(xla_state.meta_params), strict=True
   ):
@@ -294,6 +262,7 @@ def test_a_meta_step_agrees_with_xla(monkeypatch, names):
   ), "the two modes ran the same code"
 
 
+@pytest.mark.slow
 def test_an_update_on_a_tree_agrees_with_xla_values_and_meta_gradient(monkeypatch, names):
   """The optimizer's update on leaves of every shape (scalar, vector, matrix, empty), vmapped
   over 3 problems, and the gradient of a loss of it w.r.t. phi: one kernel call per leaf, the
@@ -310,19 +279,18 @@ def test_an_update_on_a_tree_agrees_with_xla_values_and_meta_gradient(monkeypatc
   }
   states = jax.vmap(lambda g: opt.update(phi, g, opt.init_state(phi, g))[1])(grads)
 
-  def loss(phi):
+  def loss(opt, phi):
     updates, new = jax.vmap(opt.update, (None, 0, 0))(phi, grads, states)
     total = sum(jnp.sum(jnp.sin(3 * u)) for u in jax.tree.leaves(updates))
     return total + sum(0.1 * jnp.sum(a**2) for a in jax.tree.leaves(new))
 
   results = {}
-  for mode in ("xla", "fused"):
-    monkeypatch.setenv(fused_gates.ENV_VAR, mode)
-    fn = lambda phi: loss(phi)  # a fresh function: jit caches traces per function
-    assert (names[4] in str(jax.make_jaxpr(jax.grad(fn))(phi))) == (mode == "fused")
+  for mode in ("xla", "cpu_kernels"):
+    fn = functools.partial(loss, learned_opt.with_backend(opt, mode))
+    assert (names[4] in str(jax.make_jaxpr(jax.grad(fn))(phi))) == (mode == "cpu_kernels")
     results[mode] = jax.jit(jax.value_and_grad(fn))(phi)
-  np.testing.assert_allclose(results["fused"][0], results["xla"][0], rtol=1e-5)
+  np.testing.assert_allclose(results["cpu_kernels"][0], results["xla"][0], rtol=1e-5)
   for a, b in zip(
-    jax.tree.leaves(results["fused"][1]), jax.tree.leaves(results["xla"][1]), strict=True
+    jax.tree.leaves(results["cpu_kernels"][1]), jax.tree.leaves(results["xla"][1]), strict=True
   ):
     _assert_sums_close(a, b)

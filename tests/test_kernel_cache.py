@@ -14,11 +14,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import learned_opt
-from learned_opt.kernels import build, cache_trust, fused_gates
+from learned_opt.kernels import build, cache_trust, loading
 
 pytestmark = pytest.mark.skipif(
   shutil.which("c++") is None and shutil.which("g++") is None,
@@ -55,7 +54,7 @@ def _unregistered(*args, **kwargs):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
   """A fresh cache root in $LEARNED_OPT_CACHE, the marker file in $LEARNED_OPT_TEST_MARKER;
-  ``build.targets`` loads libraries and looks their symbols up but registers nothing."""
+  ``loading.targets`` loads libraries and looks their symbols up but registers nothing."""
   monkeypatch.setattr(jax.ffi, "register_ffi_target", _unregistered)
   monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path / "cache"))
   monkeypatch.setenv(MARKER_ENV_VAR, str(tmp_path / "marker"))
@@ -135,7 +134,7 @@ def test_a_planted_file_others_could_write_is_not_loaded(tmp_path, cache, source
     problem = f"owned by uid {FOREIGN_UID}, not by you"
   expected = f"{re.escape(path)} is not trusted.*{problem}.*rm -f"
   with pytest.raises(build.KernelUnavailable, match=expected):
-    build.targets(source, (SYMBOL,))
+    loading.targets(source, (SYMBOL,))
   assert _marker(cache) == ""  # the planted constructor never ran
 
 
@@ -158,51 +157,45 @@ def test_a_cache_directory_others_could_write_is_refused(cache, source, where, c
   kernels, escaped = re.escape(str(cache / "kernels")), re.escape(str(path))
   expected = f"kernel cache {kernels} is not private: {escaped} .*" + problem.format(path=escaped)
   with pytest.raises(build.KernelUnavailable, match=expected + r".*\$LEARNED_OPT_CACHE"):
-    build.targets(source, (SYMBOL,))
+    loading.targets(source, (SYMBOL,))
   assert _marker(cache) == ""
 
 
 def test_directories_are_made_private_and_a_sticky_ancestor_is_fine(tmp_path, cache, source):
   os.chmod(tmp_path, 0o1777)  # like /tmp
-  build.targets(source, (SYMBOL,))
+  loading.targets(source, (SYMBOL,))
   assert _marker(cache) == "built\n"
   for directory in (cache, cache / "kernels"):
     assert os.stat(directory).st_mode & 0o777 == 0o700
 
 
-def test_a_refused_cache_falls_back_under_auto_and_raises_under_fused(cache, monkeypatch):
+def test_a_refused_cache_falls_back_under_auto_and_raises_under_cpu_kernels(cache, monkeypatch):
   os.makedirs(cache, mode=0o777)
   os.chmod(cache, 0o777)
-  monkeypatch.setattr(build, "_WARNED", set())
+  monkeypatch.setattr(loading, "_WARNED", set())
   monkeypatch.setattr(jax, "device_count", lambda *args: 1)  # where auto uses the kernels
-  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
-  with pytest.warns(RuntimeWarning, match="gate kernels are unavailable.*not private.*chmod go-w"):
-    assert fused_gates.available(jnp.float32) is None
-  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
-  with pytest.raises(build.KernelUnavailable, match="LEARNED_OPT_GATES=fused insists.*chmod go-w"):
-    fused_gates.available(jnp.float32)
-  monkeypatch.setenv(fused_gates.ENV_VAR, "xla")
-  opt = learned_opt.lstm_optimizer(hidden_size=2)
+  opt = learned_opt.lstm_optimizer(hidden_size=2, backend="auto")
   phi = opt.init_meta_params(jax.random.key(0))
   grads = {"w": jnp.ones((3,))}
-  auto = learned_opt.as_optax(opt, phi, kernel="auto")
-  with pytest.warns(RuntimeWarning, match="LSTM kernel is unavailable.*not private.*XLA update"):
+  auto = learned_opt.as_optax(opt, phi)
+  with pytest.warns(RuntimeWarning, match="auto.*unavailable.*not private.*chmod go-w"):
     assert "ffi_call" not in str(jax.make_jaxpr(auto.update)(grads, auto.init(grads)))
-  fused = learned_opt.as_optax(opt, phi, kernel="fused")
-  with pytest.raises(build.KernelUnavailable, match="kernel='fused' insists.*not private"):
-    jax.make_jaxpr(fused.update)(grads, fused.init(grads))
+  insist = learned_opt.as_optax(opt, phi, backend="cpu_kernels")
+  with pytest.raises(build.KernelUnavailable, match="cpu_kernels.*not private.*backend='auto'"):
+    jax.make_jaxpr(insist.update)(grads, insist.init(grads))
   assert sorted(os.listdir(cache)) == ["kernels"]  # nothing built there
 
 
+@pytest.mark.slow
 def test_a_truncated_library_is_rebuilt_in_a_process_that_survives(cache, source):
   path = build.library(source)
   whole = open(path, "rb").read()
   with open(path, "r+b") as f:
     f.truncate(len(whole) // 2)
   load = (
-    "import jax; from learned_opt.kernels import build; "
+    "import jax; from learned_opt.kernels import loading; "
     "jax.ffi.register_ffi_target = lambda *args, **kwargs: None; "
-    f"build.targets({source!r}, ({SYMBOL!r},))"
+    f"loading.targets({source!r}, ({SYMBOL!r},))"
   )
   done = subprocess.run(
     [sys.executable, "-c", load + "; print('loaded')"], capture_output=True, text=True, timeout=300
@@ -222,7 +215,7 @@ def test_a_library_not_matching_its_sidecar_is_rebuilt(tmp_path, cache, source, 
     os.remove(path + ".sha256")
   elif damage == "bad_sidecar":
     _write(path + ".sha256", b"not a hash\n", 0o644)
-  build.targets(source, (SYMBOL,))
+  loading.targets(source, (SYMBOL,))
   assert _marker(cache) == "built\n"
   assert cache_trust.verified(path) not in (None, planted)  # rebuilt, with its sidecar
 
@@ -241,14 +234,14 @@ def test_the_build_syncs_each_file_before_renaming_it_and_the_sidecar_goes_first
     events.append(("replace", os.path.basename(src), os.path.basename(dst)))
     replace(src, dst)
 
-  def fake_compile(cxx, source, output):
+  def fake_compile(cxx, source, output, flags=build.BUILD_FLAGS):
     with open(output, "wb") as f:
       f.write(b"library")
 
   if not os.path.isdir("/proc/self/fd"):
     pytest.skip("needs /proc/self/fd to name what is synced")
   monkeypatch.setattr(build, "compile_library", fake_compile)
-  monkeypatch.setattr(build, "library_name", lambda cxx, source: "probe-test.so")
+  monkeypatch.setattr(build, "library_name", lambda cxx, source, flags: "probe-test.so")
   monkeypatch.setattr(os, "fsync", recorded_fsync)
   monkeypatch.setattr(os, "replace", recorded_replace)
   build.library("unused.cc", build.compiler(), str(tmp_path / "cache"))
@@ -257,44 +250,3 @@ def test_the_build_syncs_each_file_before_renaming_it_and_the_sidecar_goes_first
   for rename in renames:
     assert events.index(("fsync", rename[1])) < events.index(rename)  # its bytes are on disk
   assert events[-1] == ("fsync", "cache")  # the directory, after the renames
-
-
-def test_fused_without_a_compiler_raises_and_auto_falls_back(monkeypatch):
-  monkeypatch.setenv("CXX", "/nonexistent/c++")
-  monkeypatch.setattr(build, "_WARNED", set())
-  monkeypatch.setattr(jax, "device_count", lambda *args: 1)  # where auto uses the kernels
-  no_compiler = r"\$CXX='/nonexistent/c\+\+' does not exist"
-  monkeypatch.setenv(fused_gates.ENV_VAR, "fused")
-  with pytest.raises(build.KernelUnavailable, match=f"GATES=fused insists.*{no_compiler}.*=auto"):
-    fused_gates.available(jnp.float32)
-  monkeypatch.setenv(fused_gates.ENV_VAR, "auto")
-  with pytest.warns(RuntimeWarning, match=f"gate kernels are unavailable: .*{no_compiler}"):
-    assert fused_gates.available(jnp.float32) is None
-  monkeypatch.setenv(fused_gates.ENV_VAR, "xla")
-  opt = learned_opt.lstm_optimizer(hidden_size=2)
-  phi = opt.init_meta_params(jax.random.key(0))
-  grads = {"w": jnp.ones((3,))}
-  fused = learned_opt.as_optax(opt, phi, kernel="fused")
-  with pytest.raises(build.KernelUnavailable, match=f"'fused' insists.*{no_compiler}.*'auto'"):
-    jax.make_jaxpr(fused.update)(grads, fused.init(grads))
-  auto = learned_opt.as_optax(opt, phi, kernel="auto")
-  with pytest.warns(RuntimeWarning, match=f"LSTM kernel is unavailable: .*{no_compiler}"):
-    assert "ffi_call" not in str(jax.make_jaxpr(auto.update)(grads, auto.init(grads)))
-
-
-def test_fused_off_cpu_raises_and_auto_runs_xla(monkeypatch):
-  """ "fused" insists on a CPU backend too; "auto" quietly runs XLA's update there."""
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  saved = learned_opt.pretrained("quadratic")
-  params = {"w": jnp.ones(3)}
-  with fused_gates.using("fused"):
-    with pytest.raises(build.KernelUnavailable, match="GATES=fused insists.*'gpu'"):
-      fused_gates.available(jnp.float32)
-  with fused_gates.using("xla"):  # the gates' own choice, apart from as_optax's
-    fused = learned_opt.as_optax(saved, kernel="fused")
-    with pytest.raises(build.KernelUnavailable, match="'fused' insists on a CPU kernel.*'gpu'"):
-      fused.update(params, fused.init(params))
-    auto, xla = (learned_opt.as_optax(saved, kernel=k) for k in ("auto", "xla"))
-    got, _ = auto.update(params, auto.init(params))
-    want, _ = xla.update(params, xla.init(params))
-  np.testing.assert_array_equal(got["w"], want["w"])

@@ -11,13 +11,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 def module_graph(root: pathlib.Path, package: str) -> tuple[dict[str, set[str]], set[str]]:
   """(module -> package modules it imports anywhere in its source, every top-level name imported).
 
-  Subpackages count module by module (``learned_opt.kernels.fused_lstm``), not as the package.
+  Subpackages count module by module (``learned_opt.kernels.stack``), not as the package.
 
   ``from learned_opt import serialization`` is an edge to that module; ``from learned_opt import
   build`` (a name, not a module) is an edge to the package's ``__init__``.
   """
 
-  def name_of(path: pathlib.Path) -> str:  # learned_opt/kernels/fused_lstm.py -> dotted name
+  def name_of(path: pathlib.Path) -> str:  # learned_opt/kernels/stack.py -> dotted name
     parts = path.relative_to(root).with_suffix("").parts
     return ".".join((package,) + (parts[:-1] if parts[-1] == "__init__" else parts))
 
@@ -73,7 +73,7 @@ def test_find_cycle_finds_one():
 
 def test_learned_opt_has_no_import_cycle():
   graph, _ = module_graph(ROOT, PACKAGE)
-  assert "learned_opt.kernels.fused_lstm" in graph["learned_opt.optax_face"]  # subpackages seen
+  assert "learned_opt.kernels.stack" in graph["learned_opt.lstm_rows"]  # subpackages seen
   # The registry rebuilds partitions, so it needs parameter_groups (and not the other way).
   assert "learned_opt.parameter_groups" in graph["learned_opt.registry"]
   assert find_cycle(graph) == []
@@ -83,3 +83,13 @@ def test_learned_opt_imports_no_driver_package():
   _, top_level = module_graph(ROOT, PACKAGE)
   assert PACKAGE in top_level and "jax" in top_level
   assert not top_level & {"tasks", "train", "eval", "experiments"}
+
+
+def test_the_kernels_import_nothing_above_them():
+  """learned_opt/kernels/ is the package's lowest floor: its modules import one another and the
+  file utilities (``tree_files``) only, never the optimizers that run on them."""
+  graph, _ = module_graph(ROOT, PACKAGE)
+  below = {"learned_opt.tree_files"}
+  for name, edges in graph.items():
+    if name.startswith("learned_opt.kernels"):
+      assert all(e.startswith("learned_opt.kernels") or e in below for e in edges), (name, edges)

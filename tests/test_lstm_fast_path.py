@@ -2,7 +2,7 @@
 
 The reference below is the paper's cell written for one coordinate and vmapped over all of them,
 as ``learned_opt/lstm.py`` computed it before it was made fast; the shipped optimizers were
-trained with that.
+trained with that. Every test runs on both backends (the ``backend`` fixture, conftest.py).
 """
 
 import functools
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import learned_opt
-from learned_opt import lstm
+from learned_opt import lstm, lstm_rows
 
 RTOL, ATOL = 1e-5, 1e-6
 SMALL = {"hidden_size": 6, "global_cells": 2}  # two layers, as in the paper, but 6 units
@@ -132,8 +132,8 @@ GAC_LOG_SIGN = {"global_cells": 2, "preprocess": "log_sign", "output_scale": 0.1
     ("bf16", GAC_LOG_SIGN),
   ],
 )
-def test_update_equals_reference(tree, settings):
-  opt = learned_opt.lstm_optimizer(**{**SMALL, **settings})
+def test_update_equals_reference(tree, settings, backend):
+  opt = learned_opt.lstm_optimizer(**{**SMALL, **settings}, backend=backend)
   phi = random_phi(opt, jax.random.key(0))
   params = TREES[tree]
   grads = random_like(params, jax.random.key(1))
@@ -142,9 +142,9 @@ def test_update_equals_reference(tree, settings):
   assert_trees_close(jax.jit(functools.partial(two_steps, opt.update))(phi, grads, state), expected)
 
 
-def test_nested_vmap_update_equals_reference():
+def test_nested_vmap_update_equals_reference(backend):
   """vmap folds the problems into the rows; GAC must still average each problem on its own."""
-  opt = learned_opt.lstm_optimizer(**SMALL)
+  opt = learned_opt.lstm_optimizer(**SMALL, backend=backend)
   phi = random_phi(opt, jax.random.key(0))
   params = TREES["multi_leaf"]
   grads = jax.vmap(lambda k: random_like(params, k))(jax.random.split(jax.random.key(1), 6))
@@ -167,9 +167,12 @@ def meta_loss(update, phi, grads, state):
   return jnp.sum(losses)
 
 
-def test_meta_gradient_through_scan_equals_reference():
+@pytest.mark.slow
+def test_meta_gradient_through_scan_equals_reference(backend):
   """grad of a vmap over problems, as the trainer takes it, and vmap of grad (per problem)."""
-  opt = learned_opt.lstm_optimizer(**SMALL, preprocess="log_sign", output_scale=0.1)
+  opt = learned_opt.lstm_optimizer(
+    **SMALL, preprocess="log_sign", output_scale=0.1, backend=backend
+  )
   phi = random_phi(opt, jax.random.key(0))
   params = TREES["multi_leaf"]
   grads = jax.vmap(lambda k: random_like(params, k))(jax.random.split(jax.random.key(1), 3))
@@ -189,11 +192,12 @@ def test_meta_gradient_through_scan_equals_reference():
   assert_trees_close(of_sum, jax.tree.map(lambda g: jnp.sum(g, axis=0), expected), 1e-4, 1e-5)
 
 
-def test_blockwise_path_equals_reference(monkeypatch):
+@pytest.mark.slow
+def test_blockwise_path_equals_reference(monkeypatch, backend):
   """Steps over more than BLOCK_ROWS coordinates run block by block, a remainder, then GAC."""
-  monkeypatch.setattr(lstm, "BLOCK_ROWS", 4)  # 11 coordinates: two blocks and 3 rows
+  monkeypatch.setattr(lstm_rows, "BLOCK_ROWS", 4)  # 11 coordinates: two blocks and 3 rows
   params = {"w": jnp.ones((2, 4)), "b": jnp.ones((3,))}
-  opt = learned_opt.lstm_optimizer(**SMALL, preprocess="log_sign")
+  opt = learned_opt.lstm_optimizer(**SMALL, preprocess="log_sign", backend=backend)
   phi = random_phi(opt, jax.random.key(0))
   grads = random_like(params, jax.random.key(1))
   state = opt.init_state(phi, params)
@@ -215,8 +219,9 @@ def load_shipped(name):
 
 
 @pytest.mark.parametrize("name", ["quadratic", "mnist_mlp"])
-def test_shipped_optimizers_equal_reference(name):
+def test_shipped_optimizers_equal_reference(name, backend):
   opt, phi = load_shipped(name)
+  opt = learned_opt.with_backend(opt, backend)
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
   grads = jax.tree.map(lambda g: 0.1 * g, random_like(params, jax.random.key(2)))
   state = opt.init_state(phi, params)

@@ -84,7 +84,8 @@ def test_integer_leaves_fail_clearly(variant):
 
 
 def descent_phi(config, phi, lr):
-  """Hand-set phi whose update is ``-lr * s(grad)``, ``s`` odd, increasing, ``|s| < 0.77``.
+  """Hand-set phi whose update is ``-lr * s(grad)``, ``s`` odd, increasing, ``|s| < 0.77``
+  (the per-parameter MLP: Adam's step at ``lr``).
 
   Gates: input and output open, forget shut (biases +-10); unit 0 of every layer carries the
   sign-carrying input feature (the gradient, or ``sgn g`` under ``log_sign``) through
@@ -93,6 +94,9 @@ def descent_phi(config, phi, lr):
   """
   if config["kind"] == "partition":
     return {label: descent_phi(config["optimizers"][label], phi[label], lr) for label in phi}
+  if config["kind"] == "per_param_mlp":  # a zero read-out is Adam at lr (learned_opt.per_param_mlp)
+    out = jax.tree.map(jnp.zeros_like, phi["out"])
+    return {**phi, "out": out, "log_lr": jnp.log(jnp.float32(lr))}
   feature = 1 if config["preprocess"] == "log_sign" else 0
   layers = []
   for layer in phi["layers"]:

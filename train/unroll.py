@@ -57,11 +57,8 @@ def unroll(
     ``(losses, inner)``: ``losses`` shaped (num_steps,) holds f(theta_1) ... f(theta_T), each
     a differentiable function of phi; ``inner`` is the state after the last step.
   """
-  # Differentiated w.r.t. phi under vmap: the optimizer's own update (on CPU itself a fused,
-  # differentiable step). kernel="auto" would wrap it in a custom_vjp for the same values and
-  # gradients; batched over problems, that wrapper made XLA's weight gradient one per problem,
-  # then summed (~8% slower on the 128-problem quadratic meta-step with LEARNED_OPT_GATES=xla).
-  tx = learned_opt.as_optax(optimizer, meta_params, kernel="xla")
+  # Differentiated w.r.t. phi under vmap: the optimizer's own update, on its own backend.
+  tx = learned_opt.as_optax(optimizer, meta_params)
   losses, inner = inner_lib.run(task, tx, data, inner, num_steps, second_order)
   # losses[0] is f(theta_0), fixed before this truncation; the objective is f(theta_1..T).
   return losses[1:], inner

@@ -1,1 +1,2 @@
-"""Hand-written CPU kernels, compiled on first use (see ``fused_lstm``)."""
+"""Hand-written CPU kernels for the LSTM step (``stack``), built on first use (``build``);
+``learned_opt.backend`` chooses when they run."""

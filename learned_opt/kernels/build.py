@@ -1,12 +1,11 @@
-"""Compiling a C++ XLA FFI kernel for this CPU on first use, cached, and registering it with JAX.
+"""Compiling a C++ XLA FFI kernel for this CPU on first use, cached (``loading`` loads it).
 
 ``library(source)`` compiles ``source`` with the system C++ compiler (``$CXX``, else ``c++`` or
 ``g++``) into ``$LEARNED_OPT_CACHE/kernels`` (default ``~/.cache/learned_opt/kernels``). The
 file name is a hash of the source and the headers beside it, the flags, the compiler, jaxlib's
 version and the CPU's feature flags (the build targets this CPU), so a cached build is reused
-only where it fits. Nothing is built at install time. ``register(path, symbol)`` loads a built
-library and registers one of its handlers as a CPU FFI target; ``targets(source, symbols)`` does
-both once per process.
+only where it fits. Nothing is built at install time. ``learned_opt.kernels.loading`` loads a
+built library and registers its handlers as CPU FFI targets.
 
 Loading a library runs its code, so the cache trusts only what no other user could have written
 (``learned_opt.kernels.cache_trust``): a library that is missing, truncated or does not match the
@@ -14,16 +13,15 @@ SHA-256 recorded beside it is rebuilt; one whose owner or permissions are wrong,
 directory that is not private, is refused (``KernelUnavailable``, saying how to fix it).
 """
 
-import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
-import threading
-import warnings
+import time
 
 import jax
 import jaxlib.version
@@ -34,7 +32,6 @@ from learned_opt.kernels.cache_trust import (
   READ_FLAGS,
   SIDECAR_SUFFIX,
   UntrustedCache,
-  checked,
   private_directory,
   verified,
 )
@@ -60,19 +57,12 @@ BUILD_FLAGS = (
 )
 BUILD_TIMEOUT_S = 600
 
-_REGISTERED: set[str] = set()
-_LIBRARIES: dict[str, ctypes.CDLL] = {}  # SHA-256 -> loaded library, kept for the process's life
-_LOCK = threading.Lock()
-_TARGETS: dict[tuple, tuple[str, ...]] = {}  # (source, symbols, compiler, cache) -> targets
-_FAILURES: dict[tuple, str] = {}  # the same key -> why the kernel is unavailable
-_WARNED: set[str] = set()
-
 
 class KernelUnavailable(RuntimeError):
   """A kernel cannot be built or loaded here; the message says why."""
 
 
-def _unavailable_if_untrusted(fn):
+def unavailable_if_untrusted(fn):
   """``fn`` raising ``KernelUnavailable`` where the cache is not trusted (``UntrustedCache``)."""
 
   @functools.wraps(fn)
@@ -117,7 +107,7 @@ def headers(source: str) -> list[str]:
   return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".h"))
 
 
-def library_name(cxx: str, source: str) -> str:
+def library_name(cxx: str, source: str, flags: tuple[str, ...] = BUILD_FLAGS) -> str:
   """The cached library's file name: the source's stem and a hash of all that shapes the code
   (the source and the headers beside it, the flags, the compiler, jaxlib and this CPU)."""
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -126,7 +116,7 @@ def library_name(cxx: str, source: str) -> str:
     with open(path, "rb") as f:
       key.update(f.read())
     key.update(b"\0")
-  for part in (" ".join(BUILD_FLAGS).encode(), version.encode(), cpu_features().encode()):
+  for part in (" ".join(flags).encode(), version.encode(), cpu_features().encode()):
     key.update(part)
     key.update(b"\0")
   key.update(jaxlib.version.__version__.encode())  # the FFI headers and ABI it was built against
@@ -134,9 +124,22 @@ def library_name(cxx: str, source: str) -> str:
   return f"{stem}-{key.hexdigest()[:20]}.so"
 
 
-def compile_library(cxx: str, source: str, output: str) -> None:
-  """Compiles ``source`` into the shared library ``output``; raises ``KernelUnavailable``."""
-  command = [cxx, *BUILD_FLAGS, "-I", jax.ffi.include_dir(), source, "-o", output]
+def compile_library(
+  cxx: str, source: str, output: str, flags: tuple[str, ...] = BUILD_FLAGS
+) -> None:
+  """Compiles ``source`` into the shared library ``output``; raises ``KernelUnavailable``.
+
+  Says so on stderr (a build takes seconds to a minute, and looks like a hang otherwise).
+  """
+  command = [cxx, *flags, "-I", jax.ffi.include_dir(), source, "-o", output]
+  where = os.path.dirname(os.path.abspath(output))
+  print(
+    f"learned_opt: building the CPU kernel {os.path.basename(source)} (first use, cached in "
+    f"{where}) ...",
+    file=sys.stderr,
+    flush=True,
+  )
+  started = time.monotonic()
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
   except (OSError, subprocess.TimeoutExpired) as e:
@@ -146,9 +149,11 @@ def compile_library(cxx: str, source: str, output: str) -> None:
     raise KernelUnavailable(
       f"compiling it with {cxx} failed (exit {done.returncode}): " + " | ".join(tail)
     )
-
-
-# --- Building --------------------------------------------------------------------------------
+  print(
+    f"learned_opt: built {os.path.basename(source)} in {time.monotonic() - started:.0f} s",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def fsync_directory(directory: str) -> None:
@@ -208,7 +213,9 @@ def install(directory: str, name: str, partial: str) -> bytes:
   return content
 
 
-def build(cxx: str, source: str, directory: str, name: str) -> tuple[str, bytes]:
+def build(
+  cxx: str, source: str, directory: str, name: str, flags: tuple[str, ...] = BUILD_FLAGS
+) -> tuple[str, bytes]:
   """Compiles ``source`` into ``directory/name``; its path and bytes.
 
   A directory that cannot be written: built in a fresh temporary one (this process only).
@@ -220,7 +227,7 @@ def build(cxx: str, source: str, directory: str, name: str) -> tuple[str, bytes]
     handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".partial")
   os.close(handle)
   try:
-    compile_library(cxx, source, partial)
+    compile_library(cxx, source, partial, flags)
     return os.path.join(directory, name), install(directory, name, partial)
   except OSError as e:  # a full disk, say: as unavailable as a failed build
     raise KernelUnavailable(f"installing the built kernel in {directory} failed ({e})") from e
@@ -229,9 +236,15 @@ def build(cxx: str, source: str, directory: str, name: str) -> tuple[str, bytes]
       os.remove(partial)
 
 
-@_unavailable_if_untrusted
-def built(source: str, cxx: str | None = None, directory: str | None = None) -> tuple[str, bytes]:
-  """``source`` compiled: the library's path and its verified bytes, built unless cached.
+@unavailable_if_untrusted
+def built(
+  source: str,
+  cxx: str | None = None,
+  directory: str | None = None,
+  flags: tuple[str, ...] = BUILD_FLAGS,
+) -> tuple[str, bytes]:
+  """``source`` compiled with ``flags``: the library's path and its verified bytes, built unless
+  cached (``.ci/kernels`` passes sanitizer and fixed-ISA flags).
 
   Raises:
     KernelUnavailable: no compiler, a failed build, a cache directory another user could write
@@ -245,13 +258,13 @@ def built(source: str, cxx: str | None = None, directory: str | None = None) -> 
       if wanted
       else "no C++ compiler (c++ or g++) is installed; install g++ or set $CXX to one"
     )
-  name = library_name(cxx, source)
+  name = library_name(cxx, source, flags)
   directory = private_directory(directory or cache_dir())
   path = os.path.join(directory, name)
   content = verified(path)
   if content is not None:
     return path, content
-  return build(cxx, source, directory, name)
+  return build(cxx, source, directory, name, flags)
 
 
 def library(source: str, cxx: str | None = None, directory: str | None = None) -> str:
@@ -271,117 +284,3 @@ def library(source: str, cxx: str | None = None, directory: str | None = None) -
     KernelUnavailable: as ``built``.
   """
   return built(source, cxx, directory)[0]
-
-
-# --- Loading ---------------------------------------------------------------------------------
-
-
-def scratch(directory: str) -> str:
-  """A fresh private (0o700) directory to load a copy from: in ``directory`` (the cache, whose
-  disk already runs kernels, where ``/tmp`` may be mounted noexec), else the system's.
-
-  Raises:
-    UntrustedCache: it is not private (``checked``).
-  """
-  try:
-    made = tempfile.mkdtemp(prefix=".load-", dir=directory)
-  except OSError:
-    made = tempfile.mkdtemp(prefix="learned_opt_load_")
-  try:
-    return checked(made)
-  except UntrustedCache:
-    shutil.rmtree(made, ignore_errors=True)
-    raise
-
-
-@_unavailable_if_untrusted
-def load(path: str, content: bytes | None = None) -> ctypes.CDLL:
-  """The library at ``path`` loaded, once per process; ``content`` its verified bytes if known.
-
-  dlopen runs the bytes that were hashed, not whatever ``path`` holds by then: they are written
-  to a new file in a fresh private directory (``scratch``) that only this process writes,
-  loaded from there, and the copy removed. Simpler than loading ``/proc/self/fd/N`` of the
-  checked descriptor, which is Linux only, and which glibc would match by name against a
-  library already loaded from a since-reused descriptor number.
-
-  Raises:
-    KernelUnavailable: ``path``'s directory is not private, or the library is missing, does not
-      match its sidecar, is not trusted or does not load.
-  """
-  directory = checked(os.path.dirname(os.path.abspath(path)))
-  if content is None:
-    content = verified(path)
-    if content is None:
-      raise KernelUnavailable(
-        f"the cached kernel {path} is missing or does not match the SHA-256 in "
-        f"{path}{SIDECAR_SUFFIX}; build it first (library())"
-      )
-  key = tree_files.sha256(content)
-  if key in _LIBRARIES:
-    return _LIBRARIES[key]
-  private = scratch(directory)
-  copy = os.path.join(private, os.path.basename(path))
-  try:
-    handle = os.open(
-      copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o700
-    )
-    with os.fdopen(handle, "wb") as f:
-      f.write(content)
-    _LIBRARIES[key] = ctypes.CDLL(copy)
-  except OSError as e:
-    raise KernelUnavailable(f"loading the built kernel {path} failed ({e})") from e
-  finally:
-    shutil.rmtree(private, ignore_errors=True)
-  return _LIBRARIES[key]
-
-
-def register(path: str, symbol: str, content: bytes | None = None) -> str:
-  """Loads the library at ``path`` (``load``), registers its handler ``symbol`` on CPU; the
-  target's name.
-
-  Raises:
-    KernelUnavailable: the library does not verify or load (``load``), or has no ``symbol``.
-  """
-  library_id = os.path.basename(path).removesuffix(".so").replace("-", "_")
-  target = f"learned_opt_{library_id}_{symbol}"
-  if target not in _REGISTERED:
-    loaded = load(path, content)
-    try:
-      handler = getattr(loaded, symbol)
-    except AttributeError as e:
-      raise KernelUnavailable(f"loading the built kernel {path} failed ({e})") from e
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    _REGISTERED.add(target)
-  return target
-
-
-def targets(source: str, symbols: tuple[str, ...]) -> tuple[str, ...]:
-  """The registered FFI targets of ``source``'s handlers ``symbols``, built on first use.
-
-  Memoized per source, compiler and cache directory (so ``$CXX`` or ``$LEARNED_OPT_CACHE`` set
-  later are honoured), failures too: a failed build is not retried in this process.
-
-  Raises:
-    KernelUnavailable: no compiler, a failed build, a cache that is not trusted, or a library
-      that does not load.
-  """
-  key = (source, symbols, os.environ.get("CXX"), cache_dir())
-  with _LOCK:
-    if key in _TARGETS:
-      return _TARGETS[key]
-    if key in _FAILURES:
-      raise KernelUnavailable(_FAILURES[key])
-    try:
-      path, content = built(source)
-      _TARGETS[key] = tuple(register(path, symbol, content) for symbol in symbols)
-    except KernelUnavailable as e:
-      _FAILURES[key] = str(e)
-      raise
-    return _TARGETS[key]
-
-
-def warn_once(message: str) -> None:
-  """A ``RuntimeWarning`` the first time this process sees ``message``."""
-  if message not in _WARNED:
-    _WARNED.add(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)

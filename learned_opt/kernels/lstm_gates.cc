@@ -10,7 +10,7 @@
 // lstm_stack.cc runs a whole step without GAC.
 //
 // Rows are independent, so the results do not depend on how rows are split between threads.
-// Built on first use by learned_opt/kernels/fused_gates.py (flags in build.py).
+// Built on first use by learned_opt/kernels/stack.py (flags in build.py).
 
 #include <algorithm>
 #include <cstdint>

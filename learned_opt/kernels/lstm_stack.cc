@@ -1,5 +1,5 @@
 // One step of a stacked coordinatewise LSTM on every coordinate of one parameter leaf, forward
-// and backward, as two fused CPU kernels (``stack`` in learned_opt/kernels/fused_gates.py).
+// and backward, as two fused CPU kernels (``stack`` in learned_opt/kernels/stack.py).
 //
 // x (rows, features), h and c (rows, layers, hidden) in the optimizer state's own layout, weights
 // per layer. Per tile of kTileRows rows, layer after layer, the operand a = [input, h_l] and the
@@ -14,7 +14,9 @@
 // result does not depend on which thread took which chunk. The Readout handlers add the
 // optimizer's read-out u = h'_top w_out + b_out per row, from the top layer's h' in the tile;
 // their backward pass also runs the top layer's gates in its recomputation, for h'_top, and adds
-// du w_out into the top layer's dh'. Built on first use by fused_gates.py (flags in build.py).
+// du w_out into the top layer's dh'. The forward kernel may run in place (h' and c' the buffers
+// of h and c): a tile reads a layer's old state of its rows before it writes that layer's new
+// state. Built on first use by stack.py (flags in build.py).
 
 #include <algorithm>
 #include <cstdint>

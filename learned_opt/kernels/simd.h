@@ -1,4 +1,4 @@
-// Vector math and row-parallel work shared by the CPU kernels (lstm_step.cc, lstm_gates.cc).
+// Vector math and row-parallel work shared by the CPU kernels (lstm_stack.cc, lstm_gates.cc).
 //
 // Vectors are GCC/Clang vector extensions as wide as -march=native allows (AVX-512: 16 floats,
 // AVX/AVX2: 8, else 4). exp is a range reduction to [-ln2/2, ln2/2] (two-constant Cody-Waite)

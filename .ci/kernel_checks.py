@@ -1,0 +1,162 @@
+"""The CPU kernels built with given flags, checked against XLA (run by ``.ci/kernels``).
+
+  python .ci/kernel_checks.py --flags=native|isa|sanitize --cache=DIR [--save=OUT.npz|--build_only]
+  python .ci/kernel_checks.py --compare A.npz B.npz [--exact]
+
+A run builds ``learned_opt/kernels``' sources with the named flag set into ``--cache`` (never the
+user's cache), registers them under their own target names, and runs the gates, the stacked
+step and the stacked step with its read-out, forward and backward (VJP), on inputs with odd row
+counts, several 128-row chunks and odd widths, against XLA's math (``learned_opt.lstm_rows``);
+with ``--save`` it writes every kernel output for ``--compare``. Exit status 1 on a mismatch.
+"""
+
+import argparse
+import os
+import platform
+import sys
+
+import jax
+import numpy as np
+
+from learned_opt import lstm_rows
+from learned_opt.kernels import build, loading, stack
+
+# Measured differences to XLA are ~1e-6 relative (a polynomial exp); cotangents summed over
+# many rows are compared relative to their largest entry.
+RTOL, ATOL = 1e-5, 5e-6
+
+
+def flag_sets() -> dict[str, tuple[str, ...]]:
+  """The builds CI checks: the shipped flags, a fixed instruction set, and the sanitizers."""
+  base = tuple(f for f in build.BUILD_FLAGS if f not in ("-O3", "-march=native"))
+  fixed = "-march=x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "-march=armv8-a"
+  return {
+    "native": build.BUILD_FLAGS,
+    "isa": ("-O3", fixed, *base),
+    "sanitize": (
+      "-O1",
+      "-g",
+      "-fno-omit-frame-pointer",
+      "-fsanitize=address,undefined",
+      "-fno-sanitize-recover=undefined",
+      "-march=native",
+      *base,
+    ),
+  }
+
+
+def targets(flags: tuple[str, ...], cache: str) -> tuple[str, ...]:
+  """The kernels built with ``flags`` in ``cache`` and registered: ``stack.targets()``' order."""
+  names = []
+  for source, handlers in stack.SOURCES:
+    path, content = build.built(source, directory=cache, flags=flags)
+    names += [loading.register(path, handler, content) for handler in handlers]
+  return tuple(names)
+
+
+def _inputs(key, rows, features, hidden, layers):
+  k = jax.random.split(key, 6 + 2 * layers)
+  x = 2.0 * jax.random.normal(k[0], (rows, features))
+  h = jax.random.normal(k[1], (rows, layers, hidden))
+  c = 2.0 * jax.random.normal(k[2], (rows, layers, hidden))
+  weights = []
+  for i in range(layers):
+    fan_in = (features if i == 0 else hidden) + hidden
+    weights.append(jax.random.normal(k[6 + 2 * i], (fan_in, 4 * hidden)) / np.sqrt(fan_in))
+    weights.append(jax.random.normal(k[7 + 2 * i], (4 * hidden,)))
+  out = [jax.random.normal(k[3], (hidden, 1)) / np.sqrt(hidden), jax.random.normal(k[4], (1,))]
+  return x, h, c, weights, out, k[5]
+
+
+def _xla_stack(x, h, c, *weights, readout=False):
+  """XLA's stacked step (``lstm_rows.stacked_rows``): ``(h', c'[, u])``."""
+  n = len(weights) - (2 if readout else 0)
+  layers = [{"w": w, "b": b} for w, b in zip(weights[:n:2], weights[1:n:2], strict=True)]
+  top, hidden, cell = lstm_rows.stacked_rows(layers, x, h, c, 0)
+  if not readout:
+    return hidden, cell
+  return hidden, cell, (top @ weights[n] + weights[n + 1])[:, 0]
+
+
+def _vjp(fn, primals, key):
+  """``(outputs, cotangents of the primals)`` for random output cotangents drawn from ``key``."""
+  outputs, pullback = jax.vjp(fn, *primals)
+  keys = jax.random.split(key, len(outputs))
+  cotangents = tuple(jax.random.normal(k, o.shape) for k, o in zip(keys, outputs, strict=True))
+  return [np.asarray(a) for a in (*outputs, *pullback(cotangents))]
+
+
+def run(names) -> dict[str, np.ndarray]:
+  """Every kernel against XLA; the kernels' outputs by name. Raises AssertionError."""
+  results = {}
+  cases = [(1, 1, 20, 2), (1031, 2, 20, 2), (37, 1, 7, 3), (300, 3, 33, 1)]
+  for rows, features, hidden, layers in cases:
+    x, h, c, weights, out, key = _inputs(jax.random.key(rows), rows, features, hidden, layers)
+    for readout in (False, True):
+      extra = out if readout else []
+      kernel = stack.stack_readout if readout else stack.stack
+      primals = (x, h, c, *weights, *extra)
+      got = _vjp(jax.jit(lambda *a, k=kernel: k(names, *a)), primals, key)
+      want = _vjp(lambda *a, r=readout: _xla_stack(*a, readout=r), primals, key)
+      for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        scale = float(np.max(np.abs(b), initial=0.0))
+        np.testing.assert_allclose(
+          a, b, rtol=RTOL, atol=max(ATOL, 1e-5 * scale), err_msg=f"stack {rows} {readout} {i}"
+        )
+        results[f"stack_{rows}_{int(readout)}_{i}"] = a
+    z = 3.0 * jax.random.normal(key, (rows, 4 * hidden))
+    got = _vjp(jax.jit(lambda z, c: stack.gates(names, z, c)), (z, c[:, 0]), key)
+    want = _vjp(lstm_rows.xla_gates, (z, c[:, 0]), key)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+      np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"gates {rows} {i}")
+      results[f"gates_{rows}_{i}"] = a
+  return results
+
+
+def compare(first: str, second: str, exact: bool) -> None:
+  a, b = np.load(first), np.load(second)
+  assert sorted(a.files) == sorted(b.files)
+  worst = 0.0
+  for name in a.files:
+    if exact:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    else:
+      scale = float(np.max(np.abs(b[name]), initial=0.0))
+      np.testing.assert_allclose(
+        a[name], b[name], rtol=RTOL, atol=max(ATOL, 1e-5 * scale), err_msg=name
+      )
+      worst = max(worst, float(np.max(np.abs(a[name] - b[name]), initial=0.0)))
+  how = "bit for bit" if exact else f"within rtol {RTOL} (largest difference {worst:.2e})"
+  print(f"{first} and {second}: {len(a.files)} outputs agree {how}")
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--flags", choices=sorted(flag_sets()))
+  parser.add_argument("--cache")
+  parser.add_argument("--save")
+  parser.add_argument("--build_only", action="store_true", help="build into --cache, load nothing")
+  parser.add_argument("--compare", nargs=2)
+  parser.add_argument("--exact", action="store_true")
+  args = parser.parse_args()
+  if args.compare:
+    compare(*args.compare, args.exact)
+    return 0
+  if args.build_only:  # no process that loads a sanitized build need compile it
+    for source, _ in stack.SOURCES:
+      build.built(source, directory=args.cache, flags=flag_sets()[args.flags])
+    return 0
+  names = targets(flag_sets()[args.flags], args.cache)
+  results = run(names)
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  print(
+    f"{args.flags}: {len(results)} kernel outputs agree with XLA ({threads} CPU(s) for XLA's "
+    f"thread pool, jax {jax.__version__})"
+  )
+  if args.save:
+    np.savez(args.save, **results)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,135 @@
+"""How a learned optimizer's update executes: the backend, an argument chosen when it is built.
+
+* ``"xla"``: XLA's own ops, on any device (CPU, GPU, TPU). Nothing is compiled or loaded.
+* ``"cpu_kernels"``: the hand-written C++ stack kernels (``learned_opt.kernels``) for every LSTM
+  step on a CPU backend, any number of devices; ``KernelUnavailable`` (saying why and what to
+  do) where they cannot be had: no compiler, a failed build, an untrusted cache, another
+  platform, or weights that are not float32.
+* ``"auto"``: the kernels on a CPU backend with one device where they build, else XLA. Several
+  devices also mean XLA: XLA's partitioner knows nothing of a custom call, so it would gather
+  the sharded rows and run the kernel on every device over all of them. A failed build falls
+  back to XLA with one warning per process.
+
+``$LEARNED_OPT_BACKEND`` sets the default of a factory's ``backend=None``, read when the
+optimizer is built (``default()``), never when a step is traced. ``"fused"`` is an accepted,
+deprecated spelling of ``"cpu_kernels"``; ``$LEARNED_OPT_GATES``, a deprecated spelling of the
+variable.
+
+Both backends compute the same math; results agree to ~1e-6 (the kernels' polynomial exp), not
+bit for bit. The kernels are ``custom_vjp`` s, so under ``"cpu_kernels"`` (and ``"auto"`` where
+it picks them) the update has no forward-mode derivative (``jax.jvp``); use ``"xla"`` for that.
+
+Example:
+  >>> opt = learned_opt.lstm_optimizer(backend="xla")          # any device, nothing compiled
+  >>> tx = learned_opt.as_optax(saved, backend="cpu_kernels")  # insists on the kernels
+"""
+
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from learned_opt.kernels import loading, stack
+from learned_opt.kernels.build import KernelUnavailable
+
+BACKENDS = ("auto", "xla", "cpu_kernels")
+ALIASES = {"fused": "cpu_kernels"}  # deprecated spellings
+ENV_VAR = "LEARNED_OPT_BACKEND"
+OLD_ENV_VAR = "LEARNED_OPT_GATES"  # deprecated
+_FALLBACK_WARNING = "auto_fallback"
+
+__all__ = ["BACKENDS", "KernelUnavailable", "checked", "default", "kernel_targets"]
+
+
+def checked(backend: str, where: str = "backend") -> str:
+  """``backend`` spelled canonically; a ``ValueError`` naming the choices for anything else.
+
+  Args:
+    backend: one of ``BACKENDS`` (or a deprecated alias, with a ``DeprecationWarning``).
+    where: how the caller names the setting, for the message (``"--backend"``, ``"kernel"``).
+  """
+  if isinstance(backend, str) and backend.strip().lower() in ALIASES:
+    new = ALIASES[backend.strip().lower()]
+    warnings.warn(
+      f"{where}={backend!r} is deprecated; spell it {new!r}.", DeprecationWarning, stacklevel=3
+    )
+    return new
+  if not isinstance(backend, str) or backend.strip().lower() not in BACKENDS:
+    raise ValueError(
+      f"{where} must be one of {', '.join(BACKENDS)}, got {backend!r}; 'auto' runs the CPU "
+      "kernels on a one-device CPU where they build and XLA elsewhere."
+    )
+  return backend.strip().lower()
+
+
+def default() -> str:
+  """``$LEARNED_OPT_BACKEND`` (or the deprecated ``$LEARNED_OPT_GATES``), else ``"auto"``.
+
+  Read when an optimizer is built with ``backend=None``, never inside a traced step.
+  """
+  for name in (ENV_VAR, OLD_ENV_VAR):
+    value = os.environ.get(name, "").strip()
+    if value:
+      if name == OLD_ENV_VAR:
+        warnings.warn(
+          f"${OLD_ENV_VAR} is deprecated; set ${ENV_VAR} (auto, xla or cpu_kernels) instead.",
+          DeprecationWarning,
+          stacklevel=3,
+        )
+      return checked(value, f"${name}")
+  return "auto"
+
+
+def resolve(backend: str | None) -> str:
+  """``checked(backend)``, or ``default()`` for None: what a factory records."""
+  return default() if backend is None else checked(backend)
+
+
+def kernel_targets(backend: str, *arrays) -> tuple[str, ...] | None:
+  """The kernels' FFI targets (``stack.HANDLERS``' order) if this trace runs them, else None.
+
+  Called when a step is traced: it looks at the platform, the device count and the arrays'
+  dtype, and builds the kernels on first use (cached across processes).
+
+  Args:
+    backend: a ``checked`` backend.
+    *arrays: pytrees of the arrays the kernels would take (weights, inputs, state).
+
+  Raises:
+    KernelUnavailable: ``"cpu_kernels"`` where the kernels cannot run; the message says why and
+      what to do.
+  """
+  if backend == "xla":
+    return None
+  leaves = jax.tree.leaves(arrays)
+  dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+  platform = jax.default_backend()
+  if backend == "auto":
+    if platform != "cpu" or jax.device_count() > 1 or dtype != jnp.float32:
+      return None
+    try:
+      return stack.targets()
+    except KernelUnavailable as e:
+      loading.warn_once(
+        _FALLBACK_WARNING,
+        f"backend='auto': the CPU kernels are unavailable ({e}); running XLA instead. Pass "
+        "backend='xla' (or set LEARNED_OPT_BACKEND=xla) to silence this.",
+      )
+      return None
+  fix = "pass backend='auto' (XLA where the kernels cannot run) or backend='xla'"
+  if platform != "cpu":
+    raise KernelUnavailable(
+      f"backend='cpu_kernels' runs on a CPU backend and this one is {platform!r}; {fix}."
+    )
+  if dtype != jnp.float32:
+    raise KernelUnavailable(
+      f"backend='cpu_kernels' computes in float32 and the optimizer's weights or state are "
+      f"{dtype}; {fix}."
+    )
+  try:
+    return stack.targets()
+  except KernelUnavailable as e:
+    raise KernelUnavailable(
+      f"backend='cpu_kernels': the CPU kernels are unavailable: {e}. Fix that, or {fix}."
+    ) from e
