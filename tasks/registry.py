@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from tasks.base import TaskFamily
 from tasks.cifar10 import cifar10_conv
+from tasks.mixture import mixture_bucket
 from tasks.mnist import mnist_mlp
 from tasks.neural_art import neural_art
 from tasks.quadratic import quadratic
@@ -11,6 +12,7 @@ from tasks.quadratic import quadratic
 _FAMILIES: dict[str, Callable[..., TaskFamily]] = {
   "cifar10_conv": cifar10_conv,
   "mnist_mlp": mnist_mlp,
+  "mixture": mixture_bucket,
   "neural_art": neural_art,
   "quadratic": quadratic,
 }
