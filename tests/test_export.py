@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 
 import learned_opt
+import tasks.registry
 from learned_opt import tree_files
-from train import checkpoint, export, meta_step, run_dir, trainer
+from train import checkpoint, export, meta_step, trainer
 from train.config import MetaTrainConfig
+from train.run import Run
+
+# Exports a trained run's checkpoints, in-process and on the command line (slow tier).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +45,7 @@ def run(tmp_path_factory):
 
 
 def _ckpt_dir(config) -> str:
-  return os.path.join(config.output_dir, run_dir.CHECKPOINT_DIR)
+  return Run(config.output_dir).checkpoint_dir
 
 
 def _phi_at(config, step):
@@ -85,11 +90,27 @@ def test_two_steps_export_the_checkpoints_phi_bit_for_bit(run, tmp_path):
   assert learned_opt.load_metadata(str(tmp_path / "step6"))["valid_final_loss"] is None
 
 
+def test_phi_reads_and_exports_without_building_the_task(run, tmp_path, monkeypatch):
+  """Today's checkpoints: ``Run.meta_params`` is the full state's phi, and no task is built."""
+  config, state, _ = run
+  expected = {step: _phi_at(config, step) for step in (4, 6, 8)}
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("reading phi built the task")
+
+  monkeypatch.setattr(tasks.registry, "get", refuse)
+  for step, phi in expected.items():
+    assert _bitwise_equal(Run(config.output_dir).meta_params(step).saved.meta_params, phi)
+  assert _bitwise_equal(Run(config.output_dir).meta_params().saved.meta_params, state.meta_params)
+  export.export(config.output_dir, str(tmp_path / "out"), step=6, log=lambda s: None)
+  assert _bitwise_equal(learned_opt.load(str(tmp_path / "out")).meta_params, expected[6])
+
+
 def test_without_a_step_the_newest_usable_checkpoint_is_exported(run, tmp_path):
   config, _, _ = run
   copy = tmp_path / "run"
   shutil.copytree(config.output_dir, copy)
-  newest = os.path.join(checkpoint.path_of(str(copy / run_dir.CHECKPOINT_DIR), 8), "state.msgpack")
+  newest = os.path.join(Run(copy).checkpoint_path(8), "state.msgpack")
   with open(newest, "r+b") as f:
     f.truncate(os.path.getsize(newest) // 2)
   logs = []
@@ -130,7 +151,7 @@ def test_refusals_name_the_problem_and_write_nothing(run, tmp_path):
   shutil.copytree(config.output_dir, copy)
   task, optimizer = trainer.build(config)
   template = jax.eval_shape(lambda: meta_step.init_state(config, task, optimizer))
-  ckpt_dir = str(copy / run_dir.CHECKPOINT_DIR)
+  ckpt_dir = Run(copy).checkpoint_dir
   state, host = checkpoint.restore(checkpoint.path_of(ckpt_dir, 8), template)
   nan_phi = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state.meta_params)
   checkpoint.save(ckpt_dir, 10, state._replace(meta_params=nan_phi), host, keep=10)

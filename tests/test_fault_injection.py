@@ -13,6 +13,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# Fault injection: a job resumed at every kill point (slow tier).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # meta_lr 0.3, seed 1: validation improves at epochs 1 and 2 and worsens at 3 (early stop).
 CONFIG = {

@@ -21,6 +21,9 @@ import test_resume as resume
 
 from train import checkpoint, preemption, trainer
 
+# Real signals to training jobs, one and two processes (slow tier).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
   '--task_kwargs={"dim": 4}',

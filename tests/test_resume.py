@@ -15,6 +15,9 @@ import pytest
 from train import checkpoint, meta_step, trainer
 from train.config import MetaTrainConfig
 
+# Killed and resumed jobs in child processes, trained runs (slow tier).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
   '--task_kwargs={"dim": 4}',

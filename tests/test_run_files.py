@@ -12,8 +12,10 @@ import pytest
 
 import learned_opt
 from learned_opt import tree_files
-from train import checkpoint, presets, run_dir, saved_config
+from train import checkpoint, presets, saved_config
 from train.config import MetaTrainConfig
+from train.metrics_log import MetricsLog
+from train.run import Run, RunDirError
 
 DEEP = "[" * 100000 + "]" * 100000
 
@@ -80,35 +82,38 @@ def test_a_fifo_as_optimizer_json_or_its_weights_is_named(tmp_path):
 
 def _run_with_checkpoint(tmp_path):
   config = MetaTrainConfig(output_dir=str(tmp_path / "run"))
-  ckpt_dir = os.path.join(config.output_dir, run_dir.CHECKPOINT_DIR)
-  os.makedirs(checkpoint.path_of(ckpt_dir, 4))  # check_resumable only asks whether one exists
-  return config, os.path.join(config.output_dir, run_dir.CONFIG_FILE), ckpt_dir
+  run = Run(config.output_dir)
+  os.makedirs(run.checkpoint_path(4))  # check_resumable only asks whether one exists
+  return config, run.config_path, run
 
 
 def test_a_fifo_as_config_json_refuses_the_resume(tmp_path):
-  config, config_path, ckpt_dir = _run_with_checkpoint(tmp_path)
+  config, config_path, run = _run_with_checkpoint(tmp_path)
   fifo_at(config_path)
-  with pytest.raises(run_dir.RunDirError, match=r"config\.json is unreadable .*is a FIFO.*restore"):
-    promptly(lambda: run_dir.check_resumable(config, config_path, ckpt_dir))
+  with pytest.raises(RunDirError, match=r"config\.json is unreadable .*is a FIFO.*restore"):
+    promptly(lambda: run.check_resumable(config))
+  with pytest.raises(RunDirError, match=r"config\.json is unreadable .*is a FIFO.*restore"):
+    promptly(run.config)
   assert promptly(lambda: saved_config.resume_hint(config)) == ""
 
 
 def test_a_fifo_as_metrics_jsonl_raises_instead_of_blocking(tmp_path):
-  path = str(tmp_path / "metrics.jsonl")
-  fifo_at(path)
-  for read in (run_dir.metrics_lines, lambda p: run_dir.rewind_metrics(p, None, 0)):
+  metrics = MetricsLog(str(tmp_path / "metrics.jsonl"))
+  fifo_at(metrics.path)
+  for read in (metrics.lines, metrics.records, lambda: metrics.rewind(None, 0)):
     with pytest.raises(OSError, match="is a FIFO"):
-      promptly(lambda read=read: read(path))
+      promptly(read)
 
 
 def test_a_deeply_nested_config_json_refuses_the_resume_cleanly(tmp_path):
-  config, config_path, ckpt_dir = _run_with_checkpoint(tmp_path)
+  config, config_path, run = _run_with_checkpoint(tmp_path)
   with open(config_path, "w") as f:
     f.write(DEEP)
-  with pytest.raises(
-    run_dir.RunDirError, match=r"config\.json is unreadable .*nested too deeply.*--output_dir"
-  ):
-    run_dir.check_resumable(config, config_path, ckpt_dir)
+  deep = r"config\.json is unreadable .*nested too deeply.*--output_dir"
+  with pytest.raises(RunDirError, match=deep):
+    run.check_resumable(config)
+  with pytest.raises(RunDirError, match=deep):
+    run.meta_params(4)  # reading phi needs the config too
   with pytest.raises(ValueError, match=r"--preset=.*config\.json is nested too deeply"):
     presets.load_file(config_path)
 

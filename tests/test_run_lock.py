@@ -52,6 +52,7 @@ def hold_lock(output_dir) -> subprocess.Popen:
   return holder
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_path):
   os.makedirs(tmp_path / "run")
   holder = hold_lock(tmp_path / "run")
@@ -72,6 +73,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_pat
     pass
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
   holder = hold_lock(tmp_path)
   holder.send_signal(signal.SIGKILL)
@@ -84,6 +86,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
   assert not lock_file.exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_a_locked_directory_without_a_traceback(tmp_path):
   with run_lock.RunLock(str(tmp_path)):  # this process is the other run
     result = subprocess.run(
@@ -97,6 +100,7 @@ def test_the_command_line_refuses_a_locked_directory_without_a_traceback(tmp_pat
   assert f"is in use by another training run (pid {os.getpid()} on host" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_when_train_returns(tmp_path):
   config = tiny_config(tmp_path)
   trainer.train(config, log=lambda s: None)

@@ -107,6 +107,17 @@ def _read_meta(path: str) -> dict:
   return meta
 
 
+def _read_raw(path: str) -> tuple[dict, dict, str]:
+  """``(raw state dict, meta record, state file path)`` of checkpoint ``path``, digest checked."""
+  meta = _read_meta(path)
+  state_path = os.path.join(path, _STATE)
+  try:
+    data = tree_files.read_regular(state_path)
+  except OSError as e:
+    raise ValueError(f"Checkpoint {path} is unreadable: {e}") from e
+  return tree_files.read(data, meta["state_sha256"], state_path, record=_META), meta, state_path
+
+
 def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[Any, dict]:
   """Reads one checkpoint directory into the structure of ``template``.
 
@@ -120,14 +131,8 @@ def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[A
     ValueError: naming the file and the problem, if the checkpoint is corrupt, truncated, altered,
       from a newer format, or shaped for another config. Nothing is returned half-loaded.
   """
-  meta = _read_meta(path)
-  state_path = os.path.join(path, _STATE)
-  try:
-    data = tree_files.read_regular(state_path)
-  except OSError as e:
-    raise ValueError(f"Checkpoint {path} is unreadable: {e}") from e
+  raw, meta, state_path = _read_raw(path)
   version, host = meta["format_version"], meta["host"]
-  raw = tree_files.read(data, meta["state_sha256"], state_path, record=_META)
   if version < FORMAT_VERSION:
     if upgrade is None:
       raise ValueError(f"{path} is in format {version}; no upgrade to {FORMAT_VERSION} was given.")
@@ -136,6 +141,28 @@ def restore(path: str, template: Any, upgrade: Upgrade | None = None) -> tuple[A
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"{state_path} cannot be upgraded from format {version}: {e!r}") from e
   return tree_files.restore(raw, template, state_path, fits="this run's config"), host
+
+
+def restore_field(path: str, field: str, template: Any, fits: str) -> tuple[Any, dict]:
+  """One top-level field of a checkpoint's state (e.g. ``meta_params``) and its host record.
+
+  Only ``template``'s part of the state need be known, so phi reads without the rest of the
+  state's shapes (the task's). The whole state file is read to check its SHA-256. A field that
+  no format upgrade changes reads from every format.
+
+  Raises:
+    ValueError: as ``restore``, or if the state has no ``field``.
+  """
+  raw, meta, state_path = _read_raw(path)
+  if not isinstance(raw, dict) or field not in raw:
+    raise ValueError(f"{state_path} holds no {field!r}; it is not a meta-training checkpoint.")
+  return tree_files.restore(raw[field], template, state_path, fits=fits), meta["host"]
+
+
+def read_meta(path: str) -> dict:
+  """The checked record (``meta.json``) of checkpoint ``path``, without reading its state:
+  ``format_version``, ``step``, ``state_sha256``, ``host``."""
+  return _read_meta(path)
 
 
 class Latest(NamedTuple):

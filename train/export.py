@@ -13,9 +13,8 @@ validation result when the checkpoint ends a validated epoch) plus ``exported_fr
 directory, the step, the checkpoint's path and the SHA-256 of its ``state.msgpack``.
 ``--metadata='{...}'`` adds fields of your own (notes, held-out results). Without ``--step`` the
 newest checkpoint that reads cleanly is used; a corrupt newer one is skipped with a warning, as
-resuming does, and the run directory is left as it is. The run's task is built to know the
-checkpoint's shapes, so an MNIST or CIFAR-10 run needs its data set (``$MNIST_DIR``,
-``$CIFAR10_DIR``) as resuming it would.
+resuming does, and the run directory is left as it is. Only phi is read (``train.run.Run``), with
+the optimizer built from the run's ``config.json``: the task and its data set are never loaded.
 
 An export killed at any moment leaves ``--output`` as it was (no optimizer, or the one
 ``--overwrite`` was replacing, which loads) or holding the new optimizer; rerunning the same
@@ -23,41 +22,39 @@ command then writes exactly what an uninterrupted export does (the temporaries a
 killed one left are removed; ``tests/test_fault_injection.py`` checks every kill point).
 """
 
+import dataclasses
 import json
 import math
 import os
-from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
 
 import learned_opt
 from learned_opt import tree_files
-from train import checkpoint, command_line, meta_step, run_dir, saved_config, trainer
-from train import config as config_lib
-
-STATE_FILE = "state.msgpack"  # a checkpoint's state file (train.checkpoint)
+from train import command_line, config_flags, run_dir
+from train.config import MetaTrainConfig
+from train.run import CONFIG_FILE, Run, RunDirError, Snapshot
 
 
 class ExportError(ValueError):
   """The checkpoint cannot be exported as asked; the message names the problem and the fix."""
 
 
-def _run_config(run: str) -> config_lib.MetaTrainConfig:
-  """The config of the run in ``run``, read from its ``config.json``."""
+def _open(run: str) -> tuple[Run, MetaTrainConfig]:
+  """The run in ``run`` and its config, read from its ``config.json``."""
   if not os.path.isdir(run):
     raise ExportError(f"--run_dir={run!r}: no such directory; name a meta-training --output_dir.")
-  path = os.path.join(run, run_dir.CONFIG_FILE)
-  if not os.path.isfile(path):
+  opened = Run(run)
+  if not opened.has_config():
     raise ExportError(
-      f"--run_dir={run!r} has no {run_dir.CONFIG_FILE}, which is needed to read its checkpoints; "
+      f"--run_dir={run!r} has no {CONFIG_FILE}, which is needed to read its checkpoints; "
       "name a meta-training --output_dir."
     )
   try:
-    return config_lib.MetaTrainConfig(**saved_config.upgrade(saved_config.read_saved(path)))
-  except (ValueError, TypeError) as e:
-    raise ExportError(f"{path} is unreadable or invalid ({e}).") from e
+    return opened, opened.config()
+  except RunDirError as e:
+    raise ExportError(str(e)) from e
 
 
 def _check_output(run: str, output: str, overwrite: bool) -> None:
@@ -94,44 +91,19 @@ def _clear_leftovers(output: str) -> None:
     os.remove(os.path.join(output, name))
 
 
-def _restore(config, ckpt_dir: str, step: int | None, log) -> tuple[int, Any, run_dir.Progress]:
-  """``(step, state, progress)`` of checkpoint ``step``, or of the newest usable one."""
-  available = checkpoint.all_steps(ckpt_dir)
-  if not available:
-    raise ExportError(
-      f"No checkpoints in {ckpt_dir} (no step_* directories); name a meta-training run that "
-      "has saved one (every --checkpoint_every meta-steps and every epoch)."
-    )
-  task, optimizer = trainer.build(config)
-  template = jax.eval_shape(lambda: meta_step.init_state(config, task, optimizer))
+def _restore(run: Run, config, step: int | None, log) -> tuple[Snapshot, run_dir.Progress]:
+  """phi and progress of checkpoint ``step``, or of the newest usable one (no task is built)."""
   check_host = lambda host: run_dir.progress_from_host(host, config)
-  if step is None:
-    try:
-      found = checkpoint.latest(ckpt_dir, template, meta_step.upgrade_checkpoint, check_host)
-    except checkpoint.NewerFormatError as e:
-      raise ExportError(str(e)) from e
-    for skipped, reason in found.unusable:
-      log(f"Skipping unusable checkpoint {checkpoint.path_of(ckpt_dir, skipped)}: {reason}")
-    if found.step is None:
-      raise ExportError(
-        f"{ckpt_dir} holds checkpoints but none is usable: "
-        + "; ".join(reason for _, reason in found.unusable)
-      )
-    return found.step, found.state, check_host(found.host)
-  if step not in available:
-    raise ExportError(
-      f"--step={step}: no checkpoint of that meta-step in {ckpt_dir}; available steps: "
-      f"{', '.join(map(str, available))}."
-    )
   try:
-    state, host = checkpoint.restore(
-      checkpoint.path_of(ckpt_dir, step), template, meta_step.upgrade_checkpoint
-    )
-    return step, state, check_host(host)
-  except ValueError as e:
-    others = [s for s in available if s != step]
+    found = run.meta_params("latest" if step is None else step, check_host, log)
+  except RunDirError as e:
+    missing = step is not None and step not in run.steps()
+    raise ExportError(f"--step={step}: {e}" if missing else str(e)) from e
+  except ValueError as e:  # the checkpoint of ``step`` is there but does not read
+    others = [s for s in run.steps() if s != step]
     hint = f" Other steps: {', '.join(map(str, others))}." if others else ""
     raise ExportError(f"Checkpoint of meta-step {step} is unusable: {e}.{hint}") from e
+  return found, check_host(found.host)
 
 
 def _check_finite(meta_params, path: str) -> None:
@@ -217,69 +189,76 @@ def export(
       available steps, an output in the way, non-finite phi, an unreadable run). Nothing is
       written then.
   """
-  config = _run_config(run)
+  opened, config = _open(run)
   _check_output(run, output, overwrite)
   _check_extra(extra or {})
-  ckpt_dir = os.path.join(run, run_dir.CHECKPOINT_DIR)
-  step, state, progress = _restore(config, ckpt_dir, step, log)
-  path = checkpoint.path_of(ckpt_dir, step)
-  _check_finite(state.meta_params, path)
-  # restore checked it against meta.json
-  digest = tree_files.sha256(tree_files.read_regular(os.path.join(path, STATE_FILE)))
-  metadata = training_record(config, step, progress)
+  found, progress = _restore(opened, config, step, log)
+  _check_finite(found.saved.meta_params, found.source)
+  metadata = training_record(config, found.step, progress)
   metadata["exported_from"] = {
     "run_dir": os.path.abspath(run),
-    "step": step,
-    "checkpoint": os.path.abspath(path),
-    "state_sha256": digest,
+    "step": found.step,
+    "checkpoint": os.path.abspath(found.source),
+    "state_sha256": opened.state_sha256(found.step),  # checked as phi was read
   }
   metadata.update(extra or {})
-  optimizer = learned_opt.build(config.optimizer_config())
   _clear_leftovers(output)  # of an earlier export of this output that was killed
-  learned_opt.save(output, optimizer, state.meta_params, metadata=metadata)
+  learned_opt.save(output, *found.saved, metadata=metadata)
   return metadata
 
 
-FLAGS = flags.FLAGS
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """What ``train.export`` exports and where; each field is one flag of the command."""
 
-
-def define_flags():
-  """Flags of the command; defined only when run as one, so importing this module is free."""
-  flags.DEFINE_string("run_dir", None, "The meta-training run (its --output_dir) to export from.")
-  flags.DEFINE_string("output", None, "Directory to save the optimizer in (learned_opt.save).")
-  flags.DEFINE_integer("step", None, "Meta-step of the checkpoint; default: the newest usable.")
-  flags.DEFINE_bool("overwrite", False, "Replace a saved optimizer already at --output.")
-  flags.DEFINE_string(
-    "metadata", None, "JSON object of more metadata fields (notes, held-out results, ...)."
+  run_dir: str = config_flags.setting(
+    "", "Required. The meta-training run (its --output_dir) to export from."
+  )
+  output: str = config_flags.setting(
+    "", "Required. Directory to save the optimizer in (learned_opt.save)."
+  )
+  step: int | None = config_flags.setting(
+    None, "Meta-step of the checkpoint; default: the newest usable."
+  )
+  overwrite: bool = config_flags.setting(False, "Replace a saved optimizer already at --output.")
+  metadata: dict = config_flags.setting(
+    {},
+    "JSON object of more metadata fields (notes, held-out results, ...).",
+    example='{"notes": "..."}',
   )
 
+  def __post_init__(self):
+    config_flags.check_types(self)
+    if not self.run_dir:
+      raise ValueError("--run_dir is required: a meta-training run's --output_dir.")
+    if not self.output:
+      raise ValueError("--output is required: the directory to save the optimizer in.")
+    if self.step is not None and self.step < 0:
+      raise ValueError(f"--step={self.step} is not a meta-step; give one >= 0, or leave it out.")
+    _check_extra(self.metadata)
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.run_dir:
-    raise app.UsageError("--run_dir is required: a meta-training run's --output_dir.")
+
+def main(config: ExportConfig) -> None:
   try:
-    try:
-      extra = json.loads(FLAGS.metadata) if FLAGS.metadata else None
-    except json.JSONDecodeError as e:
-      raise ExportError(f"--metadata is not valid JSON ({e}).") from e
-    metadata = export(FLAGS.run_dir, FLAGS.output, FLAGS.step, FLAGS.overwrite, extra)
-  except (ValueError, TypeError, OSError) as e:  # ExportError, a task without its data, ...
-    raise app.UsageError(str(e)) from e
+    metadata = export(
+      config.run_dir, config.output, config.step, config.overwrite, config.metadata or None
+    )
+  except (ValueError, TypeError, OSError) as e:  # ExportError, an unreadable run, ...
+    raise command_line.UsageError(str(e)) from e
   valid = metadata["valid_final_loss"]
   note = f", validation final loss {valid:.4g}" if valid is not None else ", not validated"
   print(
-    f"Exported meta-step {metadata['step']} of {FLAGS.run_dir}{note}, to {FLAGS.output}; "
-    f"load it with learned_opt.load({FLAGS.output!r}) or --checkpoint={FLAGS.output}."
+    f"Exported meta-step {metadata['step']} of {config.run_dir}{note}, to {config.output}; "
+    f"load it with learned_opt.load({config.output!r}) or --checkpoint={config.output}."
   )
 
 
+COMMAND = command_line.Command(main, ExportConfig, doc=__doc__)
+
+
 def run():
-  """The command line, ``python -m train.export``."""
-  define_flags()
-  jax.config.parse_flags_with_absl()
-  command_line.run(main)
+  """The command line: ``python -m train.export``, the console script ``learned-opt-export``."""
+  COMMAND.run()
 
 
 if __name__ == "__main__":

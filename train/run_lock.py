@@ -13,9 +13,8 @@ import logging
 import os
 import socket
 
-from train.run_dir import RunDirError
+from train.run import LOCK_FILE, RunDirError
 
-LOCK_FILE = ".lock"  # present while a run holds the directory (or after one was killed)
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # the file system has no flock
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from train.config import MetaTrainConfig
 
+CONFIG_FILE = "config.json"  # where a run keeps its config (train.run.Run.config_path)
+
 # Settings that change where and how often a run reports, not what it computes: a run may resume
 # with different values of these.
 NOT_AFFECTING_RESULTS = ("output_dir", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -131,7 +133,7 @@ def resume_hint(config: MetaTrainConfig) -> str:
   Runs started before presets existed took the plain defaults where a flag was not given; the
   same command now takes the task's preset there.
   """
-  path = os.path.join(config.output_dir, "config.json")
+  path = os.path.join(config.output_dir, CONFIG_FILE)
   try:
     changed = differences(read_saved(path), config)
   except (OSError, ValueError, TypeError, KeyError):
