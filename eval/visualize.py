@@ -10,6 +10,7 @@ Example:
   python -m eval.visualize --checkpoint=runs/quadratic --output_dir=runs/quadratic/vis
 """
 
+import dataclasses
 import json
 import os
 from typing import NamedTuple
@@ -18,12 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
 import learned_opt
 from tasks.base import TaskFamily
-from train import command_line
+from train import command_line, config_flags
 from train import inner as inner_lib
 
 
@@ -150,67 +150,87 @@ def plot_traces(
   plt.close(fig)
 
 
-FLAGS = flags.FLAGS
+TRACES_FILE, FIGURE_FILE = "traces.json", "updates.png"
 
 
-def define_flags():
-  """Flags of the command; defined only when run as one, so importing this module is free."""
-  flags.DEFINE_string(
-    "checkpoint", None, "Required. Saved learned optimizer: a directory or pretrained:NAME."
+@dataclasses.dataclass(frozen=True)
+class VisualizeConfig:
+  """What ``eval.visualize`` traces; each field is one flag of the command."""
+
+  checkpoint: str = config_flags.setting(
+    "", "Required. Saved learned optimizer: a directory or pretrained:NAME."
   )
-  flags.DEFINE_string("output_dir", None, "Required. Where traces.json and updates.png go.")
-  flags.DEFINE_string(
-    "task",
+  output_dir: str = config_flags.setting("", f"Required. Where {TRACES_FILE} and {FIGURE_FILE} go.")
+  task: str | None = config_flags.setting(
     None,
     "Task family (quadratic, mnist_mlp, ...); default: the one the checkpoint trained on. MNIST "
     "is read from $MNIST_DIR, CIFAR-10 from $CIFAR10_DIR.",
   )
-  flags.DEFINE_integer("num_steps", 32, "Steps of the trajectory (the paper shows 32).")
-  flags.DEFINE_integer("coordinate", 0, "Flattened index of the traced parameter.")
-  flags.DEFINE_float("sgd_lr", 0.01, "SGD learning rate for the comparison.")
-  flags.DEFINE_float("adam_lr", 0.1, "Adam learning rate for the comparison.")
-  flags.DEFINE_float("grad_range", 10.0, "Probe gradients in [-grad_range, grad_range].")
-  flags.DEFINE_integer("seed", 0, "Seed of the problem.")
+  num_steps: int = config_flags.setting(32, "Steps of the trajectory (the paper shows 32).")
+  coordinate: int = config_flags.setting(0, "Flattened index of the traced parameter.")
+  sgd_lr: float = config_flags.setting(0.01, "SGD learning rate for the comparison.")
+  adam_lr: float = config_flags.setting(0.1, "Adam learning rate for the comparison.")
+  grad_range: float = config_flags.setting(10.0, "Probe gradients in [-grad_range, grad_range].")
+  seed: int = config_flags.setting(0, "Seed of the problem.")
+
+  def __post_init__(self):
+    config_flags.check_types(self)
+    if not self.checkpoint:
+      raise ValueError("--checkpoint is required (a directory or pretrained:NAME).")
+    if not self.output_dir:
+      raise ValueError("--output_dir is required (e.g. --output_dir=runs/quadratic/vis).")
+    for name in ("num_steps", "sgd_lr", "adam_lr", "grad_range"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"--{name} must be positive, got {getattr(self, name)!r}.")
+    if self.coordinate < 0:
+      raise ValueError(f"--coordinate={self.coordinate} is not an index; give one >= 0.")
 
 
-def main(argv):
-  del argv
-  if not FLAGS.checkpoint:
-    raise app.UsageError("--checkpoint is required (a directory or pretrained:NAME).")
+def main(config: VisualizeConfig) -> None:
   from eval import run_config
   from tasks import registry as task_registry
 
   try:
-    run_config.check_output_dir(FLAGS.output_dir)
-    path = run_config.resolve(FLAGS.checkpoint)
+    path = run_config.resolve(config.checkpoint)
     (saved,) = run_config.load_all([(None, path)]).values()
-    name, kwargs = run_config.task_settings([path], FLAGS.task, None)
+    name, kwargs = run_config.task_settings([path], config.task, None)
     task = task_registry.get(name, **kwargs)
   except (ValueError, TypeError) as e:
-    raise app.UsageError(str(e)) from e
+    raise command_line.UsageError(str(e)) from e
   learned = f"learned ({saved.optimizer.config.get('kind', 'optimizer')})"
   optimizers = {
     learned: learned_opt.as_optax(saved),
-    f"Adam (lr {FLAGS.adam_lr:g})": optax.adam(FLAGS.adam_lr),
-    f"SGD (lr {FLAGS.sgd_lr:g})": optax.sgd(FLAGS.sgd_lr),
+    f"Adam (lr {config.adam_lr:g})": optax.adam(config.adam_lr),
+    f"SGD (lr {config.sgd_lr:g})": optax.sgd(config.sgd_lr),
   }
-  task_params, keys = inner_lib.sample_problems(task, jax.random.key(FLAGS.seed), 1)
-  grid = jnp.linspace(-FLAGS.grad_range, FLAGS.grad_range, 101)
+  task_params, keys = inner_lib.sample_problems(task, jax.random.key(config.seed), 1)
+  grid = jnp.linspace(-config.grad_range, config.grad_range, 101)
   run = jax.jit(
     lambda d, p, k: trace_updates(
-      task, optimizers, learned, d, p, k, FLAGS.num_steps, FLAGS.coordinate, grid
+      task, optimizers, learned, d, p, k, config.num_steps, config.coordinate, grid
     )
   )
-  traces = run(task.data, jax.tree.map(lambda x: x[0], task_params), keys[0])
-  os.makedirs(FLAGS.output_dir, exist_ok=True)
-  with open(os.path.join(FLAGS.output_dir, "traces.json"), "w") as f:
+  try:
+    traces = run(task.data, jax.tree.map(lambda x: x[0], task_params), keys[0])
+  except ValueError as e:  # a --coordinate outside the parameters
+    raise command_line.UsageError(f"--coordinate: {e}") from e
+  os.makedirs(config.output_dir, exist_ok=True)
+  with open(os.path.join(config.output_dir, TRACES_FILE), "w") as f:
     json.dump(jax.tree.map(lambda x: np.asarray(x).tolist(), traces._asdict()), f)
-  title = f"Coordinate {FLAGS.coordinate} of a {name} problem, seed {FLAGS.seed}"
-  plot_traces(traces, os.path.join(FLAGS.output_dir, "updates.png"), title=title, followed=learned)
-  print(f"Wrote {FLAGS.output_dir}/traces.json and {FLAGS.output_dir}/updates.png")
+  title = f"Coordinate {config.coordinate} of a {name} problem, seed {config.seed}"
+  figure = os.path.join(config.output_dir, FIGURE_FILE)
+  plot_traces(traces, figure, title=title, followed=learned)
+  print(f"Wrote {config.output_dir}/{TRACES_FILE} and {figure}")
+
+
+COMMAND = command_line.Command(
+  main,
+  VisualizeConfig,
+  doc=__doc__,
+  output=command_line.OutputDir("output_dir", (TRACES_FILE, FIGURE_FILE), "visualization"),
+  help_sections=lambda: [command_line.tasks_section(), command_line.shipped_section("checkpoint")],
+)
 
 
 if __name__ == "__main__":
-  define_flags()
-  jax.config.parse_flags_with_absl()
-  command_line.run(main)
+  COMMAND.run()

@@ -53,6 +53,7 @@ def _mapped(basename: str) -> str:
 
 
 @linux_only
+@pytest.mark.slow
 def test_the_process_reruns_with_the_library_mapped():
   """A real rerun, with libm (harmless to preload) standing in for tcmalloc."""
   libm = _mapped("libm.so.6")
@@ -70,6 +71,7 @@ def test_the_process_reruns_with_the_library_mapped():
 
 
 @linux_only
+@pytest.mark.slow
 def test_the_training_command_names_a_bad_library_before_anything_else(tmp_path):
   env = {**os.environ, allocator.ENV: str(tmp_path / "missing.so")}
   out = subprocess.run(

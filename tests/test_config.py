@@ -61,6 +61,7 @@ def test_output_dir_not_writable(tmp_path):
     check_output_dir(str(locked / "run"))
 
 
+@pytest.mark.slow
 def test_command_line_rejects_bad_flag_before_compiling(tmp_path):
   result = subprocess.run(
     [sys.executable, "-m", "train.meta_train", f"--output_dir={tmp_path}/run", "--unroll=200"],
@@ -90,6 +91,7 @@ def test_command_line_rejects_bad_flag_before_compiling(tmp_path):
   assert result.returncode != 0 and "--task_kwargs is not valid JSON" in result.stderr
 
 
+@pytest.mark.slow
 def test_command_line_refuses_a_count_that_does_not_divide_and_leaves_no_folder(tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = subprocess.run(
@@ -165,6 +167,7 @@ def test_num_epochs_may_grow_on_resume_unless_the_schedule_depends_on_it(tmp_pat
   assert "--num_epochs (saved 2, now 5; with --meta_lr_schedule=cosine" in changed
 
 
+@pytest.mark.slow
 def test_command_line_refuses_a_resume_without_a_traceback(tmp_path):
   """A refused resume is a usage error found before compiling, naming the flag."""
   run = tmp_path / "run"
@@ -198,18 +201,12 @@ def test_output_tree_problems_are_found_before_compiling(name, tmp_path):
 
 
 def test_no_optimizer_saved_exits_non_zero_without_claiming_one(tmp_path, monkeypatch, capsys):
-  from absl import flags
-
   from train import meta_train, run_dir, trainer
 
-  flags.FLAGS(["meta_train", f"--output_dir={tmp_path}"])
   diverged = run_dir.Progress(math.inf, (math.inf,), False, (128,))
   monkeypatch.setattr(trainer, "train", lambda config, log: (None, diverged))
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      meta_train.main(["meta_train"])
-  finally:
-    flags.FLAGS.unparse_flags()
+  with pytest.raises(SystemExit) as exit_info:
+    meta_train.main(MetaTrainConfig(output_dir=str(tmp_path)))
   assert "No optimizer saved" in str(exit_info.value.code)
   assert "128 of 128 diverged" in str(exit_info.value.code)
   assert "optimizer saved in" not in capsys.readouterr().out

@@ -66,6 +66,49 @@ def test_the_cifar10_preset_is_the_shipped_optimizers_recorded_config(tmp_path):
   assert preset == recorded
 
 
+def test_the_neural_art_preset_is_the_shipped_optimizers_recorded_config(tmp_path):
+  """The preset trains what ``learned_opt.pretrained("neural_art")`` was trained with."""
+  recorded = saved_config.upgrade(learned_opt.shipped.metadata("neural_art")["run_config"])
+  preset = dataclasses.asdict(_config(presets.select(None, "neural_art"), tmp_path))
+  for name in saved_config.NOT_AFFECTING_RESULTS:  # output_dir, log_every, checkpoint_every, ...
+    recorded.pop(name, None), preset.pop(name)
+  assert preset == recorded
+
+
+def test_presets_are_the_shipped_files_one_per_task():
+  """Every task of the paper has a preset, a JSON file of config fields shipped as package data."""
+  import importlib.resources
+
+  from tasks import registry as task_registry
+
+  paper = {"quadratic", "mnist_mlp", "cifar10_conv", "neural_art"}
+  assert paper <= set(presets.names()) <= set(task_registry.names())
+  for name in presets.names():
+    text = importlib.resources.files("train").joinpath("configs", f"{name}.json").read_text()
+    settings = json.loads(text)
+    assert presets.DESCRIPTIONS[name] == settings.pop("description")
+    assert settings == presets.select(None, name) == presets.load_file(_path(name))
+
+
+def test_setup_cfg_ships_the_preset_files():
+  import configparser
+  import fnmatch
+  import os
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parser = configparser.ConfigParser()
+  parser.read(os.path.join(root, "setup.cfg"))
+  patterns = [p.strip() for p in parser["options.package_data"]["train"].split(",")]
+  for name in presets.names():
+    assert any(fnmatch.fnmatch(f"configs/{name}.json", p) for p in patterns), name
+
+
+def _path(name):
+  import os
+
+  return os.path.join(os.path.dirname(presets.__file__), "configs", f"{name}.json")
+
+
 def test_a_json_file_is_a_preset_on_top_of_its_tasks(tmp_path):
   path = tmp_path / "small.json"
   path.write_text(json.dumps({"task": "mnist_mlp", "num_epochs": 2}))
@@ -83,7 +126,7 @@ def test_a_json_file_is_a_preset_on_top_of_its_tasks(tmp_path):
 @pytest.mark.parametrize(
   "preset, content, message",
   [
-    ("mnist", None, r"--preset='mnist' is neither a preset \(cifar10_conv, mnist_mlp, quadratic"),
+    ("mnist", None, r"--preset='mnist' is neither a preset \(cifar10_conv, mixture, mnist_mlp"),
     ("typo.json", {"num_problem": 2}, r"num_problem is not a setting of meta-training"),
     ("list.json", [1], r"must hold a JSON object"),
     ("broken.json", "{", r"is not valid JSON"),
@@ -99,6 +142,18 @@ def test_a_bad_preset_is_named(preset, content, message, tmp_path):
     presets.select(name, "quadratic")
 
 
+def _flags(argv):
+  """The command's flags, parsed from ``argv``, on flag values of their own."""
+  from absl import flags
+
+  from train import meta_train
+
+  flag_values = flags.FlagValues()
+  meta_train.COMMAND.define_flags(flag_values)
+  flag_values(["meta_train", *argv])
+  return flag_values
+
+
 @pytest.mark.parametrize(
   "argv, expected",
   [
@@ -106,19 +161,14 @@ def test_a_bad_preset_is_named(preset, content, message, tmp_path):
     (["--task=mnist_mlp", "--num_problems=3"], {"num_problems": 3, "meta_objective": "ramp"}),
     (["--task=mnist_mlp", "--preset=none"], {"num_problems": 128, "meta_objective": "sum"}),
     (["--preset=mnist_mlp", "--task=quadratic"], {"task": "quadratic", "num_problems": 2}),
+    (["--task=neural_art"], {"num_problems": 4, "unroll": 32, "task_kwargs": {"size": 64}}),
     ([], {"task": "quadratic", "num_problems": 128}),
   ],
 )
 def test_the_command_line_resolves_presets_under_the_flags_given(argv, expected, tmp_path):
-  from absl import flags
-
   from train import meta_train
 
-  flags.FLAGS(["meta_train", f"--output_dir={tmp_path}", *argv])
-  try:
-    config = meta_train.config_from_flags()
-  finally:
-    flags.FLAGS.unparse_flags()
+  config = meta_train.config_from_flags(_flags([f"--output_dir={tmp_path}", *argv]))
   assert {name: getattr(config, name) for name in expected} == expected
   assert config.output_dir == str(tmp_path)
 
@@ -126,9 +176,13 @@ def test_the_command_line_resolves_presets_under_the_flags_given(argv, expected,
 def test_help_lists_tasks_their_settings_presets_and_data_variables():
   from absl import flags
 
-  from train import meta_train  # noqa: F401 (defines the flags)
+  from train import command_line, meta_train
 
-  text = " ".join(flags.FLAGS.get_help().split())  # absl wraps help lines
+  flag_values = flags.FlagValues()
+  names = meta_train.COMMAND.define_flags(flag_values)
+  sections = meta_train.COMMAND.help_sections()
+  text = command_line.help_text(meta_train.__doc__, flag_values, names, sections)
+  text = " ".join(text.split())  # lines are wrapped
   for expected in (
     "--output_dir: Required.",
     'mnist_mlp: hidden_sizes=[20], activation="sigmoid"',
@@ -136,7 +190,10 @@ def test_help_lists_tasks_their_settings_presets_and_data_variables():
     "$MNIST_DIR",
     "$CIFAR10_DIR",
     "mnist_mlp: --task=mnist_mlp --optimizer=lstm",
-    "--num_problems: Problems per meta-step (vmapped). Presets: cifar10_conv 2, mnist_mlp 2.",
+    "--num_problems: Problems per meta-step (vmapped). Presets: cifar10_conv 2, mixture 4, "
+    "mnist_mlp 2, neural_art 4.",
+    "neural_art: Section 3.4",
+    "Shipped optimizers (--init_from=pretrained:NAME): cifar10_conv, mnist_mlp, neural_art",
   ):
     assert expected in text, expected
   assert "('" not in text  # choices are words, not Python tuples

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import learned_opt
 from eval import visualize
@@ -11,6 +12,7 @@ from tasks import quadratic
 from train import inner
 
 
+@pytest.mark.slow
 def test_traces_agree_with_the_optimizers(tmp_path):
   task = quadratic(dim=3)
   opt = learned_opt.lstm_optimizer(hidden_size=5)

@@ -11,16 +11,12 @@ import types
 import typing
 from typing import Any
 
-from train import unroll
+from train import config_flags, unroll
 
 META_LR_SCHEDULES = ("constant", "cosine")
 
 
-def _setting(default, help_text: str, **kwargs):
-  """A config field whose help text the command line shows (``train.meta_train --help``)."""
-  if isinstance(default, dict):
-    return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help_text})
-  return dataclasses.field(default=default, metadata={"help": help_text}, **kwargs)
+_setting = config_flags.setting  # a field that is also a flag of ``train.meta_train``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +51,12 @@ class MetaTrainConfig:
     {},
     "JSON settings of the optimizer (arguments of its factory), e.g. "
     '\'{"preprocess": "log_sign", "output_scale": 0.1}\'.',
+  )
+  backend: str = _setting(
+    "auto",
+    "How the learned optimizer's steps execute: auto (the CPU kernels on a one-device CPU where "
+    "a C++ compiler builds them, else XLA), xla (any device, nothing compiled) or cpu_kernels "
+    "(insists; an error where they cannot be built). Results agree to ~1e-6.",
   )
   unroll: int = _setting(20, "Optimizee steps per truncation (BPTT length).")
   horizon: int = _setting(100, "Optimizee steps per problem before it is resampled.")
@@ -190,20 +192,7 @@ def validate(config: MetaTrainConfig) -> None:
       f"--task={config.task!r} is unknown; choose one of {', '.join(task_registry.names())} "
       "(e.g. --task=quadratic)."
     )
-  for name in ("task_kwargs", "optimizer_kwargs", "valid_task_kwargs"):
-    if not isinstance(getattr(config, name), dict):
-      raise ValueError(f"--{name} must be a JSON object, e.g. --{name}='{{}}'.")
-  for field in dataclasses.fields(config):
-    value = getattr(config, field.name)
-    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
-      getattr(field.type, "__name__", "")
-    )
-    if kind is float and not (isinstance(value, int | float) and _finite(value)):
-      raise ValueError(f"--{field.name} must be a finite number, got {value!r}.")
-    if kind in (int, bool, str) and (
-      not isinstance(value, kind) or (kind is int and isinstance(value, bool))
-    ):
-      raise ValueError(f"--{field.name} must be {kind.__name__}, got {value!r}.")
+  config_flags.check_types(config)  # each field's type; JSON fields are objects
   check_task_kwargs(config.task, config.task_kwargs)
   check_task_kwargs(config.task, config.valid_task_kwargs, "--valid_task_kwargs")
   if config.optimizer not in learned_opt.kinds():
@@ -247,6 +236,11 @@ def validate(config: MetaTrainConfig) -> None:
       f"--horizon={config.horizon} is not a multiple of --unroll={config.unroll}; use e.g. "
       "--unroll=20 --horizon=100."
     )
+  if config.backend not in learned_opt.BACKENDS:
+    raise ValueError(
+      f"--backend={config.backend!r} is unknown; choose one of {', '.join(learned_opt.BACKENDS)} "
+      "(e.g. --backend=auto)."
+    )
   if config.meta_objective not in unroll.OBJECTIVES:
     raise ValueError(
       f"--meta_objective={config.meta_objective!r} is unknown; choose one of "
@@ -278,6 +272,10 @@ def describe_tasks() -> str:
     parameters = inspect.signature(task_registry._FAMILIES[name]).parameters  # noqa: SLF001
     settings = ", ".join(f"{n}={_json_default(p.default)}" for n, p in parameters.items())
     lines.append(f"{name}: {settings}.")
+  lines.append(
+    "mixture without a bucket setting meta-trains over every bucket of its preset (one bucket "
+    "a meta-step); with one, on that bucket alone."
+  )
   lines.append(
     "MNIST is read from $MNIST_DIR (or mnist_dir), CIFAR-10 from $CIFAR10_DIR (or cifar10_dir); "
     "nothing is downloaded."

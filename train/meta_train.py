@@ -6,85 +6,77 @@ Example:
   python -m train.meta_train --task=mnist_mlp --num_problems=4 --output_dir=runs/mnist4
 
 Every field of ``train.config.MetaTrainConfig`` is a flag. Each task has a preset, the paper's
-settings sized for 2 CPU cores (``train.presets``; --preset picks another, a JSON file or none):
-it replaces the defaults shown below, and flags given on the command line replace both. Before
-compiling, the meta-step's memory is estimated and a run that cannot fit is refused. Running it
-again with the same --output_dir resumes from the newest checkpoint there.
+settings sized for 2 CPU cores (the files ``train/configs/TASK.json``; --preset picks another,
+a JSON file of your own or none): it replaces the defaults shown below, and flags given on the
+command line replace both. Before compiling, the meta-step's memory is estimated and a run that
+cannot fit is refused. Running it again with the same --output_dir resumes from the newest
+checkpoint there; a non-empty --output_dir that holds no run is refused.
 """
 
-import dataclasses
 import errno
-import json
-import os
 import sys
 
 import jax
 from absl import app, flags
 
-from learned_opt import serialization
 from train import (
   allocator,
   command_line,
+  config_flags,
   distributed,
   memory,
+  meta_step,
   preemption,
   presets,
   run_dir,
+  run_lock,
   saved_config,
   trainer,
 )
 from train import config as config_lib
+from train import run as run_lib
 
-_FIELDS = {field.name: field for field in dataclasses.fields(config_lib.MetaTrainConfig)}
-_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
-
-
-def _define(field: dataclasses.Field) -> None:
-  """One flag per config field, so flags and config cannot drift apart."""
-  help_text = field.metadata["help"] + presets.help_note(field.name)
-  if field.name == "task_kwargs":
-    help_text += " " + config_lib.describe_tasks()
-  if field.type is dict:  # JSON objects: task_kwargs, optimizer_kwargs
-    flags.DEFINE_string(field.name, json.dumps(field.default_factory()), help_text)
-  elif field.type is bool:
-    flags.DEFINE_bool(field.name, field.default, help_text)
-  else:
-    _DEFINE[field.type](field.name, field.default, help_text)
-
-
-for _field in _FIELDS.values():
-  _define(_field)
-
-distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
-flags.DEFINE_string(
-  "preset",
-  None,
-  "Settings that replace the defaults below (flags given still win): a preset name, a JSON file "
-  f"of settings (e.g. a run's config.json) or {presets.NONE}. Default: the preset named after "
-  "--task. " + " ".join(f"{name}: {presets.describe(name)}." for name in presets.names()),
+# The files that show a directory is a run (resumed, not refused as someone else's).
+RUN_FILES = (
+  run_lib.CONFIG_FILE,
+  run_lib.CHECKPOINT_DIR,
+  run_lib.METRICS_FILE,
+  run_lib.BEST_RECORD,
+  run_lock.LOCK_FILE,
 )
-FLAGS = flags.FLAGS
+OUTPUT = command_line.OutputDir("output_dir", RUN_FILES, "meta-training run")
 
 
-def _json_object(name: str) -> dict:
-  try:
-    value = json.loads(FLAGS[name].value)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"--{name} is not valid JSON ({e}); e.g. --{name}='{{\"dim\": 10}}'.") from e
-  if not isinstance(value, dict):
-    raise ValueError(f"--{name} must be a JSON object, e.g. --{name}='{{\"dim\": 10}}'.")
-  return value
+def _help_note(field: str) -> str:
+  note = presets.help_note(field)
+  return note + (" " + config_lib.describe_tasks() if field == "task_kwargs" else "")
 
 
-def config_from_flags() -> config_lib.MetaTrainConfig:
+def _define_preset_flag(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "preset",
+    None,
+    "Settings that replace the config's defaults (flags given still win): a preset name, a JSON "
+    f"file of settings (e.g. a run's config.json) or {presets.NONE}. Default: the preset named "
+    "after --task. " + " ".join(f"{name}: {presets.describe(name)}." for name in presets.names()),
+    flag_values=flag_values,
+  )
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> config_lib.MetaTrainConfig:
   """The preset's settings under the flags given; validated, or a ValueError naming a flag."""
-  given = {
-    name: _json_object(name) if field.type is dict else FLAGS[name].value
-    for name, field in _FIELDS.items()
-    if FLAGS[name].present
-  }
-  settings = presets.select(FLAGS.preset, given.get("task", FLAGS.task))
+  given = config_flags.given(config_lib.MetaTrainConfig, flag_values)
+  settings = presets.select(flag_values.preset, given.get("task", flag_values.task))
   return config_lib.MetaTrainConfig(**presets.resolve(settings, given))
+
+
+def _help_sections() -> list[str]:
+  described = "\n".join(f"{name}: {presets.DESCRIPTIONS[name]}" for name in presets.names())
+  return [
+    command_line.tasks_section() + " Their settings: --task_kwargs.",
+    f"Presets (--preset; the files train/configs/NAME.json):\n{described}",
+    command_line.shipped_section("init_from"),
+  ]
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -97,7 +89,7 @@ def disk_full_message(error: OSError, output_dir: str) -> str:
   )
 
 
-def main(argv):
+def main(config: config_lib.MetaTrainConfig) -> None:
   """The job; a signal, Ctrl-C or a full disk ends it with one line (stderr), not a traceback.
 
   Exit status: ``preemption.EXIT_STATUS`` (75) after a signal (checkpoint saved),
@@ -105,15 +97,9 @@ def main(argv):
   full disk. Files stay consistent in every case
   (atomic writes); the same command resumes.
   """
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    try:
-      distributed.initialize_from_flags()  # before any JAX computation
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
-    with preemption.watch():  # after initialize: it replaces JAX's SIGTERM handler
-      _meta_train()
+    with preemption.watch():  # after jax.distributed starts: it replaces JAX's SIGTERM handler
+      _meta_train(config)
   except trainer.Preempted as e:
     _exit(str(e), preemption.EXIT_STATUS)
   except KeyboardInterrupt:
@@ -122,7 +108,7 @@ def main(argv):
   except OSError as e:
     if e.errno not in DISK_FULL:
       raise
-    _exit(disk_full_message(e, FLAGS.output_dir), 1)
+    _exit(disk_full_message(e, config.output_dir), 1)
 
 
 def _exit(line: str, status: int) -> None:
@@ -131,13 +117,22 @@ def _exit(line: str, status: int) -> None:
   sys.exit(status)
 
 
-def _meta_train():
+def _check_init_from(config, optimizer) -> None:
+  """A fresh run's --init_from must name a saved optimizer of this run's config (a resumed run
+  no longer reads it)."""
+  if config.init_from and not run_lib.Run(config.output_dir).steps():
+    meta_step.saved_start(config, optimizer)
+
+
+def _meta_train(config: config_lib.MetaTrainConfig) -> None:
+  # --num_devices of every process's devices (default all), or all local ones outside ``run``
+  mesh = distributed.current_mesh()
+  mesh = distributed.global_mesh() if mesh is None else mesh
   try:
-    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
-    config = config_from_flags()
     with config_lib.removed_if_start_fails(config.output_dir):  # no empty folder left behind
-      run_dir.check_output_tree(config)
+      run_lib.Run(config.output_dir).check_tree()
       task, optimizer = trainer.build(config)  # Task settings (e.g. no data) fail here, early.
+      _check_init_from(config, optimizer)
       accelerators = mesh.devices.size if jax.devices()[0].platform != "cpu" else 1
       available = memory.available_bytes()  # one reading for both refusals below
       size = mesh.devices.size  # a --num_problems suggested must divide over it
@@ -149,9 +144,10 @@ def _meta_train():
         distributed.check_divides(count, mesh, flag, counts, limit)
   except distributed.MeshError as e:
     raise app.UsageError(str(e) + saved_config.resume_hint(config)) from e
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: no data set, no VGG16 weights
     raise app.UsageError(str(e)) from e
-  preset = FLAGS.preset or (config.task if config.task in presets.PRESETS else presets.NONE)
+  given = flags.FLAGS.preset if "preset" in flags.FLAGS else None
+  preset = given or (config.task if config.task in presets.PRESETS else presets.NONE)
   # Everything the job reports goes to stdout, progress included; process 0 reports.
   if distributed.is_writer():
     print(
@@ -163,15 +159,14 @@ def _meta_train():
   try:
     with distributed.use_mesh(mesh):
       _, progress = trainer.train(config, log=lambda s: print(s, flush=True))
-  except (run_dir.RunDirError, distributed.MeshError) as e:  # before compiling
+  except (run_lib.RunDirError, distributed.MeshError) as e:  # before compiling
     raise app.UsageError(str(e) + saved_config.resume_hint(config)) from e
   except trainer.NonFiniteError as e:
     sys.exit(f"Stopped: {e}")
   if not distributed.is_writer():
     return  # process 0 reports
-  record = os.path.join(config.output_dir, serialization.RECORD_FILE)
   best = run_dir.best_epoch(progress)
-  if best is None or not os.path.exists(record):
+  if best is None or not run_lib.Run(config.output_dir).has_best():
     diverged = progress.diverged_history[-1] if progress.diverged_history else None
     sys.exit(
       f"No optimizer saved in {config.output_dir}: no epoch had a validation problem that did "
@@ -188,11 +183,23 @@ def _meta_train():
   )
 
 
+COMMAND = command_line.Command(
+  main,
+  config_lib.MetaTrainConfig,
+  doc=__doc__,
+  config_from_flags=config_from_flags,
+  help_note=_help_note,
+  help_sections=_help_sections,
+  more_flags=_define_preset_flag,
+  distributed=True,
+  output=OUTPUT,
+)
+
+
 def run():
-  """The console script's entry point (``learned-opt-train``)."""
+  """The command line: ``python -m train.meta_train``, the console script ``learned-opt-train``."""
   allocator.rerun_with_chosen_malloc()  # $LEARNED_OPT_MALLOC=tcmalloc: faster, more memory
-  jax.config.parse_flags_with_absl()
-  command_line.run(main)
+  COMMAND.run()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Per-task settings of meta-training: the paper's recipe for each task family, sized for 2 CPUs.
 
-A preset is a partial ``MetaTrainConfig``: the fields it names replace the config's defaults, and
-flags given on the command line replace both. ``train.meta_train`` picks the preset named after
-``--task`` unless ``--preset`` names another one, a JSON file of config fields (a run's
-``config.json`` works; its fields go on top of its task's preset), or ``none`` (the config's own
-defaults).
+A preset is a partial ``MetaTrainConfig`` in a JSON file, ``train/configs/NAME.json`` (shipped
+with the package; its ``description`` says where the recipe comes from, the rest are config
+fields). The fields it names replace the config's defaults, and flags given on the command line
+replace both. ``train.meta_train`` picks the preset named after ``--task`` unless ``--preset``
+names another one, a JSON file of config fields (a run's ``config.json`` works; its fields go on
+top of its task's preset), or ``none`` (the config's own defaults). A new preset is a new file.
 
 Example:
   >>> settings = presets.resolve(presets.select(None, "mnist_mlp"), {"num_epochs": 2})
@@ -14,6 +15,7 @@ Example:
 
 import copy
 import dataclasses
+import importlib.resources
 import json
 import os
 from typing import Any
@@ -22,56 +24,23 @@ from train import config as config_lib
 from train import saved_config
 
 NONE = "none"
-_APPENDIX_A = {"preprocess": "log_sign", "output_scale": 0.1}  # p = 10, outputs scaled by 0.1
+DESCRIPTION = "description"  # the one key of a preset file that is not a config field
+DIRECTORY = "configs"  # train/configs/NAME.json, shipped as package data
 
-PRESETS: dict[str, dict[str, Any]] = {
-  # Section 3.1 as the config's defaults already spell it: 128 quadratics a meta-step.
-  "quadratic": {"task": "quadratic"},
-  # Section 3.2 with the shipped optimizer's recipe (docs/mnist.md): 2 problems a meta-step fit
-  # 2 CPU cores; truncations of 50 steps (not the paper's 20, whose short horizon traded the end
-  # of a run for its start) and the ramp objective put the LSTM ahead of tuned Adam at step 100.
-  "mnist_mlp": {
-    "task": "mnist_mlp",
-    "optimizer": "lstm",
-    "optimizer_kwargs": _APPENDIX_A,
-    "unroll": 50,
-    "horizon": 100,
-    "num_problems": 2,
-    "meta_lr": 3e-3,
-    "meta_lr_schedule": "cosine",
-    "meta_lr_final_ratio": 0.05,
-    "meta_objective": "ramp",
-    "num_epochs": 12,
-    "steps_per_epoch": 80,
-    "valid_problems": 32,
-    "log_every": 10,
-  },
-  # Section 3.3 (docs/cifar10.md): one LSTM for the conv parameters, one for the fully connected
-  # ones; the shipped optimizer's recipe (4.6 s a meta-step on 2 idle CPU cores, 4.4 GiB).
-  "cifar10_conv": {
-    "task": "cifar10_conv",
-    "optimizer": "partition",
-    "optimizer_kwargs": {
-      "rule": "conv_fc",
-      "optimizers": {
-        "conv": {"kind": "lstm", **_APPENDIX_A},
-        "fc": {"kind": "lstm", **_APPENDIX_A},
-      },
-    },
-    "unroll": 20,
-    "horizon": 100,
-    "num_problems": 2,
-    "meta_lr": 3e-3,
-    "meta_lr_schedule": "cosine",
-    "meta_lr_final_ratio": 0.1,
-    "meta_objective": "ramp",
-    "num_epochs": 5,
-    "steps_per_epoch": 100,
-    "valid_problems": 8,
-    "log_every": 10,
-    "checkpoint_every": 25,
-  },
-}
+
+def _shipped() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+  """``({name: settings}, {name: description})`` of the preset files in ``train/configs``."""
+  settings, descriptions = {}, {}
+  for entry in sorted(importlib.resources.files(__package__).joinpath(DIRECTORY).iterdir()):
+    if entry.name.endswith(".json"):
+      name = entry.name.removesuffix(".json")
+      settings[name] = json.loads(entry.read_text())
+      descriptions[name] = settings[name].pop(DESCRIPTION, "")
+  return settings, descriptions
+
+
+# Read once, never changed: ``select`` hands out copies.
+PRESETS, DESCRIPTIONS = _shipped()
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(config_lib.MetaTrainConfig))
 
@@ -104,6 +73,7 @@ def load_file(path: str) -> dict[str, Any]:
     ) from e
   if not isinstance(settings, dict):
     raise ValueError(f'--preset={path} must hold a JSON object of settings, e.g. {{"unroll": 20}}.')
+  settings.pop(DESCRIPTION, None)  # a preset file's note, not a setting
   if any(name in settings for name in saved_config.LEGACY_OPTIMIZER_FIELDS):
     settings = saved_config.upgrade(settings)  # a config.json of an older run, in today's fields
   _check_fields(settings, path)
@@ -147,7 +117,7 @@ def help_note(field: str) -> str:
   if not changed or field == "task":
     return ""
   if isinstance(default, dict):
-    return f" Set by the presets {', '.join(changed)} (see --preset)."
+    return f" Set by the preset{'s' * (len(changed) > 1)} {', '.join(changed)} (see --preset)."
   values = ", ".join(f"{name} {_flag_value(PRESETS[name][field])}" for name in changed)
   return f" Presets: {values}."
 
