@@ -50,6 +50,7 @@ def test_residuals_grow_linearly_in_problems_and_unroll(tmp_path):
   assert 0.45 < half / four < 0.55
 
 
+@pytest.mark.slow
 def test_estimate_bounds_what_xla_assigns_the_compiled_step(tmp_path):
   """On a small MNIST MLP (the real ones, and quadratics, were checked by hand: BUILD.md)."""
   write_mnist(str(tmp_path / "mnist"), sizes=(("train", 64), ("test", 8)))
@@ -91,6 +92,7 @@ def test_available_memory_is_known_on_this_machine():
   assert available is None or available > 2**20
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_an_oversized_run_before_compiling(tmp_path):
   out = tmp_path / "new" / "run"
   result = subprocess.run(

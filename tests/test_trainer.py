@@ -15,6 +15,9 @@ from tasks.base import TaskFamily
 from train import checkpoint, distributed, meta_step, run_dir, trainer, unroll
 from train.config import MetaTrainConfig
 
+# The trainer end to end: every test runs meta-training jobs (slow tier).
+pytestmark = pytest.mark.slow
+
 
 def tiny_config(output_dir, **overrides):
   settings = dict(

@@ -8,7 +8,8 @@ inputs (``jax.make_jaxpr``: no compile, no allocation) and sums the residuals it
 refuses a run whose estimate exceeds the memory available, naming what to shrink: the problems
 (the largest count that fits and divides over the mesh), the unroll, or the optimizer itself when
 its weights and Adam state alone do not fit. On the host, "available" honours the container's
-(cgroup's) memory limit, not only the machine's free memory.
+(cgroup's) memory limit, not only the machine's free memory. A mixture's meta-step is its
+largest bucket's, beside every bucket's data and problems in flight (all stay on the device).
 """
 
 import json
@@ -90,10 +91,19 @@ def residual_bytes(
   return residuals, _tree_bytes(phi), _tree_bytes(inner)
 
 
-def estimate(
-  config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOptimizer
-) -> MemoryEstimate:
-  """The meta-step's peak memory for ``config.num_problems`` problems, by tracing only."""
+def estimate(config: MetaTrainConfig, task, optimizer: LearnedOptimizer) -> MemoryEstimate:
+  """The meta-step's peak memory for ``config.num_problems`` problems, by tracing only.
+
+  ``task``: a ``TaskFamily``, or a mixture (``tasks.mixture.Mixture``): the largest bucket's
+  step, with the data and problems of every bucket held.
+  """
+  if meta_step.is_mixture(task):
+    each = [estimate(config, bucket, optimizer) for bucket in task.buckets]
+    largest = max(each, key=lambda m: m.total_bytes - 2 * m.problem_bytes - m.data_bytes)
+    problems = sum(m.problem_bytes for m in each)
+    data = sum(m.data_bytes for m in each)
+    total = largest.total_bytes + 2 * (problems - largest.problem_bytes) + data - largest.data_bytes
+    return MemoryEstimate(largest.residual_bytes, largest.meta_bytes, problems, data, total)
   residuals, phi, problems = residual_bytes(config, task, optimizer, config.num_problems)
   meta = 4 * phi  # phi, Adam's two moments, the best phi
   data = _tree_bytes(task.data)
@@ -208,7 +218,7 @@ def _advice(config, memory: MemoryEstimate, available: int, devices: int, multip
 
 def check(
   config: MetaTrainConfig,
-  task: TaskFamily,
+  task: TaskFamily,  # or a mixture (``estimate``)
   optimizer: LearnedOptimizer,
   available: int | None = None,
   devices: int = 1,

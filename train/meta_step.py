@@ -12,6 +12,12 @@ shardings, so the meta-gradient, a mean over problems, is all-reduced by XLA. Pr
 drawn from the ``i``-th key of ``jax.random.split(problem_key, num_problems)``, a function of
 ``i`` alone (JAX's partitionable threefry), so each device draws only its own problems and the
 problem set is the same on any number of devices and processes.
+
+A mixture of task families (``tasks.mixture.Mixture``, shape buckets) trains one phi over all its
+buckets: the state holds one batch of problems in flight per bucket (``inner`` is a tuple, in the
+mixture's order), and the step of bucket ``b`` (``make_train_step(..., bucket=b)``, one compile
+per bucket) runs on bucket ``b``'s problems and data alone and resamples them when *they* reach
+the horizon. A single family keeps ``inner`` a single batch, so its checkpoints are unchanged.
 """
 
 import functools
@@ -25,6 +31,7 @@ import optax
 
 import learned_opt
 from learned_opt.base import LearnedOptimizer, MetaParams
+from tasks import mixture as mixture_lib
 from tasks.base import Data, TaskFamily
 from train import distributed
 from train import inner as inner_lib
@@ -48,7 +55,8 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 (), meta-steps done
   meta_params: MetaParams  # phi
   meta_opt_state: optax.OptState  # Adam's state for phi
-  inner: inner_lib.InnerState  # the batch of problems in flight, leading axis (problems,)
+  # The batch of problems in flight, leading axis (problems,); a mixture's: one per bucket.
+  inner: inner_lib.InnerState | tuple[inner_lib.InnerState, ...]
   best_meta_params: MetaParams  # phi with the best validation loss so far
   skips: SkipCounters
 
@@ -61,10 +69,28 @@ class StepMetrics(NamedTuple):
   finite: jax.Array  # bool (), whether the step was applied
 
 
-def problem_key(config: MetaTrainConfig, step, attempt=0) -> jax.Array:
-  """Key of the problem batch sampled at meta-step ``step`` (``attempt`` > 0 after a skip)."""
+def buckets(task: TaskFamily | mixture_lib.Mixture) -> tuple[TaskFamily, ...]:
+  """The shape buckets of a mixture, or ``(task,)`` for a single family."""
+  return tuple(task.buckets) if is_mixture(task) else (task,)
+
+
+def is_mixture(task) -> bool:
+  return isinstance(task, mixture_lib.Mixture)
+
+
+def task_data(task: TaskFamily | mixture_lib.Mixture) -> Data:
+  """What the trainer passes as ``data``: the family's, or a tuple of each bucket's."""
+  return tuple(b.data for b in task.buckets) if is_mixture(task) else task.data
+
+
+def problem_key(config: MetaTrainConfig, step, attempt=0, bucket=None) -> jax.Array:
+  """Key of the problem batch sampled at meta-step ``step`` (``attempt`` > 0 after a skip).
+
+  ``bucket``: a mixture's first problems of that bucket (drawn at step 0 for every bucket).
+  """
   base = jax.random.fold_in(jax.random.key(config.seed), 1)
-  return jax.random.fold_in(jax.random.fold_in(base, step), attempt)
+  key = jax.random.fold_in(jax.random.fold_in(base, step), attempt)
+  return key if bucket is None else jax.random.fold_in(key, bucket)
 
 
 def valid_key(config: MetaTrainConfig) -> jax.Array:
@@ -74,6 +100,12 @@ def valid_key(config: MetaTrainConfig) -> jax.Array:
   """
   seed = config.seed if config.valid_seed == -1 else config.valid_seed
   return jax.random.fold_in(jax.random.key(seed), 2)
+
+
+def valid_bucket_key(config: MetaTrainConfig, bucket: int | None) -> jax.Array:
+  """``valid_key``, or for a mixture's bucket ``bucket`` its own fixed problems' key."""
+  key = valid_key(config)
+  return key if bucket is None else jax.random.fold_in(key, bucket)
 
 
 def meta_learning_rate(config: MetaTrainConfig) -> float | optax.Schedule:
@@ -99,9 +131,9 @@ def no_skips() -> SkipCounters:
   )
 
 
-def fresh_problems(config, task, optimizer, meta_params, data, step, attempt=0):
-  """The batch of ``num_problems`` problems drawn at meta-step ``step``."""
-  key = problem_key(config, step, attempt)
+def fresh_problems(config, task, optimizer, meta_params, data, step, attempt=0, bucket=None):
+  """The batch of ``num_problems`` problems drawn at meta-step ``step`` (see ``problem_key``)."""
+  key = problem_key(config, step, attempt, bucket)
   return unroll_lib.init_inner_batch(task, optimizer, meta_params, data, key, config.num_problems)
 
 
@@ -139,17 +171,27 @@ def init_state(
   data: Data = None,
   meta_params: MetaParams | None = None,
 ) -> TrainState:
-  """The state before the first meta-step; ``data`` defaults to ``task.data``, ``meta_params``
-  to the seed's random init (a fresh run passes ``saved_start``'s; templates of a run's state
-  need only shapes, so they never read ``--init_from``)."""
-  data = task.data if data is None else data
+  """The state before the first meta-step; ``data`` defaults to ``task_data(task)``,
+  ``meta_params`` to the seed's random init (a fresh run passes ``saved_start``'s; templates of a
+  run's state need only shapes, so they never read ``--init_from``).
+
+  ``task`` may be a mixture: then ``inner`` holds each bucket's first problems, in its order.
+  """
+  data = task_data(task) if data is None else data
   if meta_params is None:
     meta_params = optimizer.init_meta_params(jax.random.fold_in(jax.random.key(config.seed), 0))
+  if is_mixture(task):
+    inner = tuple(
+      fresh_problems(config, b, optimizer, meta_params, d, 0, bucket=i)
+      for i, (b, d) in enumerate(zip(task.buckets, data, strict=True))
+    )
+  else:
+    inner = fresh_problems(config, task, optimizer, meta_params, data, 0)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     meta_params=meta_params,
     meta_opt_state=meta_optimizer(config).init(meta_params),
-    inner=fresh_problems(config, task, optimizer, meta_params, data, 0),
+    inner=inner,
     best_meta_params=jax.tree.map(jnp.copy, meta_params),  # its own buffers: state is donated
     skips=no_skips(),
   )
@@ -173,7 +215,7 @@ def init_sharded_state(config, task, optimizer, data, mesh) -> TrainState:
   """``init_state`` placed on ``mesh``, each device drawing only its own problems.
 
   Args:
-    data: ``task.data`` replicated on the mesh (``distributed.put``).
+    data: ``task_data(task)`` replicated on the mesh (``distributed.put``).
   """
   build = lambda d, phi: init_state(config, task, optimizer, d, phi)
   phi = saved_start(config, optimizer)
@@ -198,12 +240,22 @@ def meta_loss_fn(config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOp
   )
 
 
-def make_train_step(config, task, optimizer, mesh=None) -> Callable:
+def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable:
   """``(state, data) -> (state, metrics)``: one truncated-BPTT meta-step; skips non-finite ones.
 
   Jit it with ``donate_argnums=0`` and pass ``task.data`` as ``data`` (or use ``jit_train_step``).
   With a ``mesh``, problems drawn inside the step are constrained to the problems sharding.
+
+  For a mixture, ``bucket`` names the bucket the step trains on: it reads and replaces
+  ``state.inner[bucket]`` alone, ``data`` is that bucket's, and its problems are resampled once
+  they reach the horizon (a bucket is not drawn every step, so the global step cannot tell).
   """
+  if is_mixture(task):
+    if bucket is None:
+      raise ValueError("A mixture's train step trains one bucket; pass bucket=INDEX.")
+    return _bucket_step(
+      make_train_step(config, task.buckets[bucket], optimizer, mesh, bucket), bucket
+    )
   meta_opt = meta_optimizer(config)
   truncations = config.horizon // config.unroll
   loss_fn = meta_loss_fn(config, task, optimizer)
@@ -214,7 +266,10 @@ def make_train_step(config, task, optimizer, mesh=None) -> Callable:
     fresh = lambda *args, draw=fresh: place(draw(*args))
 
   def step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
-    due = (state.step > 0) & (state.step % truncations == 0)  # the horizon is reached
+    if bucket is None:
+      due = (state.step > 0) & (state.step % truncations == 0)  # the horizon is reached
+    else:  # every problem of a batch was drawn together, so they share one step count
+      due = jnp.max(state.inner.step) >= config.horizon
     inner = jax.lax.cond(
       due, lambda: fresh(state.meta_params, data, state.step), lambda: state.inner
     )
@@ -264,10 +319,21 @@ def make_train_step(config, task, optimizer, mesh=None) -> Callable:
   return train_step
 
 
-def jit_train_step(config, task, optimizer, mesh=None, state=None) -> Callable:
+def _bucket_step(step: Callable, bucket: int) -> Callable:
+  """``step`` of one bucket on a mixture's state: it sees ``state.inner[bucket]`` alone."""
+
+  def mixture_step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
+    new_state, metrics = step(state._replace(inner=state.inner[bucket]), data)
+    inner = (*state.inner[:bucket], new_state.inner, *state.inner[bucket + 1 :])
+    return new_state._replace(inner=inner), metrics
+
+  return mixture_step
+
+
+def jit_train_step(config, task, optimizer, mesh=None, state=None, bucket=None) -> Callable:
   """``make_train_step`` jitted as the trainer runs it: the state donated, and on a ``mesh``
   its shardings (``state_shardings`` of ``state``, a state or its ``jax.eval_shape``) kept."""
-  step = make_train_step(config, task, optimizer, mesh)
+  step = make_train_step(config, task, optimizer, mesh, bucket)
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
   whole = distributed.replicated(mesh)
@@ -275,16 +341,18 @@ def jit_train_step(config, task, optimizer, mesh=None, state=None) -> Callable:
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings(state, mesh), metrics))
 
 
-def sample_valid_problems(config: MetaTrainConfig, task: TaskFamily, mesh=None, data=None):
+def sample_valid_problems(
+  config: MetaTrainConfig, task: TaskFamily, mesh=None, data=None, bucket=None
+):
   """The fixed validation problems and their run keys, shaped (valid_problems, ...).
 
   With a ``mesh`` (and ``data`` replicated on it), each device draws only its own problems.
+  ``bucket``: ``task`` is that bucket of a mixture, whose problems have their own key.
   """
+  key = valid_bucket_key(config, bucket)
   if mesh is None:
-    return inner_lib.sample_problems(task, valid_key(config), config.valid_problems)
-  draw = lambda d: inner_lib.sample_problems(
-    task._replace(data=d), valid_key(config), config.valid_problems
-  )
+    return inner_lib.sample_problems(task, key, config.valid_problems)
+  draw = lambda d: inner_lib.sample_problems(task._replace(data=d), key, config.valid_problems)
   return jax.jit(draw, out_shardings=distributed.problems_sharding(mesh))(data)
 
 

@@ -6,7 +6,14 @@ problems and takes an Adam step on phi; after each epoch phi is validated on fix
 problems and the best phi is saved (early stopping, section 3). The host reads device values only
 when it logs, validates or checkpoints.
 
-The run directory, the resume guard and resuming are ``train.run_dir``'s.
+``--task=mixture`` without a ``bucket`` setting trains one phi over every bucket of the mixture
+(``tasks.mixture``): meta-step ``n`` trains on bucket ``bucket_index(mixture, seed, n)`` (the same
+on every host and after a resume), each bucket's step compiles the first time it is drawn, the
+state keeps each bucket's problems in flight, and validation scores each bucket by final over
+initial loss (scale-free) and the epoch by their mean.
+
+Every file of the run directory is read and written through ``train.run.Run``; resuming is
+``train.run_dir``'s.
 """
 
 import contextlib
@@ -27,12 +34,15 @@ from jax.sharding import Mesh
 import learned_opt
 from learned_opt import tree_files
 from learned_opt.base import LearnedOptimizer
+from tasks import mixture as mixture_lib
 from tasks import registry as task_registry
 from tasks.base import TaskFamily
-from train import checkpoint, distributed, meta_step, preemption, run_dir, run_lock
+from train import checkpoint, distributed, meta_step, preemption, run_dir
 from train.config import MetaTrainConfig
 from train.meta_step import TrainState
+from train.metrics_log import MetricsLog
 from train.preemption import Preempted
+from train.run import Run
 
 PREEMPTED_KEY = checkpoint.PREEMPTED  # host record field of a checkpoint written on a signal
 
@@ -41,10 +51,20 @@ class NonFiniteError(RuntimeError):
   """Raised when too many meta-steps in a row produced NaN or Inf."""
 
 
-def build(config: MetaTrainConfig) -> tuple[TaskFamily, LearnedOptimizer]:
-  return task_registry.get(config.task, **config.task_kwargs), learned_opt.build(
-    config.optimizer_config()
-  )
+def build(config: MetaTrainConfig) -> tuple[TaskFamily | mixture_lib.Mixture, LearnedOptimizer]:
+  """The run's task (a family, or a mixture of them) and its learned optimizer."""
+  return build_task(config, config.task_kwargs), build_optimizer(config)
+
+
+def build_optimizer(config: MetaTrainConfig) -> LearnedOptimizer:
+  return learned_opt.build(config.optimizer_config(), backend=config.backend)
+
+
+def build_task(config: MetaTrainConfig, task_kwargs: dict) -> TaskFamily | mixture_lib.Mixture:
+  """``config.task`` with ``task_kwargs``; ``mixture`` without a ``bucket``: all its buckets."""
+  if config.task == "mixture" and "bucket" not in task_kwargs:
+    return mixture_lib.mixture(**task_kwargs)
+  return task_registry.get(config.task, **task_kwargs)
 
 
 def validation_task(config: MetaTrainConfig, task: TaskFamily) -> TaskFamily:
@@ -55,12 +75,7 @@ def validation_task(config: MetaTrainConfig, task: TaskFamily) -> TaskFamily:
   """
   if not config.valid_task_kwargs:
     return task
-  return task_registry.get(config.task, **{**config.task_kwargs, **config.valid_task_kwargs})
-
-
-def _append_jsonl(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  return build_task(config, {**config.task_kwargs, **config.valid_task_kwargs})
 
 
 def machine() -> dict:
@@ -78,19 +93,22 @@ def machine() -> dict:
 class _Reporter:
   """Turns device values into log lines and ``metrics.jsonl`` records, when it is time to."""
 
-  def __init__(self, config, metrics_path, log, state, writer=True):
-    self.config, self.metrics_path, self.log, self.writer = config, metrics_path, log, writer
+  def __init__(self, config, metrics: MetricsLog, log, state, writer=True, bucket_at=None):
+    """``bucket_at(step)``: a mixture's bucket name of a meta-step, for skip messages."""
+    self.config, self.metrics, self.log, self.writer = config, metrics, log, writer
+    self.bucket_at = bucket_at or (lambda step: None)
     self.reported_skips = int(state.skips.total)
     self.tic, self.tic_step = time.time(), int(state.step)
 
   def append(self, record: dict) -> None:
     if self.writer:
-      _append_jsonl(self.metrics_path, record)
+      self.metrics.append(record)
 
   def skips(self, state: TrainState) -> None:
     """Reports newly skipped meta-steps; raises once too many came in a row."""
     skips = jax.device_get(state.skips)
-    task = self.config.task
+    bucket = self.bucket_at(int(skips.last_step)) if int(skips.total) else None
+    task = self.config.task + (f" (bucket {bucket})" if bucket else "")
     if int(skips.total) > self.reported_skips:
       message = (
         f"Non-finite meta-step {int(skips.last_step)} on task {task} (largest meta-gradient "
@@ -120,7 +138,8 @@ class _Reporter:
     """Times the next rate from here: a rate excludes compiling and validation."""
     self.tic, self.tic_step = time.time(), done
 
-  def progress(self, done: int, metrics: meta_step.StepMetrics) -> None:
+  def progress(self, done: int, metrics: meta_step.StepMetrics, bucket: str | None = None) -> None:
+    """Logs the last meta-step's metrics; ``bucket``: the mixture bucket it trained on."""
     metrics = jax.device_get(metrics)
     total = self.config.total_steps
     rate = (done - self.tic_step) / max(time.time() - self.tic, 1e-9)
@@ -129,8 +148,9 @@ class _Reporter:
       timing = f"{speed}  ETA {_duration((total - done) / max(rate, 1e-9))}"
     else:
       rate, timing = None, "timing from the next report"
+    where = f"  bucket {bucket}" if bucket else ""
     self.log(
-      f"step {done}/{total}  meta-loss {float(metrics.meta_loss):.4g}  "
+      f"step {done}/{total}{where}  meta-loss {float(metrics.meta_loss):.4g}  "
       f"final f {float(metrics.final_loss):.4g}  |grad| {float(metrics.grad_norm):.3g}  {timing}"
     )
     record = {
@@ -140,6 +160,8 @@ class _Reporter:
       "grad_norm": float(metrics.grad_norm),
       "steps_per_sec": rate,
     }
+    if bucket:
+      record["bucket"] = bucket
     self.append(record)
     self.restart_clock(done)
 
@@ -153,6 +175,37 @@ def _duration(seconds: float) -> str:
   return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def bucket_scores(curves: dict[str, np.ndarray]) -> dict[str, float]:
+  """Each mixture bucket's validation score: the mean over its non-diverged problems of final
+  over initial loss (scale-free, so a quadratic's ~20 and a cross-entropy's ~2.3 weigh alike).
+
+  Args:
+    curves: ``{bucket name: losses shaped (valid_problems, horizon + 1)}``.
+  """
+  scores = {}
+  for name, losses in curves.items():
+    losses = np.asarray(losses, np.float64)
+    ratios = losses[:, -1] / losses[:, 0]
+    ok = np.isfinite(ratios)
+    scores[name] = float(np.mean(ratios[ok])) if ok.any() else math.inf
+  return scores
+
+
+def validation_result(curves) -> tuple[int, float, dict[str, float] | None]:
+  """``(diverged problems, score, per-bucket scores or None)`` of an epoch's ``curves``.
+
+  A single family's score is the mean final loss of its non-diverged problems; a mixture's
+  (``curves`` a dict per bucket) the mean over buckets of ``bucket_scores``.
+  """
+  if isinstance(curves, dict):
+    finals = np.concatenate([np.asarray(c[:, -1], np.float64) for c in curves.values()])
+    scores = bucket_scores(curves)
+    return int(np.sum(~np.isfinite(finals))), float(np.mean(list(scores.values()))), scores
+  finals = np.asarray(curves[:, -1], np.float64)
+  ok = np.isfinite(finals)
+  return int(np.sum(~ok)), float(np.mean(finals[ok])) if ok.any() else math.inf, None
+
+
 def end_epoch(
   config, optimizer, state, progress, curves, log, writer=True
 ) -> tuple[TrainState, run_dir.Progress]:
@@ -160,26 +213,27 @@ def end_epoch(
 
   The epoch's result is (problems whose final loss is not finite, mean final loss of the
   others); it is better than the best so far if it has fewer diverged problems, or as many and a
-  lower mean (``best_epoch``). An epoch where every problem diverged is never saved.
+  lower mean (``best_epoch``). An epoch where every problem diverged is never saved. For a
+  mixture the mean is ``validation_result``'s: of final / initial loss, per bucket, then over
+  buckets.
 
   Every process decides the same from the same ``curves``; only the ``writer`` saves.
 
   Args:
-    curves: validation losses shaped (valid_problems, horizon + 1).
+    curves: validation losses shaped (valid_problems, horizon + 1); for a mixture, a dict of
+      them by bucket name.
   """
   done = int(state.step)
   epoch = done // config.steps_per_epoch
-  finals = np.asarray(curves[:, -1], np.float64)
-  ok = np.isfinite(finals)
-  diverged = int(np.sum(~ok))
-  valid = float(np.mean(finals[ok])) if ok.any() else math.inf
+  diverged, valid, scores = validation_result(curves)
+  problems = config.valid_problems * (len(curves) if scores is not None else 1)
   best = run_dir.best_epoch(progress)
   best_key = (
     (math.inf, math.inf)
     if best is None
     else (progress.diverged_history[best], progress.valid_history[best])
   )
-  improved = ok.any() and (diverged, valid) < best_key
+  improved = math.isfinite(valid) and (diverged, valid) < best_key
   if improved:
     state = state._replace(best_meta_params=jax.tree.map(jnp.copy, state.meta_params))
     metadata = {
@@ -187,12 +241,14 @@ def end_epoch(
       "step": done,
       "valid_final_loss": valid,
       "valid_diverged": diverged,
+      **({"valid_buckets": scores} if scores is not None else {}),
       "task": config.task,
+      "backend": optimizer.backend,  # how its steps ran (learned_opt.backend); not read back
       "run_config": json.loads(config.to_json()),
       "machine": machine(),
     }
     if writer:
-      learned_opt.save(config.output_dir, optimizer, state.meta_params, metadata=metadata)
+      Run(config.output_dir).save_best(optimizer, state.meta_params, metadata)
   progress = run_dir.Progress(
     progress.best_valid,
     (*progress.valid_history, valid),
@@ -203,11 +259,14 @@ def end_epoch(
   progress = progress._replace(
     best_valid=math.inf if best is None else progress.valid_history[best]
   )
-  note = f" ({diverged} of {len(finals)} problems diverged)" if diverged else ""
+  note = f" ({diverged} of {problems} problems diverged)" if diverged else ""
+  what = "final loss" if scores is None else "final/initial loss (mean over buckets)"
   log(
-    f"epoch {epoch}/{config.num_epochs}  validation final loss {valid:.4g}{note}  best "
+    f"epoch {epoch}/{config.num_epochs}  validation {what} {valid:.4g}{note}  best "
     f"{progress.best_valid:.4g}" + ("  (saved)" if improved else "")
   )
+  if scores is not None:
+    log("  " + "  ".join(f"{name} {score:.4g}" for name, score in scores.items()))
   stalled = len(progress.valid_history) - 1 - (-1 if best is None else best)
   early_stopped = bool(config.patience) and stalled >= config.patience
   if early_stopped:
@@ -215,26 +274,23 @@ def end_epoch(
   return state, progress._replace(early_stopped=early_stopped)
 
 
-def _open_run(
-  config, task, optimizer, paths, log, start, held
-) -> tuple[TrainState, run_dir.Progress]:
+def _open_run(config, task, optimizer, log, start, held) -> tuple[TrainState, run_dir.Progress]:
   """The file-system side of a start: checks, the lock, leftovers removed, config.json, what to
   resume. A second run on the directory is refused here, before it removes anything.
 
   Args:
     held: an ``ExitStack`` that holds the run directory's lock until ``train`` ends.
   """
-  ckpt_dir, config_path = paths
-  run_dir.check_output_tree(config)  # creates the directory
-  held.enter_context(run_lock.RunLock(config.output_dir))
-  run_dir.check_resumable(config, config_path, ckpt_dir)
-  for directory in (config.output_dir, ckpt_dir):  # left by a kill during an atomic write
-    tree_files.remove_temporaries(directory)
-  tree_files.atomic_write(config_path, config.to_json().encode())
-  return run_dir.resume_or_start(config, task, optimizer, ckpt_dir, log, start=start)
+  run = Run(config.output_dir)
+  run.check_tree()  # creates the directory
+  held.enter_context(run.lock())
+  run.check_resumable(config)
+  run.remove_temporaries()  # left by a kill during an atomic write
+  run.write_config(config)
+  return run_dir.resume_or_start(config, task, optimizer, log=log, start=start)
 
 
-def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data, held):
+def _open_run_on_mesh(config, task, optimizer, log, mesh, data, held):
   """``_open_run`` by process 0 alone, its outcome (or error) sent to every process.
 
   Only process 0 touches the output directory, so the processes need no shared file system. A
@@ -245,7 +301,7 @@ def _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data, held):
   reply = state_bytes = None
   if distributed.is_writer():
     try:
-      state, progress = _open_run(config, task, optimizer, paths, log, lambda: None, held)
+      state, progress = _open_run(config, task, optimizer, log, lambda: None, held)
       if state is not None:
         state_bytes, digest = tree_files.encode(state)
       reply = {"progress": run_dir.host_record(progress, 0), "resumed": state is not None}
@@ -305,79 +361,107 @@ def _train(config, task, log, mesh, held) -> tuple[TrainState, run_dir.Progress]
     distributed.check_divides(config.valid_problems, mesh, "valid_problems")
   writer = distributed.is_writer()
   log = log if writer else (lambda s: None)
-  built_task, optimizer = build(config)
-  task = task or built_task
-  ckpt_dir = os.path.join(config.output_dir, run_dir.CHECKPOINT_DIR)
-  metrics_path = os.path.join(config.output_dir, run_dir.METRICS_FILE)
-  paths = (ckpt_dir, os.path.join(config.output_dir, run_dir.CONFIG_FILE))
+  optimizer = build_optimizer(config)
+  task = task or build_task(config, config.task_kwargs)
+  run = Run(config.output_dir)
 
+  # A single family is the one-bucket case: bucket None, its state and data unwrapped.
+  mixture = task if meta_step.is_mixture(task) else None
   valid_task = validation_task(config, task)
+  data, valid_data = meta_step.task_data(task), meta_step.task_data(valid_task)
   if mesh is None:
-    data, valid_data = task.data, valid_task.data
-    state, progress = _open_run(config, task, optimizer, paths, log, None, held)
-    valid_problems = meta_step.sample_valid_problems(config, valid_task)
+    state, progress = _open_run(config, task, optimizer, log, None, held)
   else:
-    data = distributed.put(task.data, distributed.replicated(mesh))
-    valid_data = data
-    if valid_task is not task:
-      valid_data = distributed.put(valid_task.data, distributed.replicated(mesh))
-    state, progress = _open_run_on_mesh(config, task, optimizer, paths, log, mesh, data, held)
-    valid_problems = meta_step.sample_valid_problems(config, valid_task, mesh, valid_data)
+    whole = distributed.replicated(mesh)
+    data = distributed.put(data, whole)
+    valid_data = data if valid_task is task else distributed.put(valid_data, whole)
+    state, progress = _open_run_on_mesh(config, task, optimizer, log, mesh, data, held)
   if progress.early_stopped:
     log("This run already stopped early; nothing to do.")
     return state, progress
 
-  train_step = meta_step.jit_train_step(config, task, optimizer, mesh, state)
-  validate = jax.jit(meta_step.make_validate(config, valid_task, optimizer))
-  reporter = _Reporter(config, metrics_path, log, state, writer)
+  names = (None,) if mixture is None else mixture.names
+  indices = (None,) if mixture is None else tuple(range(len(names)))
+  valid_datas = (valid_data,) if mixture is None else valid_data
+  valid_buckets = meta_step.buckets(valid_task)
+  valid_problems = [
+    meta_step.sample_valid_problems(config, t, mesh, d, b)
+    for t, d, b in zip(valid_buckets, valid_datas, indices, strict=True)
+  ]
+  validators = [jax.jit(meta_step.make_validate(config, t, optimizer)) for t in valid_buckets]
+
+  def validate(meta_params):
+    """The epoch's validation curves: an array, or for a mixture a dict by bucket name."""
+    curves = [
+      distributed.to_host(v(meta_params, d, *p))
+      for v, d, p in zip(validators, valid_datas, valid_problems, strict=True)
+    ]
+    return curves[0] if mixture is None else dict(zip(names, curves, strict=True))
+
+  steps = {}  # bucket -> its jitted meta-step, compiled when the bucket is first drawn
+
+  def bucket_of(step: int) -> int | None:
+    return None if mixture is None else mixture_lib.bucket_index(mixture, config.seed, step)
+
+  def train_step(state, bucket):
+    if bucket not in steps:
+      steps[bucket] = meta_step.jit_train_step(config, task, optimizer, mesh, state, bucket)
+    return steps[bucket](state, data if bucket is None else data[bucket])
+
+  bucket_at = lambda step: names[bucket_of(step) or 0]
+  reporter = _Reporter(config, run.metrics, log, state, writer, bucket_at)
 
   def save_checkpoint(state, progress, preempted=False):
     host_state = state if mesh is None else distributed.to_host(state)  # all processes
     if writer:
-      host = run_dir.host_record(progress, run_dir.metrics_lines(metrics_path))
+      host = run_dir.host_record(progress, run.metrics.lines())
       if preempted:
         host[PREEMPTED_KEY] = True
-      checkpoint.save(ckpt_dir, int(state.step), host_state, host, config.keep_checkpoints)
+      run.save_checkpoint(int(state.step), host_state, host, config.keep_checkpoints)
 
   first = int(state.step)
   gather = functools.partial(distributed.gather_rows, mesh=mesh)  # several processes: a mesh
   stop = preemption.StopCheck(jax.process_index(), jax.process_count(), gather)
   signal_name = stop(first)  # a signal during start-up: stop before compiling
   if signal_name and first < config.total_steps:
-    raise Preempted(first, signal_name, ckpt_dir)
+    raise Preempted(first, signal_name, run.checkpoint_dir)
   noticed = False
   # Several CPU processes: one meta-step in flight at a time. Two dispatched back to back
   # deadlocked now and then at their collectives (gloo, 2 devices a process on 2 cores: 3 of 5
   # runs hung before this, 0 of 10 after), as XLA:CPU's threads wait in one step's rendezvous.
   one_at_a_time = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
   for step in range(first, config.total_steps):
-    state, metrics = train_step(state, data)
+    bucket = bucket_of(step)
+    compiles = bucket not in steps
+    tic = time.time()
+    state, metrics = train_step(state, bucket)
     if one_at_a_time:
       jax.block_until_ready(state.step)
     done = step + 1
-    if step == first:  # the first call compiles: time the rate and ETA from its end
-      tic = reporter.tic
+    if compiles:  # a first call compiles: time the rate and ETA from its end
       jax.block_until_ready(state.step)
-      log(f"compiled and ran meta-step {done} in {time.time() - tic:.1f}s")
+      where = "" if bucket is None else f" (bucket {names[bucket]})"
+      log(f"compiled and ran meta-step {done}{where} in {time.time() - tic:.1f}s")
       reporter.restart_clock(done)
     epoch_end = done % config.steps_per_epoch == 0
     if done % config.log_every == 0 or done == config.total_steps:
       reporter.skips(state)
-      reporter.progress(done, metrics)
+      reporter.progress(done, metrics, names[bucket or 0])
     if epoch_end:
       reporter.skips(state)
-      curves = distributed.to_host(validate(state.meta_params, valid_data, *valid_problems))
+      curves = validate(state.meta_params)
       state, progress = end_epoch(config, optimizer, state, progress, curves, log, writer)
       if writer:
-        _append_jsonl(
-          metrics_path,
-          {
-            "epoch": done // config.steps_per_epoch,
-            "step": done,
-            "valid_final_loss": progress.valid_history[-1],
-            "valid_diverged": progress.diverged_history[-1],
-          },
-        )
+        record = {
+          "epoch": done // config.steps_per_epoch,
+          "step": done,
+          "valid_final_loss": progress.valid_history[-1],
+          "valid_diverged": progress.diverged_history[-1],
+        }
+        scores = validation_result(curves)[2]
+        if scores is not None:
+          record["valid_buckets"] = scores
+        run.metrics.append(record)
       save_checkpoint(state, progress)  # once, with the early-stopping decision in it
       if progress.early_stopped:
         break
@@ -396,5 +480,5 @@ def _train(config, task, log, mesh, held) -> tuple[TrainState, run_dir.Progress]
       saved = epoch_end or done % config.checkpoint_every == 0
       if not saved:
         save_checkpoint(state, progress, preempted=True)
-      raise Preempted(done, signal_name, ckpt_dir)
+      raise Preempted(done, signal_name, run.checkpoint_dir)
   return state, progress
