@@ -81,6 +81,7 @@ def test_shift_convolution_is_the_xla_convolution():
   np.testing.assert_allclose(*both(x, kernel), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_both_conv_impls_give_the_same_loss_and_gradient(cifar10_dir, small_params):
   shift = _small_task(cifar10_dir, batch_size=8, conv_impl="shift")
   xla = _small_task(cifar10_dir, batch_size=8, conv_impl="xla")
@@ -128,6 +129,7 @@ def test_class_subset_sizes_the_output_layer(cifar10_dir):
   assert jax.eval_shape(task.loss, task.data, {}, params, jax.random.key(1)).shape == ()
 
 
+@pytest.mark.slow
 def test_vmappable_keys_decide_minibatch_and_init_and_initial_loss(cifar10_dir):
   """Five problems in one jitted call: theta_0 from init keys a, a, a, b, c, minibatches from
   keys k1, k1, k2, k3, k3; at theta_0 the loss is near log(10) (kernels N(0, 1 / fan_in))."""
@@ -149,6 +151,7 @@ def test_vmappable_keys_decide_minibatch_and_init_and_initial_loss(cifar10_dir):
   assert abs(np.mean(v) - np.log(10)) < 0.5
 
 
+@pytest.mark.slow
 def test_gradient_descent_lowers_the_loss(cifar10_dir, small_params):
   task, params = _small_task(cifar10_dir, batch_size=20), small_params
 
@@ -197,6 +200,7 @@ def test_data_is_a_jit_argument_never_a_compiled_constant(cifar10_dir, tmp_path)
   assert abs(len(texts["big"]) - len(texts["small"])) < 1000
 
 
+@pytest.mark.slow
 def test_two_lstms_conv_and_fc_meta_train_end_to_end(cifar10_dir, tmp_path):
   """Section 3.3: one LSTM for conv parameters, another for fully connected ones, each with its
   own phi, built from the config the trainer uses and meta-trained for two steps."""

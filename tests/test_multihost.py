@@ -32,6 +32,9 @@ from tasks import registry as task_registry
 from train import checkpoint, distributed, meta_step, trainer
 from train.config import MetaTrainConfig
 
+# Multi-host: child processes joined by jax.distributed, 8-device runs (slow tier).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 TIMEOUT = 480  # seconds for all children (under a minute on an idle machine); a hang fails
