@@ -5,107 +5,143 @@ Example:
   python -m eval.evaluate --checkpoint=pretrained:mnist_mlp --output_dir=runs/eval_mnist
 
 Writes ``results.json`` (per optimizer: name, chosen learning rate or null, mean loss curve,
-final loss mean and standard error), ``curves.png`` and prints a table.
+final loss mean and standard error), ``curves.png`` and prints a table. An ``--output_dir`` that
+already holds a ``results.json`` is refused unless ``--overwrite`` is given. Problems are split
+over every device of every process (or ``--num_devices`` of them); several processes start with
+``--coordinator_address``, ...; process 0 alone writes and prints.
 """
 
+import dataclasses
 import json
 import os
 
-import jax
-from absl import app, flags
-
-import learned_opt
 from eval import baselines as baselines_lib
-from eval import compare, plots, run_config
+from eval import compare, plots, report, run_config
 from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
-from train import command_line, distributed
+from train import command_line, config_flags, distributed
 
-flags.DEFINE_multi_string(
-  "checkpoint",
-  [],
-  "Saved optimizer: a directory or pretrained:NAME (NAME one of "
-  f"{', '.join(learned_opt.pretrained_names())}), optionally LABEL=...; repeat for several. "
-  "Unlabelled ones are named by their kind (lstm, ntm_bfgs, ...). None: the baselines alone, "
-  "on --task.",
-)
-flags.DEFINE_string(
-  "task",
-  None,
-  f"Task family ({', '.join(task_registry.names())}); default: the one the first checkpoint "
-  "trained on. MNIST is read from $MNIST_DIR, CIFAR-10 from $CIFAR10_DIR.",
-)
-flags.DEFINE_string(
-  "task_kwargs", None, "JSON task settings; default: the checkpoint's (see meta_train --help)."
-)
-flags.DEFINE_list(
-  "baselines",
-  list(baselines_lib.BASELINES),
-  f"Baselines to tune and compare, from {', '.join(baselines_lib.BASELINES)}.",
-)
-flags.DEFINE_integer("num_problems", 256, "Fresh test problems.")
-flags.DEFINE_integer("num_steps", 100, "Optimization steps per problem.")
-flags.DEFINE_integer("seed", 2016, "Seed of the test problems (a stream apart from training).")
-flags.DEFINE_integer("lr_batch_size", 0, "Learning rates vmapped at once (0: all 30).")
-flags.DEFINE_integer(
-  "problem_batch_size",
-  0,
-  "Problems a learned optimizer runs at once, the rest in further chunks (bounds memory: 256 "
-  "MNIST problems need ~4.7 GiB at once, ~0.6 GiB in chunks of 32); 0: all at once. Same results.",
-)
-flags.DEFINE_string("output_dir", None, "Required. Where results.json and curves.png go.")
-distributed.define_flags()  # multi-process start-up (--coordinator_address, ...), --num_devices
-
-FLAGS = flags.FLAGS
+RESULTS_FILE, FIGURE_FILE = "results.json", "curves.png"
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  for flag in ("num_problems", "num_steps"):
-    if FLAGS[flag].value <= 0:
-      raise app.UsageError(f"--{flag} must be positive, got {FLAGS[flag].value}.")
-  if FLAGS.problem_batch_size < 0:
-    raise app.UsageError(
-      f"--problem_batch_size must be 0 (all problems at once) or positive, got "
-      f"{FLAGS.problem_batch_size}."
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+  """What ``eval.evaluate`` compares and where it writes; each field is one flag of the command."""
+
+  checkpoint: tuple[str, ...] = config_flags.setting(
+    (),
+    "Saved optimizer: a directory or pretrained:NAME (the shipped ones are listed below), "
+    "optionally LABEL=...; repeat for several. Unlabelled ones are named by their kind (lstm, "
+    "ntm_bfgs, ...). None: the baselines alone, on --task.",
+    repeat=True,
+  )
+  task: str | None = config_flags.setting(
+    None,
+    "Task family (listed below); default: the one the first checkpoint trained on. MNIST is "
+    "read from $MNIST_DIR, CIFAR-10 from $CIFAR10_DIR.",
+  )
+  task_kwargs: dict | None = config_flags.setting(
+    None, "JSON task settings; default: the checkpoint's (see meta_train --help)."
+  )
+  baselines: tuple[str, ...] = config_flags.setting(
+    tuple(baselines_lib.BASELINES),
+    f"Baselines to tune and compare, from {', '.join(baselines_lib.BASELINES)}.",
+  )
+  num_problems: int = config_flags.setting(256, "Fresh test problems.")
+  num_steps: int = config_flags.setting(100, "Optimization steps per problem.")
+  seed: int = config_flags.setting(
+    2016, "Seed of the test problems (a stream apart from training)."
+  )
+  lr_batch_size: int = config_flags.setting(0, "Learning rates vmapped at once (0: all 30).")
+  problem_batch_size: int = config_flags.setting(
+    0,
+    "Problems a learned optimizer runs at once, the rest in further chunks (bounds memory: 256 "
+    "MNIST problems need ~4.7 GiB at once, ~0.6 GiB in chunks of 32); 0: all at once. Same "
+    "results.",
+  )
+  output_dir: str = config_flags.setting(
+    "", f"Required. Where {RESULTS_FILE} and {FIGURE_FILE} go."
+  )
+  overwrite: bool = config_flags.setting(
+    False, f"Replace a {RESULTS_FILE} already in --output_dir (default: refused)."
+  )
+
+  def __post_init__(self):
+    config_flags.check_types(self)
+    if not self.output_dir:
+      raise ValueError("--output_dir is required (e.g. --output_dir=runs/eval).")
+    for name in ("num_problems", "num_steps"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+    for name, what in (("lr_batch_size", "all rates"), ("problem_batch_size", "all problems")):
+      if getattr(self, name) < 0:
+        raise ValueError(
+          f"--{name} must be 0 ({what} at once) or positive, got {getattr(self, name)}."
+        )
+    unknown = [b for b in self.baselines if b not in baselines_lib.BASELINES]
+    if unknown:
+      raise ValueError(
+        f"--baselines: unknown {', '.join(map(repr, unknown))}; choose from "
+        f"{', '.join(baselines_lib.BASELINES)} (or --baselines= for none)."
+      )
+
+
+def _check_results(config: EvaluateConfig) -> None:
+  """Refuses an earlier ``results.json`` without ``--overwrite`` (as process 0 sees it)."""
+  path = os.path.join(config.output_dir, RESULTS_FILE)
+  there = distributed.is_writer() and os.path.isfile(path)
+  if distributed.broadcast_bytes(b"1" if there else b"0") == b"1" and not config.overwrite:
+    raise command_line.UsageError(
+      f"--output_dir={config.output_dir!r} already holds {RESULTS_FILE}; pass --overwrite to "
+      "replace it, or name another directory."
     )
+
+
+def main(config: EvaluateConfig) -> None:
+  mesh = distributed.current_mesh()  # --num_devices of every process's devices; default all
+  _check_results(config)
   try:
-    distributed.initialize_from_flags()  # before any JAX computation
-    mesh = distributed.mesh_from_flags()  # --num_devices of every process's devices; default all
-    run_config.check_output_dir(FLAGS.output_dir)
-    specs = run_config.parse_checkpoint_specs(FLAGS.checkpoint)
+    specs = run_config.parse_checkpoint_specs(config.checkpoint)
     learned = run_config.load_all(specs)
     task_name, task_kwargs = run_config.task_settings(
-      [path for _, path in specs], FLAGS.task, FLAGS.task_kwargs
+      [path for _, path in specs], config.task, config.task_kwargs
     )
     task = task_registry.get(task_name, **task_kwargs)
-  except (ValueError, TypeError) as e:  # json errors are ValueErrors; bad kwargs TypeErrors
-    raise app.UsageError(str(e)) from e
+  except (ValueError, TypeError) as e:  # bad kwargs are TypeErrors
+    raise command_line.UsageError(str(e)) from e
   results = compare.compare(
     task,
     learned,
-    FLAGS.baselines,
-    num_problems=FLAGS.num_problems,
-    num_steps=FLAGS.num_steps,
-    seed=FLAGS.seed,
-    lr_batch_size=FLAGS.lr_batch_size or None,
+    config.baselines,
+    num_problems=config.num_problems,
+    num_steps=config.num_steps,
+    seed=config.seed,
+    lr_batch_size=config.lr_batch_size or None,
     mesh=mesh,
-    problem_batch_size=FLAGS.problem_batch_size or None,
+    problem_batch_size=config.problem_batch_size or None,
   )  # problems split over the mesh's devices of every process (eval.sharding)
   if not distributed.is_writer():
     return  # process 0 writes and prints
-  os.makedirs(FLAGS.output_dir, exist_ok=True)
-  atomic_write(os.path.join(FLAGS.output_dir, "results.json"), json.dumps(results).encode())
-  plots.plot_curves(results, os.path.join(FLAGS.output_dir, "curves.png"))
-  print(compare.format_table(results))
-  print(f"Wrote {FLAGS.output_dir}/results.json and {FLAGS.output_dir}/curves.png")
+  os.makedirs(config.output_dir, exist_ok=True)
+  atomic_write(os.path.join(config.output_dir, RESULTS_FILE), json.dumps(results).encode())
+  plots.plot_curves(results, os.path.join(config.output_dir, FIGURE_FILE))
+  print(report.format_table(results))
+  print(f"Wrote {config.output_dir}/{RESULTS_FILE} and {config.output_dir}/{FIGURE_FILE}")
+
+
+COMMAND = command_line.Command(
+  main,
+  EvaluateConfig,
+  doc=__doc__,
+  distributed=True,
+  output=command_line.OutputDir("output_dir", (RESULTS_FILE, FIGURE_FILE), "evaluation"),
+  help_sections=lambda: [command_line.tasks_section(), command_line.shipped_section("checkpoint")],
+)
 
 
 def run():
-  """The console script's entry point (``learned-opt-train`` / ``learned-opt-eval``)."""
-  jax.config.parse_flags_with_absl()
-  command_line.run(main)
+  """The command line: ``python -m eval.evaluate``, the console script ``learned-opt-eval``."""
+  COMMAND.run()
 
 
 if __name__ == "__main__":

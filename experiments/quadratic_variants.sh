@@ -1,20 +1,11 @@
 #!/usr/bin/env bash
-# Section 3.1, Figure 4 left: LSTM, LSTM+GAC, NTM-BFGS and NTM-L-BFGS meta-trained on 10-d
-# quadratics with the same budget, then evaluated on the same 256 held-out problems against the
-# tuned baselines. Runs one training job at a time (the CPU is shared); a finished run (one with
-# wall_seconds.txt) is not retrained.
-#
+# Section 3.1, Figure 4 left: LSTM, LSTM+GAC, NTM-BFGS and NTM-L-BFGS meta-trained with one
+# budget, one job at a time (a run with wall_seconds.txt is not retrained), then evaluated on 256
+# held-out problems against the tuned baselines. Usage (docs/ntm_bfgs.md):
 #   bash experiments/quadratic_variants.sh runs/quadratic_variants [extra meta_train flags]
-# EPOCHS, STEPS_PER_EPOCH and MARKDOWN (the summary path) may be set in the environment.
-#
-# Every setting that changes results is pinned to what docs/results_quadratic_variants*.md were
-# made with (their "Meta-training" line), not left to the trainer's defaults: --meta_lr=1e-3
-# (the default became 3e-3 in commit 9f34568), 128 problems per meta-step, unrolls of 20 of a
-# 100-step horizon, 128 validation problems, seed 0, the sum objective (w_t = 1), a constant
-# meta learning rate, no meta-gradient clip; evaluation on 256 problems of seed 2016 for 100
-# steps; --preset=none keeps a task preset from filling anything in. Extra flags come after the
-# pinned ones and so override them (round 2 passes --meta_grad_clip=10). A rerun also tunes
-# NAG, which the committed tables predate.
+# EPOCHS, STEPS_PER_EPOCH and MARKDOWN (the summary path) may be set in the environment. Every
+# setting that changes results is pinned to what docs/results_quadratic_variants*.md were made
+# with (their "Meta-training" line; --meta_lr=1e-3, not today's default); extra flags override.
 set -euo pipefail
 OUT=${1:-runs/quadratic_variants}
 shift || true

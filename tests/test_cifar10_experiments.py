@@ -11,7 +11,8 @@ from cifar10_files import binary_batch_bytes, tiny_split
 
 import learned_opt
 import tasks
-from eval import compare
+from eval import curves as curves_lib
+from eval import report
 from experiments import cifar10_experiments as cx
 from tasks.cifar10_formats import BINARY_FILES
 from train import inner
@@ -47,32 +48,6 @@ def two_lstms():
   return learned_opt.SavedOptimizer(optimizer, optimizer.init_meta_params(jax.random.key(0)))
 
 
-def test_coarse_to_fine_finds_the_whole_grids_choice_with_fewer_rates():
-  grid = 1e-6 * 2.0 ** np.arange(30)
-  for best in (0, 7, 13, 29):
-    scores = (np.arange(30) - best) ** 2 + 1.0
-    scores[best + 3 :] = np.inf  # larger rates diverge, as on a real task
-    calls = []
-
-    def evaluate(rates, scores=scores, calls=calls):
-      calls.append(len(rates))
-      return scores[np.searchsorted(grid, rates)]
-
-    whole, _ = cx.coarse_to_fine(evaluate, grid, 1)
-    calls.clear()
-    coarse, swept = cx.coarse_to_fine(evaluate, grid, 4)
-    assert whole == coarse == best
-    assert sum(calls) == len(swept) <= 8 + 6 and len(calls) == 2
-    assert all(np.isinf(swept[i]) for i in swept if i >= best + 3)
-
-
-def test_paired_standard_error_is_that_of_the_differences():
-  a, b = np.array([1.0, 2.0, 4.0]), np.array([0.5, 2.5, 3.0])
-  mean, stderr = cx.paired(a, b)
-  assert mean == pytest.approx(np.mean(a - b))
-  assert stderr == pytest.approx(np.std(a - b, ddof=1) / np.sqrt(3))
-
-
 def test_pairs_every_learned_optimizer_with_every_later_one():
   rng = np.random.default_rng(0)
   names = ["two", "one", "sgd", "adam"]
@@ -84,6 +59,7 @@ def test_pairs_every_learned_optimizer_with_every_later_one():
     ],
   }
   rows = cx.pairs(results, curves)
+  paired = report.paired
   assert [(p["learned"], p["other"]) for p in rows] == [
     ("two", "one"),
     ("two", "sgd"),
@@ -92,29 +68,30 @@ def test_pairs_every_learned_optimizer_with_every_later_one():
     ("one", "adam"),
   ]
   assert list(rows[0]["train_steps"]) == ["10", "25", "50", "100"]
-  assert rows[2]["test_steps"]["25"] == cx.paired(
+  assert rows[2]["test_steps"]["25"] == paired(
     curves["two"].test[:, 25], curves["adam"].test[:, 25]
   )
-  assert rows[1]["train_run_mean"] == cx.paired(
+  assert rows[1]["train_run_mean"] == paired(
     curves["two"].train[:, 1:].mean(1), curves["sgd"].train[:, 1:].mean(1)
   )
 
 
+@pytest.mark.slow
 def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, tmp_path):
   experiment = cx.BY_NAME["cifar2"]
-  run = lambda learned, log, **kwargs: cx.run_experiment(
-    experiment,
-    learned,
-    baselines=["sgd"],
+  config = cx.Cifar10Config(
+    baselines=("sgd",),
     num_problems=3,
     tune_problems=1,
     num_steps=2,
     lr_stride=1,  # one sweep, one compile; coarse-to-fine is tested above
     seed=0,
     task_kwargs={**TINY, "cifar10_dir": cifar10_dir},
-    lr_batch_size=None,
-    log=log,
-    **{"directory": str(tmp_path), **kwargs},
+    lr_batch_size=0,
+    output_dir=str(tmp_path),
+  )
+  run = lambda learned, log, **kwargs: cx.run_experiment(
+    experiment, learned, config, log=log, **{"directory": str(tmp_path), **kwargs}
   )
   results, curves = run({"two_lstms": two_lstms}, lambda s: None)
   assert [r["name"] for r in results["optimizers"]] == ["two_lstms", "sgd"]
@@ -131,14 +108,14 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
   # The training curves are train.inner's rollouts of the same problems; the test curves read
   # other images from the same theta_t, so they are other numbers.
   task = tasks.get("cifar10_conv", cifar10_dir=cifar10_dir, classes=[5, 6], **TINY)
-  params, keys = inner.sample_problems(task, compare.problem_key(0), 3)
+  params, keys = inner.sample_problems(task, curves_lib.problem_key(0), 3)
   tx = optax.sgd(sgd["learning_rate"])
   reference = jax.jit(lambda d: inner.rollout_batch(task, tx, d, params, keys, 2))(task.data)
   np.testing.assert_allclose(curves["sgd"].train, reference, rtol=1e-5)
   assert not np.allclose(curves["sgd"].test, curves["sgd"].train)
   pair = results["pairs"][0]
   assert (pair["learned"], pair["other"]) == ("two_lstms", "sgd")
-  expected = cx.paired(curves["two_lstms"].train[:, -1], curves["sgd"].train[:, -1])
+  expected = report.paired(curves["two_lstms"].train[:, -1], curves["sgd"].train[:, -1])
   assert pair["train_steps"]["2"] == pytest.approx(expected) and expected[0] != 0.0
 
   # Another run's directory with the same setting: the tuned baseline and the learned
@@ -148,7 +125,7 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
     {"two_lstms": two_lstms},
     logs.append,
     directory=str(tmp_path / "other"),
-    reuse_from=[str(tmp_path / "baselines.npz")],
+    reuse_from=[str(tmp_path / "cache")],
   )
   assert sum("reused" in s for s in logs) == 2, logs
   assert [r["name"] for r in again["optimizers"]] == ["two_lstms", "sgd"]
@@ -160,21 +137,6 @@ def test_experiment_tunes_reports_and_reuses_baselines(cifar10_dir, two_lstms, t
   cx.plot(results, str(tmp_path / "curves.png"))
   assert os.path.getsize(tmp_path / "curves.png") > 1000
   json.dumps(results)  # results.json is plain JSON
-
-
-def test_gathered_runs_of_a_baseline_keep_the_lowest_final_loss(tmp_path):
-  curves = cx.Curves(np.zeros((2, 3)), np.ones((2, 3)))
-  runs = {"a": (1e-3, 0.9), "b": (4e-3, 0.7), "c": (1.6e-2, 0.8)}
-  for run, (rate, final) in runs.items():
-    summary = {"name": "adam", "learning_rate": rate, "train_final_mean": final}
-    cx._save_cache(str(tmp_path / f"{run}.npz"), "setting", {"adam": (summary, curves)}, "same")
-  cx._save_cache(
-    str(tmp_path / "d.npz"), "s", {"adam": ({**summary, "train_final_mean": 0}, curves)}, "other"
-  )
-  found = cx.gather([str(tmp_path / f"{r}.npz") for r in "abcd"], "same")
-  summary, _ = found["adam"]
-  assert summary["learning_rate"] == 4e-3
-  assert summary["chosen_on_test_problems_from"] == [1e-3, 4e-3, 1.6e-2]
 
 
 def test_learned_specs_are_checked(tmp_path, two_lstms):

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+# Command lines in child processes (slow tier).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,18 +38,22 @@ def test_evaluate_a_shipped_optimizer_by_name_on_its_recorded_task(tmp_path):
   results = json.loads((out / "results.json").read_text())
   assert results["task"] == {"name": "quadratic", "dim": 10}  # from the optimizer's metadata
   assert [r["name"] for r in results["optimizers"]] == ["lstm", "sgd"]  # named by its kind
+  again = run("eval.evaluate", "--checkpoint=pretrained:quadratic", f"--output_dir={out}")
+  assert again.returncode == 1 and "Traceback" not in again.stderr
+  assert f"--output_dir='{out}' already holds results.json; pass --overwrite" in again.stderr
   # In chunks of 3 problems (3 + 1 of the 4) the learned optimizer's results are the same.
   chunked = run(
     "eval.evaluate",
     "--checkpoint=pretrained:quadratic",
-    f"--output_dir={tmp_path / 'chunked'}",
+    f"--output_dir={out}",
+    "--overwrite",
     "--num_problems=4",
     "--num_steps=5",
     "--baselines=",
     "--problem_batch_size=3",
   )
   assert chunked.returncode == 0, chunked.stderr[-2000:]
-  lstm = json.loads((tmp_path / "chunked" / "results.json").read_text())["optimizers"][0]
+  (lstm,) = json.loads((out / "results.json").read_text())["optimizers"]  # replaced
   assert lstm == results["optimizers"][0]
 
 
@@ -80,9 +87,10 @@ def test_an_output_dir_under_a_file_is_refused_before_compute(tmp_path, module):
 @pytest.mark.parametrize(
   "flags, message",
   [
-    (["--output_dir={file}"], "is a file, not a directory"),
+    (["--output_dir={file}"], "exists and is not a directory; name a directory"),
     (['--task_kwargs={{"dims": 3}}'], "--task_kwargs: task 'quadratic' has no setting 'dims'"),
     (["--problem_batch_size=-1"], "--problem_batch_size must be 0 (all problems at once) or"),
+    (["--baselines=sgd,lbfgs"], "--baselines: unknown 'lbfgs'; choose from sgd, nag, rmsprop"),
   ],
 )
 def test_evaluate_usage_errors_name_the_flag(tmp_path, flags, message):
@@ -112,3 +120,26 @@ def test_task_settings_errors_name_the_flag(task, task_kwargs, message):
   path = run_config.resolve("pretrained:quadratic")
   with pytest.raises(ValueError, match=re.escape(message)):
     run_config.task_settings([path], task, task_kwargs)
+
+
+@pytest.mark.parametrize(
+  "module, expected",
+  [
+    ("eval.evaluate", ("--checkpoint", "--baselines", "--overwrite", "--num_devices", "Tasks")),
+    ("eval.rank", ("--run", "--checkpoint", "--baseline_lr", "--rank_by", "Shipped optimizers")),
+  ],
+)
+def test_help_lists_the_commands_flags(module, expected):
+  result = run(module, "--help")
+  assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+  for flag in expected:
+    assert flag in result.stdout, flag
+
+
+def test_rank_usage_errors_are_one_line_and_leave_nothing(tmp_path):
+  result = run(
+    "eval.rank", "--checkpoint=pretrained:quadratic", "--rank_by=x", f"--output_dir={tmp_path}/o"
+  )
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip() == "Error: --rank_by='x'; choose from step, run_mean."
+  assert not os.path.exists(tmp_path / "o")

@@ -1,17 +1,20 @@
 """The MNIST experiment runner on tiny IDX files: tuning, results layout, summary table."""
 
-import json
 import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 from mnist_files import write_mnist
 
 import learned_opt
-from eval import compare
+from eval import report
 from experiments import mnist_experiments
+
+# The MNIST runner end to end and on the command line (slow tier).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +51,7 @@ def test_run_experiment_tunes_on_grid_and_reports(tmp_path):
 
 def _summary(name, kind, finals, lr=None):
   """The summary ``eval.compare`` writes, for runs whose curves are just their final losses."""
-  return compare.summarize(name, kind, np.asarray(finals)[:, None], lr)
+  return report.summarize(name, kind, np.asarray(finals)[:, None], lr)
 
 
 def test_verdict_pairs_the_shared_test_problems():
@@ -72,8 +75,7 @@ def test_verdict_pairs_the_shared_test_problems():
 _FAKE_RUN = """
 import sys
 import numpy as np
-from absl import app
-from eval import compare
+from eval import report
 from experiments import mnist_experiments as m
 
 def fake_run(experiment, saved, *, num_problems, seed, **unused):
@@ -82,14 +84,13 @@ def fake_run(experiment, saved, *, num_problems, seed, **unused):
     "task": {"name": "mnist_mlp"}, "num_problems": num_problems, "num_steps": 3, "seed": seed,
     "tuning": {"num_problems": 1, "problems": "separate"},
     "optimizers": [
-      compare.summarize("lstm", "learned", curves, None),
-      compare.summarize("adam", "baseline", curves + 0.1, 0.01),
+      report.summarize("lstm", "learned", curves, None),
+      report.summarize("adam", "baseline", curves + 0.1, 0.01),
     ],
   }
 
 m.run_experiment = fake_run
-m.define_flags()
-app.run(m.main, argv=sys.argv)
+m.COMMAND.run(sys.argv)
 """
 
 
@@ -127,81 +128,39 @@ def test_no_data_is_a_usage_error_without_a_traceback(tmp_path):
   assert not out.exists()  # refused before anything was written
 
 
-_FAKE_TWICE = """
-import json
-import sys
+def test_reuse_baselines_runs_only_the_ones_not_cached_for_the_same_setting(tmp_path):
+  write_mnist(str(tmp_path), sizes=(("train", 16), ("test", 4)))
+  optimizer = learned_opt.lstm_optimizer(hidden_size=4, num_layers=1, preprocess="log_sign")
+  saved = learned_opt.SavedOptimizer(optimizer, optimizer.init_meta_params(jax.random.key(0)))
+  experiment = mnist_experiments.Experiment("relu", "tiny", {"hidden_sizes": [3]}, 3)
 
-import numpy as np
-from absl import flags
+  def run(baselines, tune_problems=2, reuse=True):
+    logs = []
+    results = mnist_experiments.run_experiment(
+      experiment, saved, baselines=baselines, num_problems=3, tune_problems=tune_problems,
+      seed=0, lr_batch_size=None, mnist_dir=str(tmp_path), log=logs.append,
+      cache_dir=str(tmp_path / "cache"), reuse=reuse,
+    )  # fmt: skip
+    reused = sorted(s.split(":")[0] for s in logs if "reused" in s)
+    return {r["name"]: r for r in results["optimizers"]}, reused
 
-from eval import baselines as baselines_lib
-from eval import compare
-from experiments import mnist_experiments as m
-
-calls = []
-
-def fake_run(experiment, saved, *, baselines, num_problems, tune_problems, seed, **unused):
-  calls.append(list(baselines))
-  curves = np.linspace(2.0, 0.5, 4)[None, :] + 0.01 * np.arange(num_problems)[:, None]
-  tuning = {"problems": "separate" if tune_problems else "test", "seed": seed + 1,
-            "num_problems": tune_problems or num_problems,
-            "learning_rates": baselines_lib.paper_learning_rates().tolist()}
-  rate = 0.001 * len(calls)  # which run tuned a baseline
-  return {
-    "task": {"name": "mnist_mlp"}, "num_problems": num_problems, "num_steps": 100, "seed": seed,
-    "tuning": tuning,
-    "optimizers": [compare.summarize("lstm", "learned", curves, None)]
-    + [compare.summarize(b, "baseline", curves + 0.1, rate) for b in baselines],
-  }
-
-m.run_experiment = fake_run
-m.define_flags()
-out = sys.argv[1]
-for extra in sys.argv[2:]:
-  flags.FLAGS(["x", "--experiments=base", "--num_problems=3", *out.split(), *extra.split()])
-  m.main(["x"])
-  with open(flags.FLAGS.output_dir + "/base/results.json") as f:
-    results = json.load(f)
-  names = [(r["name"], r["learning_rate"]) for r in results["optimizers"]]
-  print("RESULT", json.dumps([calls[-1], names, results.get("reused_baselines")]))
-"""
-
-
-def test_reuse_baselines_runs_only_the_missing_ones_and_merges(tmp_path):
-  write_mnist(str(tmp_path / "mnist"))
-  common = f"--output_dir={tmp_path}/out --mnist_dir={tmp_path}/mnist"
-  result = _run_cli(
-    common,
-    "--baselines=adam",
-    "--baselines=adam,nag,sgd --reuse_baselines",  # adds nag and sgd, keeps adam's tuning
-    "--baselines=nag --reuse_baselines",  # nothing to run; keeps every cached baseline
-    "--baselines=adam --reuse_baselines --tune_problems=3",  # other tuning problems: rerun
-    code=_FAKE_TWICE,
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  runs = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-  assert runs[0] == [["adam"], [["lstm", None], ["adam", 0.001]], None]
-  assert runs[1] == [
-    ["nag", "sgd"],
-    [["lstm", None], ["adam", 0.001], ["nag", 0.002], ["sgd", 0.002]],
-    ["adam"],
-  ]
-  assert runs[2] == [
-    [],
-    [["lstm", None], ["nag", 0.002], ["adam", 0.001], ["sgd", 0.002]],
-    ["adam", "nag", "sgd"],
-  ]
-  assert runs[3] == [["adam"], [["lstm", None], ["adam", 0.004]], None]
-  assert "another tuning problems (saved ('separate', 8), now ('separate', 3))" in result.stdout
+  first, reused = run(["adam"], reuse=False)
+  assert reused == []
+  both, reused = run(["adam", "sgd"])  # adds sgd, keeps adam's tuning and curves
+  assert reused == ["adam", "lstm"] and list(both) == ["lstm", "adam", "sgd"]
+  assert both["adam"] == first["adam"]
+  _, reused = run(["sgd"])  # nothing to run
+  assert reused == ["lstm", "sgd"]
+  _, reused = run(["adam"], tune_problems=3)  # other tuning problems: adam runs again
+  assert reused == ["lstm"]
 
 
 _NOT_WRITER = """
 import sys
 
 import numpy as np
-from absl import app
 
-from eval import compare
+from eval import report
 from experiments import mnist_experiments as m
 from train import distributed
 
@@ -213,12 +172,11 @@ def fake_run(experiment, saved, *, num_problems, seed, mesh, **unused):
   return {
     "task": {"name": "mnist_mlp"}, "num_problems": num_problems, "num_steps": 3, "seed": seed,
     "tuning": {"num_problems": 1, "problems": "separate"},
-    "optimizers": [compare.summarize("lstm", "learned", curves, None)],
+    "optimizers": [report.summarize("lstm", "learned", curves, None)],
   }
 
 m.run_experiment = fake_run
-m.define_flags()
-app.run(m.main, argv=sys.argv)
+m.COMMAND.run(sys.argv)
 """
 
 

@@ -12,6 +12,10 @@ from test_neural_art import SIZE, TINY, tiny_weights, write_images
 import learned_opt
 from experiments import neural_art as runner
 from tasks import vgg16
+from train import trainer
+
+# The neural-art runner end to end: meta-training, tuning, figures (slow tier).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def run(tmp_path_factory):
     valid_problems=2,
     log_every=1,
   )
-  runner.trainer.train(config, log=lambda s: None)
+  trainer.train(config, log=lambda s: None)
   settings = (runner.SETTINGS[0], runner.SETTINGS[1]._replace(style=second_style))
   return {"root": root, "kwargs": kwargs, "dir": str(root / "train"), "settings": settings}
 
@@ -58,7 +62,7 @@ def test_recipe_trains_and_records_the_task(run):
 def test_recipe_validates_on_held_out_contents_and_old_runs_resume(run, tmp_path):
   config = learned_opt.load_metadata(run["dir"])["run_config"]
   assert config["valid_task_kwargs"] == {"split": "valid", "num_contents": None}
-  valid = runner.trainer.validation_task(runner.train_config(run["dir"], run["kwargs"]), None)
+  valid = trainer.validation_task(runner.train_config(run["dir"], run["kwargs"]), None)
   assert valid.config["split"] == "valid"
   old = dict(config)
   del old["valid_task_kwargs"]  # a run started before the recipe validated on held-out contents
@@ -97,6 +101,37 @@ def test_evaluate_pairs_test_contents_and_tunes_on_validation(run):
   assert os.path.isfile(os.path.join(out, "new_style_2x", "curves.png"))
   with open(os.path.join(out, "new_style_2x", "results.json")) as f:
     assert json.load(f)["optimizers"][1]["finals"] == adam["finals"]
+
+
+def test_reused_baselines_follow_the_whole_setting_not_just_the_counts(run):
+  """Same counts and steps but another style: recomputed (once reused stale ones)."""
+  out = str(run["root"] / "eval_reuse")
+  same, other_style = (
+    run["settings"][0],
+    run["settings"][0]._replace(style=run["settings"][1].style),
+  )
+  common = {"baselines": ("adam",), "num_problems": 2, "tune_problems": 1, "num_steps": 3}
+
+  def evaluate(setting, rates):
+    logs = []
+    results = runner.evaluate(
+      run["kwargs"], {}, [setting], out, learning_rates=rates, reuse_baselines=True,
+      log=logs.append, **common,
+    )["train_style"]  # fmt: skip
+    return results["optimizers"][0], any("reused" in s for s in logs)
+
+  first, reused = evaluate(same, [1e-3, 3e-2])
+  assert not reused
+  again, reused = evaluate(same, [1e-3, 3e-2])
+  assert reused and again["finals"] == first["finals"]
+  # Baselines tuned on another grid are gathered (the documented two-grid workflow), and the
+  # results name the grid they were tuned on.
+  regridded, reused = evaluate(same, [1e-2])
+  assert reused and regridded == first
+  with open(os.path.join(out, "train_style", "results.json")) as f:
+    assert json.load(f)["tuning"]["learning_rates"] == [1e-3, 3e-2]
+  restyled, reused = evaluate(other_style, [1e-3, 3e-2])
+  assert not reused and restyled["finals"] != first["finals"]
 
 
 def test_figures(run):

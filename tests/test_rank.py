@@ -12,10 +12,14 @@ import optax
 import pytest
 
 import learned_opt
-from eval import baselines, compare, rank
+from eval import baselines, rank, run_config
+from eval import curves as curves_lib
 from tasks import quadratic
 from train import inner, meta_step, trainer
 from train.config import MetaTrainConfig
+
+# Ranks a trained run's checkpoints, in-process and on the command line (slow tier).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +52,7 @@ def _same(a, b) -> bool:
 
 def test_a_runs_candidates_are_its_checkpoints_and_its_best(run):
   config, state = run
-  found = rank.run_candidates(config.output_dir)
+  found = run_config.run_candidates(config.output_dir)
   assert [c.name for c in found] == ["run/step_4", "run/step_8", "run/best"]
   assert [c.meta_step for c in found[:2]] == [4, 8]
   assert _same(found[1].saved.meta_params, state.meta_params)  # phi at the last checkpoint
@@ -71,7 +75,7 @@ def test_a_save_during_ranking_gives_the_best_its_own_step(tmp_path, monkeypatch
     return saved
 
   monkeypatch.setattr(learned_opt, "load", load_then_save)
-  (best,) = rank.run_candidates(str(tmp_path), with_checkpoints=False)
+  (best,) = run_config.run_candidates(str(tmp_path), with_checkpoints=False)
   assert best.meta_step == 20
   jax.tree.map(np.testing.assert_array_equal, best.saved.meta_params, phi[20])
 
@@ -80,7 +84,7 @@ def test_ranking_problems_are_neither_training_nor_validation_problems(run):
   config, _ = run
   task = quadratic(dim=4)
   sample = jax.jit(lambda key: inner.sample_problems(task, key, 4)[0]["w"])
-  held_out = np.concatenate([sample(compare.problem_key(seed)) for seed in (7, 8)])
+  held_out = np.concatenate([sample(curves_lib.problem_key(seed)) for seed in (7, 8)])
   seen = [sample(meta_step.valid_key(config))]
   seen += [sample(meta_step.problem_key(config, s)) for s in range(0, 8, 2)]  # resampled every 2
   for w in seen:
@@ -92,7 +96,7 @@ def test_a_run_without_config_json_names_the_fix(run, tmp_path):
   shutil.copytree(run[0].output_dir, copy)
   os.remove(copy / "config.json")
   with pytest.raises(ValueError, match=r"has checkpoints but no config.json.*--checkpoint="):
-    rank.run_candidates(str(copy))
+    run_config.run_candidates(str(copy))
 
 
 def _rank_cli(*flags):
@@ -131,9 +135,9 @@ def test_the_command_ranks_by_paired_differences_to_the_baseline(run, tmp_path):
   assert losses == sorted(losses) and [r["rank"] for r in ranking["candidates"]] == [1, 2, 3, 4]
 
   task = quadratic(dim=4)
-  params, keys = inner.sample_problems(task, compare.problem_key(11), 6)
+  params, keys = inner.sample_problems(task, curves_lib.problem_key(11), 6)
   base = np.asarray(inner.rollout_batch(task, optax.sgd(0.01), (), params, keys, 10))
-  candidates = rank.run_candidates(config.output_dir)
+  candidates = run_config.run_candidates(config.output_dir)
   learned = jax.jit(
     lambda phi: inner.rollout_batch(
       task, learned_opt.as_optax(candidates[0].saved.optimizer, phi), (), params, keys, 10
@@ -158,13 +162,23 @@ def test_the_command_ranks_by_paired_differences_to_the_baseline(run, tmp_path):
 def test_the_baseline_rate_is_the_grids_best_at_the_ranked_step():
   """NAG, tuned like every baseline: the grid point with the lowest mean loss at the step."""
   task = quadratic(dim=4)
-  problems = inner.sample_problems(task, compare.problem_key(5), 4)
+  problems = inner.sample_problems(task, curves_lib.problem_key(5), 4)
   rates = [1e-3, 1e-2, 5e-2]
-  grid = compare.sweep(task, baselines.BASELINES["nag"], rates, *problems, 10)
-  curves, rate, means = rank.baseline_curves(task, "nag", problems, None, 10, 3, rates)
+  sweep = curves_lib.compiled(task, baselines.BASELINES["nag"], 10, grid=True)
+  grid = sweep((), (), np.asarray(rates, np.float32), *problems)[curves_lib.LOSS]
+  curves, rate, means = rank.baseline_curves(
+    task, "nag", num_problems=4, seed=5, tune_problems=0, num_steps=10, step=3,
+    learning_rates=rates,
+  )  # fmt: skip
   best = int(np.argmin(np.mean(grid[:, :, 3], axis=1)))
   assert rate == rates[best] and np.argmin(means) == best
   np.testing.assert_allclose(curves, grid[best], rtol=1e-6)
+  fixed, rate, means = rank.baseline_curves(
+    task, "nag", num_problems=4, seed=5, tune_problems=3, num_steps=10, step=3,
+    learning_rates=rates, learning_rate=rates[1],
+  )  # fmt: skip
+  assert rate == rates[1] and means is None
+  np.testing.assert_allclose(fixed, grid[1], rtol=1e-6)
 
 
 def test_settings_it_cannot_use_are_named():
@@ -186,30 +200,24 @@ def test_a_directory_without_checkpoints_is_a_usage_error(tmp_path):
 
 
 _NOT_WRITER = """
+import atexit
 import sys
 
-import jax
-from absl import app
-
-from eval import compare, rank
+from eval import engine, rank
 from train import distributed
 
 distributed.is_writer = lambda: False  # as process 1 of a multi-process run
 meshes = []
-real = compare.learned_curves
+real = engine.run
 
-def spy(task, saved, params, keys, num_steps, mesh=None, **kwargs):
-  meshes.append(mesh.devices.size)
-  return real(task, saved, params, keys, num_steps, mesh, **kwargs)
+def spy(spec, **kwargs):
+  if spec.learned:
+    meshes.append(spec.mesh.devices.size)
+  return real(spec, **kwargs)
 
-def main(argv):
-  rank.main(argv)
-  sys.stderr.write(f"MESHES {meshes}")
-
-compare.learned_curves = spy
-rank.define_flags()
-jax.config.parse_flags_with_absl()
-app.run(main)
+engine.run = spy
+atexit.register(lambda: sys.stderr.write(f"MESHES {meshes}"))
+rank.run()
 """
 
 

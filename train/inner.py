@@ -1,13 +1,15 @@
 """The optimizee's step: the one place where any optimizer, learned or not, touches a task.
 
 One step is "minibatch loss and gradient -> (stop_gradient) -> optimizer update -> apply"
-(eq. 1, Figure 2). Meta-training (``train.unroll``), validation, evaluation (``eval.compare``) and
-the update visualizations (``eval.visualize``) all run it; a learned optimizer reaches it only as
-an optax transformation, ``learned_opt.as_optax(optimizer, phi)``, so phi has one door. Runs of
-plain (non-differentiated) optimization over many problems, ``rollout_batch``, live here too.
+(eq. 1, Figure 2). Meta-training (``train.unroll``), validation, evaluation (``eval.engine``, whose
+extra readings of theta_t are ``run``'s ``observe`` hook) and the update visualizations
+(``eval.visualize``) all run it; a learned optimizer reaches it only as an optax transformation,
+``learned_opt.as_optax(optimizer, phi)``, so phi has one door. Runs of plain
+(non-differentiated) optimization over many problems, ``rollout_batch``, live here too.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -83,21 +85,34 @@ def run(
   state: InnerState,
   num_steps: int,
   second_order: bool = False,
-) -> tuple[jax.Array, InnerState]:
+  observe: Callable[[InnerState], Any] | None = None,
+) -> tuple:
   """``num_steps`` steps with ``lax.scan``.
+
+  Args:
+    observe: a hook that reads every state the loop passes through, ``state -> pytree``
+      (jittable; e.g. theta_t's loss on held-out data). It sees the same theta_t as the loss.
 
   Returns:
     ``(losses, state)``: ``losses`` shaped (num_steps + 1,) holds f(theta_t), ...,
-    f(theta_{t + num_steps}), the last on the minibatch of step t + num_steps.
+    f(theta_{t + num_steps}), the last on the minibatch of step t + num_steps. With
+    ``observe``, ``(losses, state, readings)``: ``observe`` of those num_steps + 1 states, each
+    leaf gaining a leading (num_steps + 1,) axis.
   """
 
   def body(state, _):
-    loss, state = step(task, tx, data, state, second_order)
-    return state, loss
+    loss, grads = gradient(task, data, state, second_order)
+    seen = () if observe is None else observe(state)  # theta_t, before the update
+    return apply(tx, state, grads), (loss, seen)
 
-  state, losses = jax.lax.scan(body, state, length=num_steps)
+  state, (losses, seen) = jax.lax.scan(body, state, length=num_steps)
   final = task.loss(data, state.task_params, state.params, minibatch_key(state))
-  return jnp.concatenate([losses, final[None]]), state
+  losses = jnp.concatenate([losses, final[None]])
+  if observe is None:
+    return losses, state
+  last = observe(state)
+  readings = jax.tree.map(lambda v, x: jnp.concatenate([v, x[None]]), seen, last)
+  return losses, state, readings
 
 
 def rollout(
@@ -107,16 +122,22 @@ def rollout(
   task_params: chex.ArrayTree,
   key: jax.Array,
   num_steps: int,
-) -> jax.Array:
+  observe: Callable[[InnerState], Any] | None = None,
+):
   """Optimizes one problem for ``num_steps`` steps from theta_0 drawn with ``key``.
+
+  Args:
+    observe: as in ``run``: read at every theta_t, t = 0..num_steps.
 
   Returns:
     Losses shaped (num_steps + 1,): f(theta_0), ..., f(theta_T), minibatch t drawn with
-    ``fold_in(data_key, t)`` as in meta-training.
+    ``fold_in(data_key, t)`` as in meta-training; with ``observe``, ``(losses, readings)``
+    (``run``'s).
   """
   init_key, data_key = jax.random.split(key)
   state = start(task, tx, data, task_params, init_key, data_key)
-  return run(task, tx, data, state, num_steps)[0]
+  out = run(task, tx, data, state, num_steps, observe=observe)
+  return out[0] if observe is None else (out[0], out[2])
 
 
 def rollout_batch(task, tx, data, task_params, keys, num_steps: int) -> jax.Array:
