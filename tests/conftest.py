@@ -22,20 +22,23 @@ from learned_opt.kernels import cache_trust  # noqa: E402
 
 def _persistent_compilation_cache() -> None:
   """JAX's persistent compilation cache for the tests, so a second run of the fast tier compiles
-  little: ~220 -> ~60 s of CPU on 2 cores. A cached executable is code that runs, so the cache
-  lives in a private directory beside the kernel cache, checked like it (``cache_trust``).
-  ``LEARNED_OPT_TEST_COMPILATION_CACHE=0`` turns it off."""
+  little (BUILD.md). A cached executable is code that runs, so the cache lives in a private
+  directory beside the kernel cache, checked like it (``cache_trust``), and is skipped when that
+  directory cannot be had; it keeps at most 2 GB. ``LEARNED_OPT_TEST_COMPILATION_CACHE=0`` turns
+  it off."""
   if os.environ.get("LEARNED_OPT_TEST_COMPILATION_CACHE", "1") == "0":
     return
   root = os.path.join(os.path.dirname(kernel_build.cache_dir()), "jax_tests")
   try:
-    directory = cache_trust.private_directory(root)
-  except cache_trust.UntrustedCache as e:
+    cache_trust.make_private_dirs(root)
+    directory = cache_trust.checked(root)
+  except (OSError, cache_trust.UntrustedCache) as e:
     print(f"conftest: no persistent compilation cache: {e}")
     return
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  jax.config.update("jax_compilation_cache_max_size", 2 * 1024**3)
 
 
 _persistent_compilation_cache()

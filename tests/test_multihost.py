@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 import learned_opt
-from eval import compare, sharding
+from eval import baselines, compare, report, sharding
 from tasks import registry as task_registry
-from train import checkpoint, distributed, meta_step, trainer
+from train import checkpoint, distributed, inner, meta_step, trainer
 from train.config import MetaTrainConfig
 
 # Multi-host: child processes joined by jax.distributed, 8-device runs (slow tier).
@@ -244,8 +244,8 @@ def test_a_two_process_sweep_gives_the_one_device_table(runs):
   with open(runs.out["eval"] / "results.json") as f:
     got = json.load(f)
   want = runs.one_device_sweep
-  assert compare.format_table(got) == compare.format_table(want)
-  assert runs.eval_log.count(compare.format_table(want)) == 1  # printed by process 0 alone
+  assert report.format_table(got) == report.format_table(want)
+  assert runs.eval_log.count(report.format_table(want)) == 1  # printed by process 0 alone
   for g, w in zip(got["optimizers"], want["optimizers"], strict=True):
     assert (g["name"], g["learning_rate"]) == (w["name"], w["learning_rate"])
     # Bit-identical within one process (test_sweep_with_padding_equals_one_device); here the
@@ -288,10 +288,10 @@ def test_sweep_with_padding_equals_one_device():
   if mesh.devices.size == 8:
     assert [sharding.fit_mesh(n, mesh).devices.size for n in (3, 8, 11, 13, 17)] == [3, 8, 6, 7, 6]
   task = task_registry.get("quadratic", dim=3)
-  params, keys = compare.inner_lib.sample_problems(task, jax.random.key(1), 11)
+  params, keys = inner.sample_problems(task, jax.random.key(1), 11)
   lrs = [0.01, 0.1]
   one = sharding.problems_mesh(jax.devices()[:1])
-  make = compare.baselines_lib.BASELINES["adam"]
+  make = baselines.BASELINES["adam"]
   np.testing.assert_array_equal(
     compare.sweep(task, make, lrs, params, keys, 5),
     compare.sweep(task, make, lrs, params, keys, 5, mesh=one),

@@ -305,31 +305,6 @@ class Command:
       return self.main(config)
 
 
-def run(main: Callable[[Any], Any], config_class=None, **options) -> None:
-  """``Command(main, config_class, **options).run()``: a command's whole entry point.
-
-  Without ``config_class`` (a command not yet on a config, its flags defined at import, ``main``
-  taking ``argv``): ``app.run(main)`` with one-line usage errors.
-  """
-  if config_class is not None:
-    Command(main, config_class, **options).run()
-    return
-  _silence_tpu_probe()
-  if _help_requested(sys.argv) not in (None, "--helpfull"):
-    _print_help(_module_help(main))
-  app.run(one_line_usage_errors(main))
-
-
-def _module_help(main) -> str:
-  """``--help`` of a command that defines its flags at import: those of ``main``'s module (and
-  of ``train.distributed``, where it defined its start-up flags), whatever ``sys.argv[0]`` is."""
-  module = sys.modules[main.__module__]
-  names = {module.__name__, sys.argv[0], getattr(module, "__file__", None), "train.distributed"}
-  by_module = flags.FLAGS.flags_by_module_dict()
-  own = [f.name for key in by_module if key in names for f in by_module[key]]
-  return help_text(module.__doc__ or "", flags.FLAGS, own)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, a malformed flag (``--unroll=abc``, a typo) as one line."""
   try:

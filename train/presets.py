@@ -74,6 +74,8 @@ def load_file(path: str) -> dict[str, Any]:
   if not isinstance(settings, dict):
     raise ValueError(f'--preset={path} must hold a JSON object of settings, e.g. {{"unroll": 20}}.')
   settings.pop(DESCRIPTION, None)  # a preset file's note, not a setting
+  # A run's config.json names its own directory: a preset never chooses where a run writes.
+  settings.pop("output_dir", None)
   if any(name in settings for name in saved_config.LEGACY_OPTIMIZER_FIELDS):
     settings = saved_config.upgrade(settings)  # a config.json of an older run, in today's fields
   _check_fields(settings, path)

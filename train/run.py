@@ -123,9 +123,13 @@ class Run:
   def write_config(self, config: MetaTrainConfig) -> None:
     tree_files.atomic_write(self.config_path, config.to_json().encode())
 
-  def optimizer(self) -> learned_opt.LearnedOptimizer:
-    """The optimizer the run trains, built from ``config.json`` alone (never the task)."""
-    return learned_opt.build(self.config().optimizer_config())
+  def optimizer(self, backend: str | None = None) -> learned_opt.LearnedOptimizer:
+    """The optimizer the run trains, built from ``config.json`` alone (never the task).
+
+    ``backend``: where a reader runs it (None: ``learned_opt.backend``'s default, ``auto``), not
+    the run's recorded ``backend``, which says where it trained: the math is the same.
+    """
+    return learned_opt.build(self.config().optimizer_config(), backend=backend)
 
   # Checkpoints (train.checkpoint's format).
 
