@@ -114,6 +114,19 @@ def check(spec: Spec) -> None:
     )
   if spec.tuning.stride < 1 or not spec.tuning.learning_rates:
     raise ValueError("Tuning needs a stride >= 1 and at least one learning rate.")
+  if spec.num_steps < 1:
+    raise ValueError(f"num_steps must be positive, got {spec.num_steps}.")
+  for what, problems in (("problems", spec.problems), ("tuning problems", spec.tuning.problems)):
+    if problems is not None and problems.count < 1:
+      raise ValueError(f"The {what} need a positive count, got {problems.count}.")
+  for what, batch in (("problem_batch", spec.problem_batch), ("lr_batch", spec.lr_batch)):
+    if batch is not None and batch < 0:
+      raise ValueError(f"{what} must be positive (0 or None: all at once), got {batch}.")
+  step = spec.tuning.step
+  if step is not None and not -spec.num_steps - 1 <= step <= spec.num_steps:
+    raise ValueError(
+      f"Tuning.step={step} is not a step of a {spec.num_steps}-step run (0..{spec.num_steps})."
+    )
 
 
 def _problems_key(spec: Spec) -> str:

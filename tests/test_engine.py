@@ -1,5 +1,7 @@
 """The evaluation engine: tuning, observables, chunks and meshes, the one fingerprinted cache."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -207,3 +209,19 @@ def test_verdict_needs_two_finite_problems():
   assert report.verdict([1.0, 2.0], [np.inf, 3.0]).outcome == "ties"  # one pair left
   assert report.verdict([1.0, 2.0, 3.0], [1.5, 2.6, 3.4]).outcome == "beats"
   assert report.verdict([np.nan, 2.0], [1.0, 3.0]).outcome == "loses"  # diverged on more
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ({"num_steps": 0}, "num_steps must be positive"),
+    ({"problems": engine.Problems(0, seed=1)}, "problems need a positive count"),
+    ({"problem_batch": -1}, "problem_batch must be positive"),
+    ({"tuning": engine.Tuning(step=11)}, "not a step of a 10-step run"),
+    ({"baselines": ("lbfgs",)}, "Unknown baselines"),
+  ],
+)
+def test_a_bad_spec_is_named_before_anything_runs(change, message):
+  spec = engine.Spec(quadratic(dim=4), engine.Problems(3, seed=1), 10, baselines=("sgd",))
+  with pytest.raises(ValueError, match=message):
+    engine.check(dataclasses.replace(spec, **change))
