@@ -246,6 +246,18 @@ def _reused(spec, name, kind, problems_key, key, log) -> Result | None:
   return Result(name, kind, best.record["learning_rate"], best.curves, record)
 
 
+def _work(spec: Spec, kind: str) -> str:
+  """What an optimizer's run will do, for the line that starts it (a long sweep shows it began)."""
+  runs = f"{spec.problems.count} problems x {spec.num_steps} steps"
+  t = spec.tuning
+  count = len(t.learning_rates)
+  if kind == "learned" or count == 1:
+    return runs
+  rates = count if t.stride == 1 else f"every {t.stride}th of {count}"
+  where = "on the test problems" if t.problems is None and t.task is None else "on separate ones"
+  return f"{runs}, tuning over {rates} learning rates {where}"
+
+
 def run(spec: Spec, log: Callable[[str], None] = print) -> list[Result]:
   """Every optimizer of ``spec`` on its test problems: learned ones first, then baselines.
 
@@ -274,6 +286,7 @@ def run(spec: Spec, log: Callable[[str], None] = print) -> list[Result]:
     key = cache.fingerprint(key) if caching else ""
     found = _reused(spec, name, kind, problems_key, key, log) if caching else None
     if found is None:
+      log(f"{name} ({len(results) + 1} of {len(todo)}): {_work(spec, kind)} ...")
       tic = time.time()
       if kind == "learned":
         rate, scores, c = None, {}, _learned_curves(spec, saved, problems, spec.mesh, compiles)

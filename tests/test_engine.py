@@ -225,3 +225,13 @@ def test_a_bad_spec_is_named_before_anything_runs(change, message):
   spec = engine.Spec(quadratic(dim=4), engine.Problems(3, seed=1), 10, baselines=("sgd",))
   with pytest.raises(ValueError, match=message):
     engine.check(dataclasses.replace(spec, **change))
+
+
+def test_each_optimizer_announces_its_work_before_it_runs():
+  logs = []
+  engine.run(spec(baselines=("sgd", "adam")), log=logs.append)
+  assert (
+    logs[0]
+    == "sgd (1 of 2): 5 problems x 6 steps, tuning over 4 learning rates on the test problems ..."
+  )
+  assert logs[1].startswith("sgd: lr ") and logs[2].startswith("adam (2 of 2): ")
