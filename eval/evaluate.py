@@ -12,12 +12,10 @@ over every device of every process (or ``--num_devices`` of them); several proce
 """
 
 import dataclasses
-import json
 import os
 
 from eval import baselines as baselines_lib
 from eval import compare, plots, report, run_config
-from learned_opt.tree_files import atomic_write
 from tasks import registry as task_registry
 from train import command_line, config_flags, distributed
 
@@ -122,8 +120,7 @@ def main(config: EvaluateConfig) -> None:
   )  # problems split over the mesh's devices of every process (eval.sharding)
   if not distributed.is_writer():
     return  # process 0 writes and prints
-  os.makedirs(config.output_dir, exist_ok=True)
-  atomic_write(os.path.join(config.output_dir, RESULTS_FILE), json.dumps(results).encode())
+  report.write(os.path.join(config.output_dir, RESULTS_FILE), results)
   plots.plot_curves(results, os.path.join(config.output_dir, FIGURE_FILE))
   print(report.format_table(results))
   print(f"Wrote {config.output_dir}/{RESULTS_FILE} and {config.output_dir}/{FIGURE_FILE}")

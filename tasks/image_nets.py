@@ -70,6 +70,23 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def _classifier(config: dict, shapes: dict, logits, data) -> TaskFamily:
+  """Cross-entropy of ``logits(params, images, activation) -> (batch, 10)`` on a random
+  minibatch of ``config["batch_size"]`` standardized images; theta drawn by ``_normal_init``."""
+  batch_size, activations = config["batch_size"], tuple(config["activations"])
+
+  def init(data, task_params, key):
+    del data, task_params
+    return _normal_init(key, shapes)
+
+  def loss(data, task_params, params, key):
+    index = jax.random.randint(key, (batch_size,), 0, data.labels.shape[0])
+    x = image_data.standardized(data, index)
+    return _cross_entropy(logits(params, x, task_params["activation"]), data.labels[index])
+
+  return TaskFamily(config["name"], _sample_activation(activations), init, loss, config, data)
+
+
 def image_mlp(
   data: image_data.ImageSplit,
   hidden_sizes: Sequence[int] = (32,),
@@ -106,21 +123,16 @@ def image_mlp(
     "batch_size": batch_size,
   }
 
-  def init(data, task_params, key):
-    del data, task_params
-    return _normal_init(key, shapes)
-
-  def loss(data, task_params, params, key):
-    index = jax.random.randint(key, (batch_size,), 0, data.labels.shape[0])
-    x = image_data.standardized(data, index).reshape(batch_size, -1)
+  def logits(params, images, activation):
+    x = images.reshape(batch_size, -1)
     for i in range(len(shapes)):
       layer = params[f"layer_{i}"]
       x = x @ layer["kernel"] + layer["bias"]
       if i < len(shapes) - 1:
-        x = _activate(activations, task_params["activation"], x)
-    return _cross_entropy(x, data.labels[index])
+        x = _activate(activations, activation, x)
+    return x
 
-  return TaskFamily(name, _sample_activation(activations), init, loss, config, data)
+  return _classifier(config, shapes, logits, data)
 
 
 def image_conv(
@@ -160,18 +172,12 @@ def image_conv(
     "batch_size": batch_size,
   }
 
-  def init(data, task_params, key):
-    del data, task_params
-    return _normal_init(key, shapes)
-
-  def loss(data, task_params, params, key):
-    index = jax.random.randint(key, (batch_size,), 0, data.labels.shape[0])
-    x = image_data.standardized(data, index)
+  def logits(params, images, activation):
+    x = images
     for i in range(len(channels)):
       layer = params[f"conv_{i}"]
       x = max_pool(conv_shift(x, layer["kernel"]) + layer["bias"])
-      x = _activate(activations, task_params["activation"], x)
-    logits = x.reshape(batch_size, -1) @ params["out"]["kernel"] + params["out"]["bias"]
-    return _cross_entropy(logits, data.labels[index])
+      x = _activate(activations, activation, x)
+    return x.reshape(batch_size, -1) @ params["out"]["kernel"] + params["out"]["bias"]
 
-  return TaskFamily(name, _sample_activation(activations), init, loss, config, data)
+  return _classifier(config, shapes, logits, data)
