@@ -6,6 +6,10 @@ as the paper does: RMSprop alpha 0.99, eps 1e-8; Adam betas (0.9, 0.999), eps 1e
 sizes in [1e-6, 50], the learning rate being its initial step size. NAG is Nesterov's accelerated
 gradient with momentum fixed at 0.9, in optax's form: its parameters are the look-ahead point
 theta + 0.9 v of Sutskever et al.'s (2013) formulation.
+
+``MORE_BASELINES`` go beyond the paper: AdamW (Loshchilov and Hutter, 2019) with Adam's betas and
+eps and decoupled weight decay 0.01 (PyTorch's default), for the held-out suite (``eval.suite``).
+``ALL_BASELINES`` holds both; the paper's experiments default to ``BASELINES``.
 """
 
 from collections.abc import Callable
@@ -25,6 +29,12 @@ BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
     lr, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_step_size=50.0
   ),
 }
+
+
+MORE_BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
+  "adamw": lambda lr: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01),
+}
+ALL_BASELINES = {**BASELINES, **MORE_BASELINES}
 
 
 def paper_learning_rates(num: int = 30) -> np.ndarray:

@@ -64,8 +64,9 @@ class Tuning(NamedTuple):
 class Spec:
   """One evaluation: which problems, which optimizers, how tuned, chunked and cached.
 
-  ``learned`` maps labels to saved optimizers; ``baselines`` names ``eval.baselines.BASELINES``
-  entries. ``observables`` are read on every trajectory beside the loss (``eval.curves``).
+  ``learned`` maps labels to saved optimizers; ``baselines`` names entries of
+  ``eval.baselines.ALL_BASELINES``. ``observables`` are read on every trajectory beside the
+  loss (``eval.curves``).
   """
 
   task: TaskFamily
@@ -107,10 +108,10 @@ def draw(task: TaskFamily, problems: Problems):
 
 def check(spec: Spec) -> None:
   """A ``ValueError`` naming what is wrong with ``spec``, before anything compiles."""
-  unknown = [b for b in spec.baselines if b not in baselines_lib.BASELINES]
+  unknown = [b for b in spec.baselines if b not in baselines_lib.ALL_BASELINES]
   if unknown:
     raise ValueError(
-      f"Unknown baselines {unknown}; choose from {', '.join(baselines_lib.BASELINES)}."
+      f"Unknown baselines {unknown}; choose from {', '.join(baselines_lib.ALL_BASELINES)}."
     )
   if spec.tuning.stride < 1 or not spec.tuning.learning_rates:
     raise ValueError("Tuning needs a stride >= 1 and at least one learning rate.")
@@ -174,7 +175,7 @@ def tune(spec: Spec, name: str, problems, mesh=None) -> tuple[float, dict, dict 
     step, inf where a run diverged; {} for a one-rate grid on separate problems); ``curves``
     are the chosen rate's on the test problems when tuned on them, else None.
   """
-  t, make_tx = spec.tuning, baselines_lib.BASELINES[name]
+  t, make_tx = spec.tuning, baselines_lib.ALL_BASELINES[name]
   rates = np.asarray(t.learning_rates, np.float64)
   on_test = t.problems is None and t.task is None
   if len(rates) == 1 and not on_test:  # nothing to choose: no sweep
@@ -219,7 +220,7 @@ def _optimizer_key(optimizer) -> dict:
 def _baseline(spec, name, problems, mesh) -> tuple[float, dict, dict]:
   rate, scores, found = tune(spec, name, problems, mesh)
   if found is None:
-    make_tx = baselines_lib.BASELINES[name]
+    make_tx = baselines_lib.ALL_BASELINES[name]
     grid = _sweep(spec, spec.task, make_tx, [rate], problems, spec.observables, mesh)
     found = {k: v[0] for k, v in grid.items()}
   return rate, scores, found
@@ -253,7 +254,7 @@ def _work(spec: Spec, kind: str) -> str:
   count = len(t.learning_rates)
   if kind == "learned" or count == 1:
     return runs
-  rates = count if t.stride == 1 else f"every {t.stride}th of {count}"
+  rates = count if t.stride == 1 else f"1 in {t.stride} of {count}"
   where = "on the test problems" if t.problems is None and t.task is None else "on separate ones"
   return f"{runs}, tuning over {rates} learning rates {where}"
 

@@ -84,20 +84,9 @@ class EvaluateConfig:
       )
 
 
-def _check_results(config: EvaluateConfig) -> None:
-  """Refuses an earlier ``results.json`` without ``--overwrite`` (as process 0 sees it)."""
-  path = os.path.join(config.output_dir, RESULTS_FILE)
-  there = distributed.is_writer() and os.path.isfile(path)
-  if distributed.broadcast_bytes(b"1" if there else b"0") == b"1" and not config.overwrite:
-    raise command_line.UsageError(
-      f"--output_dir={config.output_dir!r} already holds {RESULTS_FILE}; pass --overwrite to "
-      "replace it, or name another directory."
-    )
-
-
 def main(config: EvaluateConfig) -> None:
   mesh = distributed.current_mesh()  # --num_devices of every process's devices; default all
-  _check_results(config)
+  report.refuse_existing(config.output_dir, RESULTS_FILE, config.overwrite)
   try:
     specs = run_config.parse_checkpoint_specs(config.checkpoint)
     learned = run_config.load_all(specs)

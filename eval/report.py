@@ -187,6 +187,19 @@ def write(path: str, content: dict | str) -> str:
   return path
 
 
+def refuse_existing(output_dir: str, name: str, overwrite: bool) -> None:
+  """A usage error if ``output_dir`` already holds ``name`` (as process 0 sees it), unless
+  ``overwrite``: an earlier evaluation's results are never replaced by accident."""
+  from train import command_line, distributed  # Deferred: they import absl and jax.
+
+  there = distributed.is_writer() and os.path.isfile(os.path.join(output_dir, name))
+  if distributed.broadcast_bytes(b"1" if there else b"0") == b"1" and not overwrite:
+    raise command_line.UsageError(
+      f"--output_dir={output_dir!r} already holds {name}; pass --overwrite to replace it, or "
+      "name another directory."
+    )
+
+
 def say(line: str) -> None:
   """Prints ``line`` on process 0 alone, the one that reports for every process of a run."""
   from train import distributed  # Deferred: it imports jax.

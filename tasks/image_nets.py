@@ -50,7 +50,7 @@ def _activate(activations: tuple[str, ...], index: jax.Array, x: jax.Array) -> j
   return jax.lax.switch(index, [ACTIVATIONS[a] for a in activations], x)
 
 
-def _normal_init(key: jax.Array, shapes: dict) -> dict:
+def normal_init(key: jax.Array, shapes: dict) -> dict:
   """Kernels IID N(0, 1 / fan_in) from one draw of ``key``, biases 0 (``cifar10.init_convnet``).
 
   Returns:
@@ -66,23 +66,23 @@ def _normal_init(key: jax.Array, shapes: dict) -> dict:
   return params
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _classifier(config: dict, shapes: dict, logits, data) -> TaskFamily:
+def classifier(config: dict, shapes: dict, logits, data) -> TaskFamily:
   """Cross-entropy of ``logits(params, images, activation) -> (batch, 10)`` on a random
-  minibatch of ``config["batch_size"]`` standardized images; theta drawn by ``_normal_init``."""
+  minibatch of ``config["batch_size"]`` standardized images; theta drawn by ``normal_init``."""
   batch_size, activations = config["batch_size"], tuple(config["activations"])
 
   def init(data, task_params, key):
     del data, task_params
-    return _normal_init(key, shapes)
+    return normal_init(key, shapes)
 
   def loss(data, task_params, params, key):
     index = jax.random.randint(key, (batch_size,), 0, data.labels.shape[0])
     x = image_data.standardized(data, index)
-    return _cross_entropy(logits(params, x, task_params["activation"]), data.labels[index])
+    return cross_entropy(logits(params, x, task_params["activation"]), data.labels[index])
 
   return TaskFamily(config["name"], _sample_activation(activations), init, loss, config, data)
 
@@ -132,7 +132,7 @@ def image_mlp(
         x = _activate(activations, activation, x)
     return x
 
-  return _classifier(config, shapes, logits, data)
+  return classifier(config, shapes, logits, data)
 
 
 def image_conv(
@@ -180,4 +180,4 @@ def image_conv(
       x = _activate(activations, activation, x)
     return x.reshape(batch_size, -1) @ params["out"]["kernel"] + params["out"]["bias"]
 
-  return _classifier(config, shapes, logits, data)
+  return classifier(config, shapes, logits, data)
