@@ -16,7 +16,10 @@ program is the ordinary one). Workloads:
 * ``mnist2``, ``mnist8``: the same on the MNIST base net (15,910 parameters), 2 / 8 problems,
   log_sign preprocessing, output scale 0.1 (needs ``$MNIST_DIR``);
 * ``update16k``, ``update1m``: one jitted ``as_optax`` update of the LSTM on 16,384 /
-  1,048,576 float32 parameters, beside ``optax.adam``.
+  1,048,576 float32 parameters, beside ``optax.adam``;
+* ``ppm_update1m``: the same for the per-parameter MLP (``per_param_mlp``, 32 x 2 hidden);
+* ``ppm_bucket``: the per-parameter MLP's meta-step on the largest MLP bucket of the task
+  mixture (``mlp_mnist8g_256_b256``, 4 problems, unroll 20; needs ``$MNIST_DIR``).
 """
 
 import contextlib
@@ -131,10 +134,10 @@ def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
   }
 
 
-def update_workload(size: int, repeats: int) -> dict:
+def update_workload(size: int, repeats: int, kind: str = "lstm") -> dict:
   params = {"w": jnp.ones((size // 64, 64), jnp.float32)}
   grads = jax.tree.map(lambda p: 0.01 * p, params)
-  opt = learned_opt.lstm_optimizer()
+  opt = learned_opt.build({"kind": kind})
   phi = opt.init_meta_params(jax.random.key(0))
   # The optimizer runs on $LEARNED_OPT_BACKEND (--gates). FLOPs are always counted on XLA's:
   # cost analysis sees nothing in a kernel.
@@ -149,8 +152,9 @@ def update_workload(size: int, repeats: int) -> dict:
   ):
     update = lambda s, g, tx=tx: tx.update(g, s)[::-1]  # (state, updates): state threaded
     state = tx.init(params)
-    # Above lstm_rows.BLOCK_ROWS coordinates the update loops over blocks with lax.map, whose body
-    # cost analysis counts once: count one block's worth of parameters and scale.
+    # Above lstm_rows.BLOCK_ROWS coordinates the LSTM's update loops over blocks with lax.map, whose
+    # body cost analysis counts once: count one block's worth of parameters and scale (every
+    # kind's cost is linear in the coordinates).
     rows = min(size, learned_opt.lstm_rows.BLOCK_ROWS)
     small = {"w": jnp.ones((rows // 64, 64), jnp.float32)}
     count = lambda s, g, tx=counted: tx.update(g, s)[::-1]
@@ -173,6 +177,8 @@ def run_one(name: str, repeats: int) -> dict:
   backend = backend_lib.default()  # --gates, through the subprocess's $LEARNED_OPT_BACKEND
   quadratic = dict(output_dir="/tmp/unused", unroll=20, horizon=100, backend=backend)
   mnist = dict(quadratic, task="mnist_mlp", optimizer_kwargs=MNIST_OPTIMIZER)
+  bucket = dict(quadratic, task="mixture", task_kwargs={"bucket": "mlp_mnist8g_256_b256"})
+  bucket.update(optimizer="per_param_mlp", meta_objective="log_sum", meta_grad_clip=1.0)
   workloads = {
     "quad128": lambda: meta_step_workload(MetaTrainConfig(**quadratic, num_problems=128), repeats),
     "quad1024": lambda: meta_step_workload(
@@ -182,6 +188,8 @@ def run_one(name: str, repeats: int) -> dict:
     "mnist8": lambda: meta_step_workload(MetaTrainConfig(**mnist, num_problems=8), repeats),
     "update16k": lambda: update_workload(16_384, repeats),
     "update1m": lambda: update_workload(1_048_576, repeats),
+    "ppm_update1m": lambda: update_workload(1_048_576, repeats, "per_param_mlp"),
+    "ppm_bucket": lambda: meta_step_workload(MetaTrainConfig(**bucket, num_problems=4), repeats),
   }
   if name not in workloads:
     raise app.UsageError(f"Unknown workload {name!r}; choose from {', '.join(workloads)}.")

@@ -100,6 +100,17 @@ def load(dataset: str, split: str, size: int, grey: bool, data_dir: str | None =
   return prepare(*raw(dataset, split, data_dir), size, grey)
 
 
+def first(data: ImageSplit, count: int) -> ImageSplit:
+  """The first ``count`` examples of ``data``, with their own channel statistics."""
+  pixels = data.images[:count].astype(jnp.float32).reshape(-1, data.images.shape[-1]) / 255.0
+  return ImageSplit(
+    data.images[:count],
+    data.labels[:count],
+    jnp.mean(pixels, axis=0),
+    jnp.maximum(jnp.std(pixels, axis=0), 1e-3),
+  )
+
+
 def standardized(data: ImageSplit, index: jax.Array) -> jax.Array:
   """The examples at ``index`` (batch,) as float32 (batch, size, size, channels), standardized."""
   x = data.images[index].astype(jnp.float32) / 255.0

@@ -12,7 +12,7 @@ A driver compiles one meta-step per bucket and picks the bucket of meta-step ``n
 ``bucket_index(mixture, seed, n)``, a function of ``(seed, n)`` alone, so a resumed run draws
 the same buckets. Compile time is bounded by ``len(mixture.buckets)`` compilations of the step
 (each bucket's step compiles the first time the bucket is drawn, never again), whatever the run's
-length; the default preset has 12 buckets.
+length; the default preset has 12 buckets, ``default_small_data`` 15 (three small data sets).
 
 Example:
   >>> mix = mixture(mnist_dir="../shared/data/mnist", cifar10_dir="../shared/data/cifar10")
@@ -42,6 +42,8 @@ class BucketSpec(NamedTuple):
     grey: greyscale the images (MNIST is grey either way).
     widths: hidden layer sizes (mlp), channels (conv) or ``(dim,)`` (quadratic).
     batch_size: examples per minibatch.
+    examples: keep only the first ``examples`` training images (0: all): a small data set an
+      optimizer can drive to near-zero training loss within a run (memorization).
   """
 
   kind: str
@@ -50,6 +52,7 @@ class BucketSpec(NamedTuple):
   grey: bool = True
   widths: tuple[int, ...] = ()
   batch_size: int = 0
+  examples: int = 0
 
   @property
   def name(self) -> str:
@@ -59,32 +62,42 @@ class BucketSpec(NamedTuple):
     kind = "logreg" if self.kind == "mlp" and not self.widths else self.kind
     data = f"{_SHORT[self.dataset]}{self.size}{'g' if self.grey else 'c'}"
     widths = "x".join(str(w) for w in self.widths)
-    return "_".join(p for p in (kind, data, widths, f"b{self.batch_size}") if p)
+    subset = f"n{self.examples}" if self.examples else ""
+    return "_".join(p for p in (kind, data, widths, f"b{self.batch_size}", subset) if p)
 
 
-def _mlp(dataset, size, grey, widths, batch_size):
-  return BucketSpec("mlp", dataset, size, grey, tuple(widths), batch_size)
+def _mlp(dataset, size, grey, widths, batch_size, examples=0):
+  return BucketSpec("mlp", dataset, size, grey, tuple(widths), batch_size, examples)
 
 
 def _conv(dataset, size, grey, channels, batch_size):
   return BucketSpec("conv", dataset, size, grey, tuple(channels), batch_size)
 
 
+DEFAULT = (
+  BucketSpec("quadratic", widths=(10,)),
+  _mlp("mnist", 8, True, (), 64),
+  _mlp("cifar10", 8, False, (), 128),
+  _mlp("mnist", 8, True, (32,), 128),
+  _mlp("mnist", 8, True, (256,), 256),
+  _mlp("mnist", 16, True, (64, 64), 64),
+  _mlp("mnist", 28, True, (16,), 32),
+  _mlp("cifar10", 8, True, (128,), 128),
+  _mlp("cifar10", 16, False, (16, 16, 16), 32),
+  _mlp("cifar10", 32, False, (8,), 64),
+  _conv("mnist", 8, True, (8,), 64),
+  _conv("cifar10", 16, False, (8, 16), 32),
+)
+# Small data sets (a few hundred to 2k images) that a long run drives to near-zero training loss:
+# the regime of many users' models, which the default's full data sets never reach.
+SMALL_DATA = (
+  _mlp("mnist", 8, True, (64,), 32, examples=512),
+  _mlp("mnist", 16, True, (32, 32), 64, examples=2048),
+  _mlp("cifar10", 8, False, (64,), 32, examples=1024),
+)
 PRESETS: dict[str, tuple[BucketSpec, ...]] = {
-  "default": (
-    BucketSpec("quadratic", widths=(10,)),
-    _mlp("mnist", 8, True, (), 64),
-    _mlp("cifar10", 8, False, (), 128),
-    _mlp("mnist", 8, True, (32,), 128),
-    _mlp("mnist", 8, True, (256,), 256),
-    _mlp("mnist", 16, True, (64, 64), 64),
-    _mlp("mnist", 28, True, (16,), 32),
-    _mlp("cifar10", 8, True, (128,), 128),
-    _mlp("cifar10", 16, False, (16, 16, 16), 32),
-    _mlp("cifar10", 32, False, (8,), 64),
-    _conv("mnist", 8, True, (8,), 64),
-    _conv("cifar10", 16, False, (8, 16), 32),
-  ),
+  "default": DEFAULT,
+  "default_small_data": DEFAULT + SMALL_DATA,
   # Two tiny buckets: tests and quick sanity runs.
   "tiny": (BucketSpec("quadratic", widths=(4,)), _mlp("mnist", 8, True, (8,), 32)),
 }
@@ -140,8 +153,10 @@ def _bucket_data(spec: BucketSpec, split: str, dirs: Mapping, sources: Mapping |
     if spec.dataset not in sources:
       raise ValueError(f"sources has no {spec.dataset!r} arrays for bucket {spec.name}.")
     images, labels = sources[spec.dataset]
-    return image_data.prepare(images, labels, spec.size, spec.grey)
-  return image_data.load(spec.dataset, split, spec.size, spec.grey, dirs[spec.dataset])
+    split_data = image_data.prepare(images, labels, spec.size, spec.grey)
+  else:
+    split_data = image_data.load(spec.dataset, split, spec.size, spec.grey, dirs[spec.dataset])
+  return image_data.first(split_data, spec.examples) if spec.examples else split_data
 
 
 def mixture(
@@ -155,7 +170,8 @@ def mixture(
   """The buckets of ``preset``, their data loaded (and resized) once, drawn uniformly.
 
   Args:
-    preset: a key of ``PRESETS``: ``"default"`` (12 buckets) or ``"tiny"`` (2).
+    preset: a key of ``PRESETS``: ``"default"`` (12 buckets), ``"default_small_data"`` (15)
+      or ``"tiny"`` (2).
     augment_log10_range: per-tensor reparameterization scales ``10^U(-r, r)``; 0: none.
     split: ``"train"`` or ``"test"`` images.
     mnist_dir, cifar10_dir: the loaders' directories (default ``$MNIST_DIR``,

@@ -74,6 +74,23 @@ def test_default_buckets_are_many_fixed_and_distinct():
   assert {8, 16} <= sizes and (28 in sizes or 32 in sizes)
 
 
+def test_small_data_buckets_keep_their_first_images_with_their_own_statistics():
+  specs = mixture.specs("default_small_data")
+  assert specs[:12] == mixture.specs("default")
+  small = [s for s in specs if s.examples]
+  assert len(small) == 3 and all(s.name.endswith(f"_n{s.examples}") for s in small)
+  spec = small[0]._replace(examples=10)
+  bucket = mixture.build_bucket(
+    spec, mixture._bucket_data(spec, "train", {}, synthetic_sources()), 0.0
+  )
+  images, labels = synthetic_sources()["mnist"]
+  whole = image_data.prepare(images, labels, spec.size, spec.grey)
+  np.testing.assert_array_equal(bucket.data.images, whole.images[:10])
+  pixels = np.asarray(whole.images[:10], np.float64) / 255.0
+  np.testing.assert_allclose(bucket.data.mean, [pixels.mean()], rtol=1e-5)
+  np.testing.assert_allclose(bucket.data.std, [pixels.std()], rtol=1e-4)
+
+
 @pytest.mark.slow  # 12 compiles
 def test_every_bucket_samples_inits_and_evaluates(default_mixture):
   """One jitted draw per bucket: a finite loss, theta shaped as the bucket's spec says."""
