@@ -19,9 +19,10 @@ Outputs, per coordinate: a direction residual ``d`` and a log-magnitude ``a``, a
 
     update = -exp(phi.log_lr) * exp(B tanh(a / B)) * (m_hat_0.9 / (sqrt(v_hat) + eps) + d),
 
-``B = magnitude_bound``. The read-out starts near zero (``OUT_INIT_STD``), so an untrained phi is
-Adam (lr ``learning_rate``, betas 0.9 and 0.999) up to a few-percent perturbation: sane and
-stable on any task before meta-training, and meta-training learns a correction to Adam rather
+``B = magnitude_bound``. The read-out starts at zero, so an untrained phi is exactly Adam (lr
+``learning_rate``, betas 0.9 and 0.999): sane and stable on any task before meta-training (a
+read-out drawn even at std 0.01 left a persistent drift ``d`` that, over 1000 steps of a 269k-
+parameter MLP, ended at 2.8x Adam's loss), and meta-training learns a correction to Adam rather
 than an update from scratch. Scaling every gradient by ``c > 0`` leaves every input, hence
 the update, unchanged (up to ``eps``); the per-tensor statistics couple the coordinates of a
 leaf, so the optimizer is not coordinatewise in the contract suite's sense.
@@ -47,7 +48,6 @@ MEAN_SQUARE_FLOOR = 1e-16
 LOG_RATIO_CLIP = 5.0
 PROGRESS_TIMESCALES = (10.0, 30.0, 100.0, 300.0)
 NUM_SCALE_FREE_FEATURES = 7  # g, three momenta, g per leaf, theta per leaf, log-denominator ratio
-OUT_INIT_STD = 0.01
 
 
 class LeafState(NamedTuple):
@@ -72,7 +72,7 @@ def init_mlp_params(key: jax.Array, sizes: tuple[int, ...], learning_rate: float
 
   Returns:
     ``{"layers": [{"w": (in, hidden), "b": (hidden,)}, ...], "out": {"w": (hidden, 2),
-    "b": (2,)}, "log_lr": ()}``; hidden layers He-initialized, the read-out near zero.
+    "b": (2,)}, "log_lr": ()}``; hidden layers He-initialized, the read-out zero.
   """
   keys = jax.random.split(key, len(sizes))
   layers = [
@@ -82,7 +82,7 @@ def init_mlp_params(key: jax.Array, sizes: tuple[int, ...], learning_rate: float
     }
     for k, n_in, n_out in zip(keys[:-1], sizes[:-1], sizes[1:], strict=True)
   ]
-  out_w = OUT_INIT_STD * jax.random.normal(keys[-1], (sizes[-1], 2), jnp.float32)
+  out_w = jnp.zeros((sizes[-1], 2), jnp.float32)  # meta-gradients reach it through the hidden h
   return {
     "layers": layers,
     "out": {"w": out_w, "b": jnp.zeros((2,), jnp.float32)},
@@ -173,7 +173,7 @@ def per_param_mlp_optimizer(
 
   Example:
     >>> opt = per_param_mlp_optimizer()
-    >>> phi = opt.init_meta_params(jax.random.key(0))  # Adam at 1e-3, nearly
+    >>> phi = opt.init_meta_params(jax.random.key(0))  # Adam at 1e-3, exactly
     >>> tx = learned_opt.as_optax(opt, phi)
   """
   if hidden_size <= 0 or num_layers < 0:

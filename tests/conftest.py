@@ -148,7 +148,7 @@ def backend(request) -> str:
 
 @pytest.fixture(params=sorted(_VARIANTS))
 def variant(request, backend) -> Variant:
-  """Every learned optimizer variant on every backend, with random phi."""
+  """Every learned optimizer variant on every backend, with random phi (every part random)."""
   make, coordinatewise, leaf_states = _VARIANTS[request.param]
   optimizer = make()
   if backend == "cpu_kernels" and not learned_opt.registry.has_kernel_path(
@@ -157,6 +157,9 @@ def variant(request, backend) -> Variant:
     pytest.skip(f"{request.param} has no CPU-kernel path")
   optimizer = learned_opt.with_backend(optimizer, backend)
   phi = optimizer.init_meta_params(jax.random.key(0))
+  if request.param == "per_param_mlp":  # its read-out starts at zero (Adam): draw one, as trained
+    out = jax.random.normal(jax.random.key(1), phi["out"]["w"].shape)
+    phi = {**phi, "out": {"w": 0.1 * out, "b": phi["out"]["b"]}}
   return Variant(request.param, optimizer, phi, coordinatewise, leaf_states)
 
 

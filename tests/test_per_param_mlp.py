@@ -76,14 +76,13 @@ def test_zero_readout_is_adam():
     chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-9)
 
 
-def test_init_is_adam_up_to_a_small_perturbation():
-  opt = per_param_mlp.per_param_mlp_optimizer()
+def test_init_is_adam_at_its_learning_rate():
+  opt = per_param_mlp.per_param_mlp_optimizer(learning_rate=2e-3)
   phi = opt.init_meta_params(jax.random.key(1))
   grads_seq = [grads_like(PARAMS, jax.random.key(i)) for i in range(5)]
-  ours = run_steps(opt, phi, grads_seq)
-  adam = run_steps(opt, adam_phi(phi, 1e-3), grads_seq)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(adam), strict=True):
-    assert float(jnp.max(jnp.abs(a - b))) < 0.2 * 1e-3  # Adam's steps are ~1e-3
+  chex.assert_trees_all_equal(
+    run_steps(opt, phi, grads_seq), run_steps(opt, adam_phi(phi, 2e-3), grads_seq)
+  )
 
 
 @pytest.mark.parametrize("factor", [1e3, 1e-3])
@@ -92,7 +91,8 @@ def test_update_is_invariant_to_the_gradient_scale(factor):
   hence the tracked parameters and later inputs) unchanged, with a read-out far from zero."""
   opt = per_param_mlp.per_param_mlp_optimizer(hidden_size=16)
   phi = opt.init_meta_params(jax.random.key(2))
-  phi = {**phi, "out": jax.tree.map(lambda x: 30.0 * x + 0.1, phi["out"])}  # the MLP matters
+  out_w = 0.3 * jax.random.normal(jax.random.key(3), phi["out"]["w"].shape)
+  phi = {**phi, "out": {"w": out_w, "b": jnp.full((2,), 0.1)}}  # the MLP matters
   grads_seq = [grads_like(PARAMS, jax.random.key(i)) for i in range(4)]
   scaled = [jax.tree.map(lambda g: factor * g, grads) for grads in grads_seq]
   base, moved = run_steps(opt, phi, grads_seq), run_steps(opt, phi, scaled)
@@ -104,8 +104,9 @@ def test_update_is_invariant_to_the_gradient_scale(factor):
     )
     > 1e-4
   )  # the read-out changes the updates a lot ...
-  # ... but not with the scale (to float32 rounding; the steps are ~1e-3).
-  chex.assert_trees_all_close(moved, base, rtol=1e-4, atol=1e-7)
+  # ... but not with the scale (up to Adam's eps = 1e-8 against sqrt(v) ~ 1e-3 at factor 1e-3,
+  # a 1e-5 change of the inputs that the MLP may amplify; the steps are ~1e-3).
+  chex.assert_trees_all_close(moved, base, rtol=1e-3, atol=1e-7)
 
 
 def test_state_tracks_the_parameters():
@@ -175,18 +176,22 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_meta_gradient_is_finite_through_an_unroll():
-  """d meta-loss / d phi through 20 steps of 4 quadratics: finite, and non-zero for every leaf
-  (the hidden layers too, although the read-out starts near zero)."""
+  """d meta-loss / d phi through 20 steps of 4 quadratics: finite; at phi's init (read-out zero)
+  non-zero for the read-out and the step size, and once the read-out has moved, for every leaf."""
   task = quadratic(dim=6)
   opt = per_param_mlp.per_param_mlp_optimizer(hidden_size=8)
   phi = opt.init_meta_params(jax.random.key(0))
   inner = unroll.init_inner_batch(task, opt, phi, task.data, jax.random.key(1), 4)
   loss_fn = lambda p: unroll.meta_loss(p, inner, task.data, task=task, optimizer=opt, num_steps=20)
-  grads = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(phi)
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+  meta_grad = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))
+  grads = meta_grad(phi)
+  assert float(grads["log_lr"]) < 0  # a larger step lowers the loss of an Adam at 1e-3
+  assert float(jnp.max(jnp.abs(grads["out"]["w"]))) > 0
+  out_w = 0.01 * jax.random.normal(jax.random.key(2), (8, 2))
+  moved = {**phi, "out": {"w": out_w, "b": jnp.zeros(2)}}
+  for path, g in jax.tree_util.tree_leaves_with_path(meta_grad(moved)):
     assert bool(jnp.all(jnp.isfinite(g))), jax.tree_util.keystr(path)
     assert float(jnp.max(jnp.abs(g))) > 0, jax.tree_util.keystr(path)
-  assert float(grads["log_lr"]) < 0  # a larger step lowers the loss of an Adam at 1e-3
 
 
 def test_vmapped_update_under_jit_is_float32_and_stable():
