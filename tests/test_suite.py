@@ -78,8 +78,10 @@ def test_task_row_ratio_and_default_adam():
     "adam": _flat([1.0] + [0.4] * 40),
     "adam_1e-3": _flat([1.0] + [0.1] * 40),
   }
+  curves["mine"][1] *= 2  # the second problem's ratio is 1.0
   row = suite_report.task_row("t", curves, "mine")
-  assert row["ratio_to_tuned_adam"] == pytest.approx(0.5)
+  assert row["ratio_to_tuned_adam"] == pytest.approx(0.6 / 0.8)
+  assert row["problem_ratios"] == pytest.approx([0.5, 1.0])
   assert not row["beats_adam_default"] and not row["diverged"]
 
 
