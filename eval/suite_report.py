@@ -99,8 +99,8 @@ def interquartile_mean(values: Sequence[float]) -> float:
     return math.nan
   low, high = n / 4, 3 * n / 4
   weights = np.clip(np.minimum(np.arange(1, n + 1), high) - np.maximum(np.arange(n), low), 0, 1)
-  with np.errstate(invalid="ignore"):
-    return float(np.sum(weights * x) / np.sum(weights))
+  kept = weights > 0  # an infinite ratio outside the middle half does not count
+  return float(np.sum(weights[kept] * x[kept]) / np.sum(weights[kept]))
 
 
 def aggregate(rows: Sequence[dict]) -> dict:

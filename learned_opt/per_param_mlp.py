@@ -33,6 +33,7 @@ tracks them: ``init_state`` stores theta_0 and each update adds its own step. In
 true parameters; the input is normalized per leaf, so only its shape within the leaf matters.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -136,6 +137,14 @@ def mlp_outputs(meta_params: dict, inputs: jax.Array) -> jax.Array:
   return x @ meta_params["out"]["w"] + meta_params["out"]["b"]
 
 
+def width_scale(shape: tuple[int, ...], reference: int) -> float:
+  """``min(1, reference / fan_in)`` for a leaf of 2+ dims (fan-in: all dims but the last); 1
+  for vectors, scalars or ``reference == 0``."""
+  if not reference or len(shape) < 2:
+    return 1.0
+  return min(1.0, reference / math.prod(shape[:-1]))
+
+
 def init_leaf_state(param) -> LeafState:
   """Zero moments, theta_0 and step 0 for every coordinate of one leaf."""
   shape = jnp.shape(param)
@@ -154,6 +163,7 @@ def per_param_mlp_optimizer(
   learning_rate: float = 1e-3,
   progress_features: int = 4,
   magnitude_bound: float = 3.0,
+  width_reference: int = 0,
 ) -> LearnedOptimizer:
   """A per-parameter MLP on normalized inputs with a normalized, Adam-anchored output.
 
@@ -166,6 +176,11 @@ def per_param_mlp_optimizer(
       ``PROGRESS_TIMESCALES`` (0 to 4; 0: no notion of time).
     magnitude_bound: the per-coordinate step multiplier ``exp(B tanh(a / B))`` lies in
       ``[e^-B, e^B]``, which bounds how far meta-training can move a step from Adam's.
+    width_reference: 0: off. ``n > 0``: the step of a leaf of 2 or more dimensions whose fan-in
+      ``f = prod(shape[:-1])`` (flax's ``(in, out)`` and ``(h, w, in, out)`` layouts) exceeds
+      ``n`` is scaled by ``n / f``: muP's 1 / fan-in rule for Adam-like steps (as muLO, Therien
+      et al. 2024, parameterizes learned optimizers), so a step size meta-trained on narrow
+      layers carries to wide ones. Biases and vectors are not scaled.
 
   Returns:
     A ``LearnedOptimizer`` (kind ``"per_param_mlp"``); its update maps gradients to additive
@@ -190,6 +205,8 @@ def per_param_mlp_optimizer(
       f"learning_rate and magnitude_bound must be positive, got {learning_rate} and "
       f"{magnitude_bound}; e.g. learning_rate=1e-3, magnitude_bound=3.0."
     )
+  if width_reference < 0:
+    raise ValueError(f"width_reference must be 0 (off) or positive, got {width_reference}.")
   config = {
     "kind": "per_param_mlp",
     "hidden_size": hidden_size,
@@ -197,6 +214,7 @@ def per_param_mlp_optimizer(
     "learning_rate": learning_rate,
     "progress_features": progress_features,
     "magnitude_bound": magnitude_bound,
+    "width_reference": width_reference,
   }
   sizes = (num_features(progress_features),) + (hidden_size,) * num_layers
   decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
@@ -221,7 +239,7 @@ def per_param_mlp_optimizer(
     direction, log_magnitude = jnp.moveaxis(mlp_outputs(meta_params, inputs), -1, 0)
     bound = magnitude_bound
     scale = jnp.exp(meta_params["log_lr"] + bound * jnp.tanh(log_magnitude / bound))
-    step = -scale * (adam + direction)
+    step = -width_scale(g.shape, width_reference) * scale * (adam + direction)
     return step.astype(jnp.result_type(grad)), state._replace(params=state.params + step)
 
   def update(meta_params, grads, state):

@@ -321,7 +321,7 @@ def ill_conditioned_quadratic(
   if dim < 2 or condition < 1:
     raise ValueError(f"Need dim >= 2 and condition >= 1, got dim={dim}, condition={condition}.")
   weights = np.logspace(-math.log10(condition), 0.0, dim)
-  config = {"name": name, "dim": dim, "condition": condition}
+  config = {"name": name, "dim": dim, "condition": condition, "max_curvature": 1.0}
 
   def sample(data, key):
     del data

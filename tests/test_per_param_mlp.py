@@ -203,3 +203,20 @@ def test_vmapped_update_under_jit_is_float32_and_stable():
   updates, state = jax.jit(jax.vmap(lambda g, s: opt.update(phi, g, s)))(grads, state)
   assert updates["w"].dtype == jnp.float32 and state["w"].momentum.shape == (5, 3, 2, 3)
   np.testing.assert_array_equal(np.asarray(state["w"].step), 1)
+
+
+def test_width_reference_scales_wide_kernels_like_mup():
+  """With ``width_reference=n`` a kernel of fan-in f > n steps n / f times Adam's step; biases,
+  vectors and narrow kernels step as Adam does."""
+  opt = per_param_mlp.per_param_mlp_optimizer(learning_rate=1e-2, width_reference=64)
+  plain = per_param_mlp.per_param_mlp_optimizer(learning_rate=1e-2)
+  phi = opt.init_meta_params(jax.random.key(0))
+  params = {"wide": jnp.ones((3, 3, 32, 4)), "narrow": jnp.ones((16, 4)), "b": jnp.ones(4)}
+  grads = grads_like(params, jax.random.key(1))
+  (ours,) = run_steps(opt, phi, [grads], params)
+  (adam,) = run_steps(plain, phi, [grads], params)
+  chex.assert_trees_all_close(ours["wide"], adam["wide"] * 64 / (3 * 3 * 32), rtol=1e-6)
+  chex.assert_trees_all_equal(ours["narrow"], adam["narrow"])
+  chex.assert_trees_all_equal(ours["b"], adam["b"])
+  with pytest.raises(ValueError, match="width_reference"):
+    per_param_mlp.per_param_mlp_optimizer(width_reference=-1)

@@ -56,6 +56,7 @@ def test_interquartile_mean():
   # n = 5: the middle 2.5 values, the outer two weighted 0.75: (0.75*2 + 3 + 0.75*4) / 2.5.
   assert suite_report.interquartile_mean([1, 2, 3, 4, 100]) == pytest.approx(3.0)
   assert suite_report.interquartile_mean([1, 2, 3, 4, 1e9]) < 4
+  assert suite_report.interquartile_mean([1, 2, 3, 4, 5, 6, 7, np.inf]) == pytest.approx(4.5)
 
 
 def _row(ratio, beats, div=False):
