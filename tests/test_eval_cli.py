@@ -127,6 +127,7 @@ def test_task_settings_errors_name_the_flag(task, task_kwargs, message):
   [
     ("eval.evaluate", ("--checkpoint", "--baselines", "--overwrite", "--num_devices", "Tasks")),
     ("eval.rank", ("--run", "--checkpoint", "--baseline_lr", "--rank_by", "Shipped optimizers")),
+    ("eval.suite", ("--optimizer", "--tiny", "--cache_dir", "--max_learning_rate", "Shipped")),
   ],
 )
 def test_help_lists_the_commands_flags(module, expected):
@@ -134,6 +135,24 @@ def test_help_lists_the_commands_flags(module, expected):
   assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
   for flag in expected:
     assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    ([], "--optimizer is required"),
+    (
+      ["--optimizer=pretrained:quadratic", "--tasks=mnist_cnn"],
+      "Unknown held-out task 'mnist_cnn'",
+    ),
+    (["--optimizer=adam=pretrained:quadratic", "--tiny"], "are baselines' names"),
+  ],
+)
+def test_suite_usage_errors_are_one_line_and_leave_nothing(tmp_path, flags, message):
+  result = run("eval.suite", *flags, f"--output_dir={tmp_path}/out")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert message in result.stderr
+  assert not os.path.exists(tmp_path / "out")
 
 
 def test_rank_usage_errors_are_one_line_and_leave_nothing(tmp_path):
