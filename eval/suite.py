@@ -141,7 +141,8 @@ def task_record(held, ran: dict, learned_names) -> dict:
     "learned": list(learned_names),
     "learning_rates": ran["rates"],
     "final_losses": {k: suite_report.final_loss(v) for k, v in curves.items()},
-    "mean_curves": {k: suite_report.smoothed(v).tolist() for k, v in curves.items()},
+    "curve_stride": suite_report.curve_stride(held.num_steps),
+    "mean_curves": {k: suite_report.sampled(v) for k, v in curves.items()},
   }
 
 

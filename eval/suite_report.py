@@ -34,6 +34,17 @@ def smoothed(curves: np.ndarray) -> np.ndarray:
   return (sums[1:] - sums[starts]) / (np.arange(1, mean.shape[0] + 1) - starts)
 
 
+def curve_stride(num_steps: int) -> int:
+  """Steps between the points of a curve kept for the figure: about 200 points a run."""
+  return max(1, num_steps // 200)
+
+
+def sampled(curves: np.ndarray) -> list[float]:
+  """``smoothed(curves)`` at steps 0, s, 2s, ... (``s = curve_stride``), to 4 digits."""
+  curve = smoothed(curves)[:: curve_stride(np.shape(curves)[1] - 1)]
+  return [float(f"{x:.4g}") for x in curve]
+
+
 def final_loss(curves: np.ndarray) -> float:
   """Mean over problems of the mean loss over the last ``window`` steps; inf if not finite."""
   curves = np.asarray(curves, np.float64)
@@ -177,7 +188,8 @@ def figure(tasks: Sequence[dict], path: str) -> str:
   for ax, t in zip(axes.flat, tasks, strict=False):
     for name, curve in t["mean_curves"].items():
       learned = name in t["learned"]
-      ax.plot(curve, "-" if learned else "--", label=name, linewidth=1.8 if learned else 1.0)
+      steps = t["curve_stride"] * np.arange(len(curve))
+      ax.plot(steps, curve, "-" if learned else "--", label=name, linewidth=1.8 if learned else 1)
     ax.set_yscale("log")
     ax.set_title(t["task"], fontsize=9)
     ax.grid(alpha=0.3, which="both")

@@ -30,6 +30,13 @@ def test_smoothed_is_a_trailing_mean_over_the_window():
   assert got[0] == 0.0 and got[1] == pytest.approx(1.0) and got[4] == pytest.approx(7.0)
 
 
+def test_sampled_curves_keep_about_200_points():
+  curves = _flat(np.arange(1001.0))
+  assert suite_report.curve_stride(1000) == 5
+  got = suite_report.sampled(curves)
+  assert len(got) == 201 and got[-1] == pytest.approx(suite_report.smoothed(curves)[-1])
+
+
 def test_diverged_means_not_finite_or_worse_than_the_start():
   assert suite_report.diverged(_flat([1.0, 0.5, np.inf]))
   assert suite_report.diverged(_flat([1.0] + [2.0] * 20))
@@ -112,7 +119,7 @@ def test_suite_end_to_end_on_the_tiny_tasks(tmp_path):
     assert set(finals) == {"mine", "adam", "nag", "adamw", "adam_1e-3"}
     assert record["learning_rates"]["adam_1e-3"] == pytest.approx(1e-3)
     assert row["ratio_to_tuned_adam"] == pytest.approx(finals["mine"] / finals["adam"])
-    assert len(record["mean_curves"]["mine"]) == record["num_steps"] + 1
+    assert len(record["mean_curves"]["mine"]) == record["num_steps"] + 1  # 30 steps: stride 1
   with pytest.raises(command_line.UsageError, match="already holds suite.json"):
     suite.main(suite.SuiteConfig(optimizer=(f"other={saved}",), **settings))
   suite.main(suite.SuiteConfig(optimizer=(f"other={saved}",), overwrite=True, **settings))
