@@ -1,5 +1,5 @@
 r"""The held-out suite: a saved optimizer, untuned, against Adam and tuned baselines on tasks it
-never saw (``tasks.heldout``), and the verdict of issue 30's floors.
+never saw (``tasks.heldout``), and the verdict against the floors of docs/general.md.
 
 Example:
   python -m eval.suite --optimizer=pretrained:NAME --output_dir=runs/suite
@@ -101,6 +101,7 @@ def num_params(task) -> int:
 
 
 def selected(config: SuiteConfig) -> tuple[heldout.HeldOutTask, ...]:
+  """The tasks ``--tasks`` names, else the whole suite (``--tiny``: the two tiny tasks)."""
   if config.tasks:
     return tuple(heldout.get(name, config.mnist_dir) for name in config.tasks)
   return heldout.tiny_suite() if config.tiny else heldout.suite(config.mnist_dir)
@@ -132,6 +133,8 @@ def run_task(config: SuiteConfig, held: heldout.HeldOutTask, learned: dict, mesh
 
 
 def task_record(held, ran: dict, learned_names) -> dict:
+  """One task in ``suite.json``: its size, the rates chosen, every final loss and the mean
+  curves of the figure (``suite_report.sampled``)."""
   curves = ran["curves"]
   return {
     "task": held.name,

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-FLOORS = {"beats_adam_default": 0.8, "median_ratio": 1.0, "diverged": 0}  # issue 30's
+FLOORS = {"beats_adam_default": 0.8, "median_ratio": 1.0, "diverged": 0}  # docs/general.md's floors
 
 
 def window(num_steps: int) -> int:
