@@ -193,7 +193,8 @@ def test_help_lists_tasks_their_settings_presets_and_data_variables():
     "--num_problems: Problems per meta-step (vmapped). Presets: cifar10_conv 2, mixture 4, "
     "mnist_mlp 2, neural_art 4.",
     "neural_art: Section 3.4",
-    "Shipped optimizers (--init_from=pretrained:NAME): cifar10_conv, mnist_mlp, neural_art",
+    "Shipped optimizers (--init_from=pretrained:NAME): cifar10_conv, mixture_mlp, mnist_mlp, "
+    "neural_art, quadratic.",
   ):
     assert expected in text, expected
   assert "('" not in text  # choices are words, not Python tuples
