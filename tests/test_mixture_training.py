@@ -173,6 +173,8 @@ def test_a_mixture_run_on_two_devices_matches_one(tiny_mixture, finished, tmp_pa
   two_config = dataclasses.replace(config, output_dir=str(tmp_path / "two"))
   two, progress = trainer.train(two_config, task=tiny_mixture, log=lambda s: None, mesh=mesh)
   assert progress.diverged_history == one_progress.diverged_history
-  np.testing.assert_allclose(progress.valid_history, one_progress.valid_history, rtol=1e-3)
+  # Two devices reduce in another order; 20 meta-Adam steps amplify float32 rounding to ~3e-4
+  # relative in phi (measured with the zero-initialized read-out) and ~2e-3 in validation.
+  np.testing.assert_allclose(progress.valid_history, one_progress.valid_history, rtol=5e-3)
   for a, b in zip(jax.tree.leaves(one.meta_params), jax.tree.leaves(two.meta_params), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
