@@ -221,7 +221,7 @@ def format_row(r: dict) -> str:
   elif "adam_seconds" in r:
     extra = f"  adam {1e3 * r['adam_seconds']:.3f} ms"
   return (
-    f"{r['workload']:<10}{r['gates']:<6}{_malloc_name(r):<18}{1e3 * r['seconds']:>10.1f} ms"
+    f"{r['workload']:<13}{r['gates']:<6}{_malloc_name(r):<18}{1e3 * r['seconds']:>10.1f} ms"
     f"{1e3 * r['cpu_seconds']:>10.1f} ms CPU"
     f"{r['compile_s']:>8.1f} s compile"
     f"{r['achieved_flops_per_s'] / 1e9:>8.1f} GFLOP/s{100 * r['fraction_of_peak']:>6.1f}% of "
