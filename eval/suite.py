@@ -20,12 +20,10 @@ Problems are split over every device of every process; process 0 writes and prin
 import dataclasses
 import os
 
-import jax
-import numpy as np
-
 from eval import baselines as baselines_lib
 from eval import engine, report, run_config, suite_report
 from tasks import heldout
+from tasks.base import num_params
 from train import command_line, config_flags, distributed
 
 FILES = ("suite.json", "suite.md", "suite.png")
@@ -91,13 +89,6 @@ def learning_rates(max_rate: float) -> tuple[float, ...]:
   """The paper's grid 1e-6 * 2^k, k = 0..29, up to ``max_rate``."""
   grid = baselines_lib.paper_learning_rates()
   return tuple(float(r) for r in grid[grid <= max_rate])
-
-
-def num_params(task) -> int:
-  """Parameters of one problem of ``task`` (from shapes alone)."""
-  key = jax.random.key(0)
-  theta = jax.eval_shape(lambda: task.init(task.data, task.sample(task.data, key), key))
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(theta)))
 
 
 def selected(config: SuiteConfig) -> tuple[heldout.HeldOutTask, ...]:

@@ -45,11 +45,16 @@ def sampled(curves: np.ndarray) -> list[float]:
   return [float(f"{x:.4g}") for x in curve]
 
 
-def final_loss(curves: np.ndarray) -> float:
-  """Mean over problems of the mean loss over the last ``window`` steps; inf if not finite."""
+def final_losses(curves: np.ndarray) -> np.ndarray:
+  """Each problem's mean loss over the last ``window`` steps, (problems,); inf if not finite."""
   curves = np.asarray(curves, np.float64)
-  value = float(np.mean(curves[:, -window(curves.shape[1] - 1) :]))
-  return value if math.isfinite(value) else math.inf
+  values = np.mean(curves[:, -window(curves.shape[1] - 1) :], axis=1)
+  return np.where(np.isfinite(values), values, np.inf)
+
+
+def final_loss(curves: np.ndarray) -> float:
+  """Mean over problems of ``final_losses``; inf if any is not finite."""
+  return float(np.mean(final_losses(curves)))
 
 
 def diverged(curves: np.ndarray) -> bool:
@@ -88,9 +93,8 @@ def task_row(name: str, curves: Mapping[str, np.ndarray], learned: str) -> dict:
   owes to the few problems (theta_0, minibatches) a task runs.
   """
   finals = {k: final_loss(v) for k, v in curves.items()}
-  mine, adam = curves[learned], curves["adam"]
-  per_problem = [_ratio(final_loss(mine[i : i + 1]), final_loss(adam[i : i + 1]))
-                 for i in range(np.shape(mine)[0])]  # fmt: skip
+  mine, adam = final_losses(curves[learned]), final_losses(curves["adam"])
+  per_problem = [_ratio(a, b) for a, b in zip(mine.tolist(), adam.tolist(), strict=True)]
   return {
     "task": name,
     "final_losses": finals,

@@ -1,5 +1,6 @@
 """The task-family interface: pure, vmappable optimizees (DESIGN.md, "Contracts")."""
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -35,3 +36,11 @@ class TaskFamily(NamedTuple):
   loss: Callable[[Data, chex.ArrayTree, chex.ArrayTree, jax.Array], jax.Array]
   config: Mapping[str, Any]
   data: Data = ()
+
+
+def num_params(task: TaskFamily) -> int:
+  """Parameters of one problem of ``task``, from shapes alone (nothing is computed)."""
+  key = jax.random.key(0)
+  problem = jax.eval_shape(task.sample, task.data, key)
+  theta = jax.eval_shape(task.init, task.data, problem, key)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(theta))

@@ -33,10 +33,9 @@ import numpy as np
 
 from tasks import image_data, image_nets
 from tasks.base import TaskFamily
+from tasks.image_nets import cross_entropy, normal_init
 
 ACTIVATIONS = image_nets.ACTIVATIONS
-cross_entropy = image_nets.cross_entropy
-normal_init = image_nets.normal_init
 
 
 class HeldOutTask(NamedTuple):

@@ -3,7 +3,6 @@ order 1, is vmappable over problems and learns under Adam. MNIST is a small synt
 in its layout unless $MNIST_DIR is set (then the real files are checked too)."""
 
 import json
-import math
 import os
 
 import jax
@@ -13,6 +12,7 @@ import optax
 import pytest
 
 from tasks import heldout, image_data
+from tasks.base import num_params
 
 ALL = (*heldout.suite(), *heldout.tiny_suite())
 MNIST_TASKS = ("mnist_autoencoder", "mnist_mlp_2x256")
@@ -35,12 +35,6 @@ def fake_mnist(monkeypatch):
   split = synthetic_mnist()
   monkeypatch.setattr(image_data, "load", lambda *args, **kwargs: split)
   return split
-
-
-def _parameter_count(family) -> int:
-  problem = jax.eval_shape(family.sample, family.data, jax.random.key(0))
-  theta = jax.eval_shape(family.init, family.data, problem, jax.random.key(1))
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(theta))
 
 
 def test_names_steps_and_descriptions():
@@ -102,8 +96,8 @@ def test_vmapped_problems_start_near_one_and_adam_lowers_the_loss(name, request)
 
 
 def test_mnist_mlp_is_ten_times_the_largest_meta_training_task(fake_mnist):
-  assert _parameter_count(heldout.get("mnist_mlp_2x256").build()) >= 10 * 25_000
-  assert _parameter_count(heldout.get("mnist_autoencoder").build()) == 209_968
+  assert num_params(heldout.get("mnist_mlp_2x256").build()) >= 10 * 25_000
+  assert num_params(heldout.get("mnist_autoencoder").build()) == 209_968
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_DIR"), reason="no $MNIST_DIR")
