@@ -9,6 +9,7 @@ import learned_opt
 from learned_opt.base import LearnedOptimizer
 from tasks import quadratic
 from tasks.base import TaskFamily
+from train import inner as inner_lib
 from train import unroll
 
 
@@ -146,3 +147,56 @@ def test_losses_are_f_of_theta_1_to_T():
   _, (losses, _) = unroll.meta_loss(phi, inner, (), task=task, optimizer=opt, num_steps=3)
   thetas = 2.0 * 0.8 ** np.arange(1, 4)  # theta_t = theta_0 (1 - 2 lr)^t
   np.testing.assert_allclose(losses[0], thetas**2, rtol=1e-5)
+
+
+def small_mlp_task() -> TaskFamily:
+  """A 2-layer tanh MLP regressing a fixed random target from minibatches of 8 of 32 points."""
+  x = jax.random.normal(jax.random.key(5), (32, 4))
+  y = jnp.sin(x @ jnp.arange(1.0, 5.0))
+
+  def init(data, task_params, key):
+    k1, k2 = jax.random.split(key)
+    return {"w1": jax.random.normal(k1, (4, 6)) / 2, "w2": jax.random.normal(k2, (6,)) / 3}
+
+  def loss(data, task_params, params, key):
+    index = jax.random.randint(key, (8,), 0, 32)
+    hidden = jnp.tanh(data[0][index] @ params["w1"])
+    return jnp.mean(jnp.square(hidden @ params["w2"] - data[1][index])) + task_params["offset"]
+
+  return TaskFamily(
+    name="small_mlp",
+    sample=lambda data, key: {"offset": jax.random.uniform(key)},
+    init=init,
+    loss=loss,
+    config={"name": "small_mlp"},
+    data=(x, y),
+  )
+
+
+@pytest.mark.parametrize("objective", ["sum", "log_sum"])
+def test_meta_gradient_reuses_the_optimizee_gradient_exactly(objective, monkeypatch):
+  """The meta-gradient that takes d f(theta_t) / d theta_t from the step's own gradient
+  (``inner.loss_of_params``) equals plain autodiff through the optimizee's loss."""
+  task, opt = small_mlp_task(), learned_opt.lstm_optimizer(hidden_size=5, preprocess="log_sign")
+  phi = opt.init_meta_params(jax.random.key(0))
+  inner = unroll.init_inner_batch(task, opt, phi, task.data, jax.random.key(1), 3)
+
+  def meta_grad():
+    loss = lambda p: unroll.meta_loss(
+      p, inner, task.data, task=task, optimizer=opt, num_steps=4, objective=objective
+    )[0]
+    return jax.jit(jax.value_and_grad(loss))(phi)
+
+  def plain_gradient(task, data, state, second_order=False):
+    loss, grads = jax.value_and_grad(task.loss, argnums=2)(
+      data, state.task_params, state.params, inner_lib.minibatch_key(state)
+    )
+    return loss, jax.lax.stop_gradient(grads)
+
+  reused = meta_grad()
+  monkeypatch.setattr(inner_lib, "gradient", plain_gradient)
+  plain = meta_grad()
+  np.testing.assert_allclose(reused[0], plain[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(reused[1]), jax.tree.leaves(plain[1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(reused[1])) > 1e-4

@@ -47,15 +47,47 @@ def minibatch_key(state: InnerState) -> jax.Array:
   return jax.random.fold_in(state.data_key, state.step)
 
 
+@jax.custom_vjp
+def loss_of_params(params: chex.ArrayTree, loss: jax.Array, grads: chex.ArrayTree) -> jax.Array:
+  """``loss``, whose derivative in ``params`` is the already computed ``grads``.
+
+  ``loss`` and ``grads`` are f(theta) and grad f(theta) on the same minibatch, computed without
+  a path to ``params``. Differentiating a meta-objective through f(theta_t) then costs one
+  scaling of ``grads`` instead of a second backward pass through the optimizee, and saves no
+  activations for it: the only residual of a step is its gradient.
+  """
+  del params, grads
+  return loss
+
+
+def _loss_of_params_fwd(params, loss, grads):
+  del params
+  return loss, grads
+
+
+def _loss_of_params_bwd(grads, cotangent):
+  scaled = jax.tree.map(lambda g: (cotangent * g).astype(g.dtype), grads)
+  return scaled, None, None  # loss and grads are constants (stop_gradient'ed by the caller)
+
+
+loss_of_params.defvjp(_loss_of_params_fwd, _loss_of_params_bwd)
+
+
 def gradient(
   task: TaskFamily, data: Data, state: InnerState, second_order: bool = False
 ) -> tuple[jax.Array, chex.ArrayTree]:
-  """``(f(theta_t), grad f(theta_t))`` on the step's minibatch."""
+  """``(f(theta_t), grad f(theta_t))`` on the step's minibatch.
+
+  Without ``second_order`` the gradient is a constant of phi (d grad / d phi = 0, section 2)
+  and f(theta_t) is differentiable in theta_t with that same gradient (``loss_of_params``), so
+  a meta-gradient through the loss never backpropagates through the optimizee twice.
+  """
+  params = state.params if second_order else jax.lax.stop_gradient(state.params)
   loss, grads = jax.value_and_grad(task.loss, argnums=2)(
-    data, state.task_params, state.params, minibatch_key(state)
+    data, state.task_params, params, minibatch_key(state)
   )
   if not second_order:
-    grads = jax.lax.stop_gradient(grads)  # d grad / d phi = 0 (section 2).
+    loss = loss_of_params(state.params, loss, grads)
   return loss, grads
 
 
