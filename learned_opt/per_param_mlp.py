@@ -245,7 +245,12 @@ def per_param_mlp_optimizer(
   def update(meta_params, grads, state):
     leaves, treedef = jax.tree.flatten(grads)
     states = treedef.flatten_up_to(state)
-    pairs = [leaf_update(meta_params, g, s) for g, s in zip(leaves, states, strict=True)]
+    # Differentiated (meta-training), a leaf's update is recomputed from its gradient and state
+    # in the backward pass rather than saving the MLP's activations: ~3 hidden vectors a
+    # coordinate a step, whose writes and reads cost more than the recomputation (BUILD.md,
+    # ppm_bucket).
+    update_leaf = jax.checkpoint(leaf_update)
+    pairs = [update_leaf(meta_params, g, s) for g, s in zip(leaves, states, strict=True)]
     return (
       treedef.unflatten([u for u, _ in pairs]),
       treedef.unflatten([s for _, s in pairs]),
