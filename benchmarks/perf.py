@@ -3,13 +3,14 @@ r"""Performance against the machine's limit (run by hand, not a test).
   python -m benchmarks.perf [--workloads=quad128,quad1024,mnist2,mnist8,update16k,update1m]
       [--gates=xla,auto] [--mallocs=system,tcmalloc] [--json=runs/perf.json]
 
-For each workload, in a subprocess of its own (so the peak resident memory is that workload's):
-wall and CPU time per call after compile (medians, the donated state threaded from call to call
-as the trainer does), lowering + compile time, achieved FLOP/s from XLA's cost analysis and that
-as a fraction of a large float32 matmul timed in the same run (the machine's practical peak),
-and peak resident memory. XLA's cost analysis counts a ``lax.scan`` body once, whatever its trip
-count, so the FLOPs are read from a second lowering with every scan fully unrolled (the timed
-program is the ordinary one). Workloads:
+For each workload, in a subprocess of its own (so the peak resident memory is that workload's): wall
+and CPU time per call after compile (medians, the donated state threaded from call to call as the
+trainer does), the mean wall time of meta-steps dispatched back to back as the trainer dispatches
+them ("pipelined"; the trainer's steps/s is its inverse), lowering + compile time, achieved FLOP/s
+from XLA's cost analysis and that as a fraction of a large float32 matmul timed in the same run (the
+machine's practical peak), and peak resident memory. XLA's cost analysis counts a ``lax.scan`` body
+once, whatever its trip count, so the FLOPs are read from a second lowering with every scan fully
+unrolled (the timed program is the ordinary one). Workloads:
 
 * ``quad128``, ``quad1024``: the trainer's meta-step on 10-d quadratics, 128 / 1024 problems,
   unroll 20 (``train.meta_step.make_train_step``, the paper's 2x20 LSTM);
@@ -19,7 +20,14 @@ program is the ordinary one). Workloads:
   1,048,576 float32 parameters, beside ``optax.adam``;
 * ``ppm_update1m``: the same for the per-parameter MLP (``per_param_mlp``, 32 x 2 hidden);
 * ``ppm_bucket``: the per-parameter MLP's meta-step on the largest MLP bucket of the task
-  mixture (``mlp_mnist8g_256_b256``, 4 problems, unroll 20; needs ``$MNIST_DIR``).
+  mixture (``mlp_mnist8g_256_b256``, 4 problems, unroll 20; needs ``$MNIST_DIR``);
+* ``cifar2``, ``cifar8``: the ``cifar10_conv`` preset's meta-step (two LSTMs, unroll 20), 2 / 8
+  problems (needs ``$CIFAR10_DIR``);
+* ``art64``: the ``neural_art`` preset's meta-step (64 x 64, 4 problems, unroll 32; needs
+  ``$CIFAR10_DIR`` and the VGG16 weights, see ``tasks/vgg16.py``);
+* ``mixture``: the ``mixture`` preset's meta-step on every bucket of its mixture, one after
+  another (the trainer draws one bucket a step): seconds and FLOPs summed over the buckets, so the
+  fraction of peak is the whole mixture's.
 """
 
 import contextlib
@@ -39,7 +47,7 @@ from absl import app, flags
 import learned_opt
 from benchmarks import peak
 from learned_opt import backend as backend_lib
-from train import allocator, meta_step, trainer
+from train import allocator, meta_step, presets, trainer
 from train.config import MetaTrainConfig
 
 flags.DEFINE_list(
@@ -99,8 +107,13 @@ def flops_of(fn, *args) -> float:
 
 
 def time_threaded(compiled, state, extra, repeats):
-  """Median wall and CPU seconds (this process, all threads) per call of ``state, out =
-  compiled(state, *extra)``, state threaded. CPU time is the steadier figure on a shared machine.
+  """Seconds per call of ``state, out = compiled(state, *extra)``, state threaded.
+
+  Returns:
+    ``(wall, cpu, pipelined)``: median wall and CPU seconds (this process, all threads) of calls
+    each waited for; and the mean wall seconds of ``repeats`` calls dispatched back to back and
+    waited for once, as the trainer runs them (the host reads nothing between steps). CPU time is
+    the steadier figure on a shared machine.
   """
   state, out = compiled(state, *extra)
   jax.block_until_ready(out)
@@ -111,7 +124,12 @@ def time_threaded(compiled, state, extra, repeats):
     jax.block_until_ready(out)
     walls.append(time.perf_counter() - tic)
     cpus.append(time.process_time() - cpu)
-  return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+  tic = time.perf_counter()
+  for _ in range(repeats):
+    state, out = compiled(state, *extra)
+  jax.block_until_ready((state, out))
+  pipelined = (time.perf_counter() - tic) / repeats
+  return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2], pipelined
 
 
 def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
@@ -122,16 +140,45 @@ def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
   tic = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state, task.data).compile()
   compile_s = time.perf_counter() - tic
-  seconds, cpu_seconds = time_threaded(compiled, state, (task.data,), repeats)
+  seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (task.data,), repeats)
   inner_steps = config.num_problems * config.unroll
   return {
     "seconds": seconds,
     "cpu_seconds": cpu_seconds,
+    "pipelined_seconds": pipelined,
     "compile_s": compile_s,
     "flops": flops,
     "optimizee_steps_per_s": inner_steps / seconds,
     "seconds_per_problem": seconds / config.num_problems,
   }
+
+
+def preset_config(name: str, **overrides) -> MetaTrainConfig:
+  """A shipped preset's config (``train/configs/NAME.json``) with ``overrides``."""
+  return MetaTrainConfig(**{**presets.select(name, name), "output_dir": "/tmp/unused", **overrides})
+
+
+def mixture_workload(config: MetaTrainConfig, repeats: int) -> dict:
+  """``meta_step_workload`` summed over the mixture's buckets (one compiled step each)."""
+  mixture, optimizer = trainer.build(config)
+  state = meta_step.init_state(config, mixture, optimizer)
+  fields = ("seconds", "cpu_seconds", "pipelined_seconds", "compile_s", "flops", "inner_steps")
+  totals, per_bucket = dict.fromkeys(fields, 0.0), {}
+  for b, bucket in enumerate(mixture.buckets):
+    step = meta_step.make_train_step(config, mixture, optimizer, bucket=b)
+    totals["flops"] += flops_of(step, state, bucket.data)
+    tic = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, bucket.data).compile()
+    totals["compile_s"] += time.perf_counter() - tic
+    seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (bucket.data,), repeats)
+    state = jax.block_until_ready(meta_step.init_state(config, mixture, optimizer))
+    totals["seconds"] += seconds
+    totals["cpu_seconds"] += cpu_seconds
+    totals["pipelined_seconds"] += pipelined
+    totals["inner_steps"] += config.num_problems * config.unroll
+    per_bucket[mixture.names[b]] = seconds
+  inner_steps = totals.pop("inner_steps")
+  return {**totals, "optimizee_steps_per_s": inner_steps / totals["seconds"], "buckets": per_bucket}
 
 
 def update_workload(size: int, repeats: int, kind: str = "lstm") -> dict:
@@ -162,7 +209,7 @@ def update_workload(size: int, repeats: int, kind: str = "lstm") -> dict:
     tic = time.perf_counter()
     compiled = jax.jit(update, donate_argnums=0).lower(state, grads).compile()
     compile_s = time.perf_counter() - tic
-    seconds, cpu_seconds = time_threaded(compiled, state, (grads,), repeats)
+    seconds, cpu_seconds, _ = time_threaded(compiled, state, (grads,), repeats)
     results[name] = {
       "seconds": seconds,
       "cpu_seconds": cpu_seconds,
@@ -190,6 +237,12 @@ def run_one(name: str, repeats: int) -> dict:
     "update1m": lambda: update_workload(1_048_576, repeats),
     "ppm_update1m": lambda: update_workload(1_048_576, repeats, "per_param_mlp"),
     "ppm_bucket": lambda: meta_step_workload(MetaTrainConfig(**bucket, num_problems=4), repeats),
+    "cifar2": lambda: meta_step_workload(preset_config("cifar10_conv", backend=backend), repeats),
+    "cifar8": lambda: meta_step_workload(
+      preset_config("cifar10_conv", backend=backend, num_problems=8), repeats
+    ),
+    "art64": lambda: meta_step_workload(preset_config("neural_art", backend=backend), repeats),
+    "mixture": lambda: mixture_workload(preset_config("mixture", backend=backend), repeats),
   }
   if name not in workloads:
     raise app.UsageError(f"Unknown workload {name!r}; choose from {', '.join(workloads)}.")
@@ -217,7 +270,10 @@ def _malloc_name(r: dict) -> str:
 def format_row(r: dict) -> str:
   extra = ""
   if "optimizee_steps_per_s" in r:
-    extra = f"{r['optimizee_steps_per_s']:>12,.0f} opt-steps/s"
+    extra = (
+      f"{r['optimizee_steps_per_s']:>12,.0f} opt-steps/s"
+      f"  pipelined {1e3 * r['pipelined_seconds']:.1f} ms"
+    )
   elif "adam_seconds" in r:
     extra = f"  adam {1e3 * r['adam_seconds']:.3f} ms"
   return (
