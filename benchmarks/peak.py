@@ -1,4 +1,12 @@
-"""What the benchmarks measure against: the machine's matmul peak and XLA's FLOP counts."""
+"""What the benchmarks measure against: the machine's matmul peak, its memory bandwidth and XLA's
+FLOP counts.
+
+Both are timed in the same process as the workload. On the 2-core VM the memory-bound
+meta-steps (small matmuls, gates, the scan's saved values) ran ~1.7x slower for minutes at a time
+while the matmul peak held (2026-12-05: the quadratic meta-step at 28-29 ms in every process for
+~10 minutes, 16-17 ms before and after, the trainer alike), so the bandwidth is recorded beside
+each workload, and before/after comparisons run interleaved.
+"""
 
 import statistics
 import time
@@ -18,6 +26,20 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     jax.block_until_ready(matmul(a))
     times.append(time.perf_counter() - tic)
   return 2 * n**3 / statistics.median(times)
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+  """Bytes/s read plus written by a jitted ``x + 1`` over ``megabytes`` of float32 (well past
+  the caches), median of calls: the memory bandwidth a memory-bound step sees."""
+  x = jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)
+  add = jax.jit(lambda v: v + 1.0)
+  jax.block_until_ready(add(x))
+  times = []
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    jax.block_until_ready(add(x))
+    times.append(time.perf_counter() - tic)
+  return 2 * x.nbytes / statistics.median(times)
 
 
 def flops(analysis) -> float:

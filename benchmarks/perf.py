@@ -246,7 +246,7 @@ def run_one(name: str, repeats: int) -> dict:
   }
   if name not in workloads:
     raise app.UsageError(f"Unknown workload {name!r}; choose from {', '.join(workloads)}.")
-  matmul = peak.matmul_peak()
+  matmul, bandwidth = peak.matmul_peak(), peak.copy_bandwidth()
   result = workloads[name]()
   achieved = result["flops"] / result["seconds"]
   return {
@@ -257,6 +257,7 @@ def run_one(name: str, repeats: int) -> dict:
     "achieved_flops_per_s": achieved,
     "matmul_peak_flops_per_s": matmul,
     "fraction_of_peak": achieved / matmul,
+    "copy_bandwidth_gb_per_s": bandwidth / 1e9,
     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
   }
 
@@ -281,7 +282,8 @@ def format_row(r: dict) -> str:
     f"{1e3 * r['cpu_seconds']:>10.1f} ms CPU"
     f"{r['compile_s']:>8.1f} s compile"
     f"{r['achieved_flops_per_s'] / 1e9:>8.1f} GFLOP/s{100 * r['fraction_of_peak']:>6.1f}% of "
-    f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}{r['peak_rss_gb']:>7.2f} GB{extra}"
+    f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}{r['peak_rss_gb']:>7.2f} GB"
+    f"{r.get('copy_bandwidth_gb_per_s', 0):>6.1f} GB/s{extra}"
   )
 
 
