@@ -99,12 +99,14 @@ def curves(
   problem_batch: int | None = None,
   mesh: Mesh | None = None,
   grid: bool = False,
+  on_chunk: Callable[[int, int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
   """Runs ``fn`` (from ``compiled``, with the same ``grid``) on every problem, in order.
 
   Problems run ``problem_batch`` at a time (None: all), each chunk split over ``mesh``
   (default: every device of every process) and padded to its devices; ``arg`` and the data are
-  replicated. Every process calls this together and gets every curve.
+  replicated. Every process calls this together and gets every curve. ``on_chunk(start, stop,
+  count)`` is called as each chunk's curves reach the host (progress, ``eval.progress``).
   """
   mesh = mesh or sharding.problems_mesh()
   count = int(np.shape(keys)[0])
@@ -119,6 +121,8 @@ def curves(
       placed[part_mesh] = distributed.put((task.data, extra, arg), whole)
     out = distributed.to_host(fn(*placed[part_mesh], *part))
     parts.append({k: v[:, :part_count] if grid else v[:part_count] for k, v in out.items()})
+    if on_chunk is not None:
+      on_chunk(start, start + part_count, count)
   return {k: np.concatenate([p[k] for p in parts], axis=int(grid)) for k in parts[0]}
 
 

@@ -14,6 +14,7 @@ Example:
 """
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -26,6 +27,7 @@ import learned_opt
 from eval import baselines as baselines_lib
 from eval import cache, tuning
 from eval import curves as curves_lib
+from eval import progress as progress_lib
 from learned_opt import tree_files
 from tasks.base import TaskFamily
 from train import inner as inner_lib
@@ -160,15 +162,48 @@ def _tuning_record(spec: Spec) -> dict:
           "num_problems": count, "step": t.step}  # fmt: skip
 
 
-def _sweep(spec, task, make_tx, rates, problems, observables, mesh) -> dict[str, np.ndarray]:
-  batch = spec.lr_batch if spec.lr_batch and spec.lr_batch < len(rates) else None  # None: all
-  fn = curves_lib.compiled(task, make_tx, spec.num_steps, observables, True, batch)
+def _chunks(count: int, batch: int | None) -> int:
+  """How many chunks of ``batch`` (None or 0: all at once) ``count`` things run in."""
+  return -(-count // min(batch or count, count))
+
+
+def _sweep(
+  spec, task, make_tx, rates, problems, observables, mesh, log=None, name=""
+) -> dict[str, np.ndarray]:
+  """Curves ``{name: (rates, problems, steps + 1)}`` of ``make_tx(rate)`` for every rate.
+
+  Rates run ``spec.lr_batch`` at a time (default all at once), each batch over the problems in
+  chunks of ``spec.problem_batch``; with more than one chunk, ``log`` gets progress lines
+  (``eval.progress``) labelled ``name``.
+  """
   rates = np.asarray(rates, np.float32)
-  return curves_lib.curves(task, fn, rates, *problems, observables, spec.problem_batch, mesh, True)
+  batch = min(spec.lr_batch or len(rates), len(rates))
+  fn = curves_lib.compiled(task, make_tx, spec.num_steps, observables, True)
+  count = int(np.shape(problems[1])[0])
+  per_batch = _chunks(count, spec.problem_batch)
+  progress = progress_lib.Progress(
+    name, _chunks(len(rates), batch) * per_batch, log or (lambda s: None)
+  )
+  parts = []
+  for start in range(0, len(rates), batch):
+    chunk = rates[start : start + batch]
+    lr = f"lr {chunk[0]:.3g}" + (f" to {chunk[-1]:.3g}" if len(chunk) > 1 else "")
+
+    def step(first, stop, total, lr=lr):
+      progress.step(lr if per_batch == 1 else f"{lr}, problems {first + 1}-{stop} of {total}")
+
+    # A short last chunk repeats its last rate up to the batch (dropped below): one compile.
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk))])
+    out = curves_lib.curves(
+      task, fn, padded, *problems, observables, spec.problem_batch, mesh, True, step
+    )
+    parts.append({k: v[: len(chunk)] for k, v in out.items()})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def tune(spec: Spec, name: str, problems, mesh=None) -> tuple[float, dict, dict | None]:
-  """A baseline's rate chosen as ``spec.tuning`` says.
+def tune(spec: Spec, name: str, problems, mesh=None, log=None) -> tuple[float, dict, dict | None]:
+  """A baseline's rate chosen as ``spec.tuning`` says (``log``: progress lines of a sweep that
+  runs in chunks).
 
   Returns:
     ``(rate, {rate: score}, curves)``: scores of every rate swept (mean loss at the tuning
@@ -186,7 +221,7 @@ def tune(spec: Spec, name: str, problems, mesh=None) -> tuple[float, dict, dict 
   kept = {}
 
   def evaluate(subset):
-    grid = _sweep(spec, task, make_tx, subset, where, observables, mesh)
+    grid = _sweep(spec, task, make_tx, subset, where, observables, mesh, log, name)
     for i, rate in enumerate(subset):
       kept[float(rate)] = {k: v[i] for k, v in grid.items()}
     step = -1 if t.step is None else t.step
@@ -198,17 +233,25 @@ def tune(spec: Spec, name: str, problems, mesh=None) -> tuple[float, dict, dict 
   return rate, swept, kept[rate] if on_test else None
 
 
-def _learned_curves(spec, saved, problems, mesh, compiles: dict) -> dict[str, np.ndarray]:
+def _learned_curves(
+  spec, saved, problems, mesh, compiles: dict, log=None, name=""
+) -> dict[str, np.ndarray]:
   """A learned optimizer's curves; one compile per optimizer config and backend (a run's
-  checkpoints share one)."""
+  checkpoints share one). Problems in chunks report progress to ``log``."""
   config = cache.fingerprint(_optimizer_key(saved.optimizer))
   if config not in compiles:
     make_tx = lambda phi: learned_opt.as_optax(saved.optimizer, phi)
     compiles[config] = curves_lib.compiled(spec.task, make_tx, spec.num_steps, spec.observables)
   fn = compiles[config]
-  return curves_lib.curves(
-    spec.task, fn, saved.meta_params, *problems, spec.observables, spec.problem_batch, mesh
+  count = int(np.shape(problems[1])[0])
+  progress = progress_lib.Progress(
+    name, _chunks(count, spec.problem_batch), log or (lambda s: None)
   )
+  step = lambda first, stop, total: progress.step(f"problems {first + 1}-{stop} of {total}")
+  return curves_lib.curves(
+    spec.task, fn, saved.meta_params, *problems, spec.observables, spec.problem_batch, mesh,
+    on_chunk=step,
+  )  # fmt: skip
 
 
 def _optimizer_key(optimizer) -> dict:
@@ -217,11 +260,11 @@ def _optimizer_key(optimizer) -> dict:
   return {"config": optimizer.config, "backend": optimizer.backend}
 
 
-def _baseline(spec, name, problems, mesh) -> tuple[float, dict, dict]:
-  rate, scores, found = tune(spec, name, problems, mesh)
+def _baseline(spec, name, problems, mesh, log=None) -> tuple[float, dict, dict]:
+  rate, scores, found = tune(spec, name, problems, mesh, log)
   if found is None:
     make_tx = baselines_lib.ALL_BASELINES[name]
-    grid = _sweep(spec, spec.task, make_tx, [rate], problems, spec.observables, mesh)
+    grid = _sweep(spec, spec.task, make_tx, [rate], problems, spec.observables, mesh, log, name)
     found = {k: v[0] for k, v in grid.items()}
   return rate, scores, found
 
@@ -259,11 +302,22 @@ def _work(spec: Spec, kind: str) -> str:
   return f"{runs}, tuning over {rates} learning rates {where}"
 
 
+def _flushed(log: Callable[[str], None]) -> Callable[[str], None]:
+  """``log``, then stdout flushed: a log file shows each line as it comes."""
+
+  def say(line: str) -> None:
+    log(line)
+    sys.stdout.flush()
+
+  return say
+
+
 def run(spec: Spec, log: Callable[[str], None] = print) -> list[Result]:
   """Every optimizer of ``spec`` on its test problems: learned ones first, then baselines.
 
-  ``log`` gets a line per optimizer (its rate, mean final loss and seconds, or where it was
-  reused from).
+  ``log`` gets a line per optimizer as it starts and as it ends (its rate, mean final loss and
+  seconds, or where it was reused from), and progress lines (``eval.progress``: chunk, rate,
+  ETA) while one runs in chunks (``lr_batch``, ``problem_batch``); stdout is flushed after each.
 
   With ``cache_dir``, an optimizer whose curves are cached under the same fingerprints is not
   run again, and new curves are saved there. ``reuse_from`` dirs are read too; for a baseline
@@ -272,6 +326,7 @@ def run(spec: Spec, log: Callable[[str], None] = print) -> list[Result]:
   the rates when there were several). Every process calls this together.
   """
   check(spec)
+  log = _flushed(log)
   problems = draw(spec.task, spec.problems)
   caching = bool(spec.cache_dir or spec.reuse_from)
   problems_key = _problems_key(spec) if caching else ""
@@ -290,9 +345,10 @@ def run(spec: Spec, log: Callable[[str], None] = print) -> list[Result]:
       log(f"{name} ({len(results) + 1} of {len(todo)}): {_work(spec, kind)} ...")
       tic = time.time()
       if kind == "learned":
-        rate, scores, c = None, {}, _learned_curves(spec, saved, problems, spec.mesh, compiles)
+        c = _learned_curves(spec, saved, problems, spec.mesh, compiles, log, name)
+        rate, scores = None, {}
       else:
-        rate, scores, c = _baseline(spec, name, problems, spec.mesh)
+        rate, scores, c = _baseline(spec, name, problems, spec.mesh, log)
       record = {"kind": kind, "learning_rate": rate, "seconds": time.time() - tic}
       record["tuning_scores"] = {f"{r:.6g}": s for r, s in scores.items()}
       if kind == "baseline":

@@ -94,7 +94,8 @@ def main(config: EvaluateConfig) -> None:
       [path for _, path in specs], config.task, config.task_kwargs
     )
     task = task_registry.get(task_name, **task_kwargs)
-  except (ValueError, TypeError) as e:  # bad kwargs are TypeErrors
+  # TypeError: bad task settings; FileNotFoundError: no data set, no VGG16 weights.
+  except (ValueError, TypeError, FileNotFoundError) as e:
     raise command_line.UsageError(str(e)) from e
   results = compare.compare(
     task,

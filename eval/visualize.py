@@ -195,7 +195,7 @@ def main(config: VisualizeConfig) -> None:
     (saved,) = run_config.load_all([(None, path)]).values()
     name, kwargs = run_config.task_settings([path], config.task, None)
     task = task_registry.get(name, **kwargs)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, FileNotFoundError) as e:  # no data set, no VGG16 weights
     raise command_line.UsageError(str(e)) from e
   learned = f"learned ({saved.optimizer.config.get('kind', 'optimizer')})"
   optimizers = {

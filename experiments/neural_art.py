@@ -27,7 +27,7 @@ import learned_opt
 from eval import baselines as baselines_lib
 from eval import compare, engine, plots, report, run_config, visualize
 from eval import curves as curves_lib
-from tasks import neural_art
+from tasks import art_images, neural_art, vgg16
 from tasks.base import TaskFamily
 from train import Run, command_line, distributed
 from train import config as config_lib
@@ -297,24 +297,30 @@ def main(config: NeuralArtConfig) -> None:
   except (ValueError, FileNotFoundError) as e:
     raise command_line.UsageError(str(e)) from e
   settings, out = [_BY_NAME[s] for s in config.settings], config.output_dir
-  if config.stage == "evaluate":
-    rates = baselines_lib.paper_learning_rates()[config.lr_first :: config.lr_stride]
-    evaluate(
-      kwargs, {} if saved is None else {learned_name(saved): saved}, settings, out,
-      baselines=config.baselines, num_problems=config.num_problems, learning_rates=rates,
-      tune_problems=config.tune_problems, num_steps=config.num_steps, log=report.say,
-      lr_batch_size=config.lr_batch_size or None, reuse_baselines=config.reuse_baselines,
-    )  # fmt: skip
-  elif distributed.is_writer():  # figures: a few images on process 0's first device, no sweep
-    os.makedirs(out, exist_ok=True)
-    adam = tuned_rate(out, SETTINGS[0].name, "adam", 0.02)
-    sgd = tuned_rate(out, SETTINGS[0].name, "sgd", 1.0)
-    for case in settings:
-      rate = tuned_rate(out, case.name, "adam", adam)
-      print(styled_figure(saved, kwargs, case, out, config.num_images, config.num_steps, rate))
-    coordinates = [int(c) for c in config.coordinates]
-    for path in update_figures(saved, kwargs, out, config.trace_steps, sgd, adam, coordinates):
-      print(path, flush=True)
+  made = not os.path.exists(out)
+  try:
+    if config.stage == "evaluate":
+      rates = baselines_lib.paper_learning_rates()[config.lr_first :: config.lr_stride]
+      evaluate(
+        kwargs, {} if saved is None else {learned_name(saved): saved}, settings, out,
+        baselines=config.baselines, num_problems=config.num_problems, learning_rates=rates,
+        tune_problems=config.tune_problems, num_steps=config.num_steps, log=report.say,
+        lr_batch_size=config.lr_batch_size or None, reuse_baselines=config.reuse_baselines,
+      )  # fmt: skip
+    elif distributed.is_writer():  # figures: a few images on process 0's first device, no sweep
+      os.makedirs(out, exist_ok=True)
+      adam = tuned_rate(out, SETTINGS[0].name, "adam", 0.02)
+      sgd = tuned_rate(out, SETTINGS[0].name, "sgd", 1.0)
+      for case in settings:
+        rate = tuned_rate(out, case.name, "adam", adam)
+        print(styled_figure(saved, kwargs, case, out, config.num_images, config.num_steps, rate))
+      coordinates = [int(c) for c in config.coordinates]
+      for path in update_figures(saved, kwargs, out, config.trace_steps, sgd, adam, coordinates):
+        print(path, flush=True)
+  except (vgg16.WeightsError, art_images.ImagesError) as e:  # no VGG16 weights, no images:
+    if made and os.path.isdir(out) and not os.listdir(out):  # found as the first setting starts
+      os.rmdir(out)  # a start that failed leaves nothing
+    raise command_line.UsageError(str(e)) from e
 
 
 FILES = (SUMMARY, *_BY_NAME, *(f"styled_{s}.png" for s in _BY_NAME))

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from absl import flags
+from cli_checks import assert_help, assert_one_line_error
 
 from train import command_line, config_flags
 
@@ -226,11 +227,7 @@ COMMANDS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(COMMANDS))
 def test_help_exits_0_and_lists_the_flags(module):
-  result = _run(sys.executable, "-m", module, "--help")
-  assert result.returncode == 0, result.stderr
-  for expected in COMMANDS[module]:
-    assert expected in result.stdout, expected
-  assert "Traceback" not in result.stderr
+  assert_help(_run(sys.executable, "-m", module, "--help"), COMMANDS[module])
 
 
 @pytest.mark.slow
@@ -246,16 +243,7 @@ def test_console_scripts_help_lists_the_flags(script, expected, tmp_path):
   path = shutil.which(script)
   if path is None:
     pytest.skip(f"{script} is not installed (pip install -e .)")
-  result = _run(path, "--help", cwd=tmp_path)  # away from the source tree
-  assert result.returncode == 0 and expected in result.stdout, result.stdout + result.stderr
-
-
-def _assert_one_line_error(result, message):
-  assert result.returncode == 1, result.stdout + result.stderr
-  assert "Traceback" not in result.stderr and "--helpfull" not in result.stdout + result.stderr
-  (line,) = [line for line in result.stderr.splitlines() if line.strip()]
-  assert line.startswith("Error: ") and message in line, line
-  assert "libtpu" not in result.stderr
+  assert_help(_run(path, "--help", cwd=tmp_path), [expected])  # away from the source tree
 
 
 @pytest.mark.slow
@@ -277,7 +265,7 @@ def test_usage_errors_are_one_line_and_leave_nothing(module, argv, message, tmp_
   argv = [a.format(out=tmp_path / "out", tmp=tmp_path) for a in argv]
   if module == "eval.visualize" and not any(a.startswith("--output_dir") for a in argv):
     argv.append(f"--output_dir={tmp_path / 'out'}")
-  _assert_one_line_error(_run(sys.executable, "-m", module, *argv), message)
+  assert_one_line_error(_run(sys.executable, "-m", module, *argv), message)
   assert not (tmp_path / "out").exists()
 
 
@@ -287,13 +275,13 @@ def test_init_from_a_missing_folder_is_one_line_and_leaves_nothing(tmp_path):
   result = _run(
     sys.executable, "-m", "train.meta_train", f"--output_dir={out}", f"--init_from={tmp_path}/no"
   )
-  _assert_one_line_error(result, f"--init_from='{tmp_path}/no' names no usable saved optimizer")
+  assert_one_line_error(result, f"--init_from='{tmp_path}/no' names no usable saved optimizer")
   assert not (tmp_path / "new").exists()  # no config.json, no folder
   out.mkdir(parents=True)  # an existing empty folder stays empty
   result = _run(
     sys.executable, "-m", "train.meta_train", f"--output_dir={out}", f"--init_from={tmp_path}/no"
   )
-  _assert_one_line_error(result, "names no usable saved optimizer")
+  assert_one_line_error(result, "names no usable saved optimizer")
   assert os.listdir(out) == []
 
 
@@ -301,6 +289,6 @@ def test_init_from_a_missing_folder_is_one_line_and_leaves_nothing(tmp_path):
 def test_a_nonempty_folder_that_is_not_a_run_is_refused(tmp_path):
   (tmp_path / "thesis.tex").write_text("mine")
   result = _run(sys.executable, "-m", "train.meta_train", f"--output_dir={tmp_path}")
-  _assert_one_line_error(result, "holds files that are not a meta-training run (thesis.tex)")
+  assert_one_line_error(result, "holds files that are not a meta-training run (thesis.tex)")
   assert sorted(os.listdir(tmp_path)) == ["thesis.tex"]
   assert "--allow_nonempty_output_dir" in result.stderr
