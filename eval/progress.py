@@ -35,6 +35,7 @@ class Progress:
     log: where lines go (``print``, a logger).
     every: seconds between lines after the first; default ``EVERY_S``.
     clock: seconds, monotonic (tests pass their own).
+    unit: what one step is called in the line (``"chunk"``, ``"task"``).
   """
 
   def __init__(
@@ -44,8 +45,9 @@ class Progress:
     log: Callable[[str], None],
     every: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    unit: str = "chunk",
   ):
-    self.label, self.total, self.log, self.clock = label, total, log, clock
+    self.label, self.total, self.log, self.clock, self.unit = label, total, log, clock, unit
     self.every = EVERY_S if every is None else every
     self.done = 0
     self.start = clock()
@@ -69,4 +71,5 @@ class Progress:
       per = (now - self.first) / (self.done - 1)
     what = f" ({detail})" if detail else ""
     eta = duration(per * (self.total - self.done))
-    self.log(f"{self.label}: chunk {self.done}/{self.total}{what}, {per:.3g} s/chunk, ETA {eta}")
+    unit = self.unit
+    self.log(f"{self.label}: {unit} {self.done}/{self.total}{what}, {per:.3g} s/{unit}, ETA {eta}")

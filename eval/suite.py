@@ -22,6 +22,7 @@ import os
 
 from eval import baselines as baselines_lib
 from eval import engine, report, run_config, suite_report
+from eval import progress as progress_lib
 from tasks import heldout
 from tasks.base import num_params
 from train import command_line, config_flags, distributed
@@ -152,9 +153,11 @@ def main(config: SuiteConfig) -> None:
   except ValueError as e:
     raise command_line.UsageError(str(e)) from e
   records, rows = [], {name: [] for name in learned}
+  progress = progress_lib.Progress("suite", len(tasks), report.say, every=0.0, unit="task")
   for i, held in enumerate(tasks):
     report.say(f"task {i + 1} of {len(tasks)}: {held.name} ({held.description})")
     ran = run_task(config, held, learned, mesh)
+    progress.step(held.name)  # tasks differ in cost: the ETA is a rough guide
     records.append(task_record(held, ran, learned))
     for name in learned:
       rows[name].append(suite_report.task_row(held.name, ran["curves"], name))

@@ -99,15 +99,20 @@ def test_learning_rates_are_the_paper_grid_up_to_the_maximum():
   assert np.allclose(np.diff(np.log2(rates)), 1.0)
 
 
-def test_suite_end_to_end_on_the_tiny_tasks(tmp_path):
-  """The command's main on the two tiny tasks: files written, numbers consistent, baselines
-  cached for the next optimizer, an earlier suite.json kept unless --overwrite."""
+def test_suite_end_to_end_on_the_tiny_tasks(tmp_path, capsys):
+  """The command's main on the two tiny tasks: files written, numbers consistent, a progress
+  line with rate and ETA after the first task, baselines cached for the next optimizer, an
+  earlier suite.json kept unless --overwrite."""
   opt = learned_opt.build({"kind": "per_param_mlp", "hidden_size": 4, "num_layers": 1})
   saved = os.path.join(tmp_path, "opt")
   learned_opt.save(saved, opt, opt.init_meta_params(jax.random.key(0)))
   out = os.path.join(tmp_path, "suite")
   settings = dict(tiny=True, num_problems=2, output_dir=out, stride=1, max_learning_rate=0.1)
   suite.main(suite.SuiteConfig(optimizer=(f"mine={saved}",), **settings))
+  printed = capsys.readouterr().out
+  first = [line for line in printed.splitlines() if line.startswith("suite: task 1/2")]
+  assert len(first) == 1 and "s/task, ETA" in first[0], printed
+  assert "suite: task 2/2" not in printed  # the last task's end is the summary's
   results = json.load(open(os.path.join(out, "suite.json")))
   assert os.path.getsize(os.path.join(out, "suite.png")) > 1000
   assert "## mine" in open(os.path.join(out, "suite.md")).read()
