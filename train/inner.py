@@ -54,7 +54,8 @@ def loss_of_params(params: chex.ArrayTree, loss: jax.Array, grads: chex.ArrayTre
   ``loss`` and ``grads`` are f(theta) and grad f(theta) on the same minibatch, computed without
   a path to ``params``. Differentiating a meta-objective through f(theta_t) then costs one
   scaling of ``grads`` instead of a second backward pass through the optimizee, and saves no
-  activations for it: the only residual of a step is its gradient.
+  activations for it: the only residual of a step is its gradient. Being a ``custom_vjp``, it
+  has no forward-mode derivative (``jax.jvp``); ``second_order`` runs do not use it.
   """
   del params, grads
   return loss
