@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow  # ~40 child processes
 COMMANDS = (
   "train.meta_train",
   "train.export",
+  "train.sweep",
   "eval.evaluate",
   "eval.rank",
   "eval.suite",
@@ -97,6 +98,7 @@ ERRORS = [
   # What a newcomer types first: the command alone.
   ("bare_meta_train", ["train.meta_train"], {}, "--output_dir is required"),
   ("bare_export", ["train.export"], {}, "--run_dir is required"),
+  ("bare_sweep", ["train.sweep"], {}, "--output_dir is required"),
   ("bare_evaluate", ["eval.evaluate"], {}, "--output_dir is required"),
   ("bare_rank", ["eval.rank"], {}, "Name what to rank: --run=DIR"),
   ("bare_suite", ["eval.suite"], {}, "--output_dir is required"),
