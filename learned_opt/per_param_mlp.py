@@ -109,9 +109,11 @@ def features(
     ``(inputs, adam)``: ``inputs`` shaped ``leaf.shape + (features,)``; ``adam`` shaped
     ``leaf.shape``, Adam's bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``.
   """
-  t = state.step.astype(jnp.float32)
+  # Every coordinate of a leaf has taken the same steps: the step-dependent factors are computed
+  # once per leaf, not once per coordinate (the leaf's largest count; 0 for an empty leaf).
+  t = jnp.max(state.step, initial=0).astype(jnp.float32)
   decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
-  m_hat = state.momentum / (1 - decays ** t[..., None])
+  m_hat = state.momentum / (1 - decays**t)
   v_hat = state.second_moment / (1 - SECOND_MOMENT_DECAY**t)
   denominator = jnp.sqrt(v_hat) + EPSILON
   normalized = m_hat / denominator[..., None]
@@ -125,7 +127,7 @@ def features(
   ]
   if progress_features:
     taus = jnp.asarray(PROGRESS_TIMESCALES[:progress_features], jnp.float32)
-    columns.append(jnp.tanh(t[..., None] / taus))
+    columns.append(jnp.broadcast_to(jnp.tanh(t / taus), grad.shape + taus.shape))
   return jnp.concatenate(columns, axis=-1), normalized[..., 0]
 
 
