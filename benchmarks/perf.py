@@ -132,24 +132,32 @@ def time_threaded(compiled, state, extra, repeats):
   return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2], pipelined
 
 
-def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
-  task, optimizer = trainer.build(config)
-  state = meta_step.init_state(config, task, optimizer)
-  step = meta_step.make_train_step(config, task, optimizer)
-  flops = flops_of(step, state, task.data)
+def time_step(step, state, data, repeats: int) -> dict:
+  """One meta-step function measured: FLOPs (scans unrolled), compile seconds, and
+  ``time_threaded``'s wall, CPU and pipelined seconds. ``state`` is donated: do not reuse it."""
+  flops = flops_of(step, state, data)
   tic = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=0).lower(state, task.data).compile()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, data).compile()
   compile_s = time.perf_counter() - tic
-  seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (task.data,), repeats)
-  inner_steps = config.num_problems * config.unroll
+  seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (data,), repeats)
   return {
     "seconds": seconds,
     "cpu_seconds": cpu_seconds,
     "pipelined_seconds": pipelined,
     "compile_s": compile_s,
     "flops": flops,
-    "optimizee_steps_per_s": inner_steps / seconds,
-    "seconds_per_problem": seconds / config.num_problems,
+  }
+
+
+def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
+  task, optimizer = trainer.build(config)
+  state = meta_step.init_state(config, task, optimizer)
+  result = time_step(meta_step.make_train_step(config, task, optimizer), state, task.data, repeats)
+  inner_steps = config.num_problems * config.unroll
+  return {
+    **result,
+    "optimizee_steps_per_s": inner_steps / result["seconds"],
+    "seconds_per_problem": result["seconds"] / config.num_problems,
   }
 
 
@@ -159,25 +167,16 @@ def preset_config(name: str, **overrides) -> MetaTrainConfig:
 
 
 def mixture_workload(config: MetaTrainConfig, repeats: int) -> dict:
-  """``meta_step_workload`` summed over the mixture's buckets (one compiled step each)."""
+  """``time_step`` of each bucket's step (one compile each), summed over the mixture's buckets."""
   mixture, optimizer = trainer.build(config)
-  state = meta_step.init_state(config, mixture, optimizer)
-  fields = ("seconds", "cpu_seconds", "pipelined_seconds", "compile_s", "flops", "inner_steps")
-  totals, per_bucket = dict.fromkeys(fields, 0.0), {}
+  totals, per_bucket = {}, {}
   for b, bucket in enumerate(mixture.buckets):
+    state = meta_step.init_state(config, mixture, optimizer)  # the last one was donated
     step = meta_step.make_train_step(config, mixture, optimizer, bucket=b)
-    totals["flops"] += flops_of(step, state, bucket.data)
-    tic = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, bucket.data).compile()
-    totals["compile_s"] += time.perf_counter() - tic
-    seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (bucket.data,), repeats)
-    state = jax.block_until_ready(meta_step.init_state(config, mixture, optimizer))
-    totals["seconds"] += seconds
-    totals["cpu_seconds"] += cpu_seconds
-    totals["pipelined_seconds"] += pipelined
-    totals["inner_steps"] += config.num_problems * config.unroll
-    per_bucket[mixture.names[b]] = seconds
-  inner_steps = totals.pop("inner_steps")
+    result = time_step(step, state, bucket.data, repeats)
+    totals = {k: totals.get(k, 0.0) + v for k, v in result.items()}
+    per_bucket[mixture.names[b]] = result["seconds"]
+  inner_steps = len(mixture.buckets) * config.num_problems * config.unroll
   return {**totals, "optimizee_steps_per_s": inner_steps / totals["seconds"], "buckets": per_bucket}
 
 

@@ -106,7 +106,7 @@ def curves(
   Problems run ``problem_batch`` at a time (None: all), each chunk split over ``mesh``
   (default: every device of every process) and padded to its devices; ``arg`` and the data are
   replicated. Every process calls this together and gets every curve. ``on_chunk(start, stop,
-  count)`` is called as each chunk's curves reach the host (progress, ``eval.progress``).
+  count)`` is called as each chunk's curves reach the host (progress, ``train.progress``).
   """
   mesh = mesh or sharding.problems_mesh()
   count = int(np.shape(keys)[0])

@@ -27,10 +27,10 @@ import learned_opt
 from eval import baselines as baselines_lib
 from eval import cache, tuning
 from eval import curves as curves_lib
-from eval import progress as progress_lib
 from learned_opt import tree_files
 from tasks.base import TaskFamily
 from train import inner as inner_lib
+from train import progress as progress_lib
 
 DRAWS = ("sample", "in_order")
 
@@ -174,7 +174,7 @@ def _sweep(
 
   Rates run ``spec.lr_batch`` at a time (default all at once), each batch over the problems in
   chunks of ``spec.problem_batch``; with more than one chunk, ``log`` gets progress lines
-  (``eval.progress``) labelled ``name``.
+  (``train.progress``) labelled ``name``.
   """
   rates = np.asarray(rates, np.float32)
   batch = min(spec.lr_batch or len(rates), len(rates))
@@ -316,7 +316,7 @@ def run(spec: Spec, log: Callable[[str], None] = print) -> list[Result]:
   """Every optimizer of ``spec`` on its test problems: learned ones first, then baselines.
 
   ``log`` gets a line per optimizer as it starts and as it ends (its rate, mean final loss and
-  seconds, or where it was reused from), and progress lines (``eval.progress``: chunk, rate,
+  seconds, or where it was reused from), and progress lines (``train.progress``: chunk, rate,
   ETA) while one runs in chunks (``lr_batch``, ``problem_batch``); stdout is flushed after each.
 
   With ``cache_dir``, an optimizer whose curves are cached under the same fingerprints is not

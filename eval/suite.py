@@ -22,10 +22,10 @@ import os
 
 from eval import baselines as baselines_lib
 from eval import engine, report, run_config, suite_report
-from eval import progress as progress_lib
 from tasks import heldout
 from tasks.base import num_params
 from train import command_line, config_flags, distributed
+from train import progress as progress_lib
 
 FILES = ("suite.json", "suite.md", "suite.png")
 TUNED = ("adam", "nag", "adamw")

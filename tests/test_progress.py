@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import learned_opt
-from eval import engine, progress
+from eval import engine
 from tasks import quadratic
+from train import progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"^(\w+): chunk (\d+)/(\d+) \((.*)\), ([0-9.e+-]+) s/chunk, ETA (\S+)$")

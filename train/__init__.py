@@ -8,7 +8,8 @@ The public face, what ``eval/`` and ``experiments/`` may import (``tests/test_la
 - ``command_line``, ``config_flags``: a command's start-up (one-line usage errors) and its
   flags, one per field of its config dataclass;
 - ``run`` / ``Run``: the one reader and writer of a run directory (config, checkpoints, phi
-  without the task, the best optimizer, metrics, budget).
+  without the task, the best optimizer, metrics, budget);
+- ``progress``: progress lines of long jobs (rate, ETA) and their duration format.
 
 ``experiments/`` may also meta-train: ``trainer`` (``trainer.train``, ``trainer.build``). Every
 other module is the package's own.
@@ -18,7 +19,7 @@ Example:
   >>> snapshot = Run("runs/mnist").meta_params("best")
 """
 
-FACE = ("inner", "distributed", "config", "command_line", "config_flags", "run", "Run")
+FACE = ("inner", "distributed", "config", "command_line", "config_flags", "run", "Run", "progress")
 __all__ = list(FACE)
 
 

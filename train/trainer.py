@@ -42,6 +42,7 @@ from train.config import MetaTrainConfig
 from train.meta_step import TrainState
 from train.metrics_log import MetricsLog
 from train.preemption import Preempted
+from train.progress import duration
 from train.run import Run
 
 PREEMPTED_KEY = checkpoint.PREEMPTED  # host record field of a checkpoint written on a signal
@@ -145,7 +146,7 @@ class _Reporter:
     rate = (done - self.tic_step) / max(time.time() - self.tic, 1e-9)
     if done > self.tic_step:
       speed = f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step"
-      timing = f"{speed}  ETA {_duration((total - done) / max(rate, 1e-9))}"
+      timing = f"{speed}  ETA {duration((total - done) / max(rate, 1e-9))}"
     else:
       rate, timing = None, "timing from the next report"
     where = f"  bucket {bucket}" if bucket else ""
@@ -164,15 +165,6 @@ class _Reporter:
       record["bucket"] = bucket
     self.append(record)
     self.restart_clock(done)
-
-
-def _duration(seconds: float) -> str:
-  """``3725.0 -> "1:02:05"``, ``42.0 -> "42s"``."""
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f"{seconds}s"
-  hours, rest = divmod(seconds, 3600)
-  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def bucket_scores(curves: dict[str, np.ndarray]) -> dict[str, float]:
