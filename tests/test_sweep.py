@@ -81,7 +81,8 @@ def test_selection_problems_are_apart_from_training_validation_and_test():
 def _rows(scores):
   return [
     {"run": f"run_{i:02d}", "meta_lr": 1e-3 * (i + 1), "seed": i, "status": "done",
-     "best_valid": 1.0 + i, "best_step": 10, "selection_score": s, "selection_diverged": d}
+     "best_valid": 1.0 + i, "best_step": 10, "selection_score": s, "selection_diverged": d,
+     "validation": [[10, 1.0 + i], [20, 1.5 + i]]}
     for i, (s, d) in enumerate(scores)
   ]  # fmt: skip
 
@@ -104,6 +105,27 @@ def test_the_table_lists_every_run_and_marks_the_winner():
   assert lines[2].startswith("| **run_00** (winner) | 0.001 | 0 | 1 | 10 | 3 |")
   assert "(1 of 16 diverged)" in lines[3] and "winner" not in lines[3]
   assert "| run_02 | 0.003 | 2 | 3 | 10 | - |" in lines[4]
+
+
+def test_the_validation_table_has_a_row_per_meta_step_and_a_column_per_run(tmp_path):
+  rows = _rows([(3.0, 0), (2.0, 0)])
+  rows[1]["validation"] = [[10, 2.0], [20, None], [30, 1.25]]  # longer, one epoch diverged
+  lines = sweep.validation_table(rows).splitlines()
+  assert lines[0] == "| meta-step | run_00 | run_01 |" and lines[1] == "|---|---|---|"
+  assert lines[2:] == ["| 10 | 1 | 2 |", "| 20 | 1.5 | - |", "| 30 | - | 1.25 |"]
+  sweep.plot_validation(rows, str(tmp_path / "v.png"))
+  assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validation_history_reads_every_epoch_of_the_metrics_log(tmp_path):
+  records = [
+    {"step": 5, "meta_loss": 1.0},
+    {"epoch": 1, "step": 10, "valid_final_loss": 2.5, "valid_diverged": 0},
+    {"step": 15, "meta_loss": 1.0},
+    {"epoch": 2, "step": 20, "valid_final_loss": float("nan"), "valid_diverged": 8},
+  ]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert sweep.validation_history(str(tmp_path)) == [[10, 2.5], [20, None]]
 
 
 def _flag_values(argv):
@@ -160,6 +182,11 @@ def test_a_sweep_runs_resumes_skips_and_exports_its_winner(tmp_path):
   assert record["winner"] == best["run"]
   summary = (out / "summary.md").read_text()
   assert f"**{best['run']}** (winner)" in summary and summary in first.stdout
+  assert "| meta-step | run_00 | run_01 |" in summary and (out / "validation.png").is_file()
+  for r in record["runs"]:  # its one epoch's validation, as the run logged it
+    assert r["validation"] == [
+      [5, pytest.approx(Run(out / "runs" / r["run"]).budget()["valid_history"][0])]
+    ]
   saved = learned_opt.load(out / "winner")
   phi = Run(out / "runs" / best["run"]).best()[0].meta_params
   assert jax.tree.all(jax.tree.map(np.array_equal, saved.meta_params, phi))

@@ -11,8 +11,9 @@ from --meta_lr_range by --sweep_seed, and seed i (or the i-th of --seeds). Each 
 ordinary meta-training run in OUTPUT_DIR/runs/run_NN, all validating on the same problems. After
 the runs, each run's best saved optimizer is scored on --select_problems selection problems that
 no run trained or validated on and no test uses, and the best score wins (fewest diverged
-problems, then lowest mean final loss). Writes OUTPUT_DIR/sweep.json, summary.md (the table is
-printed too) and winner/, the chosen optimizer (learned_opt.load) with the whole sweep in its
+problems, then lowest mean final loss). Writes OUTPUT_DIR/sweep.json, summary.md (the table and
+every run's validation after each epoch; printed too), validation.png (the same as a figure) and
+winner/, the chosen optimizer (learned_opt.load) with the whole sweep in its
 metadata. Running the same command again resumes unfinished runs and skips finished ones.
 """
 
@@ -31,7 +32,15 @@ from train.config import MetaTrainConfig
 from train.run import Run, RunDirError
 
 SWEEP_JSON, SUMMARY_MD, WINNER_DIR = "sweep.json", "summary.md", "winner"
-MARKS = (sweep_runs.RUNS_DIR, sweep_runs.LOGS_DIR, SWEEP_JSON, SUMMARY_MD, WINNER_DIR)
+VALIDATION_PNG = "validation.png"
+MARKS = (
+  sweep_runs.RUNS_DIR,
+  sweep_runs.LOGS_DIR,
+  SWEEP_JSON,
+  SUMMARY_MD,
+  WINNER_DIR,
+  VALIDATION_PNG,
+)
 DRAWN = {"meta_lr": "--meta_lr_range", "seed": "--seeds"}  # run settings the sweep sets
 
 
@@ -145,8 +154,16 @@ def _finite(x):
   return x if isinstance(x, int | float) and math.isfinite(x) else None
 
 
+def validation_history(run_dir: str) -> list[list]:
+  """``[[meta-step, validation loss], ...]``: the run's validation after each epoch so far (a
+  diverged one as None), from its ``metrics.jsonl``."""
+  records = Run(run_dir).metrics.records()
+  return [[r["step"], _finite(r["valid_final_loss"])] for r in records if "valid_final_loss" in r]
+
+
 def records(runs, scores: dict, statuses: dict[str, str]) -> list[dict]:
-  """One record per run: settings, its own best validation and step, its selection score."""
+  """One record per run: settings, its own best validation and step, its validation after each
+  epoch, its selection score."""
   rows = []
   for run in runs:
     best = Run(run.config.output_dir).best_metadata()
@@ -160,6 +177,7 @@ def records(runs, scores: dict, statuses: dict[str, str]) -> list[dict]:
       "best_step": best.get("step"),
       "selection_score": None if found is None else _finite(found[1]),
       "selection_diverged": None if found is None else found[0],
+      "validation": validation_history(run.config.output_dir),
     })  # fmt: skip
   return rows
 
@@ -192,6 +210,47 @@ def summary_table(rows: list[dict], winner: str | None, select_problems: int) ->
       f"{_number(r['best_step'], 'd')} | {score} | {r['status']} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def validation_table(rows: list[dict]) -> str:
+  """Validation against meta-steps, a column per run: does a run still improve where it stops?"""
+  losses = {r["run"]: dict(r["validation"]) for r in rows}
+  steps = sorted({step for history in losses.values() for step in history})
+  lines = [
+    "| meta-step | " + " | ".join(r["run"] for r in rows) + " |",
+    "|---" * (len(rows) + 1) + "|",
+  ]
+  for step in steps:
+    cells = [_number(losses[r["run"]].get(step)) for r in rows]
+    lines.append(f"| {step} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_validation(rows: list[dict], path: str) -> None:
+  """Writes validation loss against meta-steps, a line per run, its best step marked, to
+  ``path`` (PNG)."""
+  import matplotlib  # noqa: PLC0415  (deferred: only a finished sweep draws)
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+
+  figure, axes = plt.subplots(figsize=(6, 4))
+  for r in rows:
+    points = [(step, loss) for step, loss in r["validation"] if loss is not None]
+    if not points:
+      continue
+    steps, losses = zip(*points, strict=True)
+    (line,) = axes.plot(steps, losses, marker=".", label=f"{r['run']} (meta-lr {r['meta_lr']:.3g})")
+    if r["best_step"] in steps:
+      axes.plot(r["best_step"], losses[steps.index(r["best_step"])], "o", color=line.get_color())
+  axes.set_xlabel("meta-step")
+  axes.set_ylabel("validation: mean final loss")
+  axes.legend()
+  figure.tight_layout()
+  tmp = path + ".tmp"
+  figure.savefig(tmp, format="png", dpi=100)
+  plt.close(figure)
+  os.replace(tmp, path)
 
 
 def export_winner(output_dir: str, run_dir: str, sweep_record: dict) -> str:
@@ -250,8 +309,10 @@ def main(job: Job) -> None:
   winner = choose_winner(rows)
   table = summary_table(rows, winner, sweep.select_problems)
   record = {"settings": settings, "runs": rows, "winner": winner, "table": table}
-  _write(out, record, table)
-  print(table, flush=True)
+  validation = "\nValidation (mean final loss) after each epoch:\n\n" + validation_table(rows)
+  _write(out, record, table + validation)
+  plot_validation(rows, os.path.join(out, VALIDATION_PNG))
+  print(table + validation, flush=True)
   if winner is not None:
     target = export_winner(out, os.path.join(out, sweep_runs.RUNS_DIR, winner), record)
     print(f"Winner {winner}; saved in {target} (learned_opt.load({target!r})).")
