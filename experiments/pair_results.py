@@ -29,7 +29,9 @@ SAME_PROBLEMS = ("task", "seed", "num_problems", "num_steps")  # results.json fi
 
 _LEARNED = flags.DEFINE_string("learned", None, "DIR:NAME, the optimizer compared.")
 _OTHERS = flags.DEFINE_list("others", [], "Evaluation directories of the other optimizers.")
-_CURVE = flags.DEFINE_string("curve", "train", "Curve compared: train (the objective) or test.")
+_CURVE = flags.DEFINE_enum(
+  "curve", "train", ["train", "test"], "Curve compared: train (the objective) or test (held out)."
+)
 
 
 def load(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
