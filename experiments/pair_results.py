@@ -71,8 +71,9 @@ def table(learned_spec: str, others: Sequence[str], curve: str = "train") -> str
   for other in others:
     theirs, their_curves = load(other)
     check_same_problems(results, theirs, other)
+    same_dir = os.path.realpath(other) == os.path.realpath(directory)
     for r in theirs["optimizers"]:
-      if r["name"] != name:
+      if not (same_dir and r["name"] == name):  # not itself; a namesake elsewhere is another run
         found[f"{r['name']} ({other})"] = (their_curves[f"{r['name']}/{curve}"], r["learning_rate"])
   body, steps = rows(mine, found)
   header = ["other", "lr", "mean over run", *[f"step {s}" for s in steps]]
