@@ -25,6 +25,7 @@ from absl import app, flags
 from eval import report
 
 STEPS = (10, 25, 50)
+LEARNED = ""  # the compared optimizer's key among the others' "NAME (DIR)" keys: no collision
 SAME_PROBLEMS = ("task", "seed", "num_problems", "num_steps")  # results.json fields that must agree
 
 _LEARNED = flags.DEFINE_string("learned", None, "DIR:NAME, the optimizer compared.")
@@ -50,15 +51,16 @@ def check_same_problems(a: dict, b: dict, where: str) -> None:
 
 
 def rows(learned: np.ndarray, others: dict[str, tuple[np.ndarray, float | None]]):
-  """``(rows, steps)``: per other optimizer its name, learning rate and paired differences over
-  the run and at each step."""
+  """``(rows, steps)``: per other optimizer its name, learning rate and ``report.pairs``'
+  differences over the run and at each step."""
   last = learned.shape[1] - 1
   steps = [s for s in STEPS if s < last] + [last]
+  kinds = {LEARNED: "learned", **dict.fromkeys(others, "baseline")}
+  curves = {LEARNED: {"loss": learned}, **{n: {"loss": c} for n, (c, _) in others.items()}}
   out = []
-  for name, (curves, rate) in others.items():
-    cells = [report.paired(report.run_means(learned), report.run_means(curves))]
-    cells += [report.paired(learned[:, s], curves[:, s]) for s in steps]
-    out.append([name, "-" if rate is None else f"{rate:.3g}", *map(report.pm, cells)])
+  for pair, (_, rate) in zip(report.pairs(kinds, curves, steps), others.values(), strict=True):
+    cells = [pair["loss_run_mean"], *(pair["loss_steps"][str(s)] for s in steps)]
+    out.append([pair["other"], "-" if rate is None else f"{rate:.3g}", *map(report.pm, cells)])
   return out, steps
 
 

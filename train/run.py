@@ -260,6 +260,11 @@ class Run:
 
   # metrics.jsonl: ``self.metrics`` (``train.metrics_log.MetricsLog``).
 
+  def validations(self) -> list[tuple[int, float]]:
+    """``(meta-step, mean final validation loss)`` after each epoch so far (NaN where it
+    diverged), from ``metrics.jsonl``."""
+    return _validations(self.metrics.records())
+
   def budget(self) -> dict:
     """What the run spent and where its best phi came from: meta-steps run, the saved phi's step
     and validation result, every epoch's validation, wall time (if recorded) and the config's
@@ -275,7 +280,7 @@ class Run:
       "meta_steps": max([r.get("step", 0) for r in records] or [0]),
       "saved_step": best.get("step"),
       "valid_final_loss": best.get("valid_final_loss"),
-      "valid_history": [r["valid_final_loss"] for r in records if "valid_final_loss" in r],
+      "valid_history": [loss for _, loss in _validations(records)],
       "wall_seconds": wall,
       **{name: config.get(name) for name in sizes},
       "machine": best.get("machine"),
@@ -331,3 +336,8 @@ class Run:
     """Removes what a kill during an atomic write left (the writer's, at its start)."""
     for directory in (self.path, self.checkpoint_dir):
       tree_files.remove_temporaries(directory)
+
+
+def _validations(records: list[dict]) -> list[tuple[int, float]]:
+  """The epochs' validation records of ``metrics.jsonl`` as ``(meta-step, loss)``."""
+  return [(r["step"], r["valid_final_loss"]) for r in records if "valid_final_loss" in r]

@@ -156,9 +156,8 @@ def _finite(x):
 
 def validation_history(run_dir: str) -> list[list]:
   """``[[meta-step, validation loss], ...]``: the run's validation after each epoch so far (a
-  diverged one as None), from its ``metrics.jsonl``."""
-  records = Run(run_dir).metrics.records()
-  return [[r["step"], _finite(r["valid_final_loss"])] for r in records if "valid_final_loss" in r]
+  diverged one as None; ``Run.validations``), as JSON keeps it."""
+  return [[step, _finite(loss)] for step, loss in Run(run_dir).validations()]
 
 
 def records(runs, scores: dict, statuses: dict[str, str]) -> list[dict]:
