@@ -40,5 +40,6 @@ for seed in $SEEDS; do
 done
 if (( ${#evaluations[@]} > 1 )); then
   python -m experiments.seed_table --markdown="$RESULTS/seeds.md" \
+    --title="Quadratic variants (section 3.1), $EPOCHS epochs of 100 meta-steps per run" \
     --evaluations="$(IFS=,; echo "${evaluations[*]}")"
 fi

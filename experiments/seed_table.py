@@ -100,8 +100,7 @@ def markdown(evaluations: Mapping[str, dict], title: str | None = None) -> str:
     [
       *([f"# {title}", ""] if title else []),
       f"{first['num_problems']} test problems of `{_task_text(first['task'])}` (seed "
-      f"{first['seed']}), "
-      f"{first['num_steps']} steps; one column per meta-training seed.",
+      f"{first['seed']}), {first['num_steps']} steps; one column per meta-training seed.",
       "",
       "Mean final loss ± standard error over the problems; last column: mean ± standard "
       "deviation of the seeds' means:",
