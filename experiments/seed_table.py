@@ -64,15 +64,14 @@ def _spread(values: Sequence[float]) -> str:
   return f"{np.mean(values):.4f} ± {sd:.4f}"
 
 
-def _paired_rows(evaluations: Mapping[str, dict], other) -> list[list[str]]:
-  """Per learned optimizer: ``other(results)``'s paired difference per seed and the seeds won."""
-  first = next(iter(evaluations.values()))["optimizers"]
+def _paired_rows(evaluations: Mapping[str, dict], names, other) -> list[list[str]]:
+  """Per optimizer in ``names``: its paired difference to ``other(results, seed)`` per seed and
+  the seeds it beats it in."""
   rows = []
-  for name in [r["name"] for r in first if r["kind"] == "learned"]:
+  for name in names:
     cells, wins = [], 0
     for seed, results in evaluations.items():
-      mine, theirs = _find(results, name, seed), other(results, seed)
-      v = report.verdict(mine["finals"], theirs["finals"])
+      v = report.verdict(_find(results, name, seed)["finals"], other(results, seed)["finals"])
       cells.append(report.pm((v.mean, v.stderr)))
       wins += v.outcome == "beats"
     rows.append([name, *cells, f"{wins} of {len(evaluations)}"])
@@ -111,11 +110,13 @@ def markdown(evaluations: Mapping[str, dict], title: str | None = None) -> str:
       "learned optimizer is better; last column: seeds in which it beats it by more than two "
       "standard errors (diverging on no more problems):",
       "",
-      *report.table(["optimizer", *seeds, "beats it"], _paired_rows(evaluations, best)),
+      *report.table(["optimizer", *seeds, "beats it"], _paired_rows(evaluations, learned, best)),
       "",
       f"The same against {learned[0]} of the same seed:",
       "",
-      *report.table(["optimizer", *seeds, "beats it"], _paired_rows(evaluations, lead)[1:]),
+      *report.table(
+        ["optimizer", *seeds, "beats it"], _paired_rows(evaluations, learned[1:], lead)
+      ),
       "",
     ]
   )
