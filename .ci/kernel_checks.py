@@ -6,8 +6,10 @@
 A run builds ``learned_opt/kernels``' sources with the named flag set into ``--cache`` (never the
 user's cache), registers them under their own target names, and runs the gates, the stacked
 step and the stacked step with its read-out, forward and backward (VJP), on inputs with odd row
-counts, several 128-row chunks and odd widths, against XLA's math (``learned_opt.lstm_rows``);
-with ``--save`` it writes every kernel output for ``--compare``. Exit status 1 on a mismatch.
+counts, several 128-row chunks and odd widths, against XLA's math (``learned_opt.lstm_rows``),
+and the direct convolution, forward and VJP, on odd image sizes, partial vectors of output
+channels and several chunks of images, against ``lax.conv_general_dilated``; with ``--save`` it
+writes every kernel output for ``--compare``. Exit status 1 on a mismatch.
 """
 
 import argparse
@@ -19,7 +21,12 @@ import jax
 import numpy as np
 
 from learned_opt import lstm_rows
-from learned_opt.kernels import build, loading, stack
+from learned_opt.kernels import build, conv, loading, stack
+from tasks import cifar10
+
+# Every kernel source with its handlers: the LSTM's (``stack.targets()``' order), then the
+# convolution's (``conv.HANDLERS``).
+SOURCES = (*stack.SOURCES, (conv.SOURCE, conv.HANDLERS))
 
 # Measured differences to XLA are ~1e-6 relative (a polynomial exp); cotangents summed over
 # many rows are compared relative to their largest entry.
@@ -46,9 +53,9 @@ def flag_sets() -> dict[str, tuple[str, ...]]:
 
 
 def targets(flags: tuple[str, ...], cache: str) -> tuple[str, ...]:
-  """The kernels built with ``flags`` in ``cache`` and registered: ``stack.targets()``' order."""
+  """The kernels built with ``flags`` in ``cache`` and registered: ``SOURCES``' order."""
   names = []
-  for source, handlers in stack.SOURCES:
+  for source, handlers in SOURCES:
     path, content = build.built(source, directory=cache, flags=flags)
     names += [loading.register(path, handler, content) for handler in handlers]
   return tuple(names)
@@ -86,9 +93,34 @@ def _vjp(fn, primals, key):
   return [np.asarray(a) for a in (*outputs, *pullback(cotangents))]
 
 
+def run_conv(names) -> dict[str, np.ndarray]:
+  """The convolution (``names``: its two targets) against XLA's; outputs by name."""
+  results = {}
+  # (images, height, width, in), (kh, kw, in, out): the CIFAR-10 net's layers; 17 images (three
+  # chunks of the kernel's gradient, the last partial) of odd sizes with 19 outputs (a vector and
+  # a partial one) and a 5 x 3 kernel; a grouped call (vmap) of 2 problems.
+  cases = [((9, 32, 32, 3), (3, 3, 3, 16)), ((9, 16, 16, 16), (3, 3, 16, 16))]
+  cases += [((17, 7, 13, 5), (5, 3, 5, 19)), ((2, 3, 4, 4, 6), (2, 3, 3, 6, 8))]
+  for shape, kernel_shape in cases:
+    keys = jax.random.split(jax.random.key(len(results)), 3)
+    x = jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], kernel_shape) / np.sqrt(np.prod(kernel_shape[-4:-1]))
+    # One output in a tuple, as _vjp takes them.
+    mapped = lambda fn, s=shape: lambda a, b: ((jax.vmap(fn) if len(s) == 5 else fn)(a, b),)
+    got = _vjp(jax.jit(mapped(lambda a, b: conv.conv2d(names, a, b))), (x, kernel), keys[2])
+    want = _vjp(mapped(cifar10.conv_xla), (x, kernel), keys[2])
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+      scale = float(np.max(np.abs(b), initial=0.0))
+      np.testing.assert_allclose(
+        a, b, rtol=RTOL, atol=max(ATOL, 1e-6 * scale), err_msg=f"conv {shape} {i}"
+      )
+      results[f"conv_{'x'.join(map(str, shape))}_{i}"] = a
+  return results
+
+
 def run(names) -> dict[str, np.ndarray]:
   """Every kernel against XLA; the kernels' outputs by name. Raises AssertionError."""
-  results = {}
+  results = run_conv(names[-len(conv.HANDLERS) :])
   cases = [(1, 1, 20, 2), (1031, 2, 20, 2), (37, 1, 7, 3), (300, 3, 33, 1)]
   for rows, features, hidden, layers in cases:
     x, h, c, weights, out, key = _inputs(jax.random.key(rows), rows, features, hidden, layers)
@@ -143,7 +175,7 @@ def main() -> int:
     compare(*args.compare, args.exact)
     return 0
   if args.build_only:  # no process that loads a sanitized build need compile it
-    for source, _ in stack.SOURCES:
+    for source, _ in SOURCES:
       build.built(source, directory=args.cache, flags=flag_sets()[args.flags])
     return 0
   names = targets(flag_sets()[args.flags], args.cache)

@@ -112,7 +112,7 @@ def compiled_flops(fn, *args) -> float:
   """XLA's count for ``fn`` with the gates in XLA (it counts nothing inside a custom call), from
   a fresh trace (jit caches traces per function, and the timed one must not reuse this)."""
   saved = backend_lib.kernel_targets
-  backend_lib.kernel_targets = lambda *a: None  # XLA's own ops, which cost analysis sees into
+  backend_lib.kernel_targets = lambda *a, **k: None  # XLA's own ops, which cost analysis sees into
   try:
     return peak.flops(jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis())
   finally:

@@ -97,7 +97,7 @@ def flops_of(fn, *args) -> float:
   (cost analysis counts none in a custom call), so every --gates mode is credited the same work.
   """
   saved = backend_lib.kernel_targets
-  backend_lib.kernel_targets = lambda *a: None  # XLA's own ops, which cost analysis sees into
+  backend_lib.kernel_targets = lambda *a, **k: None  # XLA's own ops, which cost analysis sees into
   try:
     with fully_unrolled_scans():
       # A fresh function: jit caches traces per function, and the timed one must not reuse this.

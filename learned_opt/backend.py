@@ -86,8 +86,8 @@ def resolve(backend: str | None) -> str:
   return default() if backend is None else checked(backend)
 
 
-def kernel_targets(backend: str, *arrays) -> tuple[str, ...] | None:
-  """The kernels' FFI targets (``stack.HANDLERS``' order) if this trace runs them, else None.
+def kernel_targets(backend: str, *arrays, family=stack.targets) -> tuple[str, ...] | None:
+  """A kernel family's FFI targets if this trace runs them, else None.
 
   Called when a step is traced: it looks at the platform, the device count and the arrays'
   dtype, and builds the kernels on first use (cached across processes).
@@ -95,6 +95,8 @@ def kernel_targets(backend: str, *arrays) -> tuple[str, ...] | None:
   Args:
     backend: a ``checked`` backend.
     *arrays: pytrees of the arrays the kernels would take (weights, inputs, state).
+    family: the family's ``targets`` function: the LSTM's ``stack.targets`` (default) or the
+      convolution's ``conv.targets``.
 
   Raises:
     KernelUnavailable: ``"cpu_kernels"`` where the kernels cannot run; the message says why and
@@ -109,7 +111,7 @@ def kernel_targets(backend: str, *arrays) -> tuple[str, ...] | None:
     if platform != "cpu" or jax.device_count() > 1 or dtype != jnp.float32:
       return None
     try:
-      return stack.targets()
+      return family()
     except KernelUnavailable as e:
       loading.warn_once(
         _FALLBACK_WARNING,
@@ -128,7 +130,7 @@ def kernel_targets(backend: str, *arrays) -> tuple[str, ...] | None:
       f"{dtype}; {fix}."
     )
   try:
-    return stack.targets()
+    return family()
   except KernelUnavailable as e:
     raise KernelUnavailable(
       f"backend='cpu_kernels': the CPU kernels are unavailable: {e}. Fix that, or {fix}."

@@ -6,10 +6,12 @@ Batch normalization uses the minibatch's own statistics (training mode), so the 
 running averages; its offset is the layer's bias and it has no scale (see ``convnet_logits``).
 Problems differ only in theta_0 and the minibatches, so ``sample`` returns no parameters.
 
-The convolution is written as im2col by shifted slices and one matmul (``conv_shift``): on XLA
-CPU a ``lax.conv_general_dilated`` inside the ``lax.scan`` of an unroll is ~25x slower
-(``../shared/probes/conv_in_scan.py``). ``conv_impl="xla"`` selects the library convolution, the
-better choice on GPU; both compute the same function.
+On XLA CPU a ``lax.conv_general_dilated`` inside the ``lax.scan`` of an unroll is ~25x slower
+than outside it (``../shared/probes/conv_in_scan.py``), so the convolution is one of
+``CONV_IMPLS``, all computing the same function: ``"cpu_kernel"``, a direct convolution by a C++
+kernel (``learned_opt.kernels.conv``); ``"shift"``, im2col by shifted slices and one matmul in
+XLA; ``"xla"``, the library convolution (cuDNN on GPU). ``"auto"`` (``conv_function``) picks the
+kernel where the CPU kernels run, the shifted slices elsewhere on CPU, the library on GPU and TPU.
 """
 
 import math
@@ -19,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learned_opt import backend as backend_lib
+from learned_opt.kernels import conv as conv_kernels
 from tasks import cifar10_data
 from tasks.base import TaskFamily
 
@@ -55,10 +59,55 @@ def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
   )
 
 
+def conv_cpu_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``conv_shift``'s function by the direct CPU kernel (``learned_opt.kernels.conv``).
+
+  Raises:
+    KernelUnavailable: not on a CPU, not float32, or the kernel does not build (saying why).
+  """
+  return _conv_on(
+    backend_lib.kernel_targets("cpu_kernels", x, kernel, family=conv_kernels.targets), x, kernel
+  )
+
+
+def _conv_on(names: tuple[str, ...] | None, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The direct kernel with FFI targets ``names``, or ``conv_shift`` for None (XLA's ops)."""
+  return conv_shift(x, kernel) if names is None else conv_kernels.conv2d(names, x, kernel)
+
+
 CONV_IMPLS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+  "cpu_kernel": conv_cpu_kernel,
   "shift": conv_shift,
   "xla": conv_xla,
 }
+CONV_CHOICES = ("auto", *CONV_IMPLS)
+
+
+def conv_function(conv_impl: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The convolution ``conv_impl`` names (one of ``CONV_CHOICES``).
+
+  ``"auto"`` follows the learned optimizers' backend (``learned_opt.backend.default()``, read
+  now): where that backend runs the CPU kernels (a one-device float32 CPU process where they
+  build, for ``"auto"``) the direct kernel, elsewhere on CPU ``conv_shift``, on GPU and TPU
+  ``conv_xla``; decided when the loss is traced.
+
+  Raises:
+    ValueError: an unknown ``conv_impl``, naming the choices.
+  """
+  if conv_impl not in CONV_CHOICES:
+    raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of {CONV_CHOICES}.")
+  if conv_impl != "auto":
+    return CONV_IMPLS[conv_impl]
+  backend = backend_lib.default()
+
+  def conv_auto(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    if jax.default_backend() != "cpu":
+      return conv_xla(x, kernel)
+    return _conv_on(
+      backend_lib.kernel_targets(backend, x, kernel, family=conv_kernels.targets), x, kernel
+    )
+
+  return conv_auto
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -144,7 +193,7 @@ def cifar10_conv(
   split: str = "train",
   classes: Sequence[int | str] | None = None,
   normalize: bool = False,
-  conv_impl: str = "shift",
+  conv_impl: str = "auto",
   cifar10_dir: str | None = None,
   tfds_data_dir: str | None = None,
   cache_dir: str | None = None,
@@ -163,7 +212,9 @@ def cifar10_conv(
     classes: keep only these classes (labels or names), relabelled 0..k-1 in the given order;
       the output layer has k units. None: all ten.
     normalize: standardize each channel by the training set's mean and std; else [0, 1] pixels.
-    conv_impl: ``"shift"`` (im2col by shifted slices; fast in a scan on CPU) or ``"xla"``.
+    conv_impl: how the convolutions run, one of ``CONV_CHOICES`` (``conv_function``): ``"auto"``
+      (the CPU kernel, im2col by shifted slices, or the library's, by platform), ``"cpu_kernel"``,
+      ``"shift"`` or ``"xla"``; all compute the same function.
     cifar10_dir: CIFAR-10 directory or .zip (default ``$CIFAR10_DIR``); see ``cifar10_data``.
     tfds_data_dir: TFDS data directory used when no CIFAR-10 path is named.
     cache_dir: cache of decoded images (default ``$LEARNED_OPT_CACHE``, ``~/.cache/learned_opt``).
@@ -176,8 +227,7 @@ def cifar10_conv(
   channels = tuple(int(c) for c in channels)
   if not channels or min(channels) <= 0 or len(channels) > 5:
     raise ValueError(f"channels must be 1 to 5 positive widths, got {channels}, e.g. (16, 16, 16).")
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of {tuple(CONV_IMPLS)}.")
+  conv = conv_function(conv_impl)
   if hidden_size <= 0 or batch_size <= 1:
     raise ValueError(
       f"hidden_size must be positive and batch_size at least 2 (batch norm needs a batch), got "
@@ -186,7 +236,6 @@ def cifar10_conv(
   labels = cifar10_data.class_indices(classes)
   num_classes = cifar10_data.NUM_CLASSES if labels is None else len(labels)
   sizes = layer_sizes(channels, hidden_size, num_classes)
-  conv = CONV_IMPLS[conv_impl]
   config = {
     "name": "cifar10_conv",
     "channels": list(channels),

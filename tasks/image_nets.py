@@ -16,7 +16,7 @@ import optax
 
 from tasks import image_data
 from tasks.base import TaskFamily
-from tasks.cifar10 import conv_shift, max_pool
+from tasks.cifar10 import conv_function, max_pool
 
 ACTIVATIONS = {
   "sigmoid": jax.nn.sigmoid,
@@ -145,8 +145,9 @@ def image_conv(
   """Cross-entropy of a small conv net: per entry of ``channels`` a 3 x 3 'SAME' convolution,
   2 x 2 max pooling and the activation, then a linear read-out of the flattened features.
 
-  The convolution is ``cifar10.conv_shift`` (shifted slices and one matmul), fast inside an
-  unroll's ``lax.scan`` on CPU. The image size must be divisible by ``2 ** len(channels)``.
+  The convolution is ``cifar10.conv_function("auto")``: the direct CPU kernel where the CPU
+  kernels run, else shifted slices and one matmul on CPU (both fast inside an unroll's
+  ``lax.scan``), the library's on GPU and TPU. The image size must be divisible by ``2 ** len(channels)``.
 
   Returns:
     A ``TaskFamily``; theta is ``{"conv_i": {"kernel": (3, 3, in, out), "bias": (out,)},
@@ -172,11 +173,13 @@ def image_conv(
     "batch_size": batch_size,
   }
 
+  conv = conv_function("auto")
+
   def logits(params, images, activation):
     x = images
     for i in range(len(channels)):
       layer = params[f"conv_{i}"]
-      x = max_pool(conv_shift(x, layer["kernel"]) + layer["bias"])
+      x = max_pool(conv(x, layer["kernel"]) + layer["bias"])
       x = _activate(activations, activation, x)
     return x.reshape(batch_size, -1) @ params["out"]["kernel"] + params["out"]["bias"]
 

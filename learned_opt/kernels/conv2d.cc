@@ -1,0 +1,282 @@
+// A 'SAME', stride-1 2-D convolution (NHWC input, HWIO kernel, odd kernel sizes, float32) and its
+// kernel's gradient, as direct CPU kernels for the small conv nets of the optimizee tasks.
+//
+// XLA:CPU runs a convolution inside a lax.scan ~25x slower than outside it
+// (../shared/probes/conv_in_scan.py), so tasks/cifar10.py writes it as im2col by shifted slices
+// and a matmul: a kh * kw times larger copy of every activation, written and read again by the
+// forward pass, and the same again (with a transpose of the output's cotangent) by the backward
+// pass. Here each image is copied once, zero-padded, into a thread's scratch (in L1 or L2), and
+// every output is accumulated in registers from it:
+//
+// * Forward: y[n, h, w, :] = sum over (i, j, ci) of xpad[n, h + i, w + j, ci] * k[i, j, ci, :], a
+//   tile of up to 8 output pixels times one vector of output channels in registers, each kernel
+//   vector loaded once per tile. The input's gradient is this function of the output's cotangent
+//   and the flipped, transposed kernel (learned_opt/kernels/conv.py), so it needs no kernel of its own.
+// * Kernel gradient: dk[i, j, ci, :] = sum over (n, h, w) of xpad[n, h + i, w + j, ci] *
+//   dy[n, h, w, :]. For a kernel row i the entries (j, ci) are contiguous in a padded image row,
+//   so a run of up to 24 of them is accumulated in registers over all of an image's pixels.
+//   Images are summed in fixed chunks, then the chunks in order: the result does not depend on
+//   the number of threads.
+//
+// Leading dimensions (a jax.vmap over problems) are groups: x (..., n, h, w, cin) with the
+// kernel (..., kh, kw, cin, cout), each group its own kernel. Built on first use by
+// learned_opt/kernels/conv.py (flags in build.py).
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using learned_opt_simd::AlignedFloats;
+using learned_opt_simd::kLanes;
+using learned_opt_simd::Splat;
+using learned_opt_simd::Vec;
+
+constexpr int kTileMax = 8;    // output pixels per forward tile
+constexpr int kRunMax = 24;    // kernel entries per gradient accumulation run
+constexpr int64_t kChunkImages = 8;  // images a kernel-gradient partial sum covers, at most
+
+// The sizes of one call, checked against every buffer.
+struct Shape {
+  int64_t groups = 0, images = 0;  // images per group
+  int height = 0, width = 0, cin = 0, cout = 0, kh = 0, kw = 0;
+  int pad_h() const { return kh / 2; }
+  int pad_w() const { return kw / 2; }
+  int padded_width() const { return width + 2 * pad_w(); }
+  int64_t padded_size() const {
+    return static_cast<int64_t>(height + 2 * pad_h()) * padded_width() * cin;
+  }
+  int64_t image_in() const { return static_cast<int64_t>(height) * width * cin; }
+  int64_t image_out() const { return static_cast<int64_t>(height) * width * cout; }
+  int64_t kernel_size() const { return static_cast<int64_t>(kh) * kw * cin * cout; }
+};
+
+// The lanes [0, n) of a vector of floats at p, zero elsewhere (n <= kLanes); and its store.
+inline Vec LoadPart(const float* p, int n) {
+  if (n == kLanes) return learned_opt_simd::Load(p);
+#if defined(__AVX512F__)
+  return (Vec)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+#else
+  float buffer[kLanes] = {};
+  std::memcpy(buffer, p, n * sizeof(float));
+  return learned_opt_simd::Load(buffer);
+#endif
+}
+
+inline void StorePart(float* p, Vec v, int n) {
+  if (n == kLanes) {
+    learned_opt_simd::Store(p, v);
+    return;
+  }
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+#else
+  float buffer[kLanes];
+  learned_opt_simd::Store(buffer, v);
+  std::memcpy(p, buffer, n * sizeof(float));
+#endif
+}
+
+// Copies one image (height, width, cin) into the interior of padded, whose border stays zero.
+void PadImage(const float* image, float* padded, const Shape& s) {
+  const int64_t row = static_cast<int64_t>(s.width) * s.cin;
+  for (int h = 0; h < s.height; ++h) {
+    float* to = padded + (static_cast<int64_t>(h + s.pad_h()) * s.padded_width() + s.pad_w()) * s.cin;
+    std::memcpy(to, image + h * row, row * sizeof(float));
+  }
+}
+
+// out[t, co .. co + lanes) for TILE output pixels starting at (h, w) of a padded image.
+template <int TILE>
+void ForwardTile(const float* padded, const float* kernel, float* out, int h, int w, int co,
+                 int lanes, const Shape& s) {
+  Vec acc[TILE];
+  for (int t = 0; t < TILE; ++t) acc[t] = Splat(0.0f);
+  const int64_t pixel = s.cin;  // floats between neighbouring pixels
+  for (int i = 0; i < s.kh; ++i) {
+    for (int j = 0; j < s.kw; ++j) {
+      const float* x = padded + (static_cast<int64_t>(h + i) * s.padded_width() + w + j) * pixel;
+      const float* k = kernel + static_cast<int64_t>(i * s.kw + j) * s.cin * s.cout + co;
+      for (int ci = 0; ci < s.cin; ++ci) {
+        const Vec kv = lanes == kLanes ? learned_opt_simd::Load(k + ci * s.cout)
+                                       : LoadPart(k + ci * s.cout, lanes);
+        for (int t = 0; t < TILE; ++t) acc[t] += Splat(x[t * pixel + ci]) * kv;
+      }
+    }
+  }
+  for (int t = 0; t < TILE; ++t) StorePart(out + static_cast<int64_t>(t) * s.cout, acc[t], lanes);
+}
+
+// y for one padded image: every output row in tiles of 8, 4, then single pixels.
+void ForwardImage(const float* padded, const float* kernel, float* y, const Shape& s) {
+  for (int co = 0; co < s.cout; co += kLanes) {
+    const int lanes = std::min(kLanes, s.cout - co);
+    for (int h = 0; h < s.height; ++h) {
+      float* row = y + static_cast<int64_t>(h) * s.width * s.cout + co;
+      int w = 0;
+      for (; w + kTileMax <= s.width; w += kTileMax) {
+        ForwardTile<kTileMax>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+      }
+      for (; w + 4 <= s.width; w += 4) ForwardTile<4>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+      for (; w < s.width; ++w) ForwardTile<1>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+    }
+  }
+}
+
+// dk[i, q0 .. q0 + RUN, co .. co + lanes) += the sum over an image's pixels of
+// xpad[h + i, w, q0 + r] * dy[h, w, co ..], q = j * cin + ci running along a padded row.
+template <int RUN>
+void GradientRun(const float* padded, const float* dy, float* dk, int i, int q0, int co,
+                 int lanes, const Shape& s) {
+  Vec acc[RUN];
+  for (int r = 0; r < RUN; ++r) acc[r] = Splat(0.0f);
+  for (int h = 0; h < s.height; ++h) {
+    const float* x = padded + static_cast<int64_t>(h + i) * s.padded_width() * s.cin + q0;
+    const float* d = dy + static_cast<int64_t>(h) * s.width * s.cout + co;
+    for (int w = 0; w < s.width; ++w, x += s.cin, d += s.cout) {
+      const Vec dv = lanes == kLanes ? learned_opt_simd::Load(d) : LoadPart(d, lanes);
+      for (int r = 0; r < RUN; ++r) acc[r] += Splat(x[r]) * dv;
+    }
+  }
+  float* k = dk + (static_cast<int64_t>(i) * s.kw * s.cin + q0) * s.cout + co;
+  for (int r = 0; r < RUN; ++r) {
+    StorePart(k + r * s.cout, LoadPart(k + r * s.cout, lanes) + acc[r], lanes);
+  }
+}
+
+using RunFn = void (*)(const float*, const float*, float*, int, int, int, int, const Shape&);
+
+template <int... R>
+constexpr std::array<RunFn, sizeof...(R)> RunTable(std::integer_sequence<int, R...>) {
+  return {&GradientRun<R + 1>...};
+}
+
+// dk += one padded image's contribution (dk (kh, kw, cin, cout)).
+void GradientImage(const float* padded, const float* dy, float* dk, const Shape& s) {
+  static constexpr auto kRuns = RunTable(std::make_integer_sequence<int, kRunMax>{});
+  const int run_length = s.kw * s.cin;
+  for (int co = 0; co < s.cout; co += kLanes) {
+    const int lanes = std::min(kLanes, s.cout - co);
+    for (int i = 0; i < s.kh; ++i) {
+      for (int q0 = 0; q0 < run_length; q0 += kRunMax) {
+        const int run = std::min(kRunMax, run_length - q0);
+        kRuns[run - 1](padded, dy, dk, i, q0, co, lanes, s);
+      }
+    }
+  }
+}
+
+// The shape of x (..., n, h, w, cin) and a kernel (..., kh, kw, cin, cout) with the same leading
+// dimensions, or an error naming what does not fit.
+ffi::Error ReadShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, Shape& s) {
+  if (x.size() < 4 || k.size() != x.size()) {
+    return ffi::Error::InvalidArgument(
+        "x must be (..., n, h, w, cin) and the kernel (..., kh, kw, cin, cout), same leading dims");
+  }
+  const size_t lead = x.size() - 4;
+  s.groups = 1;
+  for (size_t d = 0; d < lead; ++d) {
+    if (x[d] != k[d]) return ffi::Error::InvalidArgument("x and the kernel differ in leading dims");
+    s.groups *= x[d];
+  }
+  s.images = x[lead];
+  s.height = static_cast<int>(x[lead + 1]);
+  s.width = static_cast<int>(x[lead + 2]);
+  s.cin = static_cast<int>(x[lead + 3]);
+  s.kh = static_cast<int>(k[lead]);
+  s.kw = static_cast<int>(k[lead + 1]);
+  s.cout = static_cast<int>(k[lead + 3]);
+  if (k[lead + 2] != s.cin) return ffi::Error::InvalidArgument("x's channels differ from the kernel's");
+  if (s.kh % 2 == 0 || s.kw % 2 == 0) {
+    return ffi::Error::InvalidArgument("the kernel's height and width must be odd ('SAME' padding)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  Shape s;
+  if (ffi::Error e = ReadShape(x.dimensions(), kernel.dimensions(), s); !e.success()) return e;
+  if (y->element_count() != static_cast<size_t>(s.groups * s.images * s.image_out())) {
+    return ffi::Error::InvalidArgument("y must be (..., n, h, w, cout)");
+  }
+  const float *xp = x.typed_data(), *kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  learned_opt_simd::ParallelRows(pool, 0, false, s.groups * s.images, 1, [=] {
+    auto padded = std::make_shared<AlignedFloats>(s.padded_size());
+    return [=](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        PadImage(xp + n * s.image_in(), padded->data, s);
+        ForwardImage(padded->data, kp + (n / s.images) * s.kernel_size(), yp + n * s.image_out(), s);
+      }
+    };
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
+  Shape s;
+  if (ffi::Error e = ReadShape(x.dimensions(), dk->dimensions(), s); !e.success()) return e;
+  if (dy.element_count() != static_cast<size_t>(s.groups * s.images * s.image_out())) {
+    return ffi::Error::InvalidArgument("dy must be (..., n, h, w, cout)");
+  }
+  // Chunks of images never span two groups: a fixed count per group, so fixed sums.
+  const int64_t chunk = std::min<int64_t>(kChunkImages, std::max<int64_t>(s.images, 1));
+  const int64_t chunks_per_group = (s.images + chunk - 1) / chunk;
+  const int64_t chunks = s.groups * chunks_per_group;
+  std::vector<float> partial(static_cast<size_t>(chunks * s.kernel_size()), 0.0f);
+  const float *xp = x.typed_data(), *dp = dy.typed_data();
+  float* partial_p = partial.data();
+  learned_opt_simd::ParallelRows(pool, 0, false, chunks, 1, [=] {
+    auto padded = std::make_shared<AlignedFloats>(s.padded_size());
+    return [=](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t group = c / chunks_per_group;
+        const int64_t first = group * s.images + (c % chunks_per_group) * chunk;
+        const int64_t last = std::min(first + chunk, (group + 1) * s.images);
+        for (int64_t n = first; n < last; ++n) {
+          PadImage(xp + n * s.image_in(), padded->data, s);
+          GradientImage(padded->data, dp + n * s.image_out(), partial_p + c * s.kernel_size(), s);
+        }
+      }
+    };
+  });
+  float* out = dk->typed_data();
+  for (int64_t g = 0; g < s.groups; ++g) {
+    float* to = out + g * s.kernel_size();
+    std::memset(to, 0, s.kernel_size() * sizeof(float));
+    for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+      const float* from = partial_p + c * s.kernel_size();
+      for (int64_t e = 0; e < s.kernel_size(); ++e) to[e] += from[e];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptConvForward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., n, h, w, cin)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel (..., kh, kw, cin, cout)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y (..., n, h, w, cout)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptConvKernelGradient, ConvKernelGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., n, h, w, cin)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy (..., n, h, w, cout)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dk (..., kh, kw, cin, cout)
