@@ -7,9 +7,10 @@ A run builds ``learned_opt/kernels``' sources with the named flag set into ``--c
 user's cache), registers them under their own target names, and runs the gates, the stacked
 step and the stacked step with its read-out, forward and backward (VJP), on inputs with odd row
 counts, several 128-row chunks and odd widths, against XLA's math (``learned_opt.lstm_rows``),
-and the direct convolution, forward and VJP, on odd image sizes, partial vectors of output
-channels and several chunks of images, against ``lax.conv_general_dilated``; with ``--save`` it
-writes every kernel output for ``--compare``. Exit status 1 on a mismatch.
+the direct convolution, forward and VJP, on odd image sizes, partial vectors of output channels
+and several chunks of images, against ``lax.conv_general_dilated``, and the CIFAR-10 net's batch
+norm, pooling and ReLU against ``tasks.cifar10.conv_tail``; with ``--save`` it writes every
+kernel output for ``--compare``. Exit status 1 on a mismatch.
 """
 
 import argparse
@@ -21,12 +22,13 @@ import jax
 import numpy as np
 
 from learned_opt import lstm_rows
-from learned_opt.kernels import build, conv, loading, stack
+from learned_opt.kernels import bn_pool, build, conv, loading, stack
 from tasks import cifar10
 
 # Every kernel source with its handlers: the LSTM's (``stack.targets()``' order), then the
-# convolution's (``conv.HANDLERS``).
-SOURCES = (*stack.SOURCES, (conv.SOURCE, conv.HANDLERS))
+# convolution's (``conv.HANDLERS``) and the conv layers' tail (``bn_pool.HANDLERS``).
+SOURCES = (*stack.SOURCES, (conv.SOURCE, conv.HANDLERS), (bn_pool.SOURCE, bn_pool.HANDLERS))
+CONV_TARGETS = len(conv.HANDLERS) + len(bn_pool.HANDLERS)  # the last targets of ``targets``
 
 # Measured differences to XLA are ~1e-6 relative (a polynomial exp); cotangents summed over
 # many rows are compared relative to their largest entry.
@@ -93,34 +95,57 @@ def _vjp(fn, primals, key):
   return [np.asarray(a) for a in (*outputs, *pullback(cotangents))]
 
 
+def _one_output(fn, shape):
+  """``fn(a, b)`` jitted, vmapped over a leading problems axis for 5-d ``shape``, its output in a
+  tuple (as ``_vjp`` takes them)."""
+  mapped = jax.vmap(fn) if len(shape) == 5 else fn
+  return jax.jit(lambda a, b: (mapped(a, b),))
+
+
 def run_conv(names) -> dict[str, np.ndarray]:
-  """The convolution (``names``: its two targets) against XLA's; outputs by name."""
+  """The convolution and the tail (``names``: their targets) against XLA's; outputs by name."""
+  conv_names, tail_names = names[: len(conv.HANDLERS)], names[len(conv.HANDLERS) :]
   results = {}
   # (images, height, width, in), (kh, kw, in, out): the CIFAR-10 net's layers; 17 images (three
   # chunks of the kernel's gradient, the last partial) of odd sizes with 19 outputs (a vector and
-  # a partial one) and a 5 x 3 kernel; a grouped call (vmap) of 2 problems.
+  # a partial one) and a 5 x 3 kernel; a grouped call (vmap) of 2 problems; VGG's 64 channels
+  # in, to 3 out (neural art's image gradient).
   cases = [((9, 32, 32, 3), (3, 3, 3, 16)), ((9, 16, 16, 16), (3, 3, 16, 16))]
+  cases += [((3, 6, 10, 64), (3, 3, 64, 3))]
   cases += [((17, 7, 13, 5), (5, 3, 5, 19)), ((2, 3, 4, 4, 6), (2, 3, 3, 6, 8))]
   for shape, kernel_shape in cases:
     keys = jax.random.split(jax.random.key(len(results)), 3)
     x = jax.random.normal(keys[0], shape)
     kernel = jax.random.normal(keys[1], kernel_shape) / np.sqrt(np.prod(kernel_shape[-4:-1]))
-    # One output in a tuple, as _vjp takes them.
-    mapped = lambda fn, s=shape: lambda a, b: ((jax.vmap(fn) if len(s) == 5 else fn)(a, b),)
-    got = _vjp(jax.jit(mapped(lambda a, b: conv.conv2d(names, a, b))), (x, kernel), keys[2])
-    want = _vjp(mapped(cifar10.conv_xla), (x, kernel), keys[2])
+    got = _vjp(_one_output(lambda a, b: conv.conv2d(conv_names, a, b), shape), (x, kernel), keys[2])
+    want = _vjp(_one_output(cifar10.conv_xla, shape), (x, kernel), keys[2])
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
       scale = float(np.max(np.abs(b), initial=0.0))
       np.testing.assert_allclose(
         a, b, rtol=RTOL, atol=max(ATOL, 1e-6 * scale), err_msg=f"conv {shape} {i}"
       )
       results[f"conv_{'x'.join(map(str, shape))}_{i}"] = a
+  # Batch norm, pooling and ReLU: 17 images, 16 and 19 channels, an offset input with ties.
+  for shape in ((17, 8, 6, 16), (9, 4, 10, 19), (2, 5, 4, 4, 16)):
+    keys = jax.random.split(jax.random.key(len(results)), 3)
+    z = 3.0 + 2.0 * jax.random.normal(keys[0], shape)
+    z = z.at[..., 0, :2, :2, :].set(1.5)
+    bias = jax.random.normal(keys[1], shape[:-4] + shape[-1:])
+    tail = lambda a, b: bn_pool.bn_pool_relu(tail_names, a, b, cifar10.BATCH_NORM_EPSILON)
+    got = _vjp(_one_output(tail, shape), (z, bias), keys[2])
+    want = _vjp(_one_output(cifar10.conv_tail, shape), (z, bias), keys[2])
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+      scale = float(np.max(np.abs(b), initial=0.0))
+      np.testing.assert_allclose(
+        a, b, rtol=RTOL, atol=max(ATOL, 1e-6 * scale), err_msg=f"tail {shape} {i}"
+      )
+      results[f"tail_{'x'.join(map(str, shape))}_{i}"] = a
   return results
 
 
 def run(names) -> dict[str, np.ndarray]:
   """Every kernel against XLA; the kernels' outputs by name. Raises AssertionError."""
-  results = run_conv(names[-len(conv.HANDLERS) :])
+  results = run_conv(names[-CONV_TARGETS:])
   cases = [(1, 1, 20, 2), (1031, 2, 20, 2), (37, 1, 7, 3), (300, 3, 33, 1)]
   for rows, features, hidden, layers in cases:
     x, h, c, weights, out, key = _inputs(jax.random.key(rows), rows, features, hidden, layers)

@@ -24,6 +24,8 @@ Example:
   >>> tx = learned_opt.as_optax(saved, backend="cpu_kernels")  # insists on the kernels
 """
 
+import contextlib
+import contextvars
 import os
 import warnings
 
@@ -39,7 +41,33 @@ ENV_VAR = "LEARNED_OPT_BACKEND"
 OLD_ENV_VAR = "LEARNED_OPT_GATES"  # deprecated
 _FALLBACK_WARNING = "auto_fallback"
 
-__all__ = ["BACKENDS", "KernelUnavailable", "checked", "default", "kernel_targets"]
+__all__ = [
+  "BACKENDS",
+  "KernelUnavailable",
+  "checked",
+  "default",
+  "kernel_targets",
+  "twice_differentiable",
+]
+
+# Set while a function that will be differentiated twice is traced (``twice_differentiable``).
+_TWICE = contextvars.ContextVar("learned_opt_twice_differentiable", default=False)
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+  """Traces inside it run XLA's ops where ``"auto"`` would run a kernel.
+
+  A kernel is a ``custom_vjp`` whose backward pass is a custom call without a derivative, so a
+  function differentiated twice (a second-order meta-gradient through the optimizee's gradient,
+  ``train.inner.gradient``) cannot contain one. ``"cpu_kernels"`` inside it raises
+  ``KernelUnavailable``.
+  """
+  token = _TWICE.set(True)
+  try:
+    yield
+  finally:
+    _TWICE.reset(token)
 
 
 def checked(backend: str, where: str = "backend") -> str:
@@ -102,8 +130,13 @@ def kernel_targets(backend: str, *arrays, family=stack.targets) -> tuple[str, ..
     KernelUnavailable: ``"cpu_kernels"`` where the kernels cannot run; the message says why and
       what to do.
   """
-  if backend == "xla":
+  if backend == "xla" or (backend == "auto" and _TWICE.get()):
     return None
+  if _TWICE.get():
+    raise KernelUnavailable(
+      "backend='cpu_kernels' in a function differentiated twice (a second-order meta-gradient): "
+      "the kernels' backward passes have no derivative; pass backend='auto' or 'xla'."
+    )
   leaves = jax.tree.leaves(arrays)
   dtype = jnp.result_type(*leaves) if leaves else jnp.float32
   platform = jax.default_backend()

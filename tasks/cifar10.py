@@ -12,6 +12,8 @@ than outside it (``../shared/probes/conv_in_scan.py``), so the convolution is on
 kernel (``learned_opt.kernels.conv``); ``"shift"``, im2col by shifted slices and one matmul in
 XLA; ``"xla"``, the library convolution (cuDNN on GPU). ``"auto"`` (``conv_function``) picks the
 kernel where the CPU kernels run, the shifted slices elsewhere on CPU, the library on GPU and TPU.
+With the kernel, the rest of a conv layer (batch norm, pooling, ReLU: ``conv_tail``) runs as CPU
+kernels too (``tail_function``).
 """
 
 import math
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from learned_opt import backend as backend_lib
+from learned_opt.kernels import bn_pool
 from learned_opt.kernels import conv as conv_kernels
 from tasks import cifar10_data
 from tasks.base import TaskFamily
@@ -123,6 +126,56 @@ def batch_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return (x - mean) * jax.lax.rsqrt(variance + BATCH_NORM_EPSILON)
 
 
+def conv_tail(z: jax.Array, bias: jax.Array) -> jax.Array:
+  """A hidden conv layer after its convolution, ``relu(max_pool(batch_norm(z) + bias))``, in XLA.
+
+  Args:
+    z: the convolution's output (batch, h, w, c), h and w even.
+    bias: (c,), batch norm's offset.
+
+  Returns:
+    (batch, h // 2, w // 2, c).
+  """
+  return jax.nn.relu(max_pool(batch_norm(z, axes=(0, 1, 2)) + bias))
+
+
+def conv_tail_cpu_kernel(z: jax.Array, bias: jax.Array) -> jax.Array:
+  """``conv_tail`` by the CPU kernels (``learned_opt.kernels.bn_pool``): two passes over ``z``
+  forward and two backward instead of XLA's dozen.
+
+  Raises:
+    KernelUnavailable: as ``conv_cpu_kernel``.
+  """
+  names = backend_lib.kernel_targets("cpu_kernels", z, bias, family=bn_pool.targets)
+  return _tail_on(names, z, bias)
+
+
+def _tail_on(names: tuple[str, ...] | None, z: jax.Array, bias: jax.Array) -> jax.Array:
+  """The kernels with FFI targets ``names``, or ``conv_tail`` for None (XLA's ops)."""
+  if names is None:
+    return conv_tail(z, bias)
+  return bn_pool.bn_pool_relu(names, z, bias, BATCH_NORM_EPSILON)
+
+
+def tail_function(conv_impl: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The conv layers' tail (``conv_tail``'s function) that goes with ``conv_function(conv_impl)``:
+  the CPU kernels where that convolution is the CPU kernel, XLA's ops elsewhere."""
+  if conv_impl not in CONV_CHOICES:
+    raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of {CONV_CHOICES}.")
+  if conv_impl == "cpu_kernel":
+    return conv_tail_cpu_kernel
+  if conv_impl != "auto":
+    return conv_tail
+  backend = backend_lib.default()
+
+  def tail_auto(z: jax.Array, bias: jax.Array) -> jax.Array:
+    if jax.default_backend() != "cpu":
+      return conv_tail(z, bias)
+    return _tail_on(backend_lib.kernel_targets(backend, z, bias, family=bn_pool.targets), z, bias)
+
+  return tail_auto
+
+
 def layer_sizes(channels: Sequence[int], hidden_size: int, num_classes: int) -> dict:
   """``{layer name: kernel shape}``; names with "conv" make ``conv_fc`` label them "conv"."""
   sizes, c_in = {}, 3
@@ -158,7 +211,7 @@ def init_convnet(key: jax.Array, sizes: dict) -> dict:
   return params
 
 
-def convnet_logits(params: dict, x: jax.Array, conv=conv_shift) -> jax.Array:
+def convnet_logits(params: dict, x: jax.Array, conv=conv_shift, tail=conv_tail) -> jax.Array:
   """Logits (batch, classes) of images ``x`` (batch, 32, 32, 3).
 
   Each hidden layer is ``relu(batch_norm(x * kernel) + bias)``: the bias is batch norm's offset
@@ -166,12 +219,12 @@ def convnet_logits(params: dict, x: jax.Array, conv=conv_shift) -> jax.Array:
   because the next layer's kernel absorbs a positive per-channel scale (ReLU and max pooling
   commute with it, and the next layer is normalized or linear). Conv layers are followed by 2 x 2
   max pooling, applied before the ReLU, which gives the same values at a quarter of the cost.
+  ``conv`` and ``tail`` (``conv_tail``'s function) say how a conv layer runs.
   """
   num_conv = len(params) - 2
   for i in range(num_conv):
     layer = params[f"conv_{i}"]
-    x = batch_norm(conv(x, layer["kernel"]), axes=(0, 1, 2)) + layer["bias"]
-    x = jax.nn.relu(max_pool(x))
+    x = tail(conv(x, layer["kernel"]), layer["bias"])
   x = x.reshape(x.shape[0], -1)
   hidden = params["fc_0"]
   x = jax.nn.relu(batch_norm(x @ hidden["kernel"], axes=(0,)) + hidden["bias"])
@@ -227,7 +280,7 @@ def cifar10_conv(
   channels = tuple(int(c) for c in channels)
   if not channels or min(channels) <= 0 or len(channels) > 5:
     raise ValueError(f"channels must be 1 to 5 positive widths, got {channels}, e.g. (16, 16, 16).")
-  conv = conv_function(conv_impl)
+  conv, tail = conv_function(conv_impl), tail_function(conv_impl)
   if hidden_size <= 0 or batch_size <= 1:
     raise ValueError(
       f"hidden_size must be positive and batch_size at least 2 (batch norm needs a batch), got "
@@ -261,7 +314,7 @@ def cifar10_conv(
   def loss(data: cifar10_data.Split, task_params, params, key):
     del task_params
     index = jax.random.randint(key, (batch_size,), 0, data.labels.shape[0])
-    logits = convnet_logits(params, pixels(data.images[index], normalize), conv)
+    logits = convnet_logits(params, pixels(data.images[index], normalize), conv, tail)
     return optax.softmax_cross_entropy_with_integer_labels(logits, data.labels[index]).mean()
 
   data = cifar10_data.load(split, cifar10_dir, tfds_data_dir, cache_dir, classes)

@@ -147,7 +147,8 @@ def image_conv(
 
   The convolution is ``cifar10.conv_function("auto")``: the direct CPU kernel where the CPU
   kernels run, else shifted slices and one matmul on CPU (both fast inside an unroll's
-  ``lax.scan``), the library's on GPU and TPU. The image size must be divisible by ``2 ** len(channels)``.
+  ``lax.scan``), the library's on GPU and TPU. The image size must be divisible by
+  ``2 ** len(channels)``.
 
   Returns:
     A ``TaskFamily``; theta is ``{"conv_i": {"kernel": (3, 3, in, out), "bias": (out,)},

@@ -1,13 +1,15 @@
-"""The direct convolution kernel (learned_opt/kernels/conv.py) against XLA's convolution, and the
-tasks' choice of convolution (``tasks.cifar10.conv_function``)."""
+"""The conv layers' CPU kernels against XLA: the direct convolution (learned_opt/kernels/conv.py)
+and the CIFAR-10 net's batch norm, pooling and ReLU (bn_pool.py); and the tasks' choice of them
+(``tasks.cifar10.conv_function``, ``tail_function``)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from learned_opt import backend as backend_lib
+from learned_opt.kernels import bn_pool, conv
 from learned_opt.kernels import build as kernel_build
-from learned_opt.kernels import conv
 from tasks import cifar10
 
 needs_compiler = pytest.mark.skipif(
@@ -18,6 +20,11 @@ needs_compiler = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def names():
   return conv.targets()
+
+
+@pytest.fixture(scope="module")
+def tail_names():
+  return bn_pool.targets()
 
 
 def _case(shape, kernel_shape, seed=0):
@@ -77,19 +84,22 @@ def test_an_even_kernel_is_refused_by_name(names):
 
 
 @needs_compiler
-def test_the_cifar10_net_has_the_same_loss_and_gradient_on_the_kernel():
+def test_the_cifar10_net_has_the_same_loss_and_gradient_on_the_kernels():
   """The whole net (convolutions, batch norm, pooling) by ``"cpu_kernel"`` and ``"shift"``."""
   sizes = cifar10.layer_sizes((4, 8), 16, 10)
   params = cifar10.init_convnet(jax.random.key(0), sizes)
   x = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
   labels = jnp.arange(6) % 10
 
-  def loss(params, conv_fn):
-    logits = cifar10.convnet_logits(params, x, conv_fn)
+  kernels = ("cpu_kernel", "cpu_kernel")
+
+  def loss(params, conv_impl, tail_impl):
+    conv_fn, tail = cifar10.conv_function(conv_impl), cifar10.tail_function(tail_impl)
+    logits = cifar10.convnet_logits(params, x, conv_fn, tail)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
   both = jax.jit(
-    lambda p: [jax.value_and_grad(loss)(p, cifar10.CONV_IMPLS[n]) for n in ("cpu_kernel", "shift")]
+    lambda p: [jax.value_and_grad(loss)(p, *layer) for layer in (kernels, ("shift",) * 2)]
   )
   (loss_k, grad_k), (loss_s, grad_s) = both(params)
   np.testing.assert_allclose(loss_k, loss_s, rtol=1e-5)
@@ -98,9 +108,52 @@ def test_the_cifar10_net_has_the_same_loss_and_gradient_on_the_kernel():
   assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_k)) > 1e-4  # none all zero
 
 
+@needs_compiler
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 6, 4, 5), (2, 4, 10, 19)])
+def test_batch_norm_pool_relu_agrees_with_xla(tail_names, shape):
+  """Values and both cotangents, with tied maxima (a constant corner) and channels that fill
+  no, one or a partial vector; the statistics are of an offset input (mean 3, sd 2)."""
+  keys = jax.random.split(jax.random.key(len(shape)), 3)
+  z = (3.0 + 2.0 * jax.random.normal(keys[0], shape)).at[0, :2, :2, :].set(1.5)
+  bias = jax.random.normal(keys[1], shape[-1:])
+  dy = jax.random.normal(keys[2], (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+  kernel = jax.jit(lambda z, b: bn_pool.bn_pool_relu(tail_names, z, b, cifar10.BATCH_NORM_EPSILON))
+  _assert_close(
+    _value_and_vjp(kernel, z, bias, dy), _value_and_vjp(cifar10.conv_tail, z, bias, dy), shape
+  )
+
+
+@needs_compiler
+def test_batch_norm_pool_relu_keeps_each_problems_statistics_under_vmap(tail_names):
+  keys = jax.random.split(jax.random.key(7), 3)
+  z = jax.random.normal(keys[0], (3, 4, 6, 6, 16)) * jnp.arange(1.0, 4.0)[:, None, None, None, None]
+  bias = jax.random.normal(keys[1], (3, 16))
+  dy = jax.random.normal(keys[2], (3, 4, 3, 3, 16))
+  kernel = jax.vmap(lambda z, b: bn_pool.bn_pool_relu(tail_names, z, b, 1e-5))
+  _assert_close(
+    _value_and_vjp(kernel, z, bias, dy),
+    _value_and_vjp(jax.vmap(cifar10.conv_tail), z, bias, dy),
+    "vmap",
+  )
+
+
+@needs_compiler
+def test_batch_norm_pool_relu_refuses_an_odd_size_by_name(tail_names):
+  with pytest.raises(Exception, match="even"):
+    jax.block_until_ready(
+      bn_pool.bn_pool_relu(tail_names, jnp.ones((2, 5, 4, 3)), jnp.ones(3), 1e-5)
+    )
+
+
 def _uses_kernel(conv_fn) -> bool:
   x, kernel, _ = _case((1, 4, 4, 2), (3, 3, 2, 4))
-  return "custom_call" in jax.jit(conv_fn).lower(x, kernel).as_text()
+  # A fresh function: jit caches a function's trace, whatever the backend's context was.
+  return "custom_call" in jax.jit(lambda *a: conv_fn(*a)).lower(x, kernel).as_text()
+
+
+def _tail_uses_kernel(tail) -> bool:
+  z, bias = jnp.ones((2, 4, 4, 3)), jnp.zeros(3)
+  return "custom_call" in jax.jit(lambda *a: tail(*a)).lower(z, bias).as_text()
 
 
 def test_auto_runs_the_shifted_slices_where_the_kernels_do_not(monkeypatch):
@@ -108,9 +161,11 @@ def test_auto_runs_the_shifted_slices_where_the_kernels_do_not(monkeypatch):
   partitioner would gather a custom call's operands); nor does it on the XLA backend."""
   assert jax.device_count() > 1
   assert not _uses_kernel(cifar10.conv_function("auto"))
+  assert not _tail_uses_kernel(cifar10.tail_function("auto"))
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
   monkeypatch.setenv("LEARNED_OPT_BACKEND", "xla")
   assert not _uses_kernel(cifar10.conv_function("auto"))
+  assert not _tail_uses_kernel(cifar10.tail_function("auto"))
 
 
 @needs_compiler
@@ -119,8 +174,33 @@ def test_auto_runs_the_kernel_on_a_one_device_cpu(monkeypatch):
   monkeypatch.delenv("LEARNED_OPT_BACKEND", raising=False)
   assert _uses_kernel(cifar10.conv_function("auto"))
   assert _uses_kernel(cifar10.conv_function("cpu_kernel"))
+  assert _tail_uses_kernel(cifar10.tail_function("auto"))
+  assert _tail_uses_kernel(cifar10.tail_function("cpu_kernel"))
 
 
 def test_an_unknown_conv_impl_names_the_choices():
-  with pytest.raises(ValueError, match="cpu_kernel"):
-    cifar10.conv_function("cudnn")
+  for choose in (cifar10.conv_function, cifar10.tail_function):
+    with pytest.raises(ValueError, match="cpu_kernel"):
+      choose("cudnn")
+
+
+@needs_compiler
+def test_a_twice_differentiated_loss_runs_xla_where_auto_would_run_a_kernel(monkeypatch):
+  """A second-order meta-gradient differentiates the optimizee's gradient: inside
+  ``twice_differentiable`` "auto" runs XLA's ops (a kernel's backward has no derivative), and
+  "cpu_kernel" says so."""
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  monkeypatch.delenv("LEARNED_OPT_BACKEND", raising=False)
+  x, kernel, _ = _case((2, 4, 4, 2), (3, 3, 2, 4))
+  conv_auto = cifar10.conv_function("auto")
+  with backend_lib.twice_differentiable():
+    assert not _uses_kernel(conv_auto)
+    gradient = jax.grad(lambda k: jnp.sum(jnp.sin(conv_auto(x, k))))
+    hessian_row = jax.grad(lambda k: jnp.sum(gradient(k) ** 2))(kernel)
+    with pytest.raises(backend_lib.KernelUnavailable, match="differentiated twice"):
+      cifar10.conv_function("cpu_kernel")(x, kernel)
+  reference = jax.grad(
+    lambda k: jnp.sum(jax.grad(lambda k: jnp.sum(jnp.sin(cifar10.conv_xla(x, k))))(k) ** 2)
+  )
+  np.testing.assert_allclose(hessian_row, reference(kernel), rtol=1e-4, atol=1e-5)
+  assert _uses_kernel(conv_auto)  # outside it, the kernel again

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import tasks
+from learned_opt.kernels import build as kernel_build
 from tasks import art_images, neural_art, vgg16
 
 # A VGG16-shaped stack up to conv3_1 with 2-5 channels: conv1_1, conv1_2, conv2_1, conv2_2,
@@ -119,7 +120,8 @@ def test_loss_matches_numpy_reference(files):
   content_features = neural_art.image_features(weights, jnp.asarray(content), (name,), conv)[name]
   grams = neural_art.style_grams(weights, jnp.asarray(style), TINY["style_layers"], conv)
   expected = numpy_loss(numpy_weights, image, content, style, 1.0, 3.0, 30.0)
-  for impl in ("shift", "xla"):
+  with_kernel = ("cpu_kernel",) if kernel_build.compiler() is not None else ()
+  for impl in ("shift", "xla", *with_kernel):
     got = neural_art.art_loss(
       weights,
       jnp.asarray(image, jnp.float32),

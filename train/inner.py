@@ -8,6 +8,7 @@ extra readings of theta_t are ``run``'s ``observe`` hook) and the update visuali
 (non-differentiated) optimization over many problems, ``rollout_batch``, live here too.
 """
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learned_opt import backend as backend_lib
 from tasks.base import Data, TaskFamily
 
 
@@ -84,9 +86,11 @@ def gradient(
   a meta-gradient through the loss never backpropagates through the optimizee twice.
   """
   params = state.params if second_order else jax.lax.stop_gradient(state.params)
-  loss, grads = jax.value_and_grad(task.loss, argnums=2)(
-    data, state.task_params, params, minibatch_key(state)
-  )
+  # Differentiated again (second order), the task's loss must not run a CPU kernel.
+  with backend_lib.twice_differentiable() if second_order else contextlib.nullcontext():
+    loss, grads = jax.value_and_grad(task.loss, argnums=2)(
+      data, state.task_params, params, minibatch_key(state)
+    )
   if not second_order:
     loss = loss_of_params(state.params, loss, grads)
   return loss, grads

@@ -40,7 +40,9 @@ namespace {
 
 using learned_opt_simd::AlignedFloats;
 using learned_opt_simd::kLanes;
+using learned_opt_simd::LoadPart;
 using learned_opt_simd::Splat;
+using learned_opt_simd::StorePart;
 using learned_opt_simd::Vec;
 
 constexpr int kTileMax = 8;    // output pixels per forward tile
@@ -61,32 +63,6 @@ struct Shape {
   int64_t image_out() const { return static_cast<int64_t>(height) * width * cout; }
   int64_t kernel_size() const { return static_cast<int64_t>(kh) * kw * cin * cout; }
 };
-
-// The lanes [0, n) of a vector of floats at p, zero elsewhere (n <= kLanes); and its store.
-inline Vec LoadPart(const float* p, int n) {
-  if (n == kLanes) return learned_opt_simd::Load(p);
-#if defined(__AVX512F__)
-  return (Vec)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-#else
-  float buffer[kLanes] = {};
-  std::memcpy(buffer, p, n * sizeof(float));
-  return learned_opt_simd::Load(buffer);
-#endif
-}
-
-inline void StorePart(float* p, Vec v, int n) {
-  if (n == kLanes) {
-    learned_opt_simd::Store(p, v);
-    return;
-  }
-#if defined(__AVX512F__)
-  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
-#else
-  float buffer[kLanes];
-  learned_opt_simd::Store(buffer, v);
-  std::memcpy(p, buffer, n * sizeof(float));
-#endif
-}
 
 // Copies one image (height, width, cin) into the interior of padded, whose border stays zero.
 void PadImage(const float* image, float* padded, const Shape& s) {

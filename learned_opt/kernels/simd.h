@@ -64,6 +64,32 @@ inline void CopyRow(float* dst, const float* src, int n) {
 #endif
 }
 
+// The lanes [0, n) of a vector of floats at p, zero elsewhere (n <= kLanes); and its store.
+inline Vec LoadPart(const float* p, int n) {
+  if (n == kLanes) return Load(p);
+#if defined(__AVX512F__)
+  return (Vec)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+#else
+  float buffer[kLanes] = {};
+  std::memcpy(buffer, p, n * sizeof(float));
+  return Load(buffer);
+#endif
+}
+
+inline void StorePart(float* p, Vec v, int n) {
+  if (n == kLanes) {
+    Store(p, v);
+    return;
+  }
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+#else
+  float buffer[kLanes];
+  Store(buffer, v);
+  std::memcpy(p, buffer, n * sizeof(float));
+#endif
+}
+
 // exp(x), x a vector; NaN stays NaN, |x| is clamped to 87 (exp(+-87) is still a normal float).
 inline Vec Exp(Vec x) {
   const Vec hi = Splat(87.0f), lo = Splat(-87.0f);
