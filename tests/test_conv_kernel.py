@@ -12,9 +12,16 @@ from learned_opt.kernels import bn_pool, conv
 from learned_opt.kernels import build as kernel_build
 from tasks import cifar10
 
-needs_compiler = pytest.mark.skipif(
-  kernel_build.compiler() is None, reason="no C++ compiler (c++, g++ or $CXX) to build the kernel"
-)
+# Building a kernel takes seconds: every test that builds one is in the slow tier (as the LSTM
+# kernels' tests, tests/test_fused_gates.py), and .ci/kernels checks them three ways besides.
+_NO_COMPILER = "no C++ compiler (c++, g++ or $CXX) to build the kernel"
+
+
+def needs_compiler(test):
+  """Slow tier, skipped without a compiler."""
+  return pytest.mark.slow(
+    pytest.mark.skipif(kernel_build.compiler() is None, reason=_NO_COMPILER)(test)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +62,8 @@ def _assert_close(got, want, what):
     ((3, 8, 8, 3), (3, 3, 3, 16)),  # the CIFAR-10 net's first layer: 16 outputs, one vector
     ((10, 5, 12, 16), (3, 3, 16, 16)),  # 10 images: two 8-image chunks of the kernel gradient
     ((2, 7, 11, 5), (5, 3, 5, 19)),  # odd widths (8, 1, 1 pixel tiles), outputs past one vector
-    ((1, 4, 4, 33), (1, 1, 33, 3)),  # a 1 x 1 kernel, 3 outputs: a partial vector
+    ((1, 4, 4, 33), (1, 1, 33, 3)),  # a 1 x 1 kernel, 3 outputs from 33: inputs in the lanes
+    ((2, 3, 6, 64), (3, 3, 64, 3)),  # neural art's image gradient: 3 outputs from 64
   ],
 )
 def test_forward_and_vjp_agree_with_xla(names, shape, kernel_shape):

@@ -10,7 +10,8 @@
 //
 // * Forward: y[n, h, w, :] = sum over (i, j, ci) of xpad[n, h + i, w + j, ci] * k[i, j, ci, :], a
 //   tile of up to 8 output pixels times one vector of output channels in registers, each kernel
-//   vector loaded once per tile. The input's gradient is this function of the output's cotangent
+//   vector loaded once per tile; with at most 4 outputs from 16 or more inputs, a tile of 4
+//   pixels times the outputs, summing over input channels in the lanes. The input's gradient is this function of the output's cotangent
 //   and the flipped, transposed kernel (learned_opt/kernels/conv.py), so it needs no kernel of its own.
 // * Kernel gradient: dk[i, j, ci, :] = sum over (n, h, w) of xpad[n, h + i, w + j, ci] *
 //   dy[n, h, w, :]. For a kernel row i the entries (j, ci) are contiguous in a padded image row,
@@ -133,6 +134,98 @@ void ForwardImage(const float* padded, const float* kernel, float* y, const Shap
   }
 }
 
+// Few outputs (cout <= kNarrowMax, as a gradient of a 3-channel image) from many inputs: a vector
+// of output channels would be mostly empty, so the sum over input channels runs in the vector
+// lanes instead, with the kernel transposed to (kh, kw, cout, cin), then across them.
+constexpr int kNarrowMax = 4;
+constexpr int kNarrowTile = 4;  // output pixels per tile
+
+inline float SumLanes(Vec v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float lanes[kLanes];
+  learned_opt_simd::Store(lanes, v);
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+#endif
+}
+
+// out[t * COUT + co] for TILE output pixels from (h, w); kt the transposed kernel.
+template <int COUT, int TILE>
+void NarrowTile(const float* padded, const float* kt, float* out, int h, int w, const Shape& s) {
+  Vec acc[TILE][COUT];
+  for (int t = 0; t < TILE; ++t) {
+    for (int co = 0; co < COUT; ++co) acc[t][co] = Splat(0.0f);
+  }
+  const int cin = s.cin, full = cin / kLanes * kLanes;
+  for (int i = 0; i < s.kh; ++i) {
+    for (int j = 0; j < s.kw; ++j) {
+      const float* x = padded + (static_cast<int64_t>(h + i) * s.padded_width() + w + j) * cin;
+      const float* k = kt + static_cast<int64_t>(i * s.kw + j) * COUT * cin;
+      for (int ci = 0; ci < full; ci += kLanes) {
+        Vec kv[COUT];
+        for (int co = 0; co < COUT; ++co) kv[co] = learned_opt_simd::Load(k + co * cin + ci);
+        for (int t = 0; t < TILE; ++t) {
+          const Vec xv = learned_opt_simd::Load(x + t * cin + ci);
+          for (int co = 0; co < COUT; ++co) acc[t][co] += xv * kv[co];
+        }
+      }
+      if (full < cin) {
+        const int lanes = cin - full;
+        Vec kv[COUT];
+        for (int co = 0; co < COUT; ++co) kv[co] = LoadPart(k + co * cin + full, lanes);
+        for (int t = 0; t < TILE; ++t) {
+          const Vec xv = LoadPart(x + t * cin + full, lanes);
+          for (int co = 0; co < COUT; ++co) acc[t][co] += xv * kv[co];
+        }
+      }
+    }
+  }
+  for (int t = 0; t < TILE; ++t) {
+    for (int co = 0; co < COUT; ++co) out[t * COUT + co] = SumLanes(acc[t][co]);
+  }
+}
+
+template <int COUT>
+void NarrowImageOf(const float* padded, const float* kt, float* y, const Shape& s) {
+  for (int h = 0; h < s.height; ++h) {
+    float* row = y + static_cast<int64_t>(h) * s.width * COUT;
+    int w = 0;
+    for (; w + kNarrowTile <= s.width; w += kNarrowTile) {
+      NarrowTile<COUT, kNarrowTile>(padded, kt, row + w * COUT, h, w, s);
+    }
+    for (; w < s.width; ++w) NarrowTile<COUT, 1>(padded, kt, row + w * COUT, h, w, s);
+  }
+}
+
+void NarrowImage(const float* padded, const float* kt, float* y, const Shape& s) {
+  switch (s.cout) {
+    case 1: return NarrowImageOf<1>(padded, kt, y, s);
+    case 2: return NarrowImageOf<2>(padded, kt, y, s);
+    case 3: return NarrowImageOf<3>(padded, kt, y, s);
+    default: return NarrowImageOf<4>(padded, kt, y, s);
+  }
+}
+
+// Each group's kernel (kh, kw, cin, cout) as (kh, kw, cout, cin).
+std::vector<float> Transposed(const float* kernel, const Shape& s) {
+  std::vector<float> out(s.groups * s.kernel_size());
+  for (int64_t g = 0; g < s.groups; ++g) {
+    const float* from = kernel + g * s.kernel_size();
+    float* to = out.data() + g * s.kernel_size();
+    for (int64_t tap = 0; tap < static_cast<int64_t>(s.kh) * s.kw; ++tap) {
+      for (int ci = 0; ci < s.cin; ++ci) {
+        for (int co = 0; co < s.cout; ++co) {
+          to[(tap * s.cout + co) * s.cin + ci] = from[(tap * s.cin + ci) * s.cout + co];
+        }
+      }
+    }
+  }
+  return out;
+}
+
 // dk[i, q0 .. q0 + RUN, co .. co + lanes) += the sum over an image's pixels of
 // xpad[h + i, w, q0 + r] * dy[h, w, co ..], q = j * cin + ci running along a padded row. FULL:
 // lanes == kLanes (a separate loop: with the test inside it the accumulators leave registers).
@@ -216,12 +309,20 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   }
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* yp = y->typed_data();
+  const bool narrow = s.cout <= kNarrowMax && s.cin >= kLanes;
+  const std::vector<float> transposed = narrow ? Transposed(kp, s) : std::vector<float>();
+  const float* tp = transposed.data();
   learned_opt_simd::ParallelRows(pool, 0, false, s.groups * s.images, 1, [=] {
     auto padded = std::make_shared<AlignedFloats>(s.padded_size());
     return [=](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         PadImage(xp + n * s.image_in(), padded->data, s);
-        ForwardImage(padded->data, kp + (n / s.images) * s.kernel_size(), yp + n * s.image_out(), s);
+        const int64_t k = (n / s.images) * s.kernel_size();
+        if (narrow) {
+          NarrowImage(padded->data, tp + k, yp + n * s.image_out(), s);
+        } else {
+          ForwardImage(padded->data, kp + k, yp + n * s.image_out(), s);
+        }
       }
     };
   });
