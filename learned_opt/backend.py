@@ -10,6 +10,10 @@
   the sharded rows and run the kernel on every device over all of them. A failed build falls
   back to XLA with one warning per process.
 
+The tasks' conv layers follow the same setting (``tasks.cifar10.conv_function("auto")``: the
+convolution and batch-norm kernels where this backend would run the CPU kernels), read from
+``$LEARNED_OPT_BACKEND`` when a task is built.
+
 ``$LEARNED_OPT_BACKEND`` sets the default of a factory's ``backend=None``, read when the
 optimizer is built (``default()``), never when a step is traced. ``"fused"`` is an accepted,
 deprecated spelling of ``"cpu_kernels"``; ``$LEARNED_OPT_GATES``, a deprecated spelling of the
@@ -123,8 +127,8 @@ def kernel_targets(backend: str, *arrays, family=stack.targets) -> tuple[str, ..
   Args:
     backend: a ``checked`` backend.
     *arrays: pytrees of the arrays the kernels would take (weights, inputs, state).
-    family: the family's ``targets`` function: the LSTM's ``stack.targets`` (default) or the
-      convolution's ``conv.targets``.
+    family: the family's ``targets`` function: the LSTM's ``stack.targets`` (default), the
+      convolution's ``conv.targets`` or the conv layers' tail's ``bn_pool.targets``.
 
   Raises:
     KernelUnavailable: ``"cpu_kernels"`` where the kernels cannot run; the message says why and
