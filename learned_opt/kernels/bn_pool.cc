@@ -11,8 +11,8 @@
 // Batch norm uses the batch's statistics over (n, h, w) per channel (training mode), as
 // cifar10.batch_norm: y = (z - mean) / sqrt(var + eps) + bias; 2 x 2 max pooling with stride 2,
 // whose derivative splits a window's cotangent equally between tied maxima (as XLA's reduce_max);
-// the ReLU's derivative at 0 is 0. Sums over images are taken per fixed chunk of images in
-// double precision, then over chunks in order: the results do not depend on the thread count.
+// the ReLU's derivative at 0 is 0. Sums run per image in float, per fixed chunk of images in
+// double, then over chunks in order: the results do not depend on the thread count.
 //
 // Leading dimensions (a jax.vmap over problems) are groups with their own statistics and bias:
 // z (..., n, h, w, c), bias (..., c).
@@ -55,7 +55,9 @@ ffi::Error ReadShape(ffi::Span<const int64_t> z, ffi::Span<const int64_t> bias, 
   const size_t lead = z.size() - 4;
   s.groups = 1;
   for (size_t d = 0; d < lead; ++d) {
-    if (z[d] != bias[d]) return ffi::Error::InvalidArgument("z and the bias differ in leading dims");
+    if (z[d] != bias[d]) {
+      return ffi::Error::InvalidArgument("z and the bias differ in leading dims");
+    }
     s.groups *= z[d];
   }
   s.images = z[lead];
@@ -279,7 +281,9 @@ ffi::Error BnPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Bu
         Vec xhat[4], dy[4];
         WindowGradient(zp + n * s.image(), dp + n * s.pooled(), win, ch, lanes, k, xhat, dy);
         const Vec r = k.Rstd(ch, lanes), a = LoadPart(md + ch, lanes), b = LoadPart(mm + ch, lanes);
-        for (int q = 0; q < 4; ++q) StorePart(out + win.at[q], r * (dy[q] - a - xhat[q] * b), lanes);
+        for (int q = 0; q < 4; ++q) {
+          StorePart(out + win.at[q], r * (dy[q] - a - xhat[q] * b), lanes);
+        }
       });
     }
   });

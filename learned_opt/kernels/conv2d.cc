@@ -11,8 +11,9 @@
 // * Forward: y[n, h, w, :] = sum over (i, j, ci) of xpad[n, h + i, w + j, ci] * k[i, j, ci, :], a
 //   tile of up to 8 output pixels times one vector of output channels in registers, each kernel
 //   vector loaded once per tile; with at most 4 outputs from 16 or more inputs, a tile of 4
-//   pixels times the outputs, summing over input channels in the lanes. The input's gradient is this function of the output's cotangent
-//   and the flipped, transposed kernel (learned_opt/kernels/conv.py), so it needs no kernel of its own.
+//   pixels times the outputs, summing over input channels in the lanes. The input's gradient is
+//   this function of the output's cotangent and the flipped, transposed kernel
+//   (learned_opt/kernels/conv.py), so it needs no kernel of its own.
 // * Kernel gradient: dk[i, j, ci, :] = sum over (n, h, w) of xpad[n, h + i, w + j, ci] *
 //   dy[n, h, w, :]. For a kernel row i the entries (j, ci) are contiguous in a padded image row,
 //   so a run of up to 24 of them is accumulated in registers over all of an image's pixels.
@@ -69,7 +70,8 @@ struct Shape {
 void PadImage(const float* image, float* padded, const Shape& s) {
   const int64_t row = static_cast<int64_t>(s.width) * s.cin;
   for (int h = 0; h < s.height; ++h) {
-    float* to = padded + (static_cast<int64_t>(h + s.pad_h()) * s.padded_width() + s.pad_w()) * s.cin;
+    const int64_t at = static_cast<int64_t>(h + s.pad_h()) * s.padded_width() + s.pad_w();
+    float* to = padded + at * s.cin;
     std::memcpy(to, image + h * row, row * sizeof(float));
   }
 }
@@ -116,7 +118,9 @@ void ForwardImageOf(const float* padded, const float* kernel, float* y, const Sh
       for (; w + 4 <= s.width; w += 4) {
         ForwardTile<4, CIN>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
       }
-      for (; w < s.width; ++w) ForwardTile<1, CIN>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+      for (; w < s.width; ++w) {
+        ForwardTile<1, CIN>(padded, kernel, row + w * s.cout, h, w, co, lanes, s);
+      }
     }
   }
 }
@@ -293,9 +297,12 @@ ffi::Error ReadShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, Sha
   s.kh = static_cast<int>(k[lead]);
   s.kw = static_cast<int>(k[lead + 1]);
   s.cout = static_cast<int>(k[lead + 3]);
-  if (k[lead + 2] != s.cin) return ffi::Error::InvalidArgument("x's channels differ from the kernel's");
+  if (k[lead + 2] != s.cin) {
+    return ffi::Error::InvalidArgument("x's channels differ from the kernel's");
+  }
   if (s.kh % 2 == 0 || s.kw % 2 == 0) {
-    return ffi::Error::InvalidArgument("the kernel's height and width must be odd ('SAME' padding)");
+    return ffi::Error::InvalidArgument(
+        "the kernel's height and width must be odd ('SAME' padding)");
   }
   return ffi::Error::Success();
 }
