@@ -102,6 +102,15 @@ def _one_output(fn, shape):
   return jax.jit(lambda a, b: (mapped(a, b),))
 
 
+def _record(results: dict, name: str, got, want) -> None:
+  """Asserts each output in ``got`` is within tolerance of ``want`` (relative to its largest
+  entry) and records it in ``results`` as ``name_i``."""
+  for i, (a, b) in enumerate(zip(got, want, strict=True)):
+    scale = float(np.max(np.abs(b), initial=0.0))
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=max(ATOL, 1e-6 * scale), err_msg=f"{name} {i}")
+    results[f"{name}_{i}"] = a
+
+
 def run_conv(names) -> dict[str, np.ndarray]:
   """The convolution and the tail (``names``: their targets) against XLA's; outputs by name."""
   conv_names, tail_names = names[: len(conv.HANDLERS)], names[len(conv.HANDLERS) :]
@@ -119,12 +128,7 @@ def run_conv(names) -> dict[str, np.ndarray]:
     kernel = jax.random.normal(keys[1], kernel_shape) / np.sqrt(np.prod(kernel_shape[-4:-1]))
     got = _vjp(_one_output(lambda a, b: conv.conv2d(conv_names, a, b), shape), (x, kernel), keys[2])
     want = _vjp(_one_output(cifar10.conv_xla, shape), (x, kernel), keys[2])
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-      scale = float(np.max(np.abs(b), initial=0.0))
-      np.testing.assert_allclose(
-        a, b, rtol=RTOL, atol=max(ATOL, 1e-6 * scale), err_msg=f"conv {shape} {i}"
-      )
-      results[f"conv_{'x'.join(map(str, shape))}_{i}"] = a
+    _record(results, f"conv_{'x'.join(map(str, shape))}", got, want)
   # Batch norm, pooling and ReLU: 17 images, 16 and 19 channels, an offset input with ties.
   for shape in ((17, 8, 6, 16), (9, 4, 10, 19), (2, 5, 4, 4, 16)):
     keys = jax.random.split(jax.random.key(len(results)), 3)
@@ -134,12 +138,7 @@ def run_conv(names) -> dict[str, np.ndarray]:
     tail = lambda a, b: bn_pool.bn_pool_relu(tail_names, a, b, cifar10.BATCH_NORM_EPSILON)
     got = _vjp(_one_output(tail, shape), (z, bias), keys[2])
     want = _vjp(_one_output(cifar10.conv_tail, shape), (z, bias), keys[2])
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-      scale = float(np.max(np.abs(b), initial=0.0))
-      np.testing.assert_allclose(
-        a, b, rtol=RTOL, atol=max(ATOL, 1e-6 * scale), err_msg=f"tail {shape} {i}"
-      )
-      results[f"tail_{'x'.join(map(str, shape))}_{i}"] = a
+    _record(results, f"tail_{'x'.join(map(str, shape))}", got, want)
   return results
 
 

@@ -10,7 +10,7 @@
   the sharded rows and run the kernel on every device over all of them. A failed build falls
   back to XLA with one warning per process.
 
-The tasks' conv layers follow the same setting (``tasks.cifar10.conv_function("auto")``: the
+The tasks' conv layers follow the same setting (``tasks.conv_layers.conv_function("auto")``: the
 convolution and batch-norm kernels where this backend would run the CPU kernels), read from
 ``$LEARNED_OPT_BACKEND`` when a task is built.
 

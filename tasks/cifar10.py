@@ -6,174 +6,38 @@ Batch normalization uses the minibatch's own statistics (training mode), so the 
 running averages; its offset is the layer's bias and it has no scale (see ``convnet_logits``).
 Problems differ only in theta_0 and the minibatches, so ``sample`` returns no parameters.
 
-On XLA CPU a ``lax.conv_general_dilated`` inside the ``lax.scan`` of an unroll is ~25x slower
-than outside it (``../shared/probes/conv_in_scan.py``), so the convolution is one of
-``CONV_IMPLS``, all computing the same function: ``"cpu_kernel"``, a direct convolution by a C++
-kernel (``learned_opt.kernels.conv``); ``"shift"``, im2col by shifted slices and one matmul in
-XLA; ``"xla"``, the library convolution (cuDNN on GPU). ``"auto"`` (``conv_function``) picks the
-kernel where the CPU kernels run, the shifted slices elsewhere on CPU, the library on GPU and TPU.
-With the kernel, the rest of a conv layer (batch norm, pooling, ReLU: ``conv_tail``) runs as CPU
-kernels too (``tail_function``).
+How a conv layer runs (``conv_impl``: a CPU kernel, shifted slices or the library's
+convolution, all the same function) is ``tasks.conv_layers``', whose names this module also
+exports.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from learned_opt import backend as backend_lib
-from learned_opt.kernels import bn_pool
-from learned_opt.kernels import conv as conv_kernels
 from tasks import cifar10_data
 from tasks.base import TaskFamily
+from tasks.conv_layers import (  # noqa: F401 (exported: the layers' functions live there)
+  BATCH_NORM_EPSILON,
+  CONV_CHOICES,
+  CONV_IMPLS,
+  batch_norm,
+  conv_function,
+  conv_shift,
+  conv_tail,
+  conv_xla,
+  max_pool,
+  tail_function,
+)
 
 IMAGE_SIZE = 32
 KERNEL_SIZE = 3
-BATCH_NORM_EPSILON = 1e-5
 # Per-channel mean and std of the official training images, on the [0, 1] scale.
 CHANNEL_MEAN = (0.4914, 0.4822, 0.4465)
 CHANNEL_STD = (0.2470, 0.2435, 0.2616)
-
-
-def conv_shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """'SAME' stride-1 convolution as im2col by shifted slices, then one matmul.
-
-  Args:
-    x: (batch, height, width, in_channels).
-    kernel: (kh, kw, in_channels, out_channels), odd kh and kw (HWIO, as ``conv_xla``).
-
-  Returns:
-    (batch, height, width, out_channels).
-  """
-  kh, kw, c_in, c_out = kernel.shape
-  height, width = x.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  # Column order (i, j, channel) is the row-major order of kernel.reshape(kh * kw * c_in, ...).
-  columns = [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)]
-  return jnp.concatenate(columns, axis=-1) @ kernel.reshape(kh * kw * c_in, c_out)
-
-
-def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``conv_shift``'s function by ``lax.conv_general_dilated`` (cuDNN on GPU)."""
-  return jax.lax.conv_general_dilated(
-    x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
-
-
-def conv_cpu_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``conv_shift``'s function by the direct CPU kernel (``learned_opt.kernels.conv``).
-
-  Raises:
-    KernelUnavailable: not on a CPU, not float32, or the kernel does not build (saying why).
-  """
-  return _conv_on(
-    backend_lib.kernel_targets("cpu_kernels", x, kernel, family=conv_kernels.targets), x, kernel
-  )
-
-
-def _conv_on(names: tuple[str, ...] | None, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The direct kernel with FFI targets ``names``, or ``conv_shift`` for None (XLA's ops)."""
-  return conv_shift(x, kernel) if names is None else conv_kernels.conv2d(names, x, kernel)
-
-
-CONV_IMPLS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-  "cpu_kernel": conv_cpu_kernel,
-  "shift": conv_shift,
-  "xla": conv_xla,
-}
-CONV_CHOICES = ("auto", *CONV_IMPLS)
-
-
-def conv_function(conv_impl: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The convolution ``conv_impl`` names (one of ``CONV_CHOICES``).
-
-  ``"auto"`` follows the learned optimizers' backend (``learned_opt.backend.default()``, read
-  now): where that backend runs the CPU kernels (a one-device float32 CPU process where they
-  build, for ``"auto"``) the direct kernel, elsewhere on CPU ``conv_shift``, on GPU and TPU
-  ``conv_xla``; decided when the loss is traced.
-
-  Raises:
-    ValueError: an unknown ``conv_impl``, naming the choices.
-  """
-  if conv_impl not in CONV_CHOICES:
-    raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of {CONV_CHOICES}.")
-  if conv_impl != "auto":
-    return CONV_IMPLS[conv_impl]
-  backend = backend_lib.default()
-
-  def conv_auto(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    if jax.default_backend() != "cpu":
-      return conv_xla(x, kernel)
-    return _conv_on(
-      backend_lib.kernel_targets(backend, x, kernel, family=conv_kernels.targets), x, kernel
-    )
-
-  return conv_auto
-
-
-def max_pool(x: jax.Array) -> jax.Array:
-  """2 x 2 max pooling, stride 2: (batch, h, w, c) -> (batch, h // 2, w // 2, c)."""
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def batch_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """Normalizes each feature by the minibatch's mean and variance over ``axes``; same shape."""
-  mean = jnp.mean(x, axis=axes, keepdims=True)
-  variance = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(variance + BATCH_NORM_EPSILON)
-
-
-def conv_tail(z: jax.Array, bias: jax.Array) -> jax.Array:
-  """A hidden conv layer after its convolution, ``relu(max_pool(batch_norm(z) + bias))``, in XLA.
-
-  Args:
-    z: the convolution's output (batch, h, w, c), h and w even.
-    bias: (c,), batch norm's offset.
-
-  Returns:
-    (batch, h // 2, w // 2, c).
-  """
-  return jax.nn.relu(max_pool(batch_norm(z, axes=(0, 1, 2)) + bias))
-
-
-def conv_tail_cpu_kernel(z: jax.Array, bias: jax.Array) -> jax.Array:
-  """``conv_tail`` by the CPU kernels (``learned_opt.kernels.bn_pool``): two passes over ``z``
-  forward and two backward instead of XLA's dozen.
-
-  Raises:
-    KernelUnavailable: as ``conv_cpu_kernel``.
-  """
-  names = backend_lib.kernel_targets("cpu_kernels", z, bias, family=bn_pool.targets)
-  return _tail_on(names, z, bias)
-
-
-def _tail_on(names: tuple[str, ...] | None, z: jax.Array, bias: jax.Array) -> jax.Array:
-  """The kernels with FFI targets ``names``, or ``conv_tail`` for None (XLA's ops)."""
-  if names is None:
-    return conv_tail(z, bias)
-  return bn_pool.bn_pool_relu(names, z, bias, BATCH_NORM_EPSILON)
-
-
-def tail_function(conv_impl: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The conv layers' tail (``conv_tail``'s function) that goes with ``conv_function(conv_impl)``:
-  the CPU kernels where that convolution is the CPU kernel, XLA's ops elsewhere."""
-  if conv_impl not in CONV_CHOICES:
-    raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of {CONV_CHOICES}.")
-  if conv_impl == "cpu_kernel":
-    return conv_tail_cpu_kernel
-  if conv_impl != "auto":
-    return conv_tail
-  backend = backend_lib.default()
-
-  def tail_auto(z: jax.Array, bias: jax.Array) -> jax.Array:
-    if jax.default_backend() != "cpu":
-      return conv_tail(z, bias)
-    return _tail_on(backend_lib.kernel_targets(backend, z, bias, family=bn_pool.targets), z, bias)
-
-  return tail_auto
 
 
 def layer_sizes(channels: Sequence[int], hidden_size: int, num_classes: int) -> dict:

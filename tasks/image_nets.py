@@ -16,7 +16,7 @@ import optax
 
 from tasks import image_data
 from tasks.base import TaskFamily
-from tasks.cifar10 import conv_function, max_pool
+from tasks.conv_layers import conv_function, max_pool
 
 ACTIVATIONS = {
   "sigmoid": jax.nn.sigmoid,
@@ -145,7 +145,7 @@ def image_conv(
   """Cross-entropy of a small conv net: per entry of ``channels`` a 3 x 3 'SAME' convolution,
   2 x 2 max pooling and the activation, then a linear read-out of the flattened features.
 
-  The convolution is ``cifar10.conv_function("auto")``: the direct CPU kernel where the CPU
+  The convolution is ``conv_layers.conv_function("auto")``: the direct CPU kernel where the CPU
   kernels run, else shifted slices and one matmul on CPU (both fast inside an unroll's
   ``lax.scan``), the library's on GPU and TPU. The image size must be divisible by
   ``2 ** len(channels)``.

