@@ -44,10 +44,22 @@ class ArtData(NamedTuple):
   style_grams: dict[str, jax.Array]  # style layer -> (channels, channels), the style's Grams
 
 
+@jax.custom_jvp
 def gram(features: jax.Array) -> jax.Array:
   """``F^T F / (h w)`` of features (h, w, c): (c, c)."""
   flat = features.reshape(-1, features.shape[-1])
   return flat.T @ flat / flat.shape[0]
+
+
+@gram.defjvp
+def _gram_jvp(primals, tangents):
+  """dG = M + M^T, M = F^T dF / (h w): written so, its transpose (the gradient) is one matmul,
+  dF = F (dG* + dG*^T) / (h w), where XLA's derivative of ``F^T F`` runs two (F dG* and F dG*^T),
+  each as long as the forward one."""
+  (features,), (tangent,) = primals, tangents
+  flat = features.reshape(-1, features.shape[-1])
+  m = flat.T @ tangent.reshape(flat.shape) / flat.shape[0]
+  return gram(features), m + m.T
 
 
 def total_variation(image: jax.Array) -> jax.Array:

@@ -147,6 +147,23 @@ def test_loss_on_the_cpu_kernel_matches_numpy_reference(files):
   _check_loss_against_numpy(files, ("cpu_kernel",))
 
 
+def test_gram_derivatives_match_the_plain_formula():
+  """``gram``'s own JVP (so its gradient is one matmul) against autodiff of ``F^T F / n``:
+  gradient, vmapped gradient and a Hessian (forward over reverse, as second-order runs take)."""
+  plain = lambda f: (lambda x: x.T @ x / x.shape[0])(f.reshape(-1, f.shape[-1]))
+  features = jax.random.normal(jax.random.key(0), (4, 3, 5))
+  target = jax.random.normal(jax.random.key(1), (5, 5))  # not symmetric: dG* is not either
+  loss = lambda g: lambda f: jnp.sum(jnp.sin(g(f) - target) ** 2) + jnp.sum(g(f) * target)
+  ours, ref = loss(neural_art.gram), loss(plain)
+  np.testing.assert_allclose(neural_art.gram(features), plain(features), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(features), jax.grad(ref)(features), atol=1e-6)
+  batch = jnp.stack([features, -2.0 * features])
+  np.testing.assert_allclose(
+    jax.vmap(jax.grad(ours))(batch), jax.vmap(jax.grad(ref))(batch), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(jax.hessian(ours)(features), jax.hessian(ref)(features), atol=1e-5)
+
+
 def test_family_contract(task, files):
   """Jitted with data as an argument, vmappable over problems, finite gradients, theta_0."""
   keys = jax.random.split(jax.random.key(0), 4)
