@@ -7,11 +7,11 @@ A shared VM's speed drifts by tens of percent within an hour (BUILD.md), so a be
 means something only when both trees run side by side. This checks ``--before`` out into a
 temporary git worktree, copies this tree's ``benchmarks/perf.py`` and ``benchmarks/peak.py`` into
 it (both sides are measured by the same code), and runs ``benchmarks.perf`` one workload at a time,
-alternating the trees, ``--rounds`` times. It prints each run's row and, per round, the ratios
-before / now of the wall and CPU seconds a meta-step; the worktree is removed at the end. Data
-sets and weights come from the environment, as for ``benchmarks.perf`` (``MNIST_DIR``,
-``CIFAR10_DIR``, ``$VGG16_WEIGHTS``); ``$LEARNED_OPT_BACKEND`` and ``$LEARNED_OPT_MALLOC`` apply to
-both trees.
+alternating the trees, ``--rounds`` times. It prints, round by round, both trees' wall and CPU
+milliseconds a meta-step and their ratio, then the median ratios (before / now); the worktree is
+removed at the end. Data sets and weights come from the environment, as for ``benchmarks.perf``
+(``MNIST_DIR``, ``CIFAR10_DIR``, ``$VGG16_WEIGHTS``); ``$LEARNED_OPT_BACKEND`` and
+``$LEARNED_OPT_MALLOC`` apply to both trees.
 """
 
 import json
