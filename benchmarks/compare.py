@@ -89,6 +89,25 @@ def ratios(pairs: list[tuple[dict, dict]]) -> dict:
   }
 
 
+def interleaved(before_tree: str, workload: str, rounds: int, repeats: int) -> list:
+  """``rounds`` (before, now) pairs of ``run_perf`` results, each printed; failed rounds left
+  out."""
+  pairs = []
+  for _ in range(rounds):
+    before = run_perf(before_tree, workload, repeats)
+    now = run_perf(ROOT, workload, repeats)
+    if before is None or now is None:
+      continue
+    pairs.append((before, now))
+    print(
+      f"{workload}: before {before['seconds'] * 1e3:,.1f} ms "
+      f"({before['cpu_seconds'] * 1e3:,.1f} CPU), now {now['seconds'] * 1e3:,.1f} ms "
+      f"({now['cpu_seconds'] * 1e3:,.1f} CPU): {before['seconds'] / now['seconds']:.2f}x",
+      flush=True,
+    )
+  return pairs
+
+
 def main(argv):
   del argv
   if FLAGS.rounds < 1:
@@ -102,26 +121,15 @@ def main(argv):
       raise app.UsageError(str(e)) from e
     try:
       for workload in FLAGS.workloads:
-        pairs = []
-        for _ in range(FLAGS.rounds):
-          before = run_perf(before_tree, workload, FLAGS.repeats)
-          now = run_perf(ROOT, workload, FLAGS.repeats)
-          if before is None or now is None:
-            continue
-          pairs.append((before, now))
-          print(
-            f"{workload}: before {before['seconds'] * 1e3:,.1f} ms "
-            f"({before['cpu_seconds'] * 1e3:,.1f} CPU), now {now['seconds'] * 1e3:,.1f} ms "
-            f"({now['cpu_seconds'] * 1e3:,.1f} CPU): {before['seconds'] / now['seconds']:.2f}x",
-            flush=True,
-          )
-        if pairs:
-          summary = ratios(pairs)
-          print(
-            f"{workload}: {FLAGS.before} / now, median over {len(pairs)} rounds: wall "
-            f"{summary['median_wall']:.2f}x, CPU {summary['median_cpu']:.2f}x"
-          )
-          record["workloads"][workload] = {"runs": pairs, **summary}
+        pairs = interleaved(before_tree, workload, FLAGS.rounds, FLAGS.repeats)
+        if not pairs:
+          continue
+        summary = ratios(pairs)
+        print(
+          f"{workload}: {FLAGS.before} / now, median over {len(pairs)} rounds: wall "
+          f"{summary['median_wall']:.2f}x, CPU {summary['median_cpu']:.2f}x"
+        )
+        record["workloads"][workload] = {"runs": pairs, **summary}
     finally:
       remove(before_tree)
   if FLAGS.json:

@@ -11,13 +11,12 @@ CIFAR-10 net's batch-norm-pooling-ReLU tail, VJP included, by its kernels
 (``learned_opt.kernels.bn_pool``) and by XLA (``tasks.cifar10.conv_tail``).
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import peak
 from learned_opt.kernels import bn_pool, conv
 from tasks import cifar10
 
@@ -38,13 +37,7 @@ LAYERS = (
 
 
 def median_ms(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(FLAGS.repeats):
-    tic = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - tic)
-  return 1e3 * float(np.median(times))
+  return 1e3 * peak.median_seconds(fn, *args, repeats=FLAGS.repeats)
 
 
 def vjp_of(fn):

@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 
 
-def _median_seconds(fn, x, repeats: int) -> float:
-  """Median wall seconds of ``jit(fn)(x)`` after a first (compiling) call."""
+def median_seconds(fn, *args, repeats: int) -> float:
+  """Median wall seconds of ``jit(fn)(*args)`` after a first (compiling) call."""
   compiled = jax.jit(fn)
-  jax.block_until_ready(compiled(x))
+  jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(repeats):
     tic = time.perf_counter()
-    jax.block_until_ready(compiled(x))
+    jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - tic)
   return statistics.median(times)
 
@@ -30,14 +30,14 @@ def _median_seconds(fn, x, repeats: int) -> float:
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
   """FLOP/s of a jitted n x n float32 matmul (the machine's practical peak), median of calls."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  return 2 * n**3 / _median_seconds(lambda x: x @ x, a, repeats)
+  return 2 * n**3 / median_seconds(lambda x: x @ x, a, repeats=repeats)
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
   """Bytes/s read plus written by a jitted ``x + 1`` over ``megabytes`` of float32 (well past
   the caches), median of calls: the memory bandwidth a memory-bound step sees."""
   x = jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)
-  return 2 * x.nbytes / _median_seconds(lambda v: v + 1.0, x, repeats)
+  return 2 * x.nbytes / median_seconds(lambda v: v + 1.0, x, repeats=repeats)
 
 
 def flops(analysis) -> float:

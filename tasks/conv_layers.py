@@ -49,9 +49,9 @@ def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def max_pool(x: jax.Array) -> jax.Array:
-  """2 x 2 max pooling, stride 2: (batch, h, w, c) -> (batch, h // 2, w // 2, c)."""
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  """2 x 2 max pooling, stride 2: (..., h, w, c) -> (..., h // 2, w // 2, c)."""
+  *lead, h, w, c = x.shape
+  return x.reshape(*lead, h // 2, 2, w // 2, 2, c).max(axis=(-4, -2))
 
 
 def batch_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:

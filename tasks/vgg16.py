@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tasks.conv_layers import max_pool
+
 ENV_VAR = "VGG16_WEIGHTS"
 BGR_MEAN = (104.00699, 116.66877, 122.67892)
 # (block, convs per block) of VGG16.
@@ -174,12 +176,6 @@ def save_npz(path: str, weights: Weights) -> None:
 def preprocess(rgb: jax.Array) -> jax.Array:
   """RGB in [0, 1] (..., h, w, 3) -> the network's input: BGR on 0..255 minus ``BGR_MEAN``."""
   return 255.0 * rgb[..., ::-1] - jnp.asarray(BGR_MEAN, rgb.dtype)
-
-
-def max_pool(x: jax.Array) -> jax.Array:
-  """2 x 2 max pooling, stride 2: (..., h, w, c) -> (..., h // 2, w // 2, c)."""
-  *lead, h, w, c = x.shape
-  return x.reshape(*lead, h // 2, 2, w // 2, 2, c).max(axis=(-4, -2))
 
 
 def features(
