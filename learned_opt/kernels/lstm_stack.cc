@@ -44,7 +44,12 @@ using learned_opt_simd::AlignedFloats;
 using learned_opt_simd::CopyRow;
 using learned_opt_simd::kLanes;
 using learned_opt_simd::Load;
+using learned_opt_simd::LoadPart;
+using learned_opt_simd::Splat;
 using learned_opt_simd::Store;
+using learned_opt_simd::StorePart;
+using learned_opt_simd::SumLanes;
+using learned_opt_simd::Vec;
 using learned_opt_tile_matmul::RoundUp;
 using learned_opt_tile_matmul::TileMatmul;
 
@@ -208,9 +213,13 @@ void StackForwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t
     StackForwardTile(st, io.x, io.h, io.c, row, count, io.h_out, io.c_out, true, s);
     if (io.out == nullptr) continue;
     for (int m = 0; m < count; ++m) {  // s.h_new holds the top layer's h'
-      float u = io.b_out;
-      for (int j = 0; j < st.hidden; ++j) u += s.h_new->data[m * st.hidden + j] * io.w_out[j];
-      io.out[row + m] = u;
+      const float* h_top = s.h_new->data + m * st.hidden;
+      Vec u = Splat(0.0f);
+      for (int j = 0; j < st.hidden; j += kLanes) {
+        const int n = std::min(kLanes, st.hidden - j);
+        u += LoadPart(h_top + j, n) * LoadPart(io.w_out + j, n);
+      }
+      io.out[row + m] = io.b_out + SumLanes(u);
     }
   }
 }
@@ -239,9 +248,13 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
         float* readout_slot = slot + io.slot_size - ReadoutSlot(hidden);
         for (int m = 0; m < count; ++m) {
           const float du = io.d_out[row + m];
-          for (int j = 0; j < hidden; ++j) {
-            s.dh->data[m * hidden + j] += du * io.w_out[j];
-            readout_slot[j] += du * s.h_new->data[m * hidden + j];
+          const Vec du_v = Splat(du);
+          float* dh = s.dh->data + m * hidden;
+          const float* h_top = s.h_new->data + m * hidden;
+          for (int j = 0; j < hidden; j += kLanes) {  // dw_out's padding lanes stay 0
+            const int n = std::min(kLanes, hidden - j);
+            StorePart(dh + j, LoadPart(dh + j, n) + du_v * LoadPart(io.w_out + j, n), n);
+            Store(readout_slot + j, Load(readout_slot + j) + du_v * LoadPart(h_top + j, n));
           }
           readout_slot[RoundUp(hidden, kLanes)] += du;
         }

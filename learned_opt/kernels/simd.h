@@ -90,6 +90,17 @@ inline void StorePart(float* p, Vec v, int n) {
 #endif
 }
 
+// The sum of v's lanes.
+inline float SumLanes(Vec v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float sum = 0.0f;
+  for (int i = 0; i < kLanes; ++i) sum += v[i];
+  return sum;
+#endif
+}
+
 // exp(x), x a vector; NaN stays NaN, |x| is clamped to 87 (exp(+-87) is still a normal float).
 inline Vec Exp(Vec x) {
   const Vec hi = Splat(87.0f), lo = Splat(-87.0f);
