@@ -305,16 +305,20 @@ std::function<std::function<void(int64_t, int64_t)>()> WithStackScratch(
 }
 
 // out (rows, cols) = the sum over the chunks' slots, in chunk order, of the (rows, cols) block at
-// offset in each (its rows stride floats apart): deterministic whatever thread took a chunk.
+// offset in each (its rows stride floats apart, a multiple of kLanes; 0 for one row): whole
+// vectors of the padded block, then its (rows, cols) part copied out. Deterministic whatever
+// thread took a chunk; every element is summed in the same order as one at a time would be.
 void SumChunks(const float* slots, int64_t chunks, int64_t slot_size, int64_t offset, int rows,
                int cols, int stride, float* out) {
-  std::memset(out, 0, static_cast<size_t>(rows) * cols * sizeof(float));
+  const int width = stride > 0 ? stride : RoundUp(cols, kLanes);
+  AlignedFloats sum(static_cast<size_t>(rows) * width);
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const float* block = slots + chunk * slot_size + offset;
-    for (int k = 0; k < rows; ++k) {
-      for (int j = 0; j < cols; ++j) out[k * cols + j] += block[k * stride + j];
+    for (int j = 0; j < rows * width; j += kLanes) {
+      Store(sum.data + j, Load(sum.data + j) + Load(block + j));
     }
   }
+  for (int k = 0; k < rows; ++k) std::memcpy(out + k * cols, sum.data + k * width, cols * sizeof(float));
 }
 
 // The read-out's w_out (hidden, 1) and b_out (1,) at args[at], args[at + 1], into io; or an
