@@ -318,7 +318,9 @@ void SumChunks(const float* slots, int64_t chunks, int64_t slot_size, int64_t of
       Store(sum.data + j, Load(sum.data + j) + Load(block + j));
     }
   }
-  for (int k = 0; k < rows; ++k) std::memcpy(out + k * cols, sum.data + k * width, cols * sizeof(float));
+  for (int k = 0; k < rows; ++k) {
+    std::memcpy(out + k * cols, sum.data + k * width, cols * sizeof(float));
+  }
 }
 
 // The read-out's w_out (hidden, 1) and b_out (1,) at args[at], args[at + 1], into io; or an

@@ -2,9 +2,9 @@
 //
 // Vectors are GCC/Clang vector extensions as wide as -march=native allows (AVX-512: 16 floats,
 // AVX/AVX2: 8, else 4). exp is a range reduction to [-ln2/2, ln2/2] (two-constant Cody-Waite)
-// and a degree-6 polynomial (error ~1e-7 relative in float): ~1e-7 absolute error
-// in sigmoid and tanh, NaN in -> NaN out. build.py hashes this header into every kernel's cache
-// key, so editing it rebuilds them.
+// and a degree-6 polynomial fitted for least relative error (~1e-7 relative in float): ~1e-7
+// absolute error in sigmoid and tanh, NaN in -> NaN out. build.py hashes this header into every
+// kernel's cache key, so editing it rebuilds them.
 
 #ifndef LEARNED_OPT_KERNELS_SIMD_H_
 #define LEARNED_OPT_KERNELS_SIMD_H_
