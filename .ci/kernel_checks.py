@@ -9,7 +9,8 @@ step and the stacked step with its read-out, forward and backward (VJP), on inpu
 counts, several 128-row chunks and odd widths, against XLA's math (``learned_opt.lstm_rows``),
 the direct convolution, forward and VJP, on odd image sizes, partial vectors of output channels
 and several chunks of images, against ``lax.conv_general_dilated``, and the CIFAR-10 net's batch
-norm, pooling and ReLU against ``tasks.cifar10.conv_tail``; with ``--save`` it writes every
+norm, pooling and ReLU against ``tasks.cifar10.conv_tail``, and neural art's Gram matrix (channel
+counts in whole and partial vectors, grouped) against ``F^T F / n``; with ``--save`` it writes every
 kernel output for ``--compare``. Exit status 1 on a mismatch.
 """
 
@@ -22,13 +23,20 @@ import jax
 import numpy as np
 
 from learned_opt import lstm_rows
-from learned_opt.kernels import bn_pool, build, conv, loading, stack
+from learned_opt.kernels import bn_pool, build, conv, gram, loading, stack
 from tasks import cifar10
 
 # Every kernel source with its handlers: the LSTM's (``stack.targets()``' order), then the
-# convolution's (``conv.HANDLERS``) and the conv layers' tail (``bn_pool.HANDLERS``).
-SOURCES = (*stack.SOURCES, (conv.SOURCE, conv.HANDLERS), (bn_pool.SOURCE, bn_pool.HANDLERS))
-CONV_TARGETS = len(conv.HANDLERS) + len(bn_pool.HANDLERS)  # the last targets of ``targets``
+# convolution's (``conv.HANDLERS``), the conv layers' tail (``bn_pool.HANDLERS``) and the Gram
+# matrix's (``gram.HANDLERS``).
+SOURCES = (
+  *stack.SOURCES,
+  (conv.SOURCE, conv.HANDLERS),
+  (bn_pool.SOURCE, bn_pool.HANDLERS),
+  (gram.SOURCE, gram.HANDLERS),
+)
+# The last targets of ``targets``: the convolution's, the tail's and the Gram's.
+CONV_TARGETS = len(conv.HANDLERS) + len(bn_pool.HANDLERS) + len(gram.HANDLERS)
 
 # Measured differences to XLA are ~1e-6 relative (a polynomial exp); cotangents summed over
 # many rows are compared relative to their largest entry.
@@ -112,8 +120,11 @@ def _record(results: dict, name: str, got, want) -> None:
 
 
 def run_conv(names) -> dict[str, np.ndarray]:
-  """The convolution and the tail (``names``: their targets) against XLA's; outputs by name."""
-  conv_names, tail_names = names[: len(conv.HANDLERS)], names[len(conv.HANDLERS) :]
+  """The convolution, the tail and the Gram matrix (``names``: their targets) against XLA's;
+  outputs by name."""
+  conv_names = names[: len(conv.HANDLERS)]
+  tail_names = names[len(conv.HANDLERS) : len(conv.HANDLERS) + len(bn_pool.HANDLERS)]
+  gram_names = names[-len(gram.HANDLERS) :]
   results = {}
   # (images, height, width, in), (kh, kw, in, out): the CIFAR-10 net's layers; 17 images (three
   # chunks of the kernel's gradient, the last partial) of odd sizes with 19 outputs (a vector and
@@ -139,6 +150,12 @@ def run_conv(names) -> dict[str, np.ndarray]:
     got = _vjp(_one_output(tail, shape), (z, bias), keys[2])
     want = _vjp(_one_output(cifar10.conv_tail, shape), (z, bias), keys[2])
     _record(results, f"tail_{'x'.join(map(str, shape))}", got, want)
+  # The Gram matrix: VGG16's 64 channels, 20 and 33 (a padded copy), two leading dims.
+  for shape in ((3, 300, 64), (2, 45, 20), (2, 3, 17, 33)):
+    features = jax.random.normal(jax.random.key(len(results)), shape)
+    got = jax.jit(lambda f: gram.gram(gram_names, f))(features)
+    want = np.swapaxes(features, -1, -2) @ features / shape[-2]
+    _record(results, f"gram_{'x'.join(map(str, shape))}", [got], [want])
   return results
 
 

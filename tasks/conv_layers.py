@@ -74,7 +74,7 @@ def conv_tail(z: jax.Array, bias: jax.Array) -> jax.Array:
   return jax.nn.relu(max_pool(batch_norm(z, axes=(0, 1, 2)) + bias))
 
 
-def _on_kernels(backend: str, family, kernel: Callable, cpu_xla: Callable, other_xla: Callable):
+def on_kernels(backend: str, family, kernel: Callable, cpu_xla: Callable, other_xla: Callable):
   """``fn(*arrays)``: ``kernel(names, *arrays)`` where ``backend`` runs the kernels of
   ``family`` when traced (``learned_opt.backend.kernel_targets``), else XLA's ops: ``cpu_xla`` on
   a CPU, ``other_xla`` on GPU and TPU. ``"cpu_kernels"`` raises where the kernels cannot run."""
@@ -93,11 +93,11 @@ def _tail_kernel(names, z, bias):
 
 
 def _conv_on(backend: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  return _on_kernels(backend, conv_kernels.targets, conv_kernels.conv2d, conv_shift, conv_xla)
+  return on_kernels(backend, conv_kernels.targets, conv_kernels.conv2d, conv_shift, conv_xla)
 
 
 def _tail_on(backend: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  return _on_kernels(backend, bn_pool.targets, _tail_kernel, conv_tail, conv_tail)
+  return on_kernels(backend, bn_pool.targets, _tail_kernel, conv_tail, conv_tail)
 
 
 def conv_cpu_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -13,8 +13,8 @@ convolution stack (``tasks.vgg16``), truncated at the deepest layer used:
 The relative normalizations make each term independent of the feature network's scale, so one
 set of weights serves the real VGG16 and the tests' tiny network. A problem is one content image
 of the family's split; the style image is fixed per family (its Grams are computed once, into
-``data``). Convolutions are ``tasks.cifar10``'s: shifted slices plus one matmul by default,
-because ``lax.conv_general_dilated`` inside the unroll's ``lax.scan`` is ~25x slower on XLA CPU.
+``data``). Convolutions and Gram matrices run as ``conv_impl`` says (``tasks.conv_layers``):
+by default the CPU kernels where the learned optimizers' backend runs them, XLA's ops elsewhere.
 """
 
 from collections.abc import Callable, Sequence
@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from learned_opt import backend as backend_lib
+from learned_opt.kernels import gram as gram_kernels
 from tasks import art_images, vgg16
 from tasks.base import TaskFamily
-from tasks.conv_layers import CONV_IMPLS, conv_function
+from tasks.conv_layers import CONV_IMPLS, conv_function, on_kernels
 
 # The default truncated stack, VGG16 up to conv2_1 (three of its 13 convolutions): style from
 # conv1_1, conv1_2 and conv2_1, content from conv2_1. Deeper layers (Gatys et al. use up to
@@ -44,22 +46,49 @@ class ArtData(NamedTuple):
   style_grams: dict[str, jax.Array]  # style layer -> (channels, channels), the style's Grams
 
 
-@jax.custom_jvp
-def gram(features: jax.Array) -> jax.Array:
-  """``F^T F / (h w)`` of features (h, w, c): (c, c)."""
-  flat = features.reshape(-1, features.shape[-1])
+def _xla_gram(flat: jax.Array) -> jax.Array:
+  """``F^T F / n`` of flat features (n, c) by XLA's ops: (c, c)."""
   return flat.T @ flat / flat.shape[0]
 
 
-@gram.defjvp
-def _gram_jvp(primals, tangents):
-  """dG = M + M^T, M = F^T dF / (h w): written so, its transpose (the gradient) is one matmul,
-  dF = F (dG* + dG*^T) / (h w), where XLA's derivative of ``F^T F`` runs two (F dG* and F dG*^T),
-  each as long as the forward one."""
-  (features,), (tangent,) = primals, tangents
-  flat = features.reshape(-1, features.shape[-1])
-  m = flat.T @ tangent.reshape(flat.shape) / flat.shape[0]
-  return gram(features), m + m.T
+def gram_with(product: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+  """``gram``'s function with its value from ``product`` (flat features (n, c) -> (c, c)), such
+  as the CPU kernel's (``gram_function``); its derivative is always XLA's."""
+
+  @jax.custom_jvp
+  def gram_of(features: jax.Array) -> jax.Array:
+    """``F^T F / (h w)`` of features (h, w, c): (c, c)."""
+    return product(features.reshape(-1, features.shape[-1]))
+
+  @gram_of.defjvp
+  def _gram_jvp(primals, tangents):
+    """dG = M + M^T, M = F^T dF / (h w): written so, its transpose (the gradient) is one matmul,
+    dF = F (dG* + dG*^T) / (h w), where XLA's derivative of ``F^T F`` runs two (F dG* and F dG*^T),
+    each as long as the forward one."""
+    (features,), (tangent,) = primals, tangents
+    flat = features.reshape(-1, features.shape[-1])
+    m = flat.T @ tangent.reshape(flat.shape) / flat.shape[0]
+    return gram_of(features), m + m.T
+
+  return gram_of
+
+
+gram = gram_with(_xla_gram)  # by XLA's ops
+
+
+def gram_function(conv_impl: str) -> Callable[[jax.Array], jax.Array]:
+  """The Gram matrix that goes with ``conv_function(conv_impl)``: its value by the CPU kernel
+  (``learned_opt.kernels.gram``, ~2-5x XLA's dot on VGG16's features) where that convolution is
+  the CPU kernel, by XLA's ops elsewhere; its derivative XLA's (``gram_with``) either way."""
+  conv_function(conv_impl)  # a ValueError naming the choices for an unknown one
+  if conv_impl == "auto":
+    backend = backend_lib.default()
+  elif conv_impl == "cpu_kernel":
+    backend = "cpu_kernels"
+  else:
+    return gram
+  product = on_kernels(backend, gram_kernels.targets, gram_kernels.gram, _xla_gram, _xla_gram)
+  return gram_with(product)
 
 
 def total_variation(image: jax.Array) -> jax.Array:
@@ -80,10 +109,12 @@ def image_features(weights, image: jax.Array, layers: Sequence[str], conv) -> di
   return {name: value[0] for name, value in out.items()}
 
 
-def style_grams(weights, style: jax.Array, style_layers: Sequence[str], conv) -> dict:
+def style_grams(
+  weights, style: jax.Array, style_layers: Sequence[str], conv, gram_of: Callable = gram
+) -> dict:
   """Gram matrices of a style image (h, w, 3) in [0, 1] at ``style_layers``."""
   feats = image_features(weights, style, style_layers, conv)
-  return {name: gram(feats[name]) for name in style_layers}
+  return {name: gram_of(feats[name]) for name in style_layers}
 
 
 def art_loss(
@@ -98,16 +129,18 @@ def art_loss(
   beta: float,
   gamma: float,
   conv: Callable = CONV_IMPLS["shift"],
+  gram_of: Callable = gram,
 ) -> jax.Array:
   """f(theta) of section 3.4 for one image (h, w, 3); a scalar.
 
   Args:
     content_features: the content image's ``content_layer`` features (h', w', c).
     grams: the style image's Grams ``{layer: (c, c)}`` for every ``style_layers`` entry.
+    conv, gram_of: the convolution and the Gram matrix (``conv_function``, ``gram_function``).
   """
   feats = image_features(weights, image, (content_layer, *style_layers), conv)
   content = relative_error(feats[content_layer], content_features)
-  style = sum(relative_error(gram(feats[n]), grams[n]) for n in style_layers) / len(style_layers)
+  style = sum(relative_error(gram_of(feats[n]), grams[n]) for n in style_layers) / len(style_layers)
   return alpha * content + beta * style + gamma * total_variation(image)
 
 
@@ -186,6 +219,7 @@ def neural_art(
   """
   style_layers = tuple(style_layers)
   conv = conv_function(conv_impl)  # a ValueError naming the choices for an unknown one
+  gram_of = gram_function(conv_impl)
   if init not in INITS:
     raise ValueError(f"Unknown init {init!r}; choose one of {INITS}.")
   layers = (content_layer, *style_layers)
@@ -228,6 +262,7 @@ def neural_art(
     beta=beta,
     gamma=gamma,
     conv=conv,
+    gram_of=gram_of,
   )
 
   def sample(data: ArtData, key):
@@ -248,7 +283,9 @@ def neural_art(
   weights = vgg16.load(vgg_weights, layers)
   pool = art_images.content_pool(contents, split, size, num_contents, cifar10_dir, cache_dir)
   style_pixels = jnp.asarray(art_images.style_image(style, size), jnp.float32) / 255.0
-  grams = jax.jit(style_grams, static_argnums=(2, 3))(weights, style_pixels, style_layers, conv)
+  grams = jax.jit(style_grams, static_argnums=(2, 3, 4))(
+    weights, style_pixels, style_layers, conv, gram_of
+  )
   data = ArtData(weights, jnp.asarray(pool, jnp.uint8), grams)
   return TaskFamily("neural_art", sample, init_fn, loss, config, data)
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 import tasks
 from learned_opt.kernels import build as kernel_build
+from learned_opt.kernels import gram as gram_kernels
 from tasks import art_images, neural_art, vgg16
 
 # A VGG16-shaped stack up to conv3_1 with 2-5 channels: conv1_1, conv1_2, conv2_1, conv2_2,
@@ -162,6 +163,63 @@ def test_gram_derivatives_match_the_plain_formula():
     jax.vmap(jax.grad(ours))(batch), jax.vmap(jax.grad(ref))(batch), rtol=1e-5, atol=1e-5
   )
   np.testing.assert_allclose(jax.hessian(ours)(features), jax.hessian(ref)(features), atol=1e-5)
+
+
+_NEEDS_COMPILER = pytest.mark.skipif(
+  kernel_build.compiler() is None, reason="no C++ compiler for the kernel"
+)
+
+
+@pytest.mark.slow  # builds the Gram kernel
+@_NEEDS_COMPILER
+@pytest.mark.parametrize(
+  "shape",
+  [
+    (4, 4096, 64),  # neural art's conv1 layers at 64 x 64, 4 problems
+    (2, 1024, 128),  # its conv2_1
+    (3, 50, 20),  # channels that are not whole vectors: a padded copy
+    (2, 3, 9, 33),  # two leading dims, one channel past a vector
+    (1, 1, 3),
+  ],
+)
+def test_the_gram_kernel_agrees_with_xla(shape):
+  """``learned_opt.kernels.gram``: ``F^T F / n`` per group, symmetric bit for bit."""
+  features = jax.random.normal(jax.random.key(0), shape)
+  got = np.asarray(jax.jit(lambda f: gram_kernels.gram(gram_kernels.targets(), f))(features))
+  want = np.asarray(jnp.swapaxes(features, -1, -2) @ features / shape[-2])
+  assert got.shape == shape[:-2] + (shape[-1], shape[-1])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+  np.testing.assert_array_equal(got, np.swapaxes(got, -1, -2))
+
+
+def _gram_uses_kernel(gram_of) -> bool:
+  text = jax.jit(lambda f: jax.grad(lambda f: jnp.sum(gram_of(f) ** 2))(f))
+  return "custom_call" in text.lower(jnp.ones((2, 3, 5))).as_text()
+
+
+@pytest.mark.slow  # builds the Gram kernel
+@_NEEDS_COMPILER
+def test_gram_function_takes_the_value_from_the_kernel_and_the_derivatives_from_xla(monkeypatch):
+  """``gram_function`` follows ``conv_function``: the kernel's value where the convolution is the
+  kernel, under ``gram``'s own JVP (gradient, vmap and Hessian as XLA's), XLA's ops elsewhere."""
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  monkeypatch.delenv("LEARNED_OPT_BACKEND", raising=False)
+  assert _gram_uses_kernel(neural_art.gram_function("cpu_kernel"))
+  assert _gram_uses_kernel(neural_art.gram_function("auto"))
+  assert not _gram_uses_kernel(neural_art.gram_function("shift"))
+  monkeypatch.setenv("LEARNED_OPT_BACKEND", "xla")
+  assert not _gram_uses_kernel(neural_art.gram_function("auto"))
+  features = jax.random.normal(jax.random.key(0), (4, 3, 5))
+  target = jax.random.normal(jax.random.key(1), (5, 5))
+  loss = lambda g: lambda f: jnp.sum(jnp.sin(g(f) - target) ** 2)
+  ours, ref = loss(neural_art.gram_function("cpu_kernel")), loss(neural_art.gram)
+  np.testing.assert_allclose(jax.jit(ours)(features), ref(features), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(ours)(features), jax.grad(ref)(features), atol=1e-5)
+  batch = jnp.stack([features, -2.0 * features])
+  np.testing.assert_allclose(
+    jax.vmap(jax.grad(ours))(batch), jax.vmap(jax.grad(ref))(batch), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(jax.hessian(ours)(features), jax.hessian(ref)(features), atol=1e-4)
 
 
 def test_family_contract(task, files):
