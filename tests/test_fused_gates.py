@@ -201,6 +201,30 @@ def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, readout
     _assert_sums_close(a, b)
 
 
+@pytest.mark.parametrize("readout", [False, True])
+@pytest.mark.slow
+def test_a_vmapped_gradient_gives_each_problem_its_own_weight_cotangents(
+  monkeypatch, names, readout
+):
+  """``jax.vmap(jax.grad(...))`` with shared weights: per-problem gradients, as XLA's (the
+  kernel sums each problem's rows apart, not all of them)."""
+  kernel, reference, (x, h, c, *weights), _ = _case(
+    monkeypatch, names, readout, jax.random.key(6), (3, 50), 2, 20, 2
+  )
+
+  def loss(step, weights, x, h, c):
+    h_new, c_new, *u = step(x, h, c, *weights)
+    return jnp.sum(jnp.sin(h_new) * c_new) + sum(jnp.sum(jnp.cos(v)) for v in u)
+
+  def per_problem(step):
+    return jax.vmap(jax.grad(functools.partial(loss, step)), (None, 0, 0, 0))(weights, x, h, c)
+
+  got, expected = jax.jit(lambda: per_problem(kernel))(), per_problem(reference)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    assert a.shape == b.shape == (3,) + a.shape[1:]
+    _assert_sums_close(a, b)
+
+
 def test_stack_nan_stays_in_its_row(monkeypatch, names):
   inputs, cotangents = _stack_inputs(jax.random.key(7), (37,), 2, 20, 2)
   inputs = (inputs[0].at[5, 1].set(jnp.nan),) + inputs[1:]

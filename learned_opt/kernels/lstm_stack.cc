@@ -11,10 +11,11 @@
 // from the gates' derivative (gates.h), da = dz W^T (split into the input's cotangent, which is
 // the layer below's dh', and dh), dW += a^T dz, db += sum dz. Weight cotangents are summed per
 // chunk of kChunkRows rows into the chunk's own slot, then the slots in chunk order, so the
-// result does not depend on which thread took which chunk. The Readout handlers add the
-// optimizer's read-out u = h'_top w_out + b_out per row, from the top layer's h' in the tile;
-// their backward pass also runs the top layer's gates in its recomputation, for h'_top, and adds
-// du w_out into the top layer's dh'. The forward kernel may run in place (h' and c' the buffers
+// result does not depend on which thread took which chunk; under a jax.vmap with the weights
+// shared, the rows are groups (problems), each with its own weight cotangents. The Readout
+// handlers add the optimizer's read-out u = h'_top w_out + b_out per row, from the top layer's h'
+// in the tile; their backward pass also runs the top layer's gates in its recomputation, for
+// h'_top, and adds du w_out into the top layer's dh'. The forward kernel may run in place (h' and c' the buffers
 // of h and c): a tile reads a layer's old state of its rows before it writes that layer's new
 // state. Built on first use by stack.py (flags in build.py).
 
@@ -50,34 +51,15 @@ using learned_opt_simd::Store;
 using learned_opt_simd::StorePart;
 using learned_opt_simd::SumLanes;
 using learned_opt_simd::Vec;
+using learned_opt_tile_matmul::Layer;
+using learned_opt_tile_matmul::PackWeights;
 using learned_opt_tile_matmul::RoundUp;
+using learned_opt_tile_matmul::SumChunks;
 using learned_opt_tile_matmul::TileMatmul;
 
 // Rows a thread takes at a time: several times a row of the gates alone, and the quadratic
 // meta-step's 1,280 rows must still split evenly between two threads.
 constexpr int64_t kChunkRows = 128;
-
-// A layer's sizes and its weights in the kernels' layout: W (fan_in, n_pad) and b (n_pad) with
-// zero columns up to whole vectors, and W^T (n, fan_in_pad) likewise.
-struct Layer {
-  int fan_in = 0, n = 0, n_pad = 0, fan_in_pad = 0, fan_in_4 = 0;
-  std::unique_ptr<AlignedFloats> w, b, wt;
-};
-
-// Fills l's padded sizes and packed weights from w (fan_in, n) and b (n,), row-major.
-void PackWeights(const float* wp, const float* bp, Layer& l) {
-  l.n_pad = RoundUp(l.n, kLanes);
-  l.fan_in_pad = RoundUp(l.fan_in, kLanes);
-  l.fan_in_4 = RoundUp(l.fan_in, 4);
-  l.w = std::make_unique<AlignedFloats>(static_cast<size_t>(l.fan_in) * l.n_pad);
-  l.b = std::make_unique<AlignedFloats>(l.n_pad);
-  l.wt = std::make_unique<AlignedFloats>(static_cast<size_t>(l.n) * l.fan_in_pad);
-  for (int k = 0; k < l.fan_in; ++k) {
-    std::memcpy(l.w->data + k * l.n_pad, wp + k * l.n, l.n * sizeof(float));
-    for (int j = 0; j < l.n; ++j) l.wt->data[j * l.fan_in_pad + k] = wp[k * l.n + j];
-  }
-  std::memcpy(l.b->data, bp, l.n * sizeof(float));
-}
 
 struct Stack {
   int64_t rows = 0;
@@ -193,8 +175,7 @@ struct StackIo {
   float *h_out, *c_out;                    // forward
   const float *dh_new, *dc_new;            // backward: cotangents of the new states
   float *dx, *dh, *dc;                     // backward: cotangents of x and the old states
-  float* slots;                            // backward: per chunk, per layer dW then db
-  int64_t slot_size;
+  int64_t slot_size;                       // backward: per chunk, per layer dW then db
   // With a read-out u = h'_top . w_out + b_out (nullptr without): u (rows) forward; du (rows)
   // backward, whose dw_out and db_out follow the layers' in each slot.
   const float* w_out = nullptr;
@@ -224,10 +205,10 @@ void StackForwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t
   }
 }
 
+// Rows [begin, end), their weight cotangents added into slot.
 void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
-                       StackScratch& s) {
+                       float* slot, StackScratch& s) {
   const int hidden = st.hidden, state_row = st.layers * hidden;
-  float* slot = io.slots + (begin / kChunkRows) * io.slot_size;
   const bool readout = io.d_out != nullptr;
   for (int64_t row = begin; row < end; row += kTileRows) {
     const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
@@ -302,25 +283,6 @@ std::function<std::function<void(int64_t, int64_t)>()> WithStackScratch(
     auto scratch = std::make_shared<StackScratch>(st);
     return [scratch, body](int64_t begin, int64_t end) { body(begin, end, *scratch); };
   };
-}
-
-// out (rows, cols) = the sum over the chunks' slots, in chunk order, of the (rows, cols) block at
-// offset in each (its rows stride floats apart, a multiple of kLanes; 0 for one row): whole
-// vectors of the padded block, then its (rows, cols) part copied out. Deterministic whatever
-// thread took a chunk; every element is summed in the same order as one at a time would be.
-void SumChunks(const float* slots, int64_t chunks, int64_t slot_size, int64_t offset, int rows,
-               int cols, int stride, float* out) {
-  const int width = stride > 0 ? stride : RoundUp(cols, kLanes);
-  AlignedFloats sum(static_cast<size_t>(rows) * width);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* block = slots + chunk * slot_size + offset;
-    for (int j = 0; j < rows * width; j += kLanes) {
-      Store(sum.data + j, Load(sum.data + j) + Load(block + j));
-    }
-  }
-  for (int k = 0; k < rows; ++k) {
-    std::memcpy(out + k * cols, sum.data + k * width, cols * sizeof(float));
-  }
 }
 
 // The read-out's w_out (hidden, 1) and b_out (1,) at args[at], args[at + 1], into io; or an
@@ -418,7 +380,31 @@ ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     io.d_out = d_out->typed_data();
     slot_size += ReadoutSlot(st.hidden);
   }
-  const int64_t chunks = (st.rows + kChunkRows - 1) / kChunkRows;
+  // The weight cotangents' leading dims, if any, are groups (a jax.vmap of the backward pass
+  // with the weights shared): the rows are that many consecutive groups, each its own sums.
+  std::vector<float*> grads;
+  int64_t groups = -1;
+  for (size_t i = 0; i < weights; ++i) {
+    const bool in_layers = i < static_cast<size_t>(2 * st.layers);
+    const Layer* l = in_layers ? &st.l[i / 2] : nullptr;
+    // Per group: dw (fan_in, n), db (n); the read-out's dw_out (hidden,), db_out (1,).
+    const int64_t size = in_layers ? (i % 2 == 0 ? static_cast<int64_t>(l->fan_in) * l->n : l->n)
+                                   : (i % 2 == 0 ? st.hidden : 1);
+    auto grad = weight_grads.get<ffi::Buffer<ffi::F32>>(i);
+    if (!grad.has_value()) return ffi::Error::InvalidArgument("weight cotangents must be f32");
+    if (groups < 0) groups = static_cast<int64_t>((*grad)->element_count()) / size;
+    if (groups <= 0 || (*grad)->element_count() != static_cast<size_t>(groups * size) ||
+        st.rows % groups != 0) {
+      return ffi::Error::InvalidArgument(
+          "every weight's cotangent must be shaped like it, after the same leading dims "
+          "(groups), which divide h's rows");
+    }
+    grads.push_back((*grad)->typed_data());
+  }
+  // Chunks never span two groups: a fixed count per group, so fixed sums.
+  const int64_t group_rows = st.rows / groups;
+  const int64_t chunks_per_group = (group_rows + kChunkRows - 1) / kChunkRows;
+  const int64_t chunks = groups * chunks_per_group;
   AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * slot_size);
   io.x = x.typed_data();
   io.h = h.typed_data();
@@ -428,39 +414,37 @@ ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   io.dx = dx->typed_data();
   io.dh = dh->typed_data();
   io.dc = dc->typed_data();
-  io.slots = slots.data;
   io.slot_size = slot_size;
+  float* slots_p = slots.data;
   learned_opt_simd::ParallelRows(
-      pool, 0, false, st.rows, kChunkRows,
-      WithStackScratch(st, [&st, &io](int64_t begin, int64_t end, StackScratch& s) {
-        StackBackwardRows(st, io, begin, end, s);
+      pool, 0, false, chunks, 1,
+      WithStackScratch(st, [&, slots_p](int64_t begin, int64_t end, StackScratch& s) {
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t group = c / chunks_per_group;
+          const int64_t first = group * group_rows + (c % chunks_per_group) * kChunkRows;
+          const int64_t last = std::min(first + kChunkRows, (group + 1) * group_rows);
+          StackBackwardRows(st, io, first, last, slots_p + c * slot_size, s);
+        }
       }));
-  // Sum the chunks' slots in chunk order into each layer's dW and db.
-  int64_t offset = 0;
-  for (int i = 0; i < st.layers; ++i) {
-    const Layer& l = st.l[i];
-    auto dw = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * i);
-    auto db = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
-    if (!dw.has_value() || !db.has_value() ||
-        (*dw)->element_count() != static_cast<size_t>(l.fan_in) * l.n ||
-        (*db)->element_count() != static_cast<size_t>(l.n)) {
-      return ffi::Error::InvalidArgument("dw and db must be f32, shaped like w and b");
+  // Per group, sum its chunks' slots in chunk order into each layer's dW and db, then the
+  // read-out's (the slot's last part).
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* group_slots = slots.data + g * chunks_per_group * slot_size;
+    int64_t offset = 0;
+    for (int i = 0; i < st.layers; ++i) {
+      const Layer& l = st.l[i];
+      SumChunks(group_slots, chunks_per_group, slot_size, offset, l.fan_in, l.n, l.n_pad,
+                grads[2 * i] + g * l.fan_in * l.n);
+      SumChunks(group_slots, chunks_per_group, slot_size, offset + l.fan_in_4 * l.n_pad, 1, l.n,
+                l.n_pad, grads[2 * i + 1] + g * l.n);
+      offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
     }
-    SumChunks(slots.data, chunks, slot_size, offset, l.fan_in, l.n, l.n_pad, (*dw)->typed_data());
-    SumChunks(slots.data, chunks, slot_size, offset + l.fan_in_4 * l.n_pad, 1, l.n, l.n_pad,
-              (*db)->typed_data());
-    offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
-  }
-  if (readout) {  // the same for dw_out and db_out, the slot's last part
-    auto dw = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * st.layers);
-    auto db = weight_grads.get<ffi::Buffer<ffi::F32>>(2 * st.layers + 1);
-    if (!dw.has_value() || !db.has_value() ||
-        (*dw)->element_count() != static_cast<size_t>(st.hidden) || (*db)->element_count() != 1) {
-      return ffi::Error::InvalidArgument("dw_out and db_out must be f32, shaped like w_out, b_out");
+    if (readout) {
+      SumChunks(group_slots, chunks_per_group, slot_size, offset, 1, st.hidden, 0,
+                grads[2 * st.layers] + g * st.hidden);
+      SumChunks(group_slots, chunks_per_group, slot_size, offset + RoundUp(st.hidden, kLanes), 1,
+                1, 0, grads[2 * st.layers + 1] + g);
     }
-    SumChunks(slots.data, chunks, slot_size, offset, 1, st.hidden, 0, (*dw)->typed_data());
-    SumChunks(slots.data, chunks, slot_size, offset + RoundUp(st.hidden, kLanes), 1, 1, 0,
-              (*db)->typed_data());
   }
   return ffi::Error::Success();
 }

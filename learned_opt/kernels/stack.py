@@ -15,8 +15,9 @@ when they run.
 * ``gates``: the gates alone, for LSTM+GAC (whose averaging sits between the gates and the next
   layer, so XLA computes its matmuls), forward and backward (recomputing the gates from z, c).
 
-Under ``jax.vmap`` with shared weights the mapped problems are more rows of one call and the
-weight cotangents come out summed over them; mapped weights run one element at a time. They agree
+Under ``jax.vmap`` with shared weights the mapped problems are more rows of one call, whose weight
+cotangents are summed per problem (a vmapped gradient is each problem's own); mapped weights run
+one element at a time. They agree
 with XLA's math to ~1e-6 (a polynomial exp), not bit for bit, and are deterministic: weight
 cotangents are summed per fixed chunk of rows, then in chunk order, whatever thread took a chunk.
 They are ``custom_vjp`` s: no forward-mode derivative (``jax.jvp``).
@@ -127,15 +128,18 @@ def _stack_forward(names, readout: bool = False, in_place: bool = False):
 
 
 @functools.cache
-def _stack_backward(names, readout: bool = False):
-  """``(x, h, c, *weights, dh', dc'[, du]) -> (dx, dh, dc, *dweights)``; under vmap with the
-  weights unmapped their cotangents come out summed over the mapped axis."""
+def _stack_backward(names, readout: bool = False, groups: int = 0):
+  """``(x, h, c, *weights, dh', dc'[, du]) -> (dx, dh, dc, *dweights)``, each weight's cotangent
+  shaped ``h.shape[:groups] + w.shape``: under vmap with the weights unmapped, one per mapped
+  problem (the kernel sums each problem's rows apart; ``jax.grad`` of a vmapped loss then adds
+  them up, a vmapped ``jax.grad`` keeps them)."""
   cotangent_count = 3 if readout else 2
 
   @custom_batching.custom_vmap
   def backward(x, h, c, *rest):
-    like = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)
-    out = tuple(like(a) for a in (x, h, c, *rest[:-cotangent_count]))
+    like = lambda a, lead=(): jax.ShapeDtypeStruct(lead + a.shape, jnp.float32)
+    out = tuple(like(a) for a in (x, h, c))
+    out += tuple(like(w, h.shape[:groups]) for w in rest[:-cotangent_count])
     return tuple(jax.ffi.ffi_call(names[5 if readout else 3], out)(x, h, c, *rest))
 
   @backward.def_vmap
@@ -147,9 +151,9 @@ def _stack_backward(names, readout: bool = False):
     if any(in_batched[3:-cotangent_count]):
       weights = mapped_first(axis_size, in_batched[3:-cotangent_count], weights)
       out = jax.lax.map(lambda a: backward(*a), (x, h, c, *weights, *cotangents))
-      return out, (True,) * len(out)
-    out = backward(x, h, c, *weights, *cotangents)
-    return out, (True, True, True) + (False,) * len(weights)
+    else:
+      out = _stack_backward(names, readout, groups + 1)(x, h, c, *weights, *cotangents)
+    return out, (True,) * len(out)
 
   return backward
 

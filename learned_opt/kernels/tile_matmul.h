@@ -1,16 +1,21 @@
-// Register-tiled matmuls on small tiles in L1, for the stack kernels (lstm_stack.cc): a few rows
+// Register-tiled matmuls on small tiles in L1, for the stack, MLP and Gram kernels: a few rows
 // times a few column vectors of accumulators, the operand's elements broadcast, the weights'
-// rows loaded as vectors.
+// rows loaded as vectors; a layer's weights packed for them, and its cotangents summed over
+// fixed chunks of rows.
 
 #ifndef LEARNED_OPT_KERNELS_TILE_MATMUL_H_
 #define LEARNED_OPT_KERNELS_TILE_MATMUL_H_
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
 
 #include "simd.h"
 
 namespace learned_opt_tile_matmul {
 
+using learned_opt_simd::AlignedFloats;
 using learned_opt_simd::kLanes;
 using learned_opt_simd::Load;
 using learned_opt_simd::Splat;
@@ -99,6 +104,47 @@ inline void TileMatmul(int rows, int vectors, const float* a, int a_stride, int 
           break;
       }
     }
+  }
+}
+
+// A layer's sizes and its weights in the kernels' layout: W (fan_in, n_pad) and b (n_pad) with
+// zero columns up to whole vectors, and W^T (n, fan_in_pad) likewise.
+struct Layer {
+  int fan_in = 0, n = 0, n_pad = 0, fan_in_pad = 0, fan_in_4 = 0;
+  std::unique_ptr<AlignedFloats> w, b, wt;
+};
+
+// Fills l's padded sizes and packed weights from w (fan_in, n) and b (n,), row-major.
+inline void PackWeights(const float* wp, const float* bp, Layer& l) {
+  l.n_pad = RoundUp(l.n, kLanes);
+  l.fan_in_pad = RoundUp(l.fan_in, kLanes);
+  l.fan_in_4 = RoundUp(l.fan_in, 4);
+  l.w = std::make_unique<AlignedFloats>(static_cast<size_t>(l.fan_in) * l.n_pad);
+  l.b = std::make_unique<AlignedFloats>(l.n_pad);
+  l.wt = std::make_unique<AlignedFloats>(static_cast<size_t>(l.n) * l.fan_in_pad);
+  for (int k = 0; k < l.fan_in; ++k) {
+    std::memcpy(l.w->data + k * l.n_pad, wp + k * l.n, l.n * sizeof(float));
+    for (int j = 0; j < l.n; ++j) l.wt->data[j * l.fan_in_pad + k] = wp[k * l.n + j];
+  }
+  std::memcpy(l.b->data, bp, l.n * sizeof(float));
+}
+
+// out (rows, cols) = the sum over the chunks' slots, in chunk order, of the (rows, cols) block at
+// offset in each (its rows stride floats apart, a multiple of kLanes; 0 for one row): whole
+// vectors of the padded block, then its (rows, cols) part copied out. Deterministic whatever
+// thread took a chunk; every element is summed in the same order as one at a time would be.
+inline void SumChunks(const float* slots, int64_t chunks, int64_t slot_size, int64_t offset,
+                      int rows, int cols, int stride, float* out) {
+  const int width = stride > 0 ? stride : RoundUp(cols, kLanes);
+  AlignedFloats sum(static_cast<size_t>(rows) * width);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* block = slots + chunk * slot_size + offset;
+    for (int j = 0; j < rows * width; j += kLanes) {
+      Store(sum.data + j, Load(sum.data + j) + Load(block + j));
+    }
+  }
+  for (int k = 0; k < rows; ++k) {
+    std::memcpy(out + k * cols, sum.data + k * width, cols * sizeof(float));
   }
 }
 
