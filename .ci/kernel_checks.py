@@ -22,20 +22,22 @@ import sys
 import jax
 import numpy as np
 
-from learned_opt import lstm_rows
-from learned_opt.kernels import bn_pool, build, conv, gram, loading, stack
+from learned_opt import lstm_rows, per_param_mlp
+from learned_opt.kernels import bn_pool, build, conv, gram, loading, mlp, stack
 from tasks import cifar10
 
 # Every kernel source with its handlers: the LSTM's (``stack.targets()``' order), then the
-# convolution's (``conv.HANDLERS``), the conv layers' tail (``bn_pool.HANDLERS``) and the Gram
-# matrix's (``gram.HANDLERS``).
+# convolution's (``conv.HANDLERS``), the conv layers' tail (``bn_pool.HANDLERS``), the Gram
+# matrix's (``gram.HANDLERS``) and the per-coordinate MLP's (``mlp.HANDLERS``).
 SOURCES = (
   *stack.SOURCES,
   (conv.SOURCE, conv.HANDLERS),
   (bn_pool.SOURCE, bn_pool.HANDLERS),
   (gram.SOURCE, gram.HANDLERS),
+  (mlp.SOURCE, mlp.HANDLERS),
 )
-# The last targets of ``targets``: the convolution's, the tail's and the Gram's.
+STACK_TARGETS = sum(len(handlers) for _, handlers in stack.SOURCES)  # the first targets
+# Then the convolution's, the tail's and the Gram's; the MLP's last.
 CONV_TARGETS = len(conv.HANDLERS) + len(bn_pool.HANDLERS) + len(gram.HANDLERS)
 
 # Measured differences to XLA are ~1e-6 relative (a polynomial exp); cotangents summed over
@@ -159,9 +161,45 @@ def run_conv(names) -> dict[str, np.ndarray]:
   return results
 
 
+def _xla_mlp(x, *weights):
+  """XLA's per-coordinate MLP (``per_param_mlp.mlp_outputs``) on ``w_0, b_0, ..., w_out, b_out``."""
+  pairs = [{"w": w, "b": b} for w, b in zip(weights[0::2], weights[1::2], strict=True)]
+  return per_param_mlp.mlp_outputs({"layers": pairs[:-1], "out": pairs[-1]}, x)
+
+
+def _per_problem_vjp(fn, x, weights, dy):
+  """Each problem's (row of ``x``'s) cotangents of x and the shared weights: a vmapped VJP."""
+  return jax.vmap(lambda x, dy: jax.vjp(fn, x, *weights)[1](dy))(x, dy)
+
+
+def run_mlp(names) -> dict[str, np.ndarray]:
+  """The per-coordinate MLP (``names``: its targets), forward and VJP, against XLA's: the
+  optimizer's 11 -> 32 -> 32 -> 2 on three 512-row chunks (the last partial), narrow and
+  partial-vector layers, no hidden layer, and per-problem VJPs under vmap (shared weights, each
+  problem's own weight cotangents); outputs by name."""
+  results = {}
+  kernel = lambda *a: mlp.mlp(names, *a)
+  for shape, sizes in [((1031,), (11, 32, 32)), ((3, 37), (5, 20)), ((9,), (3,)), ((50,), (3, 7))]:
+    key = jax.random.key(len(results))
+    phi = per_param_mlp.init_mlp_params(key, sizes, 1e-3)
+    out_w = 0.3 * jax.random.normal(jax.random.fold_in(key, 1), phi["out"]["w"].shape)
+    weights = [a for layer in phi["layers"] for a in (layer["w"], layer["b"])]
+    weights += [out_w, phi["out"]["b"]]
+    x = 2.0 * jax.random.normal(jax.random.fold_in(key, 2), shape + sizes[:1])
+    name = f"mlp_{'x'.join(map(str, shape))}"
+    got = _vjp(jax.jit(lambda *a: (kernel(*a),)), (x, *weights), key)
+    _record(results, name, got, _vjp(lambda *a: (_xla_mlp(*a),), (x, *weights), key))
+    if len(shape) == 2:
+      dy = jax.random.normal(key, shape + (2,))
+      got = jax.jit(_per_problem_vjp, static_argnums=0)(kernel, x, weights, dy)
+      _record(results, f"{name}_vmap", got, _per_problem_vjp(_xla_mlp, x, weights, dy))
+  return results
+
+
 def run(names) -> dict[str, np.ndarray]:
   """Every kernel against XLA; the kernels' outputs by name. Raises AssertionError."""
-  results = run_conv(names[-CONV_TARGETS:])
+  results = run_conv(names[STACK_TARGETS : STACK_TARGETS + CONV_TARGETS])
+  results.update(run_mlp(names[STACK_TARGETS + CONV_TARGETS :]))
   cases = [(1, 1, 20, 2), (1031, 2, 20, 2), (37, 1, 7, 3), (300, 3, 33, 1)]
   for rows, features, hidden, layers in cases:
     x, h, c, weights, out, key = _inputs(jax.random.key(rows), rows, features, hidden, layers)

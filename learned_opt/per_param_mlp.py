@@ -39,7 +39,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from learned_opt import backend as backend_lib
 from learned_opt.base import LearnedOptimizer, check_float_params
+from learned_opt.kernels import mlp as mlp_kernels
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)  # the first is Adam's beta_1: the base direction's
 SECOND_MOMENT_DECAY = 0.999  # Adam's beta_2
@@ -131,8 +133,14 @@ def features(
   return jnp.concatenate(columns, axis=-1), normalized[..., 0]
 
 
-def mlp_outputs(meta_params: dict, inputs: jax.Array) -> jax.Array:
-  """The MLP on every coordinate: ``inputs`` (..., features) -> (..., 2), ReLU hidden layers."""
+def mlp_outputs(meta_params: dict, inputs: jax.Array, kernels=None) -> jax.Array:
+  """The MLP on every coordinate: ``inputs`` (..., features) -> (..., 2), ReLU hidden layers;
+  by the CPU kernels (``learned_opt.kernels.mlp``) with ``kernels``, their targets."""
+  if kernels is not None:
+    weights = [a for layer in meta_params["layers"] for a in (layer["w"], layer["b"])]
+    return mlp_kernels.mlp(
+      kernels, inputs, *weights, meta_params["out"]["w"], meta_params["out"]["b"]
+    )
   x = inputs
   for layer in meta_params["layers"]:
     x = jax.nn.relu(x @ layer["w"] + layer["b"])
@@ -166,6 +174,8 @@ def per_param_mlp_optimizer(
   progress_features: int = 4,
   magnitude_bound: float = 3.0,
   width_reference: int = 0,
+  *,
+  backend: str | None = None,
 ) -> LearnedOptimizer:
   """A per-parameter MLP on normalized inputs with a normalized, Adam-anchored output.
 
@@ -209,6 +219,7 @@ def per_param_mlp_optimizer(
     )
   if width_reference < 0:
     raise ValueError(f"width_reference must be 0 (off) or positive, got {width_reference}.")
+  backend = backend_lib.resolve(backend)
   config = {
     "kind": "per_param_mlp",
     "hidden_size": hidden_size,
@@ -229,7 +240,7 @@ def per_param_mlp_optimizer(
     check_float_params(params)
     return jax.tree.map(init_leaf_state, params)
 
-  def leaf_update(meta_params, grad, state: LeafState):
+  def leaf_update(meta_params, grad, state: LeafState, kernels):
     g = jnp.asarray(grad, jnp.float32)
     state = state._replace(
       momentum=decays * state.momentum + (1 - decays) * g[..., None],
@@ -238,7 +249,7 @@ def per_param_mlp_optimizer(
       step=state.step + 1,
     )
     inputs, adam = features(g, state, progress_features)
-    direction, log_magnitude = jnp.moveaxis(mlp_outputs(meta_params, inputs), -1, 0)
+    direction, log_magnitude = jnp.moveaxis(mlp_outputs(meta_params, inputs, kernels), -1, 0)
     bound = magnitude_bound
     scale = jnp.exp(meta_params["log_lr"] + bound * jnp.tanh(log_magnitude / bound))
     step = -width_scale(g.shape, width_reference) * scale * (adam + direction)
@@ -251,11 +262,12 @@ def per_param_mlp_optimizer(
     # in the backward pass rather than saving the MLP's activations: ~3 hidden vectors a
     # coordinate a step, whose writes and reads cost more than the recomputation (BUILD.md,
     # ppm_bucket).
-    update_leaf = jax.checkpoint(leaf_update)
-    pairs = [update_leaf(meta_params, g, s) for g, s in zip(leaves, states, strict=True)]
+    update_leaf = jax.checkpoint(leaf_update, static_argnums=(3,))
+    kernels = backend_lib.kernel_targets(backend, meta_params, states, family=mlp_kernels.targets)
+    pairs = [update_leaf(meta_params, g, s, kernels) for g, s in zip(leaves, states, strict=True)]
     return (
       treedef.unflatten([u for u, _ in pairs]),
       treedef.unflatten([s for _, s in pairs]),
     )
 
-  return LearnedOptimizer(init_meta_params, init_state, update, config)
+  return LearnedOptimizer(init_meta_params, init_state, update, config, backend)
