@@ -9,9 +9,10 @@ step and the stacked step with its read-out, forward and backward (VJP), on inpu
 counts, several 128-row chunks and odd widths, against XLA's math (``learned_opt.lstm_rows``),
 the direct convolution, forward and VJP, on odd image sizes, partial vectors of output channels
 and several chunks of images, against ``lax.conv_general_dilated``, and the CIFAR-10 net's batch
-norm, pooling and ReLU against ``tasks.cifar10.conv_tail``, and neural art's Gram matrix (channel
-counts in whole and partial vectors, grouped) against ``F^T F / n``; with ``--save`` it writes every
-kernel output for ``--compare``. Exit status 1 on a mismatch.
+norm, pooling and ReLU against ``tasks.cifar10.conv_tail``, neural art's Gram matrix (channel
+counts in whole and partial vectors, grouped) against ``F^T F / n``, and the per-parameter MLP's
+network (forward, VJP, per-problem VJPs under vmap) against ``per_param_mlp.mlp_outputs``; with
+``--save`` it writes every kernel output for ``--compare``. Exit status 1 on a mismatch.
 """
 
 import argparse

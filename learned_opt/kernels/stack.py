@@ -17,9 +17,9 @@ when they run.
 
 Under ``jax.vmap`` with shared weights the mapped problems are more rows of one call, whose weight
 cotangents are summed per problem (a vmapped gradient is each problem's own); mapped weights run
-one element at a time. They agree
-with XLA's math to ~1e-6 (a polynomial exp), not bit for bit, and are deterministic: weight
-cotangents are summed per fixed chunk of rows, then in chunk order, whatever thread took a chunk.
+one element at a time. They agree with XLA's math to ~1e-6 (a polynomial exp), not bit for bit,
+and are deterministic: weight cotangents are summed per fixed chunk of rows, then in chunk
+order, whatever thread took a chunk.
 They are ``custom_vjp`` s: no forward-mode derivative (``jax.jvp``).
 """
 
