@@ -44,8 +44,7 @@ struct Shape {
   int64_t height = 0, width = 0, channels = 0;
   int64_t image() const { return height * width * channels; }
   int64_t pooled() const { return image() / 4; }
-  int64_t chunks_per_group() const { return (images + kChunkImages - 1) / kChunkImages; }
-  int64_t chunks() const { return groups * chunks_per_group(); }
+  learned_opt_simd::GroupChunks chunks() const { return {groups, images, kChunkImages}; }
 };
 
 ffi::Error ReadShape(ffi::Span<const int64_t> z, ffi::Span<const int64_t> bias, Shape& s) {
@@ -74,12 +73,11 @@ ffi::Error ReadShape(ffi::Span<const int64_t> z, ffi::Span<const int64_t> bias, 
 // Runs body(chunk, first image, last image, group) for every chunk of images on the pool.
 void ForChunks(ffi::ThreadPool& pool, const Shape& s,
                std::function<void(int64_t, int64_t, int64_t, int64_t)> body) {
-  learned_opt_simd::ParallelRows(pool, 0, false, s.chunks(), 1, [&s, body] {
-    return [&s, body](int64_t begin, int64_t end) {
+  const learned_opt_simd::GroupChunks chunks = s.chunks();
+  learned_opt_simd::ParallelRows(pool, 0, false, chunks.count(), 1, [chunks, body] {
+    return [chunks, body](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const int64_t group = c / s.chunks_per_group();
-        const int64_t first = group * s.images + (c % s.chunks_per_group()) * kChunkImages;
-        body(c, first, std::min(first + kChunkImages, (group + 1) * s.images), group);
+        body(c, chunks.first(c), chunks.last(c), chunks.group(c));
       }
     };
   });
@@ -89,7 +87,8 @@ void ForChunks(ffi::ThreadPool& pool, const Shape& s,
 void SumChunks(const Shape& s, const std::vector<double>& partial, int64_t group, int64_t per_group,
                double* sums) {
   std::fill(sums, sums + per_group, 0.0);
-  for (int64_t c = group * s.chunks_per_group(); c < (group + 1) * s.chunks_per_group(); ++c) {
+  const int64_t per_group_chunks = s.chunks().per_group;
+  for (int64_t c = group * per_group_chunks; c < (group + 1) * per_group_chunks; ++c) {
     for (int64_t k = 0; k < per_group; ++k) sums[k] += partial[c * per_group + k];
   }
 }
@@ -164,7 +163,7 @@ inline void WindowGradient(const float* image, const float* d_out, const Window&
 void Statistics(ffi::ThreadPool& pool, const Shape& s, const float* z, float epsilon, float* mean,
                 float* rstd) {
   const int64_t per_group = 2 * s.channels;
-  std::vector<double> partial(s.chunks() * per_group, 0.0);
+  std::vector<double> partial(s.chunks().count() * per_group, 0.0);
   ForChunks(pool, s, [&](int64_t c, int64_t first, int64_t last, int64_t group) {
     const float* shift = z + group * s.images * s.image();
     double* sums = partial.data() + c * per_group;
@@ -238,7 +237,7 @@ ffi::Error BnPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Bu
   float *dzp = dz->typed_data(), *dbp = dbias->typed_data();
   // Pass 1: per channel, sum(dy) and sum(dy * xhat).
   const int64_t per_group = 2 * s.channels;
-  std::vector<double> partial(s.chunks() * per_group, 0.0);
+  std::vector<double> partial(s.chunks().count() * per_group, 0.0);
   ForChunks(pool, s, [&](int64_t c, int64_t first, int64_t last, int64_t g) {
     const Constants k{mp + g * s.channels, rp + g * s.channels, bp + g * s.channels};
     double* sums = partial.data() + c * per_group;

@@ -343,21 +343,16 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (dy.element_count() != static_cast<size_t>(s.groups * s.images * s.image_out())) {
     return ffi::Error::InvalidArgument("dy must be (..., n, h, w, cout)");
   }
-  // Chunks of images never span two groups: a fixed count per group, so fixed sums.
-  const int64_t chunk = std::min<int64_t>(kChunkImages, std::max<int64_t>(s.images, 1));
-  const int64_t chunks_per_group = (s.images + chunk - 1) / chunk;
-  const int64_t chunks = s.groups * chunks_per_group;
-  std::vector<float> partial(static_cast<size_t>(chunks * s.kernel_size()), 0.0f);
+  const learned_opt_simd::GroupChunks chunks(
+      s.groups, s.images, std::min<int64_t>(kChunkImages, std::max<int64_t>(s.images, 1)));
+  std::vector<float> partial(static_cast<size_t>(chunks.count() * s.kernel_size()), 0.0f);
   const float *xp = x.typed_data(), *dp = dy.typed_data();
   float* partial_p = partial.data();
-  learned_opt_simd::ParallelRows(pool, 0, false, chunks, 1, [=] {
+  learned_opt_simd::ParallelRows(pool, 0, false, chunks.count(), 1, [=] {
     auto padded = std::make_shared<AlignedFloats>(s.padded_size());
     return [=](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const int64_t group = c / chunks_per_group;
-        const int64_t first = group * s.images + (c % chunks_per_group) * chunk;
-        const int64_t last = std::min(first + chunk, (group + 1) * s.images);
-        for (int64_t n = first; n < last; ++n) {
+        for (int64_t n = chunks.first(c); n < chunks.last(c); ++n) {
           PadImage(xp + n * s.image_in(), padded->data, s);
           GradientImage(padded->data, dp + n * s.image_out(), partial_p + c * s.kernel_size(), s);
         }
@@ -368,7 +363,7 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t g = 0; g < s.groups; ++g) {
     float* to = out + g * s.kernel_size();
     std::memset(to, 0, s.kernel_size() * sizeof(float));
-    for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+    for (int64_t c = g * chunks.per_group; c < (g + 1) * chunks.per_group; ++c) {
       const float* from = partial_p + c * s.kernel_size();
       for (int64_t e = 0; e < s.kernel_size(); ++e) to[e] += from[e];
     }

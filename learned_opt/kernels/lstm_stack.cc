@@ -15,9 +15,9 @@
 // shared, the rows are groups (problems), each with its own weight cotangents. The Readout
 // handlers add the optimizer's read-out u = h'_top w_out + b_out per row, from the top layer's h'
 // in the tile; their backward pass also runs the top layer's gates in its recomputation, for
-// h'_top, and adds du w_out into the top layer's dh'. The forward kernel may run in place (h' and c' the buffers
-// of h and c): a tile reads a layer's old state of its rows before it writes that layer's new
-// state. Built on first use by stack.py (flags in build.py).
+// h'_top, and adds du w_out into the top layer's dh'. The forward kernel may run in place (h'
+// and c' the buffers of h and c): a tile reads a layer's old state of its rows before it writes
+// that layer's new state. Built on first use by stack.py (flags in build.py).
 
 #include <algorithm>
 #include <cstdint>
@@ -55,6 +55,7 @@ using learned_opt_tile_matmul::Layer;
 using learned_opt_tile_matmul::PackWeights;
 using learned_opt_tile_matmul::RoundUp;
 using learned_opt_tile_matmul::SumChunks;
+using learned_opt_tile_matmul::SumLayerChunks;
 using learned_opt_tile_matmul::TileMatmul;
 
 // Rows a thread takes at a time: several times a row of the gates alone, and the quadratic
@@ -401,11 +402,8 @@ ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     }
     grads.push_back((*grad)->typed_data());
   }
-  // Chunks never span two groups: a fixed count per group, so fixed sums.
-  const int64_t group_rows = st.rows / groups;
-  const int64_t chunks_per_group = (group_rows + kChunkRows - 1) / kChunkRows;
-  const int64_t chunks = groups * chunks_per_group;
-  AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * slot_size);
+  const learned_opt_simd::GroupChunks chunks(groups, st.rows / groups, kChunkRows);
+  AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks.count(), 1)) * slot_size);
   io.x = x.typed_data();
   io.h = h.typed_data();
   io.c = c.typed_data();
@@ -417,32 +415,22 @@ ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   io.slot_size = slot_size;
   float* slots_p = slots.data;
   learned_opt_simd::ParallelRows(
-      pool, 0, false, chunks, 1,
+      pool, 0, false, chunks.count(), 1,
       WithStackScratch(st, [&, slots_p](int64_t begin, int64_t end, StackScratch& s) {
         for (int64_t c = begin; c < end; ++c) {
-          const int64_t group = c / chunks_per_group;
-          const int64_t first = group * group_rows + (c % chunks_per_group) * kChunkRows;
-          const int64_t last = std::min(first + kChunkRows, (group + 1) * group_rows);
-          StackBackwardRows(st, io, first, last, slots_p + c * slot_size, s);
+          StackBackwardRows(st, io, chunks.first(c), chunks.last(c), slots_p + c * slot_size, s);
         }
       }));
   // Per group, sum its chunks' slots in chunk order into each layer's dW and db, then the
   // read-out's (the slot's last part).
   for (int64_t g = 0; g < groups; ++g) {
-    const float* group_slots = slots.data + g * chunks_per_group * slot_size;
-    int64_t offset = 0;
-    for (int i = 0; i < st.layers; ++i) {
-      const Layer& l = st.l[i];
-      SumChunks(group_slots, chunks_per_group, slot_size, offset, l.fan_in, l.n, l.n_pad,
-                grads[2 * i] + g * l.fan_in * l.n);
-      SumChunks(group_slots, chunks_per_group, slot_size, offset + l.fan_in_4 * l.n_pad, 1, l.n,
-                l.n_pad, grads[2 * i + 1] + g * l.n);
-      offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
-    }
+    const float* group_slots = slots.data + g * chunks.per_group * slot_size;
+    const int64_t offset =
+        SumLayerChunks(group_slots, chunks.per_group, slot_size, st.l, grads, g);
     if (readout) {
-      SumChunks(group_slots, chunks_per_group, slot_size, offset, 1, st.hidden, 0,
+      SumChunks(group_slots, chunks.per_group, slot_size, offset, 1, st.hidden, 0,
                 grads[2 * st.layers] + g * st.hidden);
-      SumChunks(group_slots, chunks_per_group, slot_size, offset + RoundUp(st.hidden, kLanes), 1,
+      SumChunks(group_slots, chunks.per_group, slot_size, offset + RoundUp(st.hidden, kLanes), 1,
                 1, 0, grads[2 * st.layers + 1] + g);
     }
   }

@@ -41,7 +41,7 @@ using learned_opt_simd::Store;
 using learned_opt_simd::Vec;
 using learned_opt_tile_matmul::Layer;
 using learned_opt_tile_matmul::PackWeights;
-using learned_opt_tile_matmul::SumChunks;
+using learned_opt_tile_matmul::SumLayerChunks;
 using learned_opt_tile_matmul::TileMatmul;
 
 constexpr int kTileRows = 32;  // rows computed together (a multiple of 8)
@@ -267,35 +267,22 @@ ffi::Error MlpBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
     grads.push_back((*dw)->typed_data());
     grads.push_back((*db)->typed_data());
   }
-  // Chunks never span two groups: a fixed count per group, so fixed sums.
-  const int64_t group_rows = st.rows / groups;
-  const int64_t chunks_per_group = (group_rows + kChunkRows - 1) / kChunkRows;
-  const int64_t chunks = groups * chunks_per_group;
+  const learned_opt_simd::GroupChunks chunks(groups, st.rows / groups, kChunkRows);
   const int64_t slot_size = SlotSize(st);
-  AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * slot_size);
+  AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks.count(), 1)) * slot_size);
   const float *xp = x.typed_data(), *dyp = dy->typed_data();
   float *dxp = dx->typed_data(), *slots_p = slots.data;
   learned_opt_simd::ParallelRows(
-      pool, 0, false, chunks, 1,
+      pool, 0, false, chunks.count(), 1,
       WithScratch(st, [=, &st](int64_t begin, int64_t end, MlpScratch& s) {
         for (int64_t c = begin; c < end; ++c) {
-          const int64_t group = c / chunks_per_group;
-          const int64_t first = group * group_rows + (c % chunks_per_group) * kChunkRows;
-          const int64_t last = std::min(first + kChunkRows, (group + 1) * group_rows);
-          BackwardRows(st, xp, dyp, dxp, slots_p + c * slot_size, first, last, s);
+          BackwardRows(st, xp, dyp, dxp, slots_p + c * slot_size, chunks.first(c), chunks.last(c),
+                       s);
         }
       }));
   for (int64_t g = 0; g < groups; ++g) {
-    const float* group_slots = slots.data + g * chunks_per_group * slot_size;
-    int64_t offset = 0;
-    for (size_t i = 0; i < st.l.size(); ++i) {
-      const Layer& l = st.l[i];
-      SumChunks(group_slots, chunks_per_group, slot_size, offset, l.fan_in, l.n, l.n_pad,
-                grads[2 * i] + g * l.fan_in * l.n);
-      SumChunks(group_slots, chunks_per_group, slot_size, offset + l.fan_in_4 * l.n_pad, 1, l.n,
-                l.n_pad, grads[2 * i + 1] + g * l.n);
-      offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
-    }
+    SumLayerChunks(slots.data + g * chunks.per_group * slot_size, chunks.per_group, slot_size,
+                   st.l, grads, g);
   }
   return ffi::Error::Success();
 }

@@ -194,6 +194,25 @@ struct RowWork {
   }
 };
 
+// `groups` consecutive groups of group_rows rows (images) each, cut into chunks of at most
+// chunk_rows that never span two groups: a fixed count per group, so a group's partial sums,
+// added in chunk order, do not depend on which thread took which chunk. Chunk c covers rows
+// [first(c), last(c)) of group group(c).
+struct GroupChunks {
+  GroupChunks(int64_t groups, int64_t group_rows, int64_t chunk_rows)
+      : groups(groups),
+        group_rows(group_rows),
+        chunk_rows(chunk_rows),
+        per_group((group_rows + chunk_rows - 1) / chunk_rows) {}
+  int64_t count() const { return groups * per_group; }
+  int64_t group(int64_t c) const { return c / per_group; }
+  int64_t first(int64_t c) const { return group(c) * group_rows + (c % per_group) * chunk_rows; }
+  int64_t last(int64_t c) const {
+    return std::min(first(c) + chunk_rows, (group(c) + 1) * group_rows);
+  }
+  int64_t groups, group_rows, chunk_rows, per_group;
+};
+
 // Runs make_worker's workers over [0, rows) on `threads` threads (0: the XLA pool's size; 1: the
 // calling thread only); spawn: the extra threads are fresh std::threads, not pool tasks (to
 // compare). Returns when every chunk is done.

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "simd.h"
 
@@ -146,6 +147,25 @@ inline void SumChunks(const float* slots, int64_t chunks, int64_t slot_size, int
   for (int k = 0; k < rows; ++k) {
     std::memcpy(out + k * cols, sum.data + k * width, cols * sizeof(float));
   }
+}
+
+// Group g's weight cotangents of every layer from its `chunks` slots (slot_size floats apart,
+// each holding per layer dW (fan_in_4, n_pad) then db (n_pad)), summed in chunk order into
+// grads[2 i] + g fan_in n (dW) and grads[2 i + 1] + g n (db). Returns the slot offset past the
+// layers.
+inline int64_t SumLayerChunks(const float* slots, int64_t chunks, int64_t slot_size,
+                              const std::vector<Layer>& layers, const std::vector<float*>& grads,
+                              int64_t g) {
+  int64_t offset = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Layer& l = layers[i];
+    SumChunks(slots, chunks, slot_size, offset, l.fan_in, l.n, l.n_pad,
+              grads[2 * i] + g * l.fan_in * l.n);
+    SumChunks(slots, chunks, slot_size, offset + l.fan_in_4 * l.n_pad, 1, l.n, l.n_pad,
+              grads[2 * i + 1] + g * l.n);
+    offset += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  }
+  return offset;
 }
 
 }  // namespace learned_opt_tile_matmul
