@@ -11,7 +11,8 @@ the direct convolution, forward and VJP, on odd image sizes, partial vectors of 
 and several chunks of images, against ``lax.conv_general_dilated``, and the CIFAR-10 net's batch
 norm, pooling and ReLU against ``tasks.cifar10.conv_tail``, neural art's Gram matrix (channel
 counts in whole and partial vectors, grouped) against ``F^T F / n``, and the per-parameter MLP's
-network (forward, VJP, per-problem VJPs under vmap) against ``per_param_mlp.mlp_outputs``; with
+network (forward, VJP, per-problem VJPs under vmap) against ``per_param_mlp.mlp_outputs``, and
+the stacked steps' per-problem VJPs under vmap for 103 problems of 10 rows; with
 ``--save`` it writes every kernel output for ``--compare``. Exit status 1 on a mismatch.
 """
 
@@ -104,6 +105,22 @@ def _vjp(fn, primals, key):
   keys = jax.random.split(key, len(outputs))
   cotangents = tuple(jax.random.normal(k, o.shape) for k, o in zip(keys, outputs, strict=True))
   return [np.asarray(a) for a in (*outputs, *pullback(cotangents))]
+
+
+def _per_problem_vjp_of_stack(fn, primals, key):
+  """Each problem's outputs and VJP of ``fn(x, h, c, *weights)``, x, h and c with a leading
+  problems axis and the weights shared: a vmapped VJP, so each problem has its own weight
+  cotangents; jitted."""
+  x, h, c, *weights = primals
+
+  def one(x, h, c, *cotangents):
+    outputs, pullback = jax.vjp(fn, x, h, c, *weights)
+    return (*outputs, *pullback(cotangents))
+
+  shapes = jax.eval_shape(jax.vmap(lambda x, h, c: fn(x, h, c, *weights)), x, h, c)
+  keys = jax.random.split(key, len(shapes))
+  cotangents = [jax.random.normal(k, o.shape) for k, o in zip(keys, shapes, strict=True)]
+  return [np.asarray(a) for a in jax.jit(jax.vmap(one))(x, h, c, *cotangents)]
 
 
 def _one_output(fn, shape):
@@ -216,6 +233,14 @@ def run(names) -> dict[str, np.ndarray]:
           a, b, rtol=RTOL, atol=max(ATOL, 1e-5 * scale), err_msg=f"stack {rows} {readout} {i}"
         )
         results[f"stack_{rows}_{int(readout)}_{i}"] = a
+      if rows == 1031:  # 103 problems of 10 rows: several to a chunk, tiles spanning them
+        problems = [a[:1030].reshape((103, 10) + a.shape[1:]) for a in (x, h, c)]
+        primals = (*problems, *weights, *extra)
+        got = _per_problem_vjp_of_stack(lambda *a, k=kernel: k(names, *a), primals, key)
+        want = _per_problem_vjp_of_stack(
+          lambda *a, r=readout: _xla_stack(*a, readout=r), primals, key
+        )
+        _record(results, f"stack_vmap_{int(readout)}", got, want)
     z = 3.0 * jax.random.normal(key, (rows, 4 * hidden))
     got = _vjp(jax.jit(lambda z, c: stack.gates(names, z, c)), (z, c[:, 0]), key)
     want = _vjp(lstm_rows.xla_gates, (z, c[:, 0]), key)

@@ -202,14 +202,17 @@ def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, readout
 
 
 @pytest.mark.parametrize("readout", [False, True])
+# Problems of 50 rows, and of 10 (a quadratic's): fewer than a chunk's 128, so several share a
+# thread's run of tiles, a 16-row tile spanning up to three problems, each into its own slot.
+@pytest.mark.parametrize("shape", [(3, 50), (13, 10)])
 @pytest.mark.slow
 def test_a_vmapped_gradient_gives_each_problem_its_own_weight_cotangents(
-  monkeypatch, names, readout
+  monkeypatch, names, readout, shape
 ):
   """``jax.vmap(jax.grad(...))`` with shared weights: per-problem gradients, as XLA's (the
   kernel sums each problem's rows apart, not all of them)."""
   kernel, reference, (x, h, c, *weights), _ = _case(
-    monkeypatch, names, readout, jax.random.key(6), (3, 50), 2, 20, 2
+    monkeypatch, names, readout, jax.random.key(6), shape, 2, 20, 2
   )
 
   def loss(step, weights, x, h, c):
@@ -221,7 +224,7 @@ def test_a_vmapped_gradient_gives_each_problem_its_own_weight_cotangents(
 
   got, expected = jax.jit(lambda: per_problem(kernel))(), per_problem(reference)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-    assert a.shape == b.shape == (3,) + a.shape[1:]
+    assert a.shape == b.shape == shape[:1] + a.shape[1:]
     _assert_sums_close(a, b)
 
 

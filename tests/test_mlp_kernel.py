@@ -92,6 +92,24 @@ def test_vmap_sums_shared_weight_cotangents_or_maps_each_problems(names, weights
   _assert_close(got, [np.asarray(g) for g in grad(_xla)(x, *weights)], weights_mapped)
 
 
+# Problems of 37 rows, and of 10 (a quadratic's): fewer than a chunk's 512, so several share a
+# thread's run of tiles, a 32-row tile spanning up to four problems, each into its own slot.
+@pytest.mark.parametrize("shape", [(3, 37), (13, 10)])
+def test_a_vmapped_vjp_gives_each_problem_its_own_weight_cotangents(names, shape):
+  key = jax.random.key(shape[1])
+  x = jax.random.normal(key, shape + (11,))
+  weights = _weights(_phi(jax.random.fold_in(key, 1), 11, 32, 2))
+  dy = jax.random.normal(jax.random.fold_in(key, 2), shape + (2,))
+
+  def per_problem(fn):
+    return jax.vmap(lambda x, dy: jax.vjp(fn, x, *weights)[1](dy))(x, dy)
+
+  got = jax.jit(per_problem, static_argnums=0)(lambda *a: mlp.mlp(names, *a))
+  want = per_problem(_xla)
+  assert all(a.shape[0] == shape[0] for a in got)
+  _assert_close([np.asarray(a) for a in got], [np.asarray(a) for a in want], shape)
+
+
 def test_nan_stays_in_its_row(names):
   """A NaN input gives a NaN output in its row only (ReLU keeps it, as XLA's max does)."""
   x = jnp.ones((40, 11)).at[7, 3].set(jnp.nan)

@@ -12,7 +12,9 @@
 // the layer below's dh', and dh), dW += a^T dz, db += sum dz. Weight cotangents are summed per
 // chunk of kChunkRows rows into the chunk's own slot, then the slots in chunk order, so the
 // result does not depend on which thread took which chunk; under a jax.vmap with the weights
-// shared, the rows are groups (problems), each with its own weight cotangents. The Readout
+// shared, the rows are groups (problems), each with its own weight cotangents, and groups smaller
+// than a chunk are taken several at a time, so that tiles stay full (simd.h's GroupChunks). The
+// Readout
 // handlers add the optimizer's read-out u = h'_top w_out + b_out per row, from the top layer's h'
 // in the tile; their backward pass also runs the top layer's gates in its recomputation, for
 // h'_top, and adds du w_out into the top layer's dh'. The forward kernel may run in place (h'
@@ -206,9 +208,11 @@ void StackForwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t
   }
 }
 
-// Rows [begin, end), their weight cotangents added into slot.
+// Rows [begin, end), each chunk's part of their weight cotangents added into the chunk's slot
+// (slots + c * io.slot_size).
 void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
-                       float* slot, StackScratch& s) {
+                       const learned_opt_simd::GroupChunks& chunks, float* slots,
+                       StackScratch& s) {
   const int hidden = st.hidden, state_row = st.layers * hidden;
   const bool readout = io.d_out != nullptr;
   for (int64_t row = begin; row < end; row += kTileRows) {
@@ -227,8 +231,9 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
           Store(s.dh->data + j, Load(s.dh->data + j) + Load(s.carry->data + j));
         }
       } else if (readout) {  // u = h' . w_out + b_out read the top layer's new h
-        float* readout_slot = slot + io.slot_size - ReadoutSlot(hidden);
         for (int m = 0; m < count; ++m) {
+          float* readout_slot = slots + (chunks.chunk_of(row + m) + 1) * io.slot_size -
+                                ReadoutSlot(hidden);
           const float du = io.d_out[row + m];
           const Vec du_v = Splat(du);
           float* dh = s.dh->data + m * hidden;
@@ -263,17 +268,21 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
           CopyRow(io.dx + (row + m) * in, da, in);
         }
       }
-      // In the slot: layer i's dW (fan_in_4, n_pad) then db (n_pad), after the layers below.
-      float* layer_dw = slot;
-      for (int k = 0; k < i; ++k) layer_dw += (st.l[k].fan_in_4 + 1) * st.l[k].n_pad;
-      float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
-      TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[i]->data, 1, l.fan_in_4, kTileRows, dz,
-                 l.n_pad, nullptr, true, layer_dw, l.n_pad);
-      for (int m = 0; m < kTileRows; ++m) {
-        for (int j = 0; j < l.n_pad; j += kLanes) {
-          Store(layer_db + j, Load(layer_db + j) + Load(dz + m * l.n_pad + j));
+      // In a slot: layer i's dW (fan_in_4, n_pad) then db (n_pad), after the layers below.
+      int64_t layer_offset = 0;
+      for (int k = 0; k < i; ++k) layer_offset += (st.l[k].fan_in_4 + 1) * st.l[k].n_pad;
+      chunks.ForEachPart(row, row + count, [&](int64_t c, int64_t first, int64_t last) {
+        float* layer_dw = slots + c * io.slot_size + layer_offset;
+        float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
+        const int m0 = static_cast<int>(first - row), m1 = static_cast<int>(last - row);
+        TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[i]->data + m0 * l.fan_in_4, 1, l.fan_in_4,
+                   m1 - m0, dz + m0 * l.n_pad, l.n_pad, nullptr, true, layer_dw, l.n_pad);
+        for (int m = m0; m < m1; ++m) {
+          for (int j = 0; j < l.n_pad; j += kLanes) {
+            Store(layer_db + j, Load(layer_db + j) + Load(dz + m * l.n_pad + j));
+          }
         }
-      }
+      });
     }
   }
 }
@@ -415,10 +424,10 @@ ffi::Error RunStackBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   io.slot_size = slot_size;
   float* slots_p = slots.data;
   learned_opt_simd::ParallelRows(
-      pool, 0, false, chunks.count(), 1,
+      pool, 0, false, chunks.units(), 1,
       WithStackScratch(st, [&, slots_p](int64_t begin, int64_t end, StackScratch& s) {
-        for (int64_t c = begin; c < end; ++c) {
-          StackBackwardRows(st, io, chunks.first(c), chunks.last(c), slots_p + c * slot_size, s);
+        for (int64_t u = begin; u < end; ++u) {
+          StackBackwardRows(st, io, chunks.unit_first(u), chunks.unit_last(u), chunks, slots_p, s);
         }
       }));
   // Per group, sum its chunks' slots in chunk order into each layer's dW and db, then the

@@ -13,7 +13,8 @@
 // dz_l. Weight cotangents are summed per chunk of kChunkRows rows into the chunk's own slot,
 // then the slots in chunk order: the result does not depend on which thread took which chunk.
 // Under a jax.vmap with shared weights the rows are groups (problems), each with its own weight
-// cotangents (a per-problem gradient must not be the batch's sum).
+// cotangents (a per-problem gradient must not be the batch's sum); groups smaller than a chunk
+// are taken several at a time, so that tiles stay full (simd.h's GroupChunks).
 // Built on first use by learned_opt/kernels/mlp.py (flags in build.py).
 
 #include <algorithm>
@@ -152,8 +153,10 @@ int64_t SlotSize(const Mlp& st) {
   return size;
 }
 
-// Rows [begin, end), their weight cotangents added into slot.
-void BackwardRows(const Mlp& st, const float* x, const float* dy, float* dx, float* slot,
+// Rows [begin, end), each chunk's part of their weight cotangents added into the chunk's slot
+// (slots + c * slot_size).
+void BackwardRows(const Mlp& st, const float* x, const float* dy, float* dx,
+                  const learned_opt_simd::GroupChunks& chunks, float* slots, int64_t slot_size,
                   int64_t begin, int64_t end, MlpScratch& s) {
   const size_t top = st.l.size() - 1;
   for (int64_t row = begin; row < end; row += kTileRows) {
@@ -169,17 +172,22 @@ void BackwardRows(const Mlp& st, const float* x, const float* dy, float* dx, flo
     }
     for (size_t k = top + 1; k-- > 0;) {
       const Layer& l = st.l[k];
-      float* layer_dw = slot;
-      for (size_t j = 0; j < k; ++j) layer_dw += (st.l[j].fan_in_4 + 1) * st.l[j].n_pad;
-      float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
-      // dW += a^T dz, db += the column sums of dz.
-      TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[k]->data, 1, st.stride(k), kTileRows, dz,
-                 l.n_pad, nullptr, true, layer_dw, l.n_pad);
-      for (int j = 0; j < l.n_pad; j += kLanes) {
-        Vec sum = Load(layer_db + j);
-        for (int m = 0; m < kTileRows; ++m) sum += Load(dz + m * l.n_pad + j);
-        Store(layer_db + j, sum);
-      }
+      int64_t layer_offset = 0;
+      for (size_t j = 0; j < k; ++j) layer_offset += (st.l[j].fan_in_4 + 1) * st.l[j].n_pad;
+      // dW += a^T dz, db += the column sums of dz, over each chunk's rows into its slot.
+      chunks.ForEachPart(row, row + count, [&](int64_t c, int64_t first, int64_t last) {
+        float* layer_dw = slots + c * slot_size + layer_offset;
+        float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
+        const int m0 = static_cast<int>(first - row), m1 = static_cast<int>(last - row);
+        TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[k]->data + m0 * st.stride(k), 1,
+                   st.stride(k), m1 - m0, dz + m0 * l.n_pad, l.n_pad, nullptr, true, layer_dw,
+                   l.n_pad);
+        for (int j = 0; j < l.n_pad; j += kLanes) {
+          Vec sum = Load(layer_db + j);
+          for (int m = m0; m < m1; ++m) sum += Load(dz + m * l.n_pad + j);
+          Store(layer_db + j, sum);
+        }
+      });
       // da = dz W^T: dx at the bottom, else (through the ReLU, whose derivative is 0 where its
       // output is not positive, NaN included) the next dz down.
       float* da = s.da->data;
@@ -273,11 +281,11 @@ ffi::Error MlpBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   const float *xp = x.typed_data(), *dyp = dy->typed_data();
   float *dxp = dx->typed_data(), *slots_p = slots.data;
   learned_opt_simd::ParallelRows(
-      pool, 0, false, chunks.count(), 1,
+      pool, 0, false, chunks.units(), 1,
       WithScratch(st, [=, &st](int64_t begin, int64_t end, MlpScratch& s) {
-        for (int64_t c = begin; c < end; ++c) {
-          BackwardRows(st, xp, dyp, dxp, slots_p + c * slot_size, chunks.first(c), chunks.last(c),
-                       s);
+        for (int64_t u = begin; u < end; ++u) {
+          BackwardRows(st, xp, dyp, dxp, chunks, slots_p, slot_size, chunks.unit_first(u),
+                       chunks.unit_last(u), s);
         }
       }));
   for (int64_t g = 0; g < groups; ++g) {

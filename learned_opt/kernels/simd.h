@@ -210,6 +210,31 @@ struct GroupChunks {
   int64_t last(int64_t c) const {
     return std::min(first(c) + chunk_rows, (group(c) + 1) * group_rows);
   }
+  // The chunk holding row r.
+  int64_t chunk_of(int64_t r) const {
+    const int64_t g = r / group_rows;
+    return g * per_group + (r - g * group_rows) / chunk_rows;
+  }
+  // Calls part(c, begin, end) for each chunk's part [begin, end) of rows [first_row, last_row),
+  // in row order.
+  template <typename Part>
+  void ForEachPart(int64_t first_row, int64_t last_row, Part part) const {
+    for (int64_t r = first_row; r < last_row;) {
+      const int64_t c = chunk_of(r), end = std::min(last_row, last(c));
+      part(c, r, end);
+      r = end;
+    }
+  }
+  // Work units, what a thread takes at a time: one chunk, or, where groups are smaller than a
+  // chunk, as many whole groups as fit in chunk_rows rows, so that a tile of rows is not mostly
+  // padding (a unit's tiles may span groups; each group still has its own chunk). Fixed, like
+  // the chunks, whatever the threads.
+  int64_t per_unit() const {
+    return per_group == 1 && group_rows < chunk_rows ? chunk_rows / group_rows : 1;
+  }
+  int64_t units() const { return (count() + per_unit() - 1) / per_unit(); }
+  int64_t unit_first(int64_t u) const { return first(u * per_unit()); }
+  int64_t unit_last(int64_t u) const { return last(std::min(count(), (u + 1) * per_unit()) - 1); }
   int64_t groups, group_rows, chunk_rows, per_group;
 };
 
