@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import learned_opt
+from learned_opt import backend as backend_lib
 from learned_opt import lstm_rows
 from learned_opt.kernels import stack
 from train import meta_step, trainer
@@ -178,11 +179,17 @@ def test_stack_forward_and_backward_agree_with_xla(
 
 @pytest.mark.parametrize("readout", [False, True])
 @pytest.mark.parametrize("weights_mapped", [False, True])
+@pytest.mark.parametrize("marked", [False, True])
 @pytest.mark.slow
-def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, readout, weights_mapped):
+def test_stack_under_vmap_sums_the_weight_cotangents(
+  monkeypatch, names, readout, weights_mapped, marked
+):
   """Shared weights: one call over every problem's rows, dW summed over all of them; weights
   mapped too (one optimizer per problem): one call per problem. Both as XLA computes them,
-  with and without the read-out."""
+  with and without the read-out, and with the targets marked (``backend.gradient_of_vmapped``),
+  where the kernel returns the shared weights' cotangents summed, not one per problem."""
+  if marked:
+    names = names + (stack.SUM_OVER_VMAP,)
   kernel, reference, (x, h, c, *weights), _ = _case(
     monkeypatch, names, readout, jax.random.key(5), (3, 50), 2, 20, 2
   )
@@ -194,8 +201,11 @@ def test_stack_under_vmap_sums_the_weight_cotangents(monkeypatch, names, readout
     h_new, c_new, *u = jax.vmap(step, axes)(x, h, c, *weights)
     return jnp.sum(jnp.sin(h_new) * c_new) + sum(jnp.sum(jnp.cos(v)) for v in u)
 
-  got = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2, 3)))(weights, x, h, c)
+  grad = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2, 3))
+  got = jax.jit(grad)(weights, x, h, c)
   expected = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2, 3))(weights, x, h, c)
+  if not weights_mapped:  # marked: no per-problem cotangent of the first layer's w
+    assert ("f32[3,22,80]" in str(jax.make_jaxpr(grad)(weights, x, h, c))) is not marked
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
     assert a.shape == b.shape
     _assert_sums_close(a, b)
@@ -262,6 +272,35 @@ def test_auto_leaves_the_gates_to_xla_with_several_devices(monkeypatch, names):
   monkeypatch.setattr(jax, "device_count", lambda *args: 2)
   assert "ffi_call" not in _update_jaxpr(0, "auto")
   assert "ffi_call" in _update_jaxpr(0, "cpu_kernels")
+
+
+def test_gradient_of_vmapped_marks_the_targets_it_hands_out(names):
+  """Inside it (a trace that differentiates a vmapped function, as train.meta_step's), the
+  targets carry the marker, last, that makes the vmap rules sum shared weights' cotangents."""
+  arrays = jnp.ones(3)
+  assert backend_lib.kernel_targets("cpu_kernels", arrays) == names
+  with backend_lib.gradient_of_vmapped():
+    assert backend_lib.kernel_targets("cpu_kernels", arrays) == names + (stack.SUM_OVER_VMAP,)
+    assert backend_lib.kernel_targets("xla", arrays) is None
+  assert backend_lib.kernel_targets("cpu_kernels", arrays) == names
+
+
+@pytest.mark.slow
+def test_the_meta_step_sums_phis_cotangents_in_the_kernel(names):
+  """train.meta_step's meta-gradient is a gradient of a loss vmapped over problems: the backward
+  kernel returns phi's cotangents summed over the 32 problems, not one per problem for XLA to add
+  up (which made the 128-quadratic meta-step 1.6x slower)."""
+  assert names is not None
+  config = MetaTrainConfig(output_dir="/tmp/unused", num_problems=32, unroll=5, horizon=10)
+  task, optimizer = trainer.build(config)
+  optimizer = learned_opt.with_backend(optimizer, "cpu_kernels")
+  state = meta_step.init_state(config, task, optimizer)
+  step = meta_step.make_train_step(config, task, optimizer)
+  jaxpr = str(jax.make_jaxpr(step)(state, task.data))
+  weights = [w for w in jax.tree.leaves(state.meta_params) if w.ndim == 2]
+  assert "ffi_call" in jaxpr and weights
+  for w in weights:
+    assert f"f32[32,{','.join(map(str, w.shape))}]" not in jaxpr, w.shape
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 import learned_opt
+from learned_opt import backend as backend_lib
 from learned_opt.base import LearnedOptimizer, MetaParams
 from tasks import mixture as mixture_lib
 from tasks.base import Data, TaskFamily
@@ -273,9 +274,11 @@ def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable
     inner = jax.lax.cond(
       due, lambda: fresh(state.meta_params, data, state.step), lambda: state.inner
     )
-    (loss, (losses, inner)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.meta_params, inner, data
-    )
+    # The meta-gradient of a loss vmapped over problems: kernels sum phi's cotangents once.
+    with backend_lib.gradient_of_vmapped():
+      (loss, (losses, inner)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.meta_params, inner, data
+      )
     grad_max = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
     updates, meta_opt_state = meta_opt.update(grads, state.meta_opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)

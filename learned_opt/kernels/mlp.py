@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import custom_batching
 
 from learned_opt.kernels import loading
-from learned_opt.kernels.stack import mapped_first
+from learned_opt.kernels.stack import mapped_first, sums_over_vmap
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlp.cc")
 HANDLERS = ("LearnedOptMlpForward", "LearnedOptMlpBackward")
@@ -59,7 +59,8 @@ def _backward(names, groups: int = 0):
   """``(x, *weights, dy) -> (dx, *dweights)``, each weight's cotangent shaped
   ``x.shape[:groups] + w.shape``: under vmap with the weights unmapped, one per mapped problem
   (the kernel sums each problem's rows apart; ``jax.grad`` of a vmapped loss then adds them up,
-  a vmapped ``jax.grad`` keeps them)."""
+  a vmapped ``jax.grad`` keeps them), or, with ``names`` marked ``stack.SUM_OVER_VMAP``, their sum
+  over every row, unbatched."""
 
   @custom_batching.custom_vmap
   def backward(x, *rest):
@@ -75,6 +76,9 @@ def _backward(names, groups: int = 0):
     if any(in_batched[1:-1]):
       weights = mapped_first(axis_size, in_batched[1:-1], weights)
       out = jax.lax.map(lambda a: backward(*a), (x, *weights, dy))
+    elif sums_over_vmap(names, groups):
+      out = backward(x, *weights, dy)
+      return out, (True,) + (False,) * (len(out) - 1)
     else:
       out = _backward(names, groups + 1)(x, *weights, dy)
     return out, (True,) * len(out)

@@ -86,6 +86,18 @@ def _gates_backward(names, saved, cotangents):
 gates.defvjp(_gates_forward, _gates_backward)
 
 
+# The last of a kernel family's targets inside ``backend.gradient_of_vmapped``: its vmap rules
+# then return shared weights' cotangents summed over the mapped axis (unbatched), not one per
+# problem.
+SUM_OVER_VMAP = "sum_over_vmap"
+
+
+def sums_over_vmap(names: tuple[str, ...], groups: int) -> bool:
+  """Whether a backward pass vmapped with shared weights sums their cotangents (``names``
+  marked, and no per-problem level outside)."""
+  return names[-1] == SUM_OVER_VMAP and groups == 0
+
+
 def mapped_first(axis_size: int, in_batched, arrays) -> list[jax.Array]:
   """For a ``custom_vmap`` rule: every array with the mapped axis in front, broadcast to
   ``axis_size`` where it was not mapped (``in_batched`` False)."""
@@ -132,7 +144,8 @@ def _stack_backward(names, readout: bool = False, groups: int = 0):
   """``(x, h, c, *weights, dh', dc'[, du]) -> (dx, dh, dc, *dweights)``, each weight's cotangent
   shaped ``h.shape[:groups] + w.shape``: under vmap with the weights unmapped, one per mapped
   problem (the kernel sums each problem's rows apart; ``jax.grad`` of a vmapped loss then adds
-  them up, a vmapped ``jax.grad`` keeps them)."""
+  them up, a vmapped ``jax.grad`` keeps them), or, with ``names`` marked ``SUM_OVER_VMAP``,
+  their sum over every row, unbatched."""
   cotangent_count = 3 if readout else 2
 
   @custom_batching.custom_vmap
@@ -151,6 +164,9 @@ def _stack_backward(names, readout: bool = False, groups: int = 0):
     if any(in_batched[3:-cotangent_count]):
       weights = mapped_first(axis_size, in_batched[3:-cotangent_count], weights)
       out = jax.lax.map(lambda a: backward(*a), (x, h, c, *weights, *cotangents))
+    elif sums_over_vmap(names, groups):
+      out = backward(x, h, c, *weights, *cotangents)
+      return out, (True,) * 3 + (False,) * (len(out) - 3)
     else:
       out = _stack_backward(names, readout, groups + 1)(x, h, c, *weights, *cotangents)
     return out, (True,) * len(out)
