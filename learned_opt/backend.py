@@ -145,7 +145,8 @@ def kernel_targets(backend: str, *arrays, family=stack.targets) -> tuple[str, ..
   """A kernel family's FFI targets if this trace runs them, else None.
 
   Called when a step is traced: it looks at the platform, the device count and the arrays'
-  dtype, and builds the kernels on first use (cached across processes).
+  dtype, and builds the kernels on first use (cached across processes). Inside
+  ``gradient_of_vmapped`` the targets end with ``stack.SUM_OVER_VMAP``.
 
   Args:
     backend: a ``checked`` backend.

@@ -14,12 +14,11 @@
 // result does not depend on which thread took which chunk; under a jax.vmap with the weights
 // shared, the rows are groups (problems), each with its own weight cotangents, and groups smaller
 // than a chunk are taken several at a time, so that tiles stay full (simd.h's GroupChunks). The
-// Readout
-// handlers add the optimizer's read-out u = h'_top w_out + b_out per row, from the top layer's h'
-// in the tile; their backward pass also runs the top layer's gates in its recomputation, for
-// h'_top, and adds du w_out into the top layer's dh'. The forward kernel may run in place (h'
-// and c' the buffers of h and c): a tile reads a layer's old state of its rows before it writes
-// that layer's new state. Built on first use by stack.py (flags in build.py).
+// Readout handlers add the optimizer's read-out u = h'_top w_out + b_out per row, from the top
+// layer's h' in the tile; their backward pass also runs the top layer's gates in its
+// recomputation, for h'_top, and adds du w_out into the top layer's dh'. The forward kernel may
+// run in place (h' and c' the buffers of h and c): a tile reads a layer's old state of its rows
+// before it writes that layer's new state. Built on first use by stack.py (flags in build.py).
 
 #include <algorithm>
 #include <cstdint>
