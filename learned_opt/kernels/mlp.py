@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import custom_batching
 
 from learned_opt.kernels import loading
-from learned_opt.kernels.stack import mapped_first, sums_over_vmap
+from learned_opt.kernels.stack import backward_vmap_rule, mapped_first
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlp.cc")
 HANDLERS = ("LearnedOptMlpForward", "LearnedOptMlpBackward")
@@ -70,18 +70,11 @@ def _backward(names, groups: int = 0):
     return tuple(jax.ffi.ffi_call(names[1], out)(x, *rest))
 
   @backward.def_vmap
-  def _(axis_size, in_batched, x, *rest):
-    weights, dy = rest[:-1], rest[-1]
-    x, dy = mapped_first(axis_size, (in_batched[0], in_batched[-1]), (x, dy))
-    if any(in_batched[1:-1]):
-      weights = mapped_first(axis_size, in_batched[1:-1], weights)
-      out = jax.lax.map(lambda a: backward(*a), (x, *weights, dy))
-    elif sums_over_vmap(names, groups):
-      out = backward(x, *weights, dy)
-      return out, (True,) + (False,) * (len(out) - 1)
-    else:
-      out = _backward(names, groups + 1)(x, *weights, dy)
-    return out, (True,) * len(out)
+  def _(axis_size, in_batched, *args):
+    per_problem = _backward(names, groups + 1)
+    return backward_vmap_rule(
+      axis_size, in_batched, args, 1, 1, backward, per_problem, names, groups
+    )
 
   return backward
 

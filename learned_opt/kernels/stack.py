@@ -92,12 +92,6 @@ gates.defvjp(_gates_forward, _gates_backward)
 SUM_OVER_VMAP = "sum_over_vmap"
 
 
-def sums_over_vmap(names: tuple[str, ...], groups: int) -> bool:
-  """Whether a backward pass vmapped with shared weights sums their cotangents (``names``
-  marked, and no per-problem level outside)."""
-  return names[-1] == SUM_OVER_VMAP and groups == 0
-
-
 def mapped_first(axis_size: int, in_batched, arrays) -> list[jax.Array]:
   """For a ``custom_vmap`` rule: every array with the mapped axis in front, broadcast to
   ``axis_size`` where it was not mapped (``in_batched`` False)."""
@@ -105,6 +99,31 @@ def mapped_first(axis_size: int, in_batched, arrays) -> list[jax.Array]:
     a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
     for a, mapped in zip(arrays, in_batched, strict=True)
   ]
+
+
+def backward_vmap_rule(
+  axis_size, in_batched, args, rows, cotangents, backward, per_problem, names, groups
+):
+  """The ``custom_vmap`` rule of a kernel's backward pass ``backward`` on ``args`` = ``rows`` row
+  arrays, the weights, then ``cotangents`` cotangents, returning the rows' cotangents, then the
+  weights'. Mapped weights: one call per problem (``lax.map``). Shared weights: one call on every
+  problem's rows, whose weight cotangents are, with ``names`` marked ``SUM_OVER_VMAP`` (and no
+  per-problem level outside, ``groups`` 0), summed over the rows and unbatched, else each
+  problem's own (``per_problem``: ``backward`` with one more level of groups)."""
+  n = len(args)
+  row_args = args[:rows] + args[n - cotangents :]
+  row_args = mapped_first(axis_size, in_batched[:rows] + in_batched[n - cotangents :], row_args)
+  inputs, cots = row_args[:rows], row_args[rows:]
+  weights, weights_mapped = args[rows : n - cotangents], in_batched[rows : n - cotangents]
+  if any(weights_mapped):
+    weights = mapped_first(axis_size, weights_mapped, weights)
+    out = jax.lax.map(lambda a: backward(*a), (*inputs, *weights, *cots))
+  elif names[-1] == SUM_OVER_VMAP and groups == 0:
+    out = backward(*inputs, *weights, *cots)
+    return out, (True,) * rows + (False,) * (len(out) - rows)
+  else:
+    out = per_problem(*inputs, *weights, *cots)
+  return out, (True,) * len(out)
 
 
 @functools.cache  # one custom_vmap function per set of targets, not one per trace
@@ -156,20 +175,11 @@ def _stack_backward(names, readout: bool = False, groups: int = 0):
     return tuple(jax.ffi.ffi_call(names[5 if readout else 3], out)(x, h, c, *rest))
 
   @backward.def_vmap
-  def _(axis_size, in_batched, x, h, c, *rest):
-    weights, cotangents = rest[:-cotangent_count], rest[-cotangent_count:]
-    x, h, c, *cotangents = mapped_first(
-      axis_size, in_batched[:3] + in_batched[-cotangent_count:], (x, h, c, *cotangents)
+  def _(axis_size, in_batched, *args):
+    per_problem = _stack_backward(names, readout, groups + 1)
+    return backward_vmap_rule(
+      axis_size, in_batched, args, 3, cotangent_count, backward, per_problem, names, groups
     )
-    if any(in_batched[3:-cotangent_count]):
-      weights = mapped_first(axis_size, in_batched[3:-cotangent_count], weights)
-      out = jax.lax.map(lambda a: backward(*a), (x, h, c, *weights, *cotangents))
-    elif sums_over_vmap(names, groups):
-      out = backward(x, h, c, *weights, *cotangents)
-      return out, (True,) * 3 + (False,) * (len(out) - 3)
-    else:
-      out = _stack_backward(names, readout, groups + 1)(x, h, c, *weights, *cotangents)
-    return out, (True,) * len(out)
 
   return backward
 
