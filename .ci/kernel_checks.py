@@ -22,6 +22,7 @@ import platform
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from learned_opt import lstm_rows, per_param_mlp
@@ -123,6 +124,38 @@ def _per_problem_vjp_of_stack(fn, primals, key):
   return [np.asarray(a) for a in jax.jit(jax.vmap(one))(x, h, c, *cotangents)]
 
 
+def _sequence(names, x, h, c, weights, key, steps=3):
+  """A truncation of ``steps`` read-out steps in a workspace and its sequence backward kernel,
+  against XLA's steps and their autodiff: (kernel outputs, XLA's): each step's u, the final h
+  and c, and the weights' cotangents of sum_t du_t . u_t."""
+  k = jax.random.split(key, 2)
+  xs = jnp.stack([x * (1.0 + 0.5 * t) for t in range(steps)])
+  dus = jax.random.normal(k[1], (steps,) + x.shape[:1])
+
+  def xla(weights):
+    def body(carry, inputs):
+      h, c, u = _xla_stack(inputs[0], *carry, *weights, readout=True)
+      return (h, c), (u, jnp.sum(u * inputs[1]))
+
+    (h_t, c_t), (us, terms) = jax.lax.scan(body, (h, c), (xs, dus))
+    return jnp.sum(terms), (us, h_t, c_t)
+
+  @jax.jit
+  def kernels(weights):
+    wh = jnp.zeros((steps + 1,) + h.shape).at[0].set(h)
+    wc = jnp.zeros((steps + 1,) + c.shape).at[0].set(c)
+
+    def body(carry, x_t):
+      wh, wc, u = stack.readout_step_in_workspace(names, x_t, *carry[:2], carry[2], *weights)
+      return (wh, wc, carry[2] + 1), u
+
+    (wh, wc, _), us = jax.lax.scan(body, (wh, wc, jnp.zeros((), jnp.int32)), xs)
+    return us, wh[-1], wc[-1], *stack.readout_sequence_backward(names, xs, wh, wc, *weights, dus)
+
+  grads, (us, h_t, c_t) = jax.grad(xla, has_aux=True)(weights)
+  return [np.asarray(a) for a in kernels(weights)], [np.asarray(a) for a in (us, h_t, c_t, *grads)]
+
+
 def _one_output(fn, shape):
   """``fn(a, b)`` jitted, vmapped over a leading problems axis for 5-d ``shape``, its output in a
   tuple (as ``_vjp`` takes them)."""
@@ -130,12 +163,13 @@ def _one_output(fn, shape):
   return jax.jit(lambda a, b: (mapped(a, b),))
 
 
-def _record(results: dict, name: str, got, want) -> None:
+def _record(results: dict, name: str, got, want, relative: float = 1e-6) -> None:
   """Asserts each output in ``got`` is within tolerance of ``want`` (relative to its largest
   entry) and records it in ``results`` as ``name_i``."""
   for i, (a, b) in enumerate(zip(got, want, strict=True)):
     scale = float(np.max(np.abs(b), initial=0.0))
-    np.testing.assert_allclose(a, b, rtol=RTOL, atol=max(ATOL, 1e-6 * scale), err_msg=f"{name} {i}")
+    atol = max(ATOL, relative * scale)
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=atol, err_msg=f"{name} {i}")
     results[f"{name}_{i}"] = a
 
 
@@ -241,6 +275,8 @@ def run(names) -> dict[str, np.ndarray]:
           lambda *a, r=readout: _xla_stack(*a, readout=r), primals, key
         )
         _record(results, f"stack_vmap_{int(readout)}", got, want)
+    got, want = _sequence(names, x, h, c, [*weights, *out], key)
+    _record(results, f"sequence_{rows}", got, want, relative=1e-5)
     z = 3.0 * jax.random.normal(key, (rows, 4 * hidden))
     got = _vjp(jax.jit(lambda z, c: stack.gates(names, z, c)), (z, c[:, 0]), key)
     want = _vjp(lstm_rows.xla_gates, (z, c[:, 0]), key)

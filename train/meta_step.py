@@ -34,7 +34,7 @@ from learned_opt import backend as backend_lib
 from learned_opt.base import LearnedOptimizer, MetaParams
 from tasks import mixture as mixture_lib
 from tasks.base import Data, TaskFamily
-from train import distributed
+from train import distributed, truncation
 from train import inner as inner_lib
 from train import unroll as unroll_lib
 from train.config import MetaTrainConfig
@@ -260,6 +260,13 @@ def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable
   meta_opt = meta_optimizer(config)
   truncations = config.horizon // config.unroll
   loss_fn = meta_loss_fn(config, task, optimizer)
+  truncation_args = dict(
+    task=task,
+    optimizer=optimizer,
+    num_steps=config.unroll,
+    objective=config.meta_objective,
+    horizon=config.horizon,
+  )
   fresh = functools.partial(fresh_problems, config, task, optimizer)
   if mesh is not None:
     split = distributed.problems_sharding(mesh)
@@ -274,11 +281,16 @@ def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable
     inner = jax.lax.cond(
       due, lambda: fresh(state.meta_params, data, state.step), lambda: state.inner
     )
-    # The meta-gradient of a loss vmapped over problems: kernels sum phi's cotangents once.
-    with backend_lib.gradient_of_vmapped():
-      (loss, (losses, inner)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.meta_params, inner, data
+    names = truncation.kernel_targets(optimizer, state.meta_params, inner, config.second_order)
+    if names is not None:  # the LSTM on the CPU kernels: the truncation's own backward pass
+      (loss, (losses, inner)), grads = truncation.value_and_grad(
+        names, state.meta_params, inner, data, **truncation_args
       )
+    else:  # autodiff of a loss vmapped over problems: kernels sum phi's cotangents once
+      with backend_lib.gradient_of_vmapped():
+        (loss, (losses, inner)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.meta_params, inner, data
+        )
     grad_max = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
     updates, meta_opt_state = meta_opt.update(grads, state.meta_opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)

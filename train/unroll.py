@@ -102,11 +102,18 @@ def meta_loss(
   start = inner.step  # (problems,) steps taken before this truncation
   run = lambda state: unroll(task, optimizer, meta_params, data, state, num_steps, second_order)
   losses, inner = jax.vmap(run)(inner)
+  loss = objective_value(losses, start, objective, horizon)
+  return loss, (losses, jax.lax.stop_gradient(inner))
+
+
+def objective_value(losses: jax.Array, start: jax.Array, objective: str, horizon) -> jax.Array:
+  """``meta_loss``'s scalar from the per-step losses (problems, steps), f(theta_1..T), of
+  problems that had taken ``start`` (problems,) steps before the truncation."""
   if objective == "log_sum":
     per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR))
   elif objective == "ramp":  # losses[:, i] is f(theta_{start + i + 1}).
-    t = start[:, None] + jnp.arange(1, num_steps + 1)[None, :]
+    t = start[:, None] + jnp.arange(1, losses.shape[1] + 1)[None, :]
     per_step = (t / horizon) * losses
   else:
     per_step = losses
-  return jnp.mean(jnp.sum(per_step, axis=1)), (losses, jax.lax.stop_gradient(inner))
+  return jnp.mean(jnp.sum(per_step, axis=1))

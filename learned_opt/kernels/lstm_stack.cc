@@ -72,14 +72,15 @@ struct Stack {
 // The step's sizes from h (..., layers, hidden) and its weights, the first 2 x layers of `args`
 // (w_0, b_0, w_1, b_1, ...), packed; or an error naming the mismatch.
 ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& h,
-                     const ffi::Buffer<ffi::F32>& c, const ffi::RemainingArgs& args, Stack& s) {
+                     const ffi::Buffer<ffi::F32>& c, const ffi::RemainingArgs& args, Stack& s,
+                     int64_t slots = 1, int64_t x_slots = 1) {
   const auto dims = h.dimensions();
   if (dims.size() < 2 || dims[dims.size() - 1] == 0 || dims[dims.size() - 2] == 0) {
     return ffi::Error::InvalidArgument("h must be (..., layers, hidden) with both > 0");
   }
   s.layers = static_cast<int>(dims[dims.size() - 2]);
   s.hidden = static_cast<int>(dims[dims.size() - 1]);
-  s.rows = static_cast<int64_t>(h.element_count()) / (s.layers * s.hidden);
+  s.rows = static_cast<int64_t>(h.element_count()) / (s.layers * s.hidden * slots);
   if (c.element_count() != h.element_count()) {
     return ffi::Error::InvalidArgument("c must be shaped like h");
   }
@@ -106,7 +107,7 @@ ffi::Error PackStack(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>
     PackWeights(w->typed_data(), b->typed_data(), l);
   }
   s.features = s.l[0].fan_in - s.hidden;
-  if (x.element_count() != static_cast<size_t>(s.rows) * s.features) {
+  if (x.element_count() != static_cast<size_t>(s.rows * s.features * x_slots)) {
     return ffi::Error::InvalidArgument("x must be (..., features) with h's rows");
   }
   return ffi::Error::Success();
@@ -207,21 +208,21 @@ void StackForwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t
   }
 }
 
-// Rows [begin, end), each chunk's part of their weight cotangents added into the chunk's slot
-// (slots + c * io.slot_size).
-void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
-                       const learned_opt_simd::GroupChunks& chunks, float* slots,
+// The tile of `count` rows from `row`, its part of the weight cotangents added into each
+// chunk's slot (slots + c * io.slot_size). x, h, c and du are read at `row`; dh', dc' read and
+// dx, dh, dc written at `cot_row` (the row itself, or 0 for a tile's own cotangent buffers).
+void StackBackwardTile(const Stack& st, const StackIo& io, int64_t row, int count,
+                       int64_t cot_row, const learned_opt_simd::GroupChunks& chunks, float* slots,
                        StackScratch& s) {
   const int hidden = st.hidden, state_row = st.layers * hidden;
   const bool readout = io.d_out != nullptr;
-  for (int64_t row = begin; row < end; row += kTileRows) {
-    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+  {
     StackForwardTile(st, io.x, io.h, io.c, row, count, nullptr, nullptr, readout, s);
     for (int i = st.layers - 1; i >= 0; --i) {
       const Layer& l = st.l[i];
       const int in = l.fan_in - hidden;
       for (int m = 0; m < count; ++m) {
-        const int64_t at = (row + m) * state_row + i * hidden;
+        const int64_t at = (cot_row + m) * state_row + i * hidden;
         CopyRow(s.dh->data + m * hidden, io.dh_new + at, hidden);
         CopyRow(s.dc->data + m * hidden, io.dc_new + at, hidden);
       }
@@ -258,13 +259,13 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
                  nullptr, false, s.da->data, l.fan_in_pad);
       for (int m = 0; m < count; ++m) {
         const float* da = s.da->data + m * l.fan_in_pad;
-        const int64_t at = (row + m) * state_row + i * hidden;
+        const int64_t at = (cot_row + m) * state_row + i * hidden;
         CopyRow(io.dc + at, s.dc_old->data + m * hidden, hidden);
         CopyRow(io.dh + at, da + in, hidden);
         if (i > 0) {
           CopyRow(s.carry->data + m * hidden, da, hidden);
         } else {
-          CopyRow(io.dx + (row + m) * in, da, in);
+          CopyRow(io.dx + (cot_row + m) * in, da, in);
         }
       }
       // In a slot: layer i's dW (fan_in_4, n_pad) then db (n_pad), after the layers below.
@@ -283,6 +284,16 @@ void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_
         }
       });
     }
+  }
+}
+
+// Rows [begin, end), tile by tile (StackBackwardTile).
+void StackBackwardRows(const Stack& st, const StackIo& io, int64_t begin, int64_t end,
+                       const learned_opt_simd::GroupChunks& chunks, float* slots,
+                       StackScratch& s) {
+  for (int64_t row = begin; row < end; row += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, end - row));
+    StackBackwardTile(st, io, row, count, row, chunks, slots, s);
   }
 }
 
@@ -461,6 +472,118 @@ ffi::Error StackReadoutBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return RunStackBackward(pool, x, h, c, rest, dx, dh, dc, weight_grads, true);
 }
 
+// A truncation's step on its workspace: wh, wc (slots, ..., layers, hidden) hold the state of
+// every step of the truncation; reads slot t, writes slot t + 1 (in place: the results alias wh
+// and wc), and the read-out u (...) of the new top h.
+ffi::Error StackReadoutStepForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> wc,
+                                   ffi::Buffer<ffi::S32> t, ffi::RemainingArgs rest,
+                                   ffi::ResultBuffer<ffi::F32> wh_out,
+                                   ffi::ResultBuffer<ffi::F32> wc_out,
+                                   ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = wh.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("wh must be (slots, ..., layers, hidden)");
+  const int64_t slots = dims[0];
+  Stack st;
+  if (ffi::Error e = PackStack(x, wh, wc, rest, st, slots); !e.success()) return e;
+  if (rest.size() != static_cast<size_t>(2 * st.layers + 2)) {
+    return ffi::Error::InvalidArgument("expected a w and a b per layer, w_out, b_out");
+  }
+  const int64_t step = t.typed_data()[0];
+  if (step < 0 || step + 1 >= slots) return ffi::Error::InvalidArgument("t outside the workspace");
+  StackIo io{};
+  if (ffi::Error e = PackReadout(st, rest, 2 * st.layers, io); !e.success()) return e;
+  if (out->element_count() != static_cast<size_t>(st.rows)) {
+    return ffi::Error::InvalidArgument("the read-out's result must have h's rows");
+  }
+  const int64_t slot = st.rows * st.layers * st.hidden;
+  io.out = out->typed_data();
+  io.x = x.typed_data();
+  io.h = wh_out->typed_data() + step * slot;  // aliases wh
+  io.c = wc_out->typed_data() + step * slot;
+  io.h_out = wh_out->typed_data() + (step + 1) * slot;
+  io.c_out = wc_out->typed_data() + (step + 1) * slot;
+  learned_opt_simd::ParallelRows(
+      pool, 0, false, st.rows, kChunkRows,
+      WithStackScratch(st, [&st, &io](int64_t begin, int64_t end, StackScratch& s) {
+        StackForwardRows(st, io, begin, end, s);
+      }));
+  return ffi::Error::Success();
+}
+
+// The weight cotangents of a whole truncation: xs (steps, ..., features), the workspace wh, wc
+// (steps + 1, ..., layers, hidden) its forward pass filled, weights, w_out, b_out, and du (steps,
+// ...), the read-out's cotangents; the state's cotangents run backward through the steps inside
+// each tile (from 0 after the last step: the state after a truncation is not differentiated).
+ffi::Error StackReadoutSequenceBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
+                                        ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> wc,
+                                        ffi::RemainingArgs rest, ffi::RemainingRets weight_grads) {
+  const auto dims = wh.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("wh must be (slots, ..., layers, hidden)");
+  const int64_t steps = dims[0] - 1;
+  Stack st;
+  if (ffi::Error e = PackStack(xs, wh, wc, rest, st, steps + 1, steps); !e.success()) return e;
+  const size_t weights = 2 * st.layers + 2;
+  if (rest.size() != weights + 1 || weight_grads.size() != weights) {
+    return ffi::Error::InvalidArgument("expected w, b per layer, w_out, b_out, du");
+  }
+  StackIo io{};
+  if (ffi::Error e = PackReadout(st, rest, 2 * st.layers, io); !e.success()) return e;
+  auto d_out = rest.get<ffi::Buffer<ffi::F32>>(weights);
+  if (!d_out.has_value() || d_out->element_count() != static_cast<size_t>(st.rows * steps)) {
+    return ffi::Error::InvalidArgument("du must be f32 (steps, rows)");
+  }
+  int64_t slot_size = ReadoutSlot(st.hidden);
+  for (const Layer& l : st.l) slot_size += static_cast<int64_t>(l.fan_in_4 + 1) * l.n_pad;
+  std::vector<float*> grads;
+  for (size_t i = 0; i < weights; ++i) {
+    auto grad = weight_grads.get<ffi::Buffer<ffi::F32>>(i);
+    if (!grad.has_value()) return ffi::Error::InvalidArgument("weight cotangents must be f32");
+    grads.push_back((*grad)->typed_data());
+  }
+  const learned_opt_simd::GroupChunks chunks(1, st.rows, kChunkRows);
+  AlignedFloats slots(static_cast<size_t>(std::max<int64_t>(chunks.count(), 1)) * slot_size);
+  const int64_t state_slot = st.rows * st.layers * st.hidden;
+  const float* xs_p = xs.typed_data();
+  const float* wh_p = wh.typed_data();
+  const float* wc_p = wc.typed_data();
+  const float* du_p = d_out->typed_data();
+  float* slots_p = slots.data;
+  const int state_row = st.layers * st.hidden;
+  learned_opt_simd::ParallelRows(
+      pool, 0, false, chunks.units(), 1,
+      WithStackScratch(st, [&, slots_p](int64_t begin, int64_t end, StackScratch& s) {
+        AlignedFloats dh(kTileRows * state_row + kLanes), dc(kTileRows * state_row + kLanes);
+        AlignedFloats dx(kTileRows * st.features + kLanes);
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t last = chunks.unit_last(u);
+          for (int64_t row = chunks.unit_first(u); row < last; row += kTileRows) {
+            const int count = static_cast<int>(std::min<int64_t>(kTileRows, last - row));
+            std::memset(dh.data, 0, kTileRows * state_row * sizeof(float));
+            std::memset(dc.data, 0, kTileRows * state_row * sizeof(float));
+            for (int64_t step = steps - 1; step >= 0; --step) {
+              StackIo tio = io;
+              tio.x = xs_p + step * st.rows * st.features;
+              tio.h = wh_p + step * state_slot;
+              tio.c = wc_p + step * state_slot;
+              tio.d_out = du_p + step * st.rows;
+              tio.dh_new = tio.dh = dh.data;  // in place: a layer's dh' is read before its dh
+              tio.dc_new = tio.dc = dc.data;
+              tio.dx = dx.data;
+              tio.slot_size = slot_size;
+              StackBackwardTile(st, tio, row, count, 0, chunks, slots_p, s);
+            }
+          }
+        }
+      }));
+  const int64_t offset = SumLayerChunks(slots.data, chunks.per_group, slot_size, st.l, grads, 0);
+  SumChunks(slots.data, chunks.per_group, slot_size, offset, 1, st.hidden, 0,
+            grads[2 * st.layers]);
+  SumChunks(slots.data, chunks.per_group, slot_size, offset + RoundUp(st.hidden, kLanes), 1, 1, 0,
+            grads[2 * st.layers + 1]);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackForward, StackForward,
@@ -507,3 +630,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackReadoutBackward, StackReadoutBackwa
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dh
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dc
                                   .RemainingRets());  // dw_0, db_0, ..., dw_out, db_out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackReadoutStepForward, StackReadoutStepForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wh (slots, ..., L, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wc
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // t ()
+                                  .RemainingArgs()                // w_0, b_0, ..., w_out, b_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // wh (aliased)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // wc (aliased)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // u (...)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LearnedOptStackReadoutSequenceBackward, StackReadoutSequenceBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // xs (steps, ..., features)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wh (steps + 1, ..., L, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wc
+                                  .RemainingArgs()                // w_0, ..., b_out, du
+                                  .RemainingRets());              // dw_0, ..., db_out

@@ -12,6 +12,12 @@ when they run.
   same kernels); the optimizer's preprocessing (element-wise, before) and output scale (after)
   stay in XLA. Not differentiated (an ``as_optax`` update), the new state overwrites the old in
   place: with a donated state no copy and no fresh buffer.
+* ``readout_step_in_workspace`` and ``readout_sequence_backward``: a whole truncation of
+  ``stack_readout`` steps without JAX's autodiff (``train.truncation``): each step reads its state
+  from slot t of a workspace holding every step's state and writes slot t + 1 in place, so no
+  carry is copied and nothing is stacked; the backward kernel then runs every step of a tile of
+  rows backward in time, the state's cotangents in the tile's own buffers, and returns only the
+  weights' cotangents.
 * ``gates``: the gates alone, for LSTM+GAC (whose averaging sits between the gates and the next
   layer, so XLA computes its matmuls), forward and backward (recomputing the gates from z, c).
 
@@ -43,6 +49,8 @@ SOURCES = (
       "LearnedOptStackBackward",
       "LearnedOptStackReadoutForward",
       "LearnedOptStackReadoutBackward",
+      "LearnedOptStackReadoutStepForward",
+      "LearnedOptStackReadoutSequenceBackward",
     ),
   ),
 )
@@ -233,3 +241,44 @@ def _stack_readout_vjp_backward(names, saved, cotangents):
 
 
 stack_readout.defvjp(_stack_readout_vjp_forward, _stack_readout_vjp_backward)
+
+
+def readout_step_in_workspace(names, x, wh, wc, t, *weights):
+  """One ``stack_readout`` step inside a truncation's workspace: ``(wh, wc, u)``.
+
+  Args:
+    names: the FFI targets, ``targets()``.
+    x: the preprocessed gradients (rows, features), float32.
+    wh, wc: the workspace (steps + 1, rows, layers, hidden): the state before step t in slot t.
+      Returned with slot t + 1 written, in place (donate them, or let XLA reuse the buffer of a
+      scan's carry).
+    t: the step, an int32 scalar.
+    *weights: ``w_0, b_0, ..., w_out, b_out``, as ``stack_readout``'s.
+
+  Returns:
+    ``(wh, wc, u)``, u (rows,) the read-out of the new top h. Not differentiable: the
+    truncation's weight cotangents come from ``readout_sequence_backward``.
+  """
+  workspace = jax.ShapeDtypeStruct(wh.shape, jnp.float32)
+  u = jax.ShapeDtypeStruct(wh.shape[1:-2], jnp.float32)
+  call = jax.ffi.ffi_call(names[6], (workspace, workspace, u), input_output_aliases={1: 0, 2: 1})
+  return tuple(call(x, wh, wc, jnp.asarray(t, jnp.int32), *weights))
+
+
+def readout_sequence_backward(names, xs, wh, wc, *weights_and_du):
+  """The weights' cotangents of a truncation of ``stack_readout`` steps.
+
+  Args:
+    names: the FFI targets, ``targets()``.
+    xs: every step's input (steps, rows, features).
+    wh, wc: the workspace its steps filled (steps + 1, rows, layers, hidden).
+    *weights_and_du: ``w_0, b_0, ..., w_out, b_out``, then ``du`` (steps, rows), the read-outs'
+      cotangents. The state after the last step gets none (a truncation's end).
+
+  Returns:
+    One cotangent per weight, shaped like it: summed over every row and step (in fixed chunks
+    of rows, so the same on any number of threads).
+  """
+  weights = weights_and_du[:-1]
+  out = tuple(jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in weights)
+  return tuple(jax.ffi.ffi_call(names[7], out)(xs, wh, wc, *weights_and_du))
