@@ -132,14 +132,28 @@ def time_threaded(compiled, state, extra, repeats):
   return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2], pipelined
 
 
-def time_step(step, state, data, repeats: int) -> dict:
+def time_step(step, state, data, repeats: int, workspace=None) -> dict:
   """One meta-step function measured: FLOPs (scans unrolled), compile seconds, and
-  ``time_threaded``'s wall, CPU and pipelined seconds. ``state`` is donated: do not reuse it."""
-  flops = flops_of(step, state, data)
-  tic = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=0).lower(state, data).compile()
-  compile_s = time.perf_counter() - tic
-  seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (data,), repeats)
+  ``time_threaded``'s wall, CPU and pipelined seconds. ``state`` is donated: do not reuse it.
+  With a ``workspace``, ``step`` is ``(state, data, workspace) -> (state, metrics, workspace)``
+  and the workspace is donated and threaded too, as ``train.meta_step.jit_train_step`` runs it."""
+  if workspace is None:
+    flops = flops_of(step, state, data)
+    tic = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, data).compile()
+    compile_s = time.perf_counter() - tic
+    seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (data,), repeats)
+  else:
+    flops = flops_of(step, state, data, workspace)
+    tic = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(state, data, workspace).compile()
+    compile_s = time.perf_counter() - tic
+
+    def threaded(carry, data):
+      state, metrics, workspace = compiled(carry[0], data, carry[1])
+      return (state, workspace), metrics
+
+    seconds, cpu_seconds, pipelined = time_threaded(threaded, (state, workspace), (data,), repeats)
   return {
     "seconds": seconds,
     "cpu_seconds": cpu_seconds,
@@ -152,7 +166,13 @@ def time_step(step, state, data, repeats: int) -> dict:
 def meta_step_workload(config: MetaTrainConfig, repeats: int) -> dict:
   task, optimizer = trainer.build(config)
   state = meta_step.init_state(config, task, optimizer)
-  result = time_step(meta_step.make_train_step(config, task, optimizer), state, task.data, repeats)
+  if hasattr(meta_step, "new_workspace"):  # the trainer's step: one workspace for every call
+    step = meta_step.make_train_step(config, task, optimizer, workspace=True)
+    workspace = meta_step.new_workspace(config, optimizer, state)
+    result = time_step(step, state, task.data, repeats, workspace)
+  else:  # a tree from before 2026-12-06 (benchmarks.compare runs this file in it)
+    step = meta_step.make_train_step(config, task, optimizer)
+    result = time_step(step, state, task.data, repeats)
   inner_steps = config.num_problems * config.unroll
   return {
     **result,

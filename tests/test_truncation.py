@@ -122,7 +122,7 @@ def test_value_and_grad_agrees_with_autodiff_of_the_meta_loss(names, objective):
       horizon=config.horizon,
     )
   )
-  (loss, (losses, after)), grads = mine(state.meta_params, inner)
+  ((loss, (losses, after)), grads), _ = mine(state.meta_params, inner)
   (ref_loss, (ref_losses, ref_after)), ref_grads = autodiff(state.meta_params, inner, task.data)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-6)
@@ -157,3 +157,25 @@ def test_the_meta_step_runs_the_sequence_kernels(names):
   xla_state = meta_step.init_state(config, task, xla)
   xla_step = meta_step.make_train_step(config, task, xla)
   assert names[7] not in str(jax.make_jaxpr(xla_step)(xla_state, task.data))
+
+
+def test_the_trainers_step_keeps_its_workspace_and_agrees_with_fresh_buffers(names):
+  """jit_train_step donates one workspace to every call (no new buffers a step); three steps
+  give the states of make_train_step's, whose buffers are fresh each step, bit for bit."""
+  config, task, optimizer, state = _setup()
+  kept = meta_step.jit_train_step(config, task, optimizer)
+  fresh = jax.jit(meta_step.make_train_step(config, task, optimizer))
+  a = b = state
+  buffers = []
+  for _ in range(3):
+    a, metrics = kept(jax.tree.map(jnp.copy, a), task.data)
+    b, _ = fresh(b, task.data)
+    buffers.append(kept.workspace)
+    assert bool(metrics.finite)
+  rows = sum(leaf.size for leaf in jax.tree.leaves(state.inner.params))
+  assert len(buffers[0]) == 2 and buffers[0][0].shape == (config.unroll + 1, rows, 2, 20)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(_values(x), _values(y))
+  assert buffers[0][0].is_deleted() and buffers[1][0].is_deleted()  # donated to the next call
+  xla = learned_opt.with_backend(optimizer, "xla")
+  assert meta_step.new_workspace(config, xla, meta_step.init_state(config, task, xla)) == ()

@@ -241,7 +241,9 @@ def meta_loss_fn(config: MetaTrainConfig, task: TaskFamily, optimizer: LearnedOp
   )
 
 
-def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable:
+def make_train_step(
+  config, task, optimizer, mesh=None, bucket=None, workspace: bool = False
+) -> Callable:
   """``(state, data) -> (state, metrics)``: one truncated-BPTT meta-step; skips non-finite ones.
 
   Jit it with ``donate_argnums=0`` and pass ``task.data`` as ``data`` (or use ``jit_train_step``).
@@ -250,13 +252,16 @@ def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable
   For a mixture, ``bucket`` names the bucket the step trains on: it reads and replaces
   ``state.inner[bucket]`` alone, ``data`` is that bucket's, and its problems are resampled once
   they reach the horizon (a bucket is not drawn every step, so the global step cannot tell).
+
+  With ``workspace``, ``(state, data, workspace) -> (state, metrics, workspace)``: the buffers
+  of ``new_workspace`` (donate them too) hold the truncation's states (``train.truncation``)
+  instead of fresh ones each step; ``()`` where the step does not use one.
   """
   if is_mixture(task):
     if bucket is None:
       raise ValueError("A mixture's train step trains one bucket; pass bucket=INDEX.")
-    return _bucket_step(
-      make_train_step(config, task.buckets[bucket], optimizer, mesh, bucket), bucket
-    )
+    step = make_train_step(config, task.buckets[bucket], optimizer, mesh, bucket, True)
+    return _bucket_step(step, bucket, workspace)
   meta_opt = meta_optimizer(config)
   truncations = config.horizon // config.unroll
   loss_fn = meta_loss_fn(config, task, optimizer)
@@ -273,7 +278,7 @@ def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable
     place = lambda inner: jax.lax.with_sharding_constraint(inner, split)
     fresh = lambda *args, draw=fresh: place(draw(*args))
 
-  def step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
+  def step(state: TrainState, data, buffers) -> tuple[TrainState, StepMetrics, tuple]:
     if bucket is None:
       due = (state.step > 0) & (state.step % truncations == 0)  # the horizon is reached
     else:  # every problem of a batch was drawn together, so they share one step count
@@ -283,9 +288,10 @@ def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable
     )
     names = truncation.kernel_targets(optimizer, state.meta_params, inner, config.second_order)
     if names is not None:  # the LSTM on the CPU kernels: the truncation's own backward pass
-      (loss, (losses, inner)), grads = truncation.value_and_grad(
-        names, state.meta_params, inner, data, **truncation_args
+      ((loss, (losses, inner)), grads), filled = truncation.value_and_grad(
+        names, state.meta_params, inner, data, workspace=buffers or None, **truncation_args
       )
+      buffers = filled if buffers else ()  # without a workspace, fresh buffers stay inside
     else:  # autodiff of a loss vmapped over problems: kernels sum phi's cotangents once
       with backend_lib.gradient_of_vmapped():
         (loss, (losses, inner)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -323,37 +329,75 @@ def make_train_step(config, task, optimizer, mesh=None, bucket=None) -> Callable
       skips=skips,
     )
     metrics = StepMetrics(loss, jnp.mean(losses[:, -1]), optax.tree.norm(grads), grad_max, finite)
-    return new_state, metrics
+    return new_state, metrics, buffers
 
-  def train_step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
+  def train_step(state: TrainState, data, buffers=()) -> tuple:
     # Once halted, a step changes nothing, so the state the host stops with is the halting one.
     nan = jnp.full((), jnp.nan, jnp.float32)
-    halted = lambda: (state, StepMetrics(nan, nan, nan, nan, jnp.zeros((), bool)))
-    return jax.lax.cond(state.skips.halted, halted, lambda: step(state, data))
+    stopped = StepMetrics(nan, nan, nan, nan, jnp.zeros((), bool))
+    if not buffers:
+      halted = lambda: (state, stopped)
+      out = jax.lax.cond(state.skips.halted, halted, lambda: step(state, data, buffers)[:2])
+      return (*out, buffers)
+    # With a workspace the step runs and a halted one is discarded: a conditional around it
+    # would copy the workspace in and out (hundreds of MB a step).
+    new_state, metrics, buffers = step(state, data, buffers)
+    new_state, metrics = jax.lax.cond(
+      state.skips.halted, lambda: (state, stopped), lambda: (new_state, metrics)
+    )
+    return new_state, metrics, buffers
 
-  return train_step
+  return train_step if workspace else lambda state, data: train_step(state, data)[:2]
 
 
-def _bucket_step(step: Callable, bucket: int) -> Callable:
-  """``step`` of one bucket on a mixture's state: it sees ``state.inner[bucket]`` alone."""
+def _bucket_step(step: Callable, bucket: int, workspace: bool) -> Callable:
+  """``step`` (with a workspace) of one bucket on a mixture's state: it sees
+  ``state.inner[bucket]`` alone; ``workspace`` as ``make_train_step``'s."""
 
-  def mixture_step(state: TrainState, data) -> tuple[TrainState, StepMetrics]:
-    new_state, metrics = step(state._replace(inner=state.inner[bucket]), data)
+  def mixture_step(state: TrainState, data, buffers=()) -> tuple:
+    new_state, metrics, buffers = step(state._replace(inner=state.inner[bucket]), data, buffers)
     inner = (*state.inner[:bucket], new_state.inner, *state.inner[bucket + 1 :])
-    return new_state._replace(inner=inner), metrics
+    new_state = new_state._replace(inner=inner)
+    return (new_state, metrics, buffers) if workspace else (new_state, metrics)
 
-  return mixture_step
+  return mixture_step if workspace else lambda state, data: mixture_step(state, data)
+
+
+def new_workspace(config, optimizer, state: TrainState, bucket=None) -> tuple:
+  """Buffers for ``make_train_step(..., workspace=True)``: ``train.truncation``'s for the
+  problems of ``state`` (of ``bucket``'s, in a mixture), or ``()`` where the step uses none."""
+  inner = state.inner if bucket is None else state.inner[bucket]
+  names = truncation.kernel_targets(optimizer, state.meta_params, inner, config.second_order)
+  return () if names is None else truncation.new_workspace(optimizer, inner, config.unroll)
 
 
 def jit_train_step(config, task, optimizer, mesh=None, state=None, bucket=None) -> Callable:
   """``make_train_step`` jitted as the trainer runs it: the state donated, and on a ``mesh``
   its shardings (``state_shardings`` of ``state``, a state or its ``jax.eval_shape``) kept."""
-  step = make_train_step(config, task, optimizer, mesh, bucket)
+  step = make_train_step(config, task, optimizer, mesh, bucket, workspace=True)
   if mesh is None:
-    return jax.jit(step, donate_argnums=0)
-  whole = distributed.replicated(mesh)
-  metrics = StepMetrics(*[whole] * len(StepMetrics._fields))
-  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings(state, mesh), metrics))
+    jitted = jax.jit(step, donate_argnums=(0, 2))
+  else:
+    whole = distributed.replicated(mesh)
+    metrics = StepMetrics(*[whole] * len(StepMetrics._fields))
+    shardings = (state_shardings(state, mesh), metrics, whole)
+    jitted = jax.jit(step, donate_argnums=(0, 2), out_shardings=shardings)
+  return WorkspaceStep(jitted, lambda state: new_workspace(config, optimizer, state, bucket))
+
+
+class WorkspaceStep:
+  """``(state, data) -> (state, metrics)`` by a jitted workspace step (``make_train_step(...,
+  workspace=True)``), its workspace kept between calls and donated to each: one allocation for
+  the run, not one per meta-step. Made on the first call; dropped if a call fails."""
+
+  def __init__(self, jitted: Callable, make: Callable[[TrainState], tuple]):
+    self.jitted, self.make, self.workspace = jitted, make, None
+
+  def __call__(self, state: TrainState, data) -> tuple[TrainState, StepMetrics]:
+    workspace = self.make(state) if self.workspace is None else self.workspace
+    self.workspace = None  # donated below: never reused if the call fails
+    state, metrics, self.workspace = self.jitted(state, data, workspace)
+    return state, metrics
 
 
 def sample_valid_problems(

@@ -63,6 +63,7 @@ def value_and_grad(
   num_steps: int,
   objective: str = "sum",
   horizon: int | None = None,
+  workspace: tuple[jax.Array, jax.Array] | None = None,
 ):
   """``jax.value_and_grad(unroll.meta_loss, has_aux=True)``'s result, by the sequence kernels.
 
@@ -70,23 +71,26 @@ def value_and_grad(
     names: ``kernel_targets``' targets.
     meta_params, inner, data, task, optimizer, num_steps, objective, horizon: as
       ``unroll.meta_loss``'s (``inner`` a batch of problems, leading axis (problems,)).
+    workspace: ``new_workspace``'s buffers to step in (their contents are overwritten), or None
+      for fresh ones. Donated to a jitted caller and returned, they cost no allocation, zero
+      fill or page faults a step (``train.meta_step.jit_train_step``).
 
   Returns:
-    ``((loss, (losses, inner)), grads)``: the objective, the per-step losses (problems,
-    num_steps), the batch after the truncation, and phi's gradient.
+    ``(((loss, (losses, inner)), grads), workspace)``: the objective, the per-step losses
+    (problems, num_steps), the batch after the truncation, phi's gradient, and the buffers.
   """
   config = optimizer.config
   preprocess, _ = preprocess_lib.make(
     config["preprocess"], p=config["preprocess_p"], factor=config["input_scale"]
   )
-  scale, layers, hidden = config["output_scale"], config["num_layers"], config["hidden_size"]
+  scale, layers = config["output_scale"], config["num_layers"]
   leaves, treedef = jax.tree.flatten(inner.params)
   states = treedef.flatten_up_to(inner.opt_state.inner)
   sizes = [leaf.size for leaf in leaves]  # problems x coordinates, per leaf
-  rows = sum(sizes)
-  shape = (num_steps + 1, rows, layers, hidden)
-  wh = jnp.zeros(shape, jnp.float32).at[0].set(_rows([s.hidden for s in states], 2))
-  wc = jnp.zeros(shape, jnp.float32).at[0].set(_rows([s.cell for s in states], 2))
+  if workspace is None:
+    workspace = new_workspace(optimizer, inner, num_steps)
+  wh = workspace[0].at[0].set(_rows([s.hidden for s in states], 2))
+  wc = workspace[1].at[0].set(_rows([s.cell for s in states], 2))
   weights = lstm_rows.layer_weights(meta_params["layers"])
   weights += [meta_params["out"]["w"], meta_params["out"]["b"]]
   weights = [jax.lax.stop_gradient(w) for w in weights]
@@ -143,4 +147,13 @@ def value_and_grad(
     )
   )
   state = jax.lax.stop_gradient(state._replace(opt_state=opt_state))
-  return (loss, (losses, state)), grads
+  return ((loss, (losses, state)), grads), (wh, wc)
+
+
+def new_workspace(optimizer: LearnedOptimizer, inner: InnerState, num_steps: int):
+  """Zeroed buffers ``(wh, wc)``, each (num_steps + 1, rows, layers, hidden) float32, rows the
+  coordinates of every problem of ``inner``: slot t holds the LSTM state before step t."""
+  rows = sum(leaf.size for leaf in jax.tree.leaves(inner.params))
+  config = optimizer.config
+  shape = (num_steps + 1, rows, config["num_layers"], config["hidden_size"])
+  return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
