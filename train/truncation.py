@@ -47,11 +47,6 @@ def kernel_targets(
   return backend_lib.kernel_targets(optimizer.backend, meta_params, leaves)
 
 
-def _rows(leaves: list[jax.Array], trailing: int = 0) -> jax.Array:
-  """Every leaf's coordinates, problems first within a leaf, as rows ``(R,) + trailing dims``."""
-  return lstm_rows.to_rows(leaves, trailing)
-
-
 def value_and_grad(
   names: tuple[str, ...],
   meta_params: MetaParams,
@@ -89,11 +84,11 @@ def value_and_grad(
   sizes = [leaf.size for leaf in leaves]  # problems x coordinates, per leaf
   if workspace is None:
     workspace = new_workspace(optimizer, inner, num_steps)
-  wh = workspace[0].at[0].set(_rows([s.hidden for s in states], 2))
-  wc = workspace[1].at[0].set(_rows([s.cell for s in states], 2))
+  # Rows: every leaf's coordinates, problem by problem within a leaf (lstm_rows.to_rows).
+  wh = workspace[0].at[0].set(lstm_rows.to_rows([s.hidden for s in states], 2))
+  wc = workspace[1].at[0].set(lstm_rows.to_rows([s.cell for s in states], 2))
   weights = lstm_rows.layer_weights(meta_params["layers"])
   weights += [meta_params["out"]["w"], meta_params["out"]["b"]]
-  weights = [jax.lax.stop_gradient(w) for w in weights]
 
   def split(values: jax.Array) -> list[jax.Array]:
     return lstm_rows.split_rows(values, [leaf.shape for leaf in leaves])
@@ -101,7 +96,7 @@ def value_and_grad(
   def step(carry, _):
     state, wh, wc, t = carry
     loss, grads = jax.vmap(lambda s: inner_lib.gradient(task, data, s))(state)
-    g = _rows(treedef.flatten_up_to(grads))
+    g = lstm_rows.to_rows(treedef.flatten_up_to(grads), 0)
     # as_optax's nan_policy="propagate": a non-finite entry gives a NaN update.
     x = preprocess(jnp.where(jnp.isfinite(g), g, jnp.nan))
     wh, wc, u = kernels_lib.readout_step_in_workspace(names, x, wh, wc, t, *weights)
@@ -125,7 +120,8 @@ def value_and_grad(
     losses, inner.step, objective, horizon
   )
   # a_s = sum_{t > s} w_t grad f(theta_t): the cotangent of u_s (s = 0..T-1).
-  grads_after = jnp.concatenate([gs[1:], _rows(treedef.flatten_up_to(last_grads))[None]])
+  last_g = lstm_rows.to_rows(treedef.flatten_up_to(last_grads), 0)
+  grads_after = jnp.concatenate([gs[1:], last_g[None]])
   problems = inner.step.shape[0]
   w_rows = jnp.concatenate(
     [jnp.repeat(weights_of_losses.T, size // problems, axis=1) for size in sizes], axis=1
@@ -137,15 +133,8 @@ def value_and_grad(
     "out": {"w": cotangents[-2], "b": cotangents[-1]},
   }
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, meta_params)
-  hidden_after, cell_after = (
-    [a.reshape(s.hidden.shape) for a, s in zip(split(w[num_steps]), states, strict=True)]
-    for w in (wh, wc)
-  )
-  opt_state = LearnedOptaxState(
-    treedef.unflatten(
-      [CoordinateState(h, c) for h, c in zip(hidden_after, cell_after, strict=True)]
-    )
-  )
+  after = zip(split(wh[num_steps]), split(wc[num_steps]), strict=True)
+  opt_state = LearnedOptaxState(treedef.unflatten([CoordinateState(h, c) for h, c in after]))
   state = jax.lax.stop_gradient(state._replace(opt_state=opt_state))
   return ((loss, (losses, state)), grads), (wh, wc)
 

@@ -92,13 +92,7 @@ def meta_loss(
     per-step losses shaped (problems, num_steps); the batch after the truncation, with its
     gradient path to phi cut so the next truncation starts afresh (truncated BPTT).
   """
-  if objective not in OBJECTIVES:
-    raise ValueError(f"Unknown meta-objective {objective!r}; choose one of {OBJECTIVES}.")
-  if objective == "ramp" and not (horizon and horizon > 0):
-    raise ValueError(
-      f"The ramp objective needs a positive horizon, got {horizon!r}; pass the steps per problem "
-      "(--horizon), by which it divides t."
-    )
+  check_objective(objective, horizon)
   start = inner.step  # (problems,) steps taken before this truncation
   run = lambda state: unroll(task, optimizer, meta_params, data, state, num_steps, second_order)
   losses, inner = jax.vmap(run)(inner)
@@ -109,6 +103,7 @@ def meta_loss(
 def objective_value(losses: jax.Array, start: jax.Array, objective: str, horizon) -> jax.Array:
   """``meta_loss``'s scalar from the per-step losses (problems, steps), f(theta_1..T), of
   problems that had taken ``start`` (problems,) steps before the truncation."""
+  check_objective(objective, horizon)
   if objective == "log_sum":
     per_step = jnp.log(jnp.maximum(losses, LOG_FLOOR))
   elif objective == "ramp":  # losses[:, i] is f(theta_{start + i + 1}).
@@ -117,3 +112,14 @@ def objective_value(losses: jax.Array, start: jax.Array, objective: str, horizon
   else:
     per_step = losses
   return jnp.mean(jnp.sum(per_step, axis=1))
+
+
+def check_objective(objective: str, horizon) -> None:
+  """Raises a ValueError naming the fix for an unknown objective or a ramp without a horizon."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"Unknown meta-objective {objective!r}; choose one of {OBJECTIVES}.")
+  if objective == "ramp" and not (horizon and horizon > 0):
+    raise ValueError(
+      f"The ramp objective needs a positive horizon, got {horizon!r}; pass the steps per problem "
+      "(--horizon), by which it divides t."
+    )
