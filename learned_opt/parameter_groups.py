@@ -31,7 +31,7 @@ def conv_fc(path, leaf) -> str:
 RULES: dict[str, LabelRule] = {"conv_fc": conv_fc}
 
 
-def _group_indices(rule: LabelRule, tree, labels: tuple[str, ...]) -> dict[str, list[int]]:
+def group_indices(rule: LabelRule, tree, labels: tuple[str, ...]) -> dict[str, list[int]]:
   """Leaf indices of each group, in flattening order; checks every label is known."""
   groups = {label: [] for label in labels}
   for index, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(tree)):
@@ -72,7 +72,7 @@ def partition(
 
   def split(tree):
     leaves = jax.tree.leaves(tree)
-    groups = _group_indices(label_fn, tree, labels)
+    groups = group_indices(label_fn, tree, labels)
     return {label: [leaves[i] for i in groups[label]] for label in labels}, groups
 
   def init_meta_params(key):

@@ -287,19 +287,27 @@ def test_gradient_of_vmapped_marks_the_targets_it_hands_out(names):
 
 @pytest.mark.slow
 def test_the_meta_step_sums_phis_cotangents_in_the_kernel(names):
-  """train.meta_step's autodiff meta-gradient (here of per-group LSTMs, which the truncation's
-  sequence kernels do not serve) is a gradient of a loss vmapped over problems: the backward
-  kernel returns phi's cotangents summed over the 32 problems, not one per problem for XLA to add
-  up (which made the 128-quadratic meta-step 1.6x slower)."""
+  """train.meta_step's autodiff meta-gradient (here of NTM-BFGS without global averaging cells,
+  whose controller LSTM runs on the stack kernels; the truncation's kernels do not serve it) is
+  a gradient of a loss vmapped over problems: the backward kernel returns phi's cotangents summed
+  over the 32 problems, not one per problem for XLA to add up (which made the 128-quadratic
+  meta-step 1.6x slower)."""
   assert names is not None
-  config = MetaTrainConfig(output_dir="/tmp/unused", num_problems=32, unroll=5, horizon=10)
+  config = MetaTrainConfig(
+    output_dir="/tmp/unused",
+    num_problems=32,
+    unroll=5,
+    horizon=10,
+    optimizer="ntm_bfgs",
+    optimizer_kwargs={"global_cells": 0},  # the stack kernels, not the gates alone
+  )
   task, optimizer = trainer.build(config)
-  optimizer = learned_opt.partition({"fc": learned_opt.with_backend(optimizer, "cpu_kernels")})
+  optimizer = learned_opt.with_backend(optimizer, "cpu_kernels")
   state = meta_step.init_state(config, task, optimizer)
   step = meta_step.make_train_step(config, task, optimizer)
   jaxpr = str(jax.make_jaxpr(step)(state, task.data))
-  weights = [w for w in jax.tree.leaves(state.meta_params) if w.ndim == 2]
-  assert names[5] in jaxpr and names[7] not in jaxpr and weights
+  weights = [w for w in jax.tree.leaves(state.meta_params["layers"]) if w.ndim == 2]
+  assert names[3] in jaxpr and names[7] not in jaxpr and weights
   for w in weights:
     assert f"f32[32,{','.join(map(str, w.shape))}]" not in jaxpr, w.shape
 

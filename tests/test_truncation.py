@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cifar10_files import binary_batch_bytes, tiny_split
 
 import learned_opt
 from learned_opt.kernels import stack
+from tasks.cifar10_formats import BINARY_FILES
 from train import meta_step, trainer, truncation
 from train.config import MetaTrainConfig
 
@@ -92,6 +94,37 @@ def _setup(objective="sum", **optimizer_kwargs):
     meta_objective=objective,
     optimizer_kwargs={"preprocess": "log_sign", "output_scale": 0.1, **optimizer_kwargs},
   )
+  return _built(config)
+
+
+@pytest.fixture(scope="module")
+def cifar10_dir(tmp_path_factory):
+  """Official binary batches of 50 tiny images, and a test batch."""
+  directory = tmp_path_factory.mktemp("cifar10_bin")
+  images, labels = tiny_split(per_class=5)
+  for name, part in zip(BINARY_FILES["train"], np.array_split(np.arange(50), 5), strict=True):
+    (directory / name).write_bytes(binary_batch_bytes(images[part], labels[part]))
+  (directory / BINARY_FILES["test"][0]).write_bytes(binary_batch_bytes(images[:4], labels[:4]))
+  return str(directory)
+
+
+def _two_lstms(cifar10_dir, **lstm):
+  """A tiny CIFAR-10 conv net with one LSTM for its conv and one for its dense parameters."""
+  group = {"kind": "lstm", "hidden_size": 5, "preprocess": "log_sign", "output_scale": 0.1}
+  config = MetaTrainConfig(
+    output_dir="/tmp/unused",
+    task="cifar10_conv",
+    task_kwargs={"cifar10_dir": cifar10_dir, "channels": [2], "hidden_size": 3, "batch_size": 4},
+    optimizer="partition",
+    optimizer_kwargs={"rule": "conv_fc", "optimizers": {"conv": {**group, **lstm}, "fc": group}},
+    num_problems=2,
+    unroll=3,
+    horizon=6,
+  )
+  return _built(config)
+
+
+def _built(config):
   task, optimizer = trainer.build(config)
   optimizer = learned_opt.with_backend(optimizer, "cpu_kernels")
   state = meta_step.init_state(config, task, optimizer)
@@ -102,7 +135,20 @@ def _setup(objective="sum", **optimizer_kwargs):
 def test_value_and_grad_agrees_with_autodiff_of_the_meta_loss(names, objective):
   """Loss, per-step losses, the problems after the truncation and phi's gradient, against
   jax.value_and_grad(unroll.meta_loss) on the same kernels, from a truncation mid-run."""
-  config, task, optimizer, state = _setup(objective)
+  _agrees_with_autodiff(names, *_setup(objective))
+
+
+def test_two_lstms_agree_with_autodiff(names, cifar10_dir):
+  """The CIFAR-10 conv net's two LSTMs (learned_opt.partition), each its own workspace."""
+  config, task, optimizer, state = _two_lstms(cifar10_dir)
+  lstms = truncation.groups(optimizer, state.meta_params, state.inner)
+  assert [g.label for g in lstms] == ["conv", "fc"]
+  assert all(g.leaves for g in lstms)
+  _agrees_with_autodiff(names, config, task, optimizer, state)
+
+
+def _agrees_with_autodiff(names, config, task, optimizer, state):
+  objective = config.meta_objective
   loss_fn = meta_step.meta_loss_fn(config, task, optimizer)
   autodiff = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   # Start one truncation in, so the LSTM state and the step count are not zero.
@@ -147,6 +193,11 @@ def test_kernel_targets_only_for_the_lstm_on_the_kernels_first_order(names):
   assert truncation.kernel_targets(gac, gac_state.meta_params, gac_state.inner, False) is None
 
 
+def test_a_partition_with_a_gac_group_keeps_autodiff(names, cifar10_dir):
+  _, _, optimizer, state = _two_lstms(cifar10_dir, global_cells=2)
+  assert truncation.kernel_targets(optimizer, state.meta_params, state.inner, False) is None
+
+
 def test_the_meta_step_runs_the_sequence_kernels(names):
   """train.meta_step takes the truncation's kernels for the LSTM on cpu_kernels, and autodiff
   (no sequence kernel) on XLA."""
@@ -173,9 +224,10 @@ def test_the_trainers_step_keeps_its_workspace_and_agrees_with_fresh_buffers(nam
     buffers.append(kept.workspace)
     assert bool(metrics.finite)
   rows = sum(leaf.size for leaf in jax.tree.leaves(state.inner.params))
-  assert len(buffers[0]) == 2 and buffers[0][0].shape == (config.unroll + 1, rows, 2, 20)
+  ((wh, wc),) = buffers[0]  # one LSTM: one pair
+  assert wh.shape == wc.shape == (config.unroll + 1, rows, 2, 20)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(_values(x), _values(y))
-  assert buffers[0][0].is_deleted() and buffers[1][0].is_deleted()  # donated to the next call
+  assert wh.is_deleted() and buffers[1][0][1].is_deleted()  # donated to the next call
   xla = learned_opt.with_backend(optimizer, "xla")
   assert meta_step.new_workspace(config, xla, meta_step.init_state(config, task, xla)) == ()

@@ -373,16 +373,24 @@ def new_workspace(config, optimizer, state: TrainState, bucket=None) -> tuple:
 
 def jit_train_step(config, task, optimizer, mesh=None, state=None, bucket=None) -> Callable:
   """``make_train_step`` jitted as the trainer runs it: the state donated, and on a ``mesh``
-  its shardings (``state_shardings`` of ``state``, a state or its ``jax.eval_shape``) kept."""
-  step = make_train_step(config, task, optimizer, mesh, bucket, workspace=True)
+  its shardings (``state_shardings`` of ``state``, a state or its ``jax.eval_shape``) kept.
+
+  Outside a mixture the step keeps its truncation workspace between calls (``WorkspaceStep``);
+  a mixture's buckets take turns, and a workspace kept for each would add up, so theirs are
+  fresh each step."""
+  keep = bucket is None
+  step = make_train_step(config, task, optimizer, mesh, bucket, workspace=keep)
+  donate = (0, 2) if keep else 0
   if mesh is None:
-    jitted = jax.jit(step, donate_argnums=(0, 2))
+    jitted = jax.jit(step, donate_argnums=donate)
   else:
     whole = distributed.replicated(mesh)
     metrics = StepMetrics(*[whole] * len(StepMetrics._fields))
-    shardings = (state_shardings(state, mesh), metrics, whole)
-    jitted = jax.jit(step, donate_argnums=(0, 2), out_shardings=shardings)
-  return WorkspaceStep(jitted, lambda state: new_workspace(config, optimizer, state, bucket))
+    shardings = (state_shardings(state, mesh), metrics, whole)[: 3 if keep else 2]
+    jitted = jax.jit(step, donate_argnums=donate, out_shardings=shardings)
+  if not keep:
+    return jitted
+  return WorkspaceStep(jitted, lambda state: new_workspace(config, optimizer, state))
 
 
 class WorkspaceStep:

@@ -12,14 +12,19 @@ cotangents in the tile's own buffers, and returns phi's cotangents. Same math as
 their copies that XLA's scan would make gone.
 
 It serves the paper's LSTM optimizer without global averaging cells on the CPU kernels, first
-order; ``kernel_targets`` says when, and ``train.meta_step`` falls back to autodiff otherwise.
+order, alone or one per parameter group (``learned_opt.partition``, the CIFAR-10 conv net's two
+LSTMs: each group its own workspace and kernels); ``kernel_targets`` says when, and
+``train.meta_step`` falls back to autodiff otherwise.
 """
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from learned_opt import backend as backend_lib
-from learned_opt import lstm_rows
+from learned_opt import lstm_rows, parameter_groups
 from learned_opt import preprocess as preprocess_lib
 from learned_opt.base import CoordinateState, LearnedOptimizer, MetaParams
 from learned_opt.kernels import stack as kernels_lib
@@ -30,19 +35,57 @@ from train import unroll as unroll_lib
 from train.inner import InnerState
 
 
+class Group(NamedTuple):
+  """One LSTM of the optimizer and the parameter leaves it updates."""
+
+  label: str | None  # its group's in a ``partition``; None: the optimizer is this LSTM
+  config: Mapping[str, Any]  # its ``lstm_optimizer`` settings
+  meta_params: MetaParams | None  # its phi
+  leaves: list[int]  # indices into the flattened parameters, in order
+  states: list[CoordinateState]  # theirs, batched over problems
+
+
+def _is_plain_lstm(config: Mapping[str, Any]) -> bool:
+  return config.get("kind") == "lstm" and not config.get("global_cells")
+
+
+def groups(optimizer: LearnedOptimizer, meta_params: MetaParams | None, inner: InnerState):
+  """The optimizer's LSTMs without global averaging cells as ``Group`` s (groups without leaves
+  left out), or None where it is anything else. ``meta_params`` None: groups without phi."""
+  config = optimizer.config
+  count = len(jax.tree.leaves(inner.params))
+  if _is_plain_lstm(config):
+    states = jax.tree.structure(inner.params).flatten_up_to(inner.opt_state.inner)
+    return [Group(None, config, meta_params, list(range(count)), states)]
+  if config.get("kind") != "partition":
+    return None
+  labels = tuple(sorted(config["optimizers"]))
+  if not all(_is_plain_lstm(config["optimizers"][label]) for label in labels):
+    return None
+  one_problem = jax.tree.map(lambda a: a[0], inner.params)  # the rule reads unbatched leaves
+  rule = parameter_groups.RULES[config["rule"]]
+  indices = parameter_groups.group_indices(rule, one_problem, labels)
+  phi = meta_params or dict.fromkeys(labels)
+  states = inner.opt_state.inner
+  return [
+    Group(label, config["optimizers"][label], phi[label], indices[label], states[label])
+    for label in labels
+    if indices[label]
+  ]
+
+
 def kernel_targets(
   optimizer: LearnedOptimizer, meta_params: MetaParams, inner: InnerState, second_order: bool
 ) -> tuple[str, ...] | None:
   """The stack kernels' targets where ``value_and_grad`` serves this meta-step, else None.
 
-  It does for the LSTM optimizer without global averaging cells whose backend runs the CPU
-  kernels (``learned_opt.backend.kernel_targets``), on float32 parameters, first order.
+  It does for LSTM optimizers without global averaging cells (``groups``) whose backend runs the
+  CPU kernels (``learned_opt.backend.kernel_targets``), on float32 parameters, first order.
   """
-  config = optimizer.config
   leaves = jax.tree.leaves(inner.params)
-  if second_order or config.get("kind") != "lstm" or config.get("global_cells") or not leaves:
+  if second_order or not leaves or any(leaf.dtype != jnp.float32 for leaf in leaves):
     return None
-  if any(leaf.dtype != jnp.float32 for leaf in leaves):
+  if not groups(optimizer, meta_params, inner):
     return None
   return backend_lib.kernel_targets(optimizer.backend, meta_params, leaves)
 
@@ -58,7 +101,7 @@ def value_and_grad(
   num_steps: int,
   objective: str = "sum",
   horizon: int | None = None,
-  workspace: tuple[jax.Array, jax.Array] | None = None,
+  workspace: tuple | None = None,
 ):
   """``jax.value_and_grad(unroll.meta_loss, has_aux=True)``'s result, by the sequence kernels.
 
@@ -74,40 +117,44 @@ def value_and_grad(
     ``(((loss, (losses, inner)), grads), workspace)``: the objective, the per-step losses
     (problems, num_steps), the batch after the truncation, phi's gradient, and the buffers.
   """
-  config = optimizer.config
-  preprocess, _ = preprocess_lib.make(
-    config["preprocess"], p=config["preprocess_p"], factor=config["input_scale"]
-  )
-  scale, layers = config["output_scale"], config["num_layers"]
-  leaves, treedef = jax.tree.flatten(inner.params)
-  states = treedef.flatten_up_to(inner.opt_state.inner)
-  sizes = [leaf.size for leaf in leaves]  # problems x coordinates, per leaf
+  lstms = groups(optimizer, meta_params, inner)
   if workspace is None:
     workspace = new_workspace(optimizer, inner, num_steps)
-  # Rows: every leaf's coordinates, problem by problem within a leaf (lstm_rows.to_rows).
-  wh = workspace[0].at[0].set(lstm_rows.to_rows([s.hidden for s in states], 2))
-  wc = workspace[1].at[0].set(lstm_rows.to_rows([s.cell for s in states], 2))
-  weights = lstm_rows.layer_weights(meta_params["layers"])
-  weights += [meta_params["out"]["w"], meta_params["out"]["b"]]
-
-  def split(values: jax.Array) -> list[jax.Array]:
-    return lstm_rows.split_rows(values, [leaf.shape for leaf in leaves])
+  leaves, treedef = jax.tree.flatten(inner.params)
+  preprocess = [_preprocessor(g.config) for g in lstms]
+  weights = [_kernel_weights(g.meta_params) for g in lstms]
+  # Rows: a group's leaves' coordinates, problem by problem within a leaf (lstm_rows.to_rows).
+  rows_of = lambda values, g: lstm_rows.to_rows([values[i] for i in g.leaves], 0)
+  workspace = tuple(
+    (
+      wh.at[0].set(lstm_rows.to_rows([s.hidden for s in g.states], 2)),
+      wc.at[0].set(lstm_rows.to_rows([s.cell for s in g.states], 2)),
+    )
+    for g, (wh, wc) in zip(lstms, workspace, strict=True)
+  )
 
   def step(carry, _):
-    state, wh, wc, t = carry
+    state, workspace, t = carry
     loss, grads = jax.vmap(lambda s: inner_lib.gradient(task, data, s))(state)
-    g = lstm_rows.to_rows(treedef.flatten_up_to(grads), 0)
-    # as_optax's nan_policy="propagate": a non-finite entry gives a NaN update.
-    x = preprocess(jnp.where(jnp.isfinite(g), g, jnp.nan))
-    wh, wc, u = kernels_lib.readout_step_in_workspace(names, x, wh, wc, t, *weights)
-    params = treedef.flatten_up_to(state.params)
-    params = [p + (scale * d).astype(p.dtype) for p, d in zip(params, split(u), strict=True)]
+    grads, params = treedef.flatten_up_to(grads), treedef.flatten_up_to(state.params)
+    filled, inputs, grad_rows = [], [], []
+    for g, prep, w, (wh, wc) in zip(lstms, preprocess, weights, workspace, strict=True):
+      rows = rows_of(grads, g)
+      # as_optax's nan_policy="propagate": a non-finite entry gives a NaN update.
+      x = prep(jnp.where(jnp.isfinite(rows), rows, jnp.nan))
+      wh, wc, u = kernels_lib.readout_step_in_workspace(names, x, wh, wc, t, *w)
+      shapes = [leaves[i].shape for i in g.leaves]
+      for i, d in zip(g.leaves, lstm_rows.split_rows(u, shapes), strict=True):
+        params[i] = params[i] + (g.config["output_scale"] * d).astype(params[i].dtype)
+      filled.append((wh, wc))
+      inputs.append(x)
+      grad_rows.append(rows)
     state = state._replace(params=treedef.unflatten(params), step=state.step + 1)
-    return (state, wh, wc, t + 1), (loss, g, x)
+    return (state, tuple(filled), t + 1), (loss, grad_rows, inputs)
 
   start = jnp.zeros((), jnp.int32)
-  (state, wh, wc, _), (losses, gs, xs) = jax.lax.scan(
-    step, (inner, wh, wc, start), None, length=num_steps
+  (state, workspace, _), (losses, grad_rows, inputs) = jax.lax.scan(
+    step, (inner, workspace, start), None, length=num_steps
   )
   # Step t saw f(theta_t) and its gradient, t = 0..T-1; f(theta_T) and its gradient come last.
   last_loss, last_grads = jax.vmap(
@@ -115,34 +162,78 @@ def value_and_grad(
       data, s.task_params, s.params, inner_lib.minibatch_key(s)
     )
   )(state)
+  last_grads = treedef.flatten_up_to(last_grads)
   losses = jnp.concatenate([losses[1:], last_loss[None]]).T  # (problems, T): f(theta_1..T)
   loss, weights_of_losses = jax.value_and_grad(unroll_lib.objective_value)(
     losses, inner.step, objective, horizon
   )
-  # a_s = sum_{t > s} w_t grad f(theta_t): the cotangent of u_s (s = 0..T-1).
-  last_g = lstm_rows.to_rows(treedef.flatten_up_to(last_grads), 0)
-  grads_after = jnp.concatenate([gs[1:], last_g[None]])
   problems = inner.step.shape[0]
-  w_rows = jnp.concatenate(
-    [jnp.repeat(weights_of_losses.T, size // problems, axis=1) for size in sizes], axis=1
+  phi_grads, new_states = [], []
+  for g, w, (wh, wc), gs, xs in zip(lstms, weights, workspace, grad_rows, inputs, strict=True):
+    # a_s = sum_{t > s} w_t grad f(theta_t): the cotangent of u_s (s = 0..T-1).
+    grads_after = jnp.concatenate([gs[1:], rows_of(last_grads, g)[None]])
+    w_rows = jnp.concatenate(
+      [jnp.repeat(weights_of_losses.T, leaves[i].size // problems, axis=1) for i in g.leaves],
+      axis=1,
+    )
+    adjoints = jnp.flip(jnp.cumsum(jnp.flip(w_rows * grads_after, 0), 0), 0)
+    du = g.config["output_scale"] * adjoints
+    phi_grads.append(_meta_grads(kernels_lib.readout_sequence_backward(names, xs, wh, wc, *w, du)))
+    shapes = [leaves[i].shape for i in g.leaves]
+    after = zip(
+      lstm_rows.split_rows(wh[num_steps], shapes),
+      lstm_rows.split_rows(wc[num_steps], shapes),
+      strict=True,
+    )
+    new_states += [CoordinateState(h, c) for h, c in after]
+  grads = _assemble(meta_params, lstms, phi_grads)
+  state_tree = jax.tree.structure(
+    inner.opt_state.inner, is_leaf=lambda x: isinstance(x, CoordinateState)
   )
-  adjoints = jnp.flip(jnp.cumsum(jnp.flip(w_rows * grads_after, 0), 0), 0)
-  cotangents = kernels_lib.readout_sequence_backward(names, xs, wh, wc, *weights, scale * adjoints)
-  grads = {
+  opt_state = LearnedOptaxState(state_tree.unflatten(new_states))
+  state = jax.lax.stop_gradient(state._replace(opt_state=opt_state))
+  return ((loss, (losses, state)), grads), workspace
+
+
+def _preprocessor(config: Mapping[str, Any]):
+  fn, _ = preprocess_lib.make(
+    config["preprocess"], p=config["preprocess_p"], factor=config["input_scale"]
+  )
+  return fn
+
+
+def _kernel_weights(phi: MetaParams) -> list[jax.Array]:
+  """The read-out stack kernels' weights: every layer's w and b, then the read-out's."""
+  return lstm_rows.layer_weights(phi["layers"]) + [phi["out"]["w"], phi["out"]["b"]]
+
+
+def _meta_grads(cotangents) -> MetaParams:
+  """The sequence kernel's weight cotangents as an LSTM's phi."""
+  layers = (len(cotangents) - 2) // 2
+  return {
     "layers": [{"w": cotangents[2 * i], "b": cotangents[2 * i + 1]} for i in range(layers)],
     "out": {"w": cotangents[-2], "b": cotangents[-1]},
   }
-  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, meta_params)
-  after = zip(split(wh[num_steps]), split(wc[num_steps]), strict=True)
-  opt_state = LearnedOptaxState(treedef.unflatten([CoordinateState(h, c) for h, c in after]))
-  state = jax.lax.stop_gradient(state._replace(opt_state=opt_state))
-  return ((loss, (losses, state)), grads), (wh, wc)
 
 
-def new_workspace(optimizer: LearnedOptimizer, inner: InnerState, num_steps: int):
-  """Zeroed buffers ``(wh, wc)``, each (num_steps + 1, rows, layers, hidden) float32, rows the
-  coordinates of every problem of ``inner``: slot t holds the LSTM state before step t."""
-  rows = sum(leaf.size for leaf in jax.tree.leaves(inner.params))
-  config = optimizer.config
-  shape = (num_steps + 1, rows, config["num_layers"], config["hidden_size"])
-  return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+def _assemble(meta_params, lstms: list[Group], phi_grads) -> MetaParams:
+  """phi's gradient: the one LSTM's, or per group label (zero for a group without leaves)."""
+  if lstms[0].label is None:
+    (grads,) = phi_grads
+  else:
+    grads = jax.tree.map(jnp.zeros_like, meta_params)
+    grads.update({g.label: d for g, d in zip(lstms, phi_grads, strict=True)})
+  return jax.tree.map(lambda d, p: d.astype(p.dtype), grads, meta_params)
+
+
+def new_workspace(optimizer: LearnedOptimizer, inner: InnerState, num_steps: int) -> tuple:
+  """Zeroed buffers ``((wh, wc), ...)``, one pair per LSTM group (``groups``), each (num_steps
+  + 1, rows, layers, hidden) float32, rows the coordinates of the group's leaves in every
+  problem of ``inner``: slot t holds the LSTM state before step t."""
+  leaves = jax.tree.leaves(inner.params)
+  buffers = []
+  for g in groups(optimizer, None, inner):
+    rows = sum(leaves[i].size for i in g.leaves)
+    shape = (num_steps + 1, rows, g.config["num_layers"], g.config["hidden_size"])
+    buffers.append((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)))
+  return tuple(buffers)
