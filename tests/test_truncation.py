@@ -79,6 +79,18 @@ def test_the_sequence_kernels_agree_with_autodiff_of_stack_readout_steps(names, 
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
 
 
+def test_a_workspace_without_two_slots_is_refused(names):
+  x, w = jnp.ones((4, 2)), _weights(jax.random.key(0), 2, 3)
+  empty = jnp.zeros((1, 4, 2, 3))
+  with pytest.raises(Exception, match="slots >= 2"):
+    jax.block_until_ready(stack.readout_step_in_workspace(names, x, empty, empty, 0, *w))
+  with pytest.raises(Exception, match=r"steps \+ 1"):
+    zero = jnp.zeros((0, 4, 2, 3))
+    jax.block_until_ready(
+      stack.readout_sequence_backward(names, jnp.ones((0, 4, 2)), zero, zero, *w, jnp.ones((0, 4)))
+    )
+
+
 def _values(a):
   return np.asarray(
     jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a

@@ -18,7 +18,11 @@
 // layer's h' in the tile; their backward pass also runs the top layer's gates in its
 // recomputation, for h'_top, and adds du w_out into the top layer's dh'. The forward kernel may
 // run in place (h' and c' the buffers of h and c): a tile reads a layer's old state of its rows
-// before it writes that layer's new state. Built on first use by stack.py (flags in build.py).
+// before it writes that layer's new state. A truncation (train/truncation.py) has two more: a
+// read-out step inside a workspace holding every step's state (slot t to slot t + 1, in place),
+// and its backward pass over all the steps, tile by tile, each tile's state cotangents in its own
+// buffers, returning only the weights' cotangents. Built on first use by stack.py (flags in
+// build.py).
 
 #include <algorithm>
 #include <cstdint>
@@ -216,74 +220,72 @@ void StackBackwardTile(const Stack& st, const StackIo& io, int64_t row, int coun
                        StackScratch& s) {
   const int hidden = st.hidden, state_row = st.layers * hidden;
   const bool readout = io.d_out != nullptr;
-  {
-    StackForwardTile(st, io.x, io.h, io.c, row, count, nullptr, nullptr, readout, s);
-    for (int i = st.layers - 1; i >= 0; --i) {
-      const Layer& l = st.l[i];
-      const int in = l.fan_in - hidden;
-      for (int m = 0; m < count; ++m) {
-        const int64_t at = (cot_row + m) * state_row + i * hidden;
-        CopyRow(s.dh->data + m * hidden, io.dh_new + at, hidden);
-        CopyRow(s.dc->data + m * hidden, io.dc_new + at, hidden);
-      }
-      if (i < st.layers - 1) {  // the layer above took this layer's new h as its input
-        for (int j = 0; j < count * hidden; j += kLanes) {
-          Store(s.dh->data + j, Load(s.dh->data + j) + Load(s.carry->data + j));
-        }
-      } else if (readout) {  // u = h' . w_out + b_out read the top layer's new h
-        for (int m = 0; m < count; ++m) {
-          float* readout_slot = slots + (chunks.chunk_of(row + m) + 1) * io.slot_size -
-                                ReadoutSlot(hidden);
-          const float du = io.d_out[row + m];
-          const Vec du_v = Splat(du);
-          float* dh = s.dh->data + m * hidden;
-          const float* h_top = s.h_new->data + m * hidden;
-          for (int j = 0; j < hidden; j += kLanes) {  // dw_out's padding lanes stay 0
-            const int n = std::min(kLanes, hidden - j);
-            StorePart(dh + j, LoadPart(dh + j, n) + du_v * LoadPart(io.w_out + j, n), n);
-            Store(readout_slot + j, Load(readout_slot + j) + du_v * LoadPart(h_top + j, n));
-          }
-          readout_slot[RoundUp(hidden, kLanes)] += du;
-        }
-      }
-      float* dz = s.dz->data;
-      if (count < kTileRows) {
-        std::memset(dz + count * l.n_pad, 0, (kTileRows - count) * l.n_pad * sizeof(float));
-      }
-      // Below the top (and at the top with a read-out) the recomputation kept the activations;
-      // else the top layer's come from z.
-      BackwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.dh->data, s.dc->data, dz, l.n_pad,
-                   s.dc_old->data, hidden, count, s.tiles,
-                   i < st.layers - 1 || readout ? s.act[i]->data : nullptr, s.tile);
-      TileMatmul(kTileRows, l.fan_in_pad / kLanes, dz, l.n_pad, 1, l.n, l.wt->data, l.fan_in_pad,
-                 nullptr, false, s.da->data, l.fan_in_pad);
-      for (int m = 0; m < count; ++m) {
-        const float* da = s.da->data + m * l.fan_in_pad;
-        const int64_t at = (cot_row + m) * state_row + i * hidden;
-        CopyRow(io.dc + at, s.dc_old->data + m * hidden, hidden);
-        CopyRow(io.dh + at, da + in, hidden);
-        if (i > 0) {
-          CopyRow(s.carry->data + m * hidden, da, hidden);
-        } else {
-          CopyRow(io.dx + (cot_row + m) * in, da, in);
-        }
-      }
-      // In a slot: layer i's dW (fan_in_4, n_pad) then db (n_pad), after the layers below.
-      int64_t layer_offset = 0;
-      for (int k = 0; k < i; ++k) layer_offset += (st.l[k].fan_in_4 + 1) * st.l[k].n_pad;
-      chunks.ForEachPart(row, row + count, [&](int64_t c, int64_t first, int64_t last) {
-        float* layer_dw = slots + c * io.slot_size + layer_offset;
-        float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
-        const int m0 = static_cast<int>(first - row), m1 = static_cast<int>(last - row);
-        TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[i]->data + m0 * l.fan_in_4, 1, l.fan_in_4,
-                   m1 - m0, dz + m0 * l.n_pad, l.n_pad, nullptr, true, layer_dw, l.n_pad);
-        for (int m = m0; m < m1; ++m) {
-          for (int j = 0; j < l.n_pad; j += kLanes) {
-            Store(layer_db + j, Load(layer_db + j) + Load(dz + m * l.n_pad + j));
-          }
-        }
-      });
+  StackForwardTile(st, io.x, io.h, io.c, row, count, nullptr, nullptr, readout, s);
+  for (int i = st.layers - 1; i >= 0; --i) {
+    const Layer& l = st.l[i];
+    const int in = l.fan_in - hidden;
+    for (int m = 0; m < count; ++m) {
+      const int64_t at = (cot_row + m) * state_row + i * hidden;
+      CopyRow(s.dh->data + m * hidden, io.dh_new + at, hidden);
+      CopyRow(s.dc->data + m * hidden, io.dc_new + at, hidden);
     }
+    if (i < st.layers - 1) {  // the layer above took this layer's new h as its input
+      for (int j = 0; j < count * hidden; j += kLanes) {
+        Store(s.dh->data + j, Load(s.dh->data + j) + Load(s.carry->data + j));
+      }
+    } else if (readout) {  // u = h' . w_out + b_out read the top layer's new h
+      for (int m = 0; m < count; ++m) {
+        float* readout_slot = slots + (chunks.chunk_of(row + m) + 1) * io.slot_size -
+                              ReadoutSlot(hidden);
+        const float du = io.d_out[row + m];
+        const Vec du_v = Splat(du);
+        float* dh = s.dh->data + m * hidden;
+        const float* h_top = s.h_new->data + m * hidden;
+        for (int j = 0; j < hidden; j += kLanes) {  // dw_out's padding lanes stay 0
+          const int n = std::min(kLanes, hidden - j);
+          StorePart(dh + j, LoadPart(dh + j, n) + du_v * LoadPart(io.w_out + j, n), n);
+          Store(readout_slot + j, Load(readout_slot + j) + du_v * LoadPart(h_top + j, n));
+        }
+        readout_slot[RoundUp(hidden, kLanes)] += du;
+      }
+    }
+    float* dz = s.dz->data;
+    if (count < kTileRows) {
+      std::memset(dz + count * l.n_pad, 0, (kTileRows - count) * l.n_pad * sizeof(float));
+    }
+    // Below the top (and at the top with a read-out) the recomputation kept the activations;
+    // else the top layer's come from z.
+    BackwardTile(s.z[i]->data, l.n_pad, s.c[i]->data, s.dh->data, s.dc->data, dz, l.n_pad,
+                 s.dc_old->data, hidden, count, s.tiles,
+                 i < st.layers - 1 || readout ? s.act[i]->data : nullptr, s.tile);
+    TileMatmul(kTileRows, l.fan_in_pad / kLanes, dz, l.n_pad, 1, l.n, l.wt->data, l.fan_in_pad,
+               nullptr, false, s.da->data, l.fan_in_pad);
+    for (int m = 0; m < count; ++m) {
+      const float* da = s.da->data + m * l.fan_in_pad;
+      const int64_t at = (cot_row + m) * state_row + i * hidden;
+      CopyRow(io.dc + at, s.dc_old->data + m * hidden, hidden);
+      CopyRow(io.dh + at, da + in, hidden);
+      if (i > 0) {
+        CopyRow(s.carry->data + m * hidden, da, hidden);
+      } else {
+        CopyRow(io.dx + (cot_row + m) * in, da, in);
+      }
+    }
+    // In a slot: layer i's dW (fan_in_4, n_pad) then db (n_pad), after the layers below.
+    int64_t layer_offset = 0;
+    for (int k = 0; k < i; ++k) layer_offset += (st.l[k].fan_in_4 + 1) * st.l[k].n_pad;
+    chunks.ForEachPart(row, row + count, [&](int64_t c, int64_t first, int64_t last) {
+      float* layer_dw = slots + c * io.slot_size + layer_offset;
+      float* layer_db = layer_dw + l.fan_in_4 * l.n_pad;
+      const int m0 = static_cast<int>(first - row), m1 = static_cast<int>(last - row);
+      TileMatmul(l.fan_in_4, l.n_pad / kLanes, s.a[i]->data + m0 * l.fan_in_4, 1, l.fan_in_4,
+                 m1 - m0, dz + m0 * l.n_pad, l.n_pad, nullptr, true, layer_dw, l.n_pad);
+      for (int m = m0; m < m1; ++m) {
+        for (int j = 0; j < l.n_pad; j += kLanes) {
+          Store(layer_db + j, Load(layer_db + j) + Load(dz + m * l.n_pad + j));
+        }
+      }
+    });
   }
 }
 
@@ -482,7 +484,9 @@ ffi::Error StackReadoutStepForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
                                    ffi::ResultBuffer<ffi::F32> wc_out,
                                    ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = wh.dimensions();
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("wh must be (slots, ..., layers, hidden)");
+  if (dims.size() < 3 || dims[0] < 2) {
+    return ffi::Error::InvalidArgument("wh must be (slots, ..., layers, hidden), slots >= 2");
+  }
   const int64_t slots = dims[0];
   Stack st;
   if (ffi::Error e = PackStack(x, wh, wc, rest, st, slots); !e.success()) return e;
@@ -519,7 +523,9 @@ ffi::Error StackReadoutSequenceBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F
                                         ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> wc,
                                         ffi::RemainingArgs rest, ffi::RemainingRets weight_grads) {
   const auto dims = wh.dimensions();
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("wh must be (slots, ..., layers, hidden)");
+  if (dims.size() < 3 || dims[0] < 1) {
+    return ffi::Error::InvalidArgument("wh must be (steps + 1, ..., layers, hidden)");
+  }
   const int64_t steps = dims[0] - 1;
   Stack st;
   if (ffi::Error e = PackStack(xs, wh, wc, rest, st, steps + 1, steps); !e.success()) return e;
