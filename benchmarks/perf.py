@@ -137,23 +137,21 @@ def time_step(step, state, data, repeats: int, workspace=None) -> dict:
   ``time_threaded``'s wall, CPU and pipelined seconds. ``state`` is donated: do not reuse it.
   With a ``workspace``, ``step`` is ``(state, data, workspace) -> (state, metrics, workspace)``
   and the workspace is donated and threaded too, as ``train.meta_step.jit_train_step`` runs it."""
+  args, donate = ((state, data), 0) if workspace is None else ((state, data, workspace), (0, 2))
+  flops = flops_of(step, *args)
+  tic = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=donate).lower(*args).compile()
+  compile_s = time.perf_counter() - tic
   if workspace is None:
-    flops = flops_of(step, state, data)
-    tic = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, data).compile()
-    compile_s = time.perf_counter() - tic
-    seconds, cpu_seconds, pipelined = time_threaded(compiled, state, (data,), repeats)
+    threaded, carry = compiled, state
   else:
-    flops = flops_of(step, state, data, workspace)
-    tic = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(state, data, workspace).compile()
-    compile_s = time.perf_counter() - tic
 
     def threaded(carry, data):
       state, metrics, workspace = compiled(carry[0], data, carry[1])
       return (state, workspace), metrics
 
-    seconds, cpu_seconds, pipelined = time_threaded(threaded, (state, workspace), (data,), repeats)
+    carry = (state, workspace)
+  seconds, cpu_seconds, pipelined = time_threaded(threaded, carry, (data,), repeats)
   return {
     "seconds": seconds,
     "cpu_seconds": cpu_seconds,

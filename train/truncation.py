@@ -157,11 +157,7 @@ def value_and_grad(
     step, (inner, workspace, start), None, length=num_steps
   )
   # Step t saw f(theta_t) and its gradient, t = 0..T-1; f(theta_T) and its gradient come last.
-  last_loss, last_grads = jax.vmap(
-    lambda s: jax.value_and_grad(task.loss, argnums=2)(
-      data, s.task_params, s.params, inner_lib.minibatch_key(s)
-    )
-  )(state)
+  last_loss, last_grads = jax.vmap(lambda s: inner_lib.gradient(task, data, s))(state)
   last_grads = treedef.flatten_up_to(last_grads)
   losses = jnp.concatenate([losses[1:], last_loss[None]]).T  # (problems, T): f(theta_1..T)
   loss, weights_of_losses = jax.value_and_grad(unroll_lib.objective_value)(
